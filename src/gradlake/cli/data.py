@@ -1,0 +1,3 @@
+"""data commands."""
+
+from gradlake.cli.app import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""grads commands."""
+
+from gradlake.cli.app import app  # noqa: F401

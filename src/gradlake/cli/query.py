@@ -1,0 +1,3 @@
+"""query commands."""
+
+from gradlake.cli.app import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""reduce commands."""
+
+from gradlake.cli.app import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""report commands."""
+
+from gradlake.cli.app import app  # noqa: F401

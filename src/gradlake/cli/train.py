@@ -1,0 +1,3 @@
+"""train commands."""
+
+from gradlake.cli.app import app  # noqa: F401

@@ -1,0 +1,343 @@
+"""Job files (TOML) -> typed, validated settings.
+
+Every section is a frozen dataclass; every field's type and constraint is checked
+before any work starts, and a bad value is reported with its full key path:
+``grads.k_in: expected int > 0, got -3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gradlake.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+OBSERVABLES = ("C", "M", "E", "V")
+NORMALIZATIONS = ("none", "row-std", "cosine")
+
+
+def _check(cond: Any, message: str):
+    return message if not cond else None
+
+
+def positive(x) -> str | None:
+    return _check(x > 0, "> 0")
+
+
+def non_negative(x) -> str | None:
+    return _check(x >= 0, ">= 0")
+
+
+def fraction(x) -> str | None:
+    return _check(0 < x < 1, "in (0, 1)")
+
+
+def rule(check, default=dataclasses.MISSING, **kw):
+    """A dataclass field carrying a value check (returns what was expected, or None)."""
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return field(metadata={"check": check}, **kw)
+    return field(default=default, metadata={"check": check}, **kw)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the trajectories come from: a built-in generator or an existing dataset URL."""
+
+    source: Literal["generate", "url"] = "generate"
+    url: str = ""  # dataset URL; empty -> <out>/data
+    family: Literal["euler", "ns"] = "euler"
+    classes: tuple[str, ...] = ("rp", "crp", "rpui")
+    trajectories: int = rule(positive, 6)  # per class
+    steps: int = rule(lambda x: _check(x >= 2, ">= 2"), 9)  # stored snapshots per trajectory
+    resolution: int = rule(lambda x: _check(x >= 8, ">= 8"), 64)
+    seed: int = 0
+    splits: tuple[float, float, float] = (0.65, 0.05, 0.30)  # train / val / test, by trajectory
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["unet", "vit"] = "unet"
+    preset: Literal["tiny", "small", "paper"] = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = rule(positive, 2)
+    batch_size: int = rule(positive, 48)
+    lr: float = rule(positive, 5e-4)
+    weight_decay: float = rule(non_negative, 1e-4)
+    checkpoint_every: int = rule(positive, 1)
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class GradsConfig:
+    checkpoints: tuple[str, ...] = ()  # checkpoint names; empty -> every checkpoint of the run
+    observables: tuple[str, ...] = ("C", "M", "E", "V")
+    probes: int = rule(positive, 1)  # random cotangents per sample for V
+    k_in: int = rule(positive, 16)
+    k_out: int = rule(positive, 16)
+    seed: int = 0
+    dtype: Literal["float16", "float32"] = "float16"
+    splits: tuple[str, ...] = ("train", "val", "test")
+    batch_size: int = rule(positive, 16)
+    shard_rows: int = rule(positive, 64)
+    workers: int = rule(non_negative, 0)  # 0 -> one per GPU, else one per CPU slot
+    threads_per_worker: int = rule(positive, 1)
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ExactConfig:
+    """The paper's exact minibatch influence (matrix-free Krylov), for validation."""
+
+    enabled: bool = False
+    checkpoint: str = ""  # empty -> last checkpoint
+    per_class: int = rule(positive, 16)  # transitions from one test trajectory of each class
+    rtol: float = rule(positive, 1e-6)
+    ks: tuple[int, ...] = (4, 8, 16)  # k_in = k_out settings of the agreement report
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    name: str = "default"
+    metric: Literal["V", "C"] = "V"
+    damping: float = rule(positive, 1e-4)  # lambda
+    lambdas: tuple[float, ...] = ()  # optional lambda sweep
+    reference_split: str = "train"
+    pairs: tuple[str, ...] = ("CC", "MC", "EC")  # response observable, perturbation observable
+    normalize: tuple[str, ...] = NORMALIZATIONS
+    block_rows: int = rule(positive, 4096)
+    topk: int = rule(non_negative, 10)
+    distance_pairs: int = rule(non_negative, 2000)
+    exact: ExactConfig = field(default_factory=ExactConfig)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    enabled: bool = True
+    out: str = ""  # empty -> <out>/report
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # empty -> RAY_ADDRESS or an embedded local Ray
+    num_cpus: int = rule(non_negative, 0)  # embedded Ray only; 0 -> all cores
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = ""  # gradient store URL; empty -> <out>/store
+    # Non-secret options only (endpoint_url, region...). Credentials come from the
+    # environment or a profile and are never written into a job file or a store.
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+SECRET_OPTIONS = ("key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
+                  "aws_session_token", "password")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = "job"
+    out: str = "runs/job"  # root of the job's outputs (local path or fsspec URL)
+    stages: tuple[str, ...] = ("data", "train", "grads", "reduce", "report")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grads: GradsConfig = field(default_factory=GradsConfig)
+    reduce: ReduceConfig = field(default_factory=ReduceConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    # Resolved locations of each stage's output.
+    @property
+    def data_url(self) -> str:
+        return self.data.url or _join(self.out, "data")
+
+    @property
+    def train_dir(self) -> str:
+        return _join(self.out, "train")
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or _join(self.out, "store")
+
+    @property
+    def report_dir(self) -> str:
+        return self.report.out or _join(self.out, "report")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+STAGES = ("data", "train", "grads", "reduce", "report")
+
+
+def _join(root: str, part: str) -> str:
+    from gradlake.fsio import join
+
+    return join(root, part)
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        inner = _describe(args[0])
+        return f"list of {inner}" if args[-1] is Ellipsis else f"list of {len(args)} {inner}"
+    if origin in (dict,):
+        return "table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, path: str):
+    """Convert a TOML value to the annotated type, or raise InputError naming the path."""
+    origin = typing.get_origin(tp)
+
+    def bad(expected: str | None = None):
+        raise InputError(f"{path}: expected {expected or _describe(tp)}, got {value!r}")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            bad("a table")
+        return _build(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            bad()
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            bad()
+        args = typing.get_args(tp)
+        if args[-1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            bad()
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            bad()
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, path)
+            except InputError:
+                continue
+        bad()
+    if tp is bool:
+        if not isinstance(value, bool):
+            bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            bad()
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported setting type {tp!r} at {path}")  # a bug in this module
+
+
+def _build(cls, values: dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise InputError(
+            f"{where}{unknown[0]}: unknown setting; expected one of {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        path = f"{prefix}.{name}" if prefix else name
+        converted = _convert(value, hints[name], path)
+        check = fields[name].metadata.get("check")
+        if check is not None:
+            expected = check(converted)
+            if expected:
+                raise InputError(f"{path}: expected {_describe(hints[name])} {expected}, got {value!r}")
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _validate(job: JobConfig) -> JobConfig:
+    """Checks that span several settings."""
+    for stage in job.stages:
+        if stage not in STAGES:
+            raise InputError(f"stages: unknown stage {stage!r}; expected some of {', '.join(STAGES)}")
+    for obs in job.grads.observables:
+        if obs not in OBSERVABLES:
+            raise InputError(f"grads.observables: unknown observable {obs!r}; expected some of {', '.join(OBSERVABLES)}")
+    for pair in job.reduce.pairs:
+        if len(pair) != 2 or any(o not in OBSERVABLES for o in pair):
+            raise InputError(f"reduce.pairs: expected two observable letters like 'CC' or 'MC', got {pair!r}")
+        missing = [o for o in pair if o not in job.grads.observables]
+        if missing and "grads" in job.stages:
+            raise InputError(f"reduce.pairs: {pair!r} needs observable {missing[0]!r}, which grads.observables does not compute")
+    if job.reduce.metric not in job.grads.observables and "reduce" in job.stages:
+        raise InputError(f"reduce.metric: {job.reduce.metric!r} is not in grads.observables {list(job.grads.observables)}")
+    for norm in job.reduce.normalize:
+        if norm not in NORMALIZATIONS:
+            raise InputError(f"reduce.normalize: unknown normalisation {norm!r}; expected some of {', '.join(NORMALIZATIONS)}")
+    if abs(sum(job.data.splits) - 1.0) > 1e-9 or any(s < 0 for s in job.data.splits):
+        raise InputError(f"data.splits: expected three fractions >= 0 summing to 1, got {list(job.data.splits)}")
+    if job.data.source == "url" and not job.data.url:
+        raise InputError("data.url: expected a dataset URL when data.source = 'url'")
+    for name in job.store.storage_options:
+        if name.lower() in SECRET_OPTIONS:
+            raise InputError(
+                f"store.storage_options.{name}: credentials never go into a job file; "
+                "set them in the environment (AWS_ACCESS_KEY_ID, ...) or a profile"
+            )
+    return job
+
+
+def parse_job(values: dict[str, Any], source: str = "<job>") -> JobConfig:
+    """Typed, validated settings from a parsed TOML document."""
+    try:
+        return _validate(_build(JobConfig, values, ""))
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from None
+
+
+def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read and validate a job file; ``overrides`` replace top-level keys (e.g. ``out``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such job file")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{path}: not valid TOML: {err}") from None
+    values.update(overrides or {})
+    return parse_job(values, str(path))
+
+
+def dumps(job: JobConfig) -> str:
+    """The resolved settings as JSON (for `gradlake validate` and provenance)."""
+    return json.dumps(job.to_dict(), indent=2, default=list)

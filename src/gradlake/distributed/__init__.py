@@ -1,0 +1,1 @@
+"""Orchestration on Ray: the only package that imports ray."""

@@ -1,0 +1,34 @@
+"""Connecting to Ray: an embedded local cluster by default, or an existing one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str = "", num_cpus: int = 0) -> None:
+    """Start or join Ray once per process.
+
+    ``address`` (or RAY_ADDRESS) joins an existing cluster; otherwise an embedded local
+    Ray is started on 127.0.0.1 with token authentication, unless RAY_AUTH_MODE says
+    otherwise.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus or None,
+            include_dashboard=False,
+            node_ip_address="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=False,
+        )
