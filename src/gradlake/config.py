@@ -80,6 +80,8 @@ class TrainConfig:
     weight_decay: float = rule(non_negative, 1e-4)
     checkpoint_every: int = rule(positive, 1)
     seed: int = 0
+    # Independent training runs of a job, one per seed (train/seed-<s>/); empty -> [seed].
+    seeds: tuple[int, ...] = ()
     device: str = "auto"
 
 

@@ -1,17 +1,110 @@
-"""Job commands: validate (run, submit and jobs come with the job runner)."""
+"""Job commands: validate, run, submit, and jobs list|status|logs|stop on a Ray cluster."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from gradlake import config
 from gradlake.cli.app import app
+from gradlake.errors import InputError
+
+JobFile = typer.Argument(..., help="Job file (TOML).", exists=False)
+
+
+def _load(job: Path, out: Optional[str]) -> config.JobConfig:
+    return config.load_job(job, {"out": out} if out else None)
 
 
 @app.command()
-def validate(job: Path = typer.Argument(..., help="Job file (TOML).")):
+def validate(job: Path = JobFile):
     """Check a job file and print its resolved settings."""
-    settings = config.load_job(job)
-    typer.echo(config.dumps(settings))
+    typer.echo(config.dumps(config.load_job(job)))
+
+
+@app.command()
+def run(
+    job: Path = JobFile,
+    out: Optional[str] = typer.Option(None, help="Output root (local path or URL); overrides the job's `out`."),
+    force: bool = typer.Option(False, help="Run every stage even if recorded as done."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; JSON log lines."),
+):
+    """Run all stages of a job in order on the embedded local Ray (or RAY_ADDRESS); resumes."""
+    from gradlake.pipeline import run_job
+    from gradlake.progress import set_quiet
+
+    set_quiet(quiet)
+    settings = _load(job, out)
+    results = run_job(settings, force=force, echo=typer.echo)
+    if "report" in results:
+        typer.echo(f"report: {results['report'].get('index')}")
+    typer.echo(f"outputs under {settings.out}")
+
+
+def _client(address: Optional[str]):
+    """A Ray Jobs API client; token authentication is used whenever the cluster has it."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        raise InputError("--address: expected the Ray dashboard URL (http://HOST:8265) or RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return JobSubmissionClient(address)
+
+
+AddressOption = typer.Option(None, "--address", help="Ray dashboard URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS).")
+
+
+@app.command()
+def submit(
+    job: Path = JobFile,
+    address: Optional[str] = AddressOption,
+    out: Optional[str] = typer.Option(None, help="Output root on the cluster: an absolute path or URL (s3://...)."),
+    wait: bool = typer.Option(False, help="Wait for the job to finish and exit non-zero unless it succeeded."),
+    timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
+):
+    """Submit a job to a Ray cluster through the Ray Jobs API; prints the submission id."""
+    from gradlake.submit import submit_job, wait_for
+
+    settings = _load(job, out)
+    client = _client(address)
+    submission_id = submit_job(client, job, settings)
+    typer.echo(submission_id)
+    if wait:
+        status = wait_for(client, submission_id, timeout)
+        typer.echo(f"{submission_id}: {status}")
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = AddressOption):
+    """List submitted jobs."""
+    for info in _client(address).list_jobs():
+        typer.echo(f"{info.submission_id}\t{info.status}\t{info.entrypoint}")
+
+
+@jobs_app.command("status")
+def jobs_status(submission_id: str, address: Optional[str] = AddressOption):
+    """Print a job's status."""
+    typer.echo(str(_client(address).get_job_status(submission_id)))
+
+
+@jobs_app.command("logs")
+def jobs_logs(submission_id: str, address: Optional[str] = AddressOption):
+    """Print a job's logs."""
+    typer.echo(_client(address).get_job_logs(submission_id))
+
+
+@jobs_app.command("stop")
+def jobs_stop(submission_id: str, address: Optional[str] = AddressOption):
+    """Stop a running job."""
+    stopped = _client(address).stop_job(submission_id)
+    typer.echo(f"{submission_id}: {'stop requested' if stopped else 'not running'}")

@@ -1,0 +1,3 @@
+from gradlake.cli import main
+
+main()

@@ -1,0 +1,132 @@
+"""Running a job: its stages in order, each skipped when already done with the same settings.
+
+A stage is done when its record in ``<out>/job.json`` says so for the same settings; the
+stages themselves are idempotent and resumable (the dataset is reused, training resumes from
+its last checkpoint, the gradient stage skips committed shards, a reduce is replaced whole),
+so a record only saves time, never decides correctness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import posixpath
+import time
+from typing import Any, Callable
+
+from gradlake import fsio
+from gradlake.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+def _settings_hash(*parts: Any) -> str:
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class JobRecord:
+    """``<out>/job.json``: per-stage status, written after each stage finishes."""
+
+    def __init__(self, job: JobConfig):
+        self.url = fsio.join(job.out, "job.json")
+        self.fs, self.path = fsio.filesystem(self.url, job.store.storage_options)
+        self.stages: dict[str, dict[str, Any]] = {}
+        if self.fs.exists(self.path):
+            with self.fs.open(self.path, "r") as f:
+                self.stages = json.load(f).get("stages", {})
+
+    def is_done(self, stage: str, settings_hash: str) -> bool:
+        rec = self.stages.get(stage, {})
+        return rec.get("status") == "done" and rec.get("settings") == settings_hash
+
+    def mark(self, stage: str, settings_hash: str, summary: dict[str, Any], seconds: float) -> None:
+        self.stages[stage] = {"status": "done", "settings": settings_hash,
+                              "seconds": round(seconds, 2), "summary": summary}
+        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with self.fs.open(tmp, "w") as f:
+            json.dump({"stages": self.stages}, f, indent=2, default=str)
+        self.fs.mv(tmp, self.path)
+
+
+def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, Any]]]]:
+    """Each stage: (hash of everything its output depends on, the call that runs it)."""
+    so = job.store.storage_options or None
+
+    def data():
+        from gradlake.data import generate
+
+        if job.data.source == "url":
+            from gradlake.data import Dataset
+
+            ds = Dataset.open(job.data_url, storage_options=so)
+        else:
+            ds = generate(job.data, job.data_url, storage_options=so)
+        return {"url": ds.url, "trajectories": ds.n_trajectories, "fingerprint": ds.fingerprint}
+
+    def train():
+        from gradlake.train import train as run_train
+
+        paths = run_train(job.data_url, job.model, job.train, job.train_dir, storage_options=so)
+        return {"checkpoints": paths}
+
+    def grads():
+        from gradlake.distributed.grads_stage import run_grads
+        from gradlake.models.checkpoint import list_checkpoints
+
+        checkpoints = list_checkpoints(job.train_dir)
+        if job.grads.checkpoints:
+            wanted = set(job.grads.checkpoints)
+            checkpoints = [c for c in checkpoints if c.rstrip("/").rsplit("/", 1)[-1] in wanted]
+        return run_grads(job.data_url, checkpoints, job.store_url, job.grads, job.ray,
+                         storage_options=so)
+
+    def reduce():
+        from gradlake.reduce import run_reduce
+
+        return run_reduce(job.store_url, job.reduce, job.ray, storage_options=so)
+
+    def report():
+        from gradlake.report import build_report
+
+        index = build_report(job.store_url, job.report_dir, reduce_name=job.reduce.name,
+                             train_dir=job.train_dir, storage_options=so)
+        return {"index": index}
+
+    data_h = _settings_hash(job.data, job.data_url)
+    train_h = _settings_hash(data_h, job.model, job.train)
+    grads_h = _settings_hash(train_h, job.grads, job.store_url)
+    reduce_h = _settings_hash(grads_h, job.reduce)
+    report_h = _settings_hash(reduce_h, job.report)
+    return {
+        "data": (data_h, data),
+        "train": (train_h, train),
+        "grads": (grads_h, grads),
+        "reduce": (reduce_h, reduce),
+        "report": (report_h, report),
+    }
+
+
+def run_job(job: JobConfig, force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the job's stages in order; returns each stage's summary."""
+    record = JobRecord(job)
+    plan = _stage_plan(job)
+    results: dict[str, Any] = {}
+    for stage in job.stages:
+        settings_hash, call = plan[stage]
+        if not force and record.is_done(stage, settings_hash):
+            echo(f"[{stage}] skipped: done with the same settings")
+            results[stage] = record.stages[stage]["summary"]
+            continue
+        echo(f"[{stage}] running")
+        start = time.monotonic()
+        summary = call()
+        seconds = time.monotonic() - start
+        record.mark(stage, settings_hash, summary, seconds)
+        echo(f"[{stage}] done in {seconds:.1f} s")
+        results[stage] = summary
+    return results

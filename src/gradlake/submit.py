@@ -1,0 +1,50 @@
+"""Submitting a job file to a Ray cluster through the Ray Jobs API."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import gradlake
+from gradlake import fsio
+from gradlake.config import JobConfig
+from gradlake.errors import InputError
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def submit_job(client, job_path: Path, job: JobConfig) -> str:
+    """Submit ``gradlake run`` of the job; the runtime env carries the package and the job file."""
+    if fsio.is_local(job.out) and not Path(job.out).is_absolute():
+        raise InputError(
+            f"out: {job.out!r} is relative; a submitted job needs an absolute path or URL "
+            "(e.g. --out s3://bucket/runs/x or --out /shared/runs/x)"
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="gradlake-submit-"))
+    try:
+        shutil.copy(job_path, workdir / "job.toml")
+        package_dir = str(Path(gradlake.__file__).parent)
+        runtime_env = {
+            "working_dir": str(workdir),
+            "py_modules": [package_dir],
+            "env_vars": {"GRADLAKE_QUIET": "1"},
+        }
+        return client.submit_job(
+            entrypoint=f"python -m gradlake run job.toml --out {job.out} --quiet",
+            runtime_env=runtime_env,
+            metadata={"gradlake_job": job.name},
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_for(client, submission_id: str, timeout: float) -> str:
+    """Poll until the job reaches a terminal status or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(client.get_job_status(submission_id)).rsplit(".", 1)[-1]
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(2.0)

@@ -1,0 +1,86 @@
+"""cluster/ and deploy/ files: valid for Ray's launcher schema and for what KubeRay requires."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", "local.yaml"])
+def test_cluster_configs_pass_rays_schema(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((ROOT / "cluster" / name).read_text()))
+    validate_config(config)  # raises on a schema violation
+    starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in starts
+
+
+def test_aws_config_has_cpu_head_and_autoscaling_gpu_workers():
+    config = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
+    nodes = config["available_node_types"]
+    assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}
+    worker = nodes["gpu_worker"]
+    assert worker["min_workers"] < worker["max_workers"]
+    assert worker["node_config"]["InstanceType"].startswith(("g", "p"))
+
+
+def _containers(pod_template):
+    return pod_template["spec"]["containers"]
+
+
+def _check_cluster_spec(spec):
+    assert Version(spec["rayVersion"]) >= Version("2.52")  # token authentication needs it
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert "rayStartParams" in head and _containers(head["template"])
+    groups = spec["workerGroupSpecs"]
+    assert groups, "at least one worker group"
+    for group in groups:
+        assert group["groupName"] and "rayStartParams" in group
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        for c in _containers(group["template"]):
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for template in [head["template"]] + [g["template"] for g in groups]:
+        for c in _containers(template):
+            assert c["name"] and c["image"]
+            # S3 credentials from a Kubernetes Secret, never inline values
+            assert any("secretRef" in e for e in c.get("envFrom", []))
+            assert not any(e.get("name", "").startswith("AWS_") and "value" in e for e in c.get("env", []))
+
+
+def test_raycluster_manifest():
+    doc = yaml.safe_load((ROOT / "deploy" / "raycluster.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
+    assert doc["metadata"]["name"]
+    _check_cluster_spec(doc["spec"])
+
+
+def test_rayjob_manifest_runs_a_job_file_in_the_image():
+    doc = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    entry = doc["spec"]["entrypoint"]
+    assert entry.startswith("gradlake run /opt/gradlake/jobs/")
+    job_file = entry.split()[2].replace("/opt/gradlake/", "")
+    assert (ROOT / job_file).is_file(), f"the RayJob runs {job_file}, which the image must carry"
+    _check_cluster_spec(doc["spec"]["rayClusterSpec"])
+
+
+def test_dockerfile_installs_gradlake_with_cuda_and_carries_jobs():
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert text.startswith("#") and "FROM nvidia/cuda" in text
+    assert "COPY jobs" in text and 'pip install ".' in text
+    assert "AWS_SECRET" not in text and "RAY_AUTH_TOKEN=" not in text
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.toml")))
+def test_every_job_file_validates(job):
+    from gradlake.config import load_job
+
+    settings = load_job(ROOT / "jobs" / job)
+    if job.startswith("paper-"):
+        assert settings.model.preset == "paper" and settings.data.resolution == 128
+        assert len(settings.train.seeds) == 3 and settings.data.url.startswith("s3://")
