@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from gradlake import fsio
 from gradlake.config import JobConfig
+from gradlake.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,34 @@ class JobRecord:
         self.fs.mv(tmp, self.path)
 
 
+def training_runs(job: JobConfig) -> list[tuple[int, str]]:
+    """(seed, run directory) of each independent training run of the job."""
+    if not job.train.seeds:
+        return [(job.train.seed, job.train_dir)]
+    return [(seed, fsio.join(job.train_dir, f"seed-{seed}")) for seed in job.train.seeds]
+
+
+def checkpoints(job: JobConfig) -> dict[str, str]:
+    """The checkpoints the gradient stage analyses: store name -> checkpoint path.
+
+    Names are the checkpoint directory names (``epoch-0002``), prefixed by ``seed-<s>-``
+    when the job trains several seeds; ``grads.checkpoints`` selects among them.
+    """
+    from gradlake.models.checkpoint import list_checkpoints
+
+    found = {}
+    for seed, run_dir in training_runs(job):
+        prefix = f"seed-{seed}-" if job.train.seeds else ""
+        for path in list_checkpoints(run_dir):
+            found[prefix + path.rstrip("/").rsplit("/", 1)[-1]] = path
+    if job.grads.checkpoints:
+        missing = [c for c in job.grads.checkpoints if c not in found]
+        if missing:
+            raise InputError(f"grads.checkpoints: {missing[0]!r} not found; the runs have {sorted(found)}")
+        found = {name: found[name] for name in job.grads.checkpoints}
+    return found
+
+
 def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, Any]]]]:
     """Each stage: (hash of everything its output depends on, the call that runs it)."""
     so = job.store.storage_options or None
@@ -71,18 +100,16 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
     def train():
         from gradlake.train import train as run_train
 
-        paths = run_train(job.data_url, job.model, job.train, job.train_dir, storage_options=so)
+        paths = []
+        for seed, run_dir in training_runs(job):
+            settings = dataclasses.replace(job.train, seed=seed)
+            paths += run_train(job.data_url, job.model, settings, run_dir, storage_options=so)
         return {"checkpoints": paths}
 
     def grads():
         from gradlake.distributed.grads_stage import run_grads
-        from gradlake.models.checkpoint import list_checkpoints
 
-        checkpoints = list_checkpoints(job.train_dir)
-        if job.grads.checkpoints:
-            wanted = set(job.grads.checkpoints)
-            checkpoints = [c for c in checkpoints if c.rstrip("/").rsplit("/", 1)[-1] in wanted]
-        return run_grads(job.data_url, checkpoints, job.store_url, job.grads, job.ray,
+        return run_grads(job.data_url, checkpoints(job), job.store_url, job.grads, job.ray,
                          storage_options=so)
 
     def reduce():
