@@ -63,6 +63,11 @@ class DataConfig:
     resolution: int = rule(lambda x: _check(x >= 8, ">= 8"), 64)
     seed: int = 0
     splits: tuple[float, float, float] = (0.65, 0.05, 0.30)  # train / val / test, by trajectory
+    output_dt: float = rule(non_negative, 0.0)  # time between snapshots; 0 -> the family's default
+    cfl: float = rule(lambda x: _check(0 <= x < 1, "in [0, 1)"), 0.0)  # 0 -> the family's default
+    viscosity: float = rule(positive, 1e-3)  # ns only
+    batch: int = rule(positive, 16)  # trajectories simulated at once
+    device: str = "cpu"  # torch device of the generators ("auto" -> cuda when available)
 
 
 @dataclass(frozen=True)

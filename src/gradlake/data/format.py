@@ -1,0 +1,272 @@
+"""The project's trajectory dataset format, at any fsspec URL.
+
+    <url>/fields.zarr            Zarr v3 group; array "fields" float32
+                                 [trajectory, time, channel, y, x], one chunk per trajectory,
+                                 dimension_names set; attributes: channels, family, times, ...
+    <url>/trajectories.parquet   trajectory int64, class, split, source, params (JSON), checksum
+    <url>/dataset.json           manifest, written LAST: its presence marks the dataset complete
+
+Plain ``zarr.open_group`` and ``pyarrow.parquet`` read both parts without gradlake.
+``checksum`` is the sha256 of one trajectory's float32 bytes (C order, little endian); the
+dataset fingerprint is the sha256 of the manifest's shape, channels and family and of the
+whole trajectory table (checksums included), so it changes exactly when content does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from gradlake import __version__, fsio
+from gradlake.errors import GradlakeError, InputError
+
+FORMAT = "gradlake-dataset"
+FORMAT_VERSION = 1
+FIELDS, TABLE, MANIFEST = "fields.zarr", "trajectories.parquet", "dataset.json"
+ARRAY = "fields"
+DIMENSIONS = ("trajectory", "time", "channel", "y", "x")
+TABLE_SCHEMA = pa.schema([
+    ("trajectory", pa.int64()),
+    ("class", pa.string()),
+    ("split", pa.string()),
+    ("source", pa.string()),
+    ("params", pa.string()),
+    ("checksum", pa.string()),
+])
+SPLITS = ("train", "val", "test")
+
+
+def trajectory_checksum(block: np.ndarray) -> str:
+    """sha256 of one trajectory's values as little-endian float32, C order."""
+    data = np.ascontiguousarray(block, dtype="<f4")
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def fingerprint(shape: Sequence[int], channels: Sequence[str], family: str, table: pa.Table) -> str:
+    """Content fingerprint: sha256 over shape, channels, family and every table row."""
+    rows = table.select(list(TABLE_SCHEMA.names)).to_pylist()
+    payload = json.dumps({"shape": list(shape), "channels": list(channels), "family": family,
+                          "table": rows}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> dict | None:
+    """The manifest at ``url``, or None when there is no complete dataset there."""
+    fs, path = fsio.filesystem(url, storage_options)
+    target = f"{path.rstrip('/')}/{MANIFEST}"
+    if not fs.exists(target):
+        return None
+    try:
+        with fs.open(target, "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{fsio.join(url, MANIFEST)}: not a readable dataset manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(f"{fsio.join(url, MANIFEST)}: not a gradlake dataset manifest "
+                         f"(expected format {FORMAT!r})")
+    return manifest
+
+
+class DatasetWriter:
+    """Writes a dataset in blocks of trajectories; memory does not grow with the dataset.
+
+    ``write`` stores a block [n, T, C, H, W] at trajectory ``start``; ``finish`` writes the
+    table, then the manifest. Until ``finish`` the URL holds no dataset (no manifest), and
+    a later writer replaces whatever was left there.
+    """
+
+    def __init__(self, url: str, *, n_trajectories: int, times: Sequence[float],
+                 channels: Sequence[str], resolution: tuple[int, int], family: str,
+                 attributes: dict[str, Any] | None = None,
+                 storage_options: dict[str, Any] | None = None):
+        self.url, self.storage_options = url, storage_options
+        self.family, self.channels = family, tuple(channels)
+        self.times = [float(t) for t in times]
+        height, width = resolution
+        self.shape = (int(n_trajectories), len(self.times), len(self.channels), int(height), int(width))
+        if min(self.shape) < 1:
+            raise InputError(f"{url}: cannot write a dataset of shape {self.shape}")
+        self.fs, self.path = fsio.filesystem(url, storage_options)
+        self._clear_leftovers()
+        group = zarr.open_group(fsio.join(url, FIELDS), mode="w", storage_options=storage_options)
+        attrs = {"channels": list(self.channels), "family": family, "times": self.times,
+                 "format": FORMAT, "format_version": FORMAT_VERSION, **(attributes or {})}
+        group.attrs.update(attrs)
+        self.array = group.create_array(
+            ARRAY, shape=self.shape, chunks=(1, *self.shape[1:]), dtype="float32",
+            dimension_names=DIMENSIONS, attributes=attrs, fill_value=np.nan)
+        self.checksums: list[str | None] = [None] * self.shape[0]
+
+    def _clear_leftovers(self) -> None:
+        root = self.path.rstrip("/")
+        if not self.fs.exists(root):
+            return
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(root, detail=False)}
+        foreign = sorted(names - {FIELDS, TABLE, MANIFEST})
+        if foreign:
+            raise InputError(f"{self.url}: holds {foreign[0]!r}, which is not part of a gradlake "
+                             "dataset; choose an empty or new output location")
+        if MANIFEST in names:
+            raise InputError(f"{self.url}: already holds a complete dataset; refusing to overwrite it")
+        for name in names:
+            self.fs.rm(f"{root}/{name}", recursive=True)
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Store trajectories ``start .. start + len(block) - 1``."""
+        block = np.asarray(block, dtype=np.float32)
+        if block.ndim != 5 or block.shape[1:] != self.shape[1:] or start < 0 \
+                or start + block.shape[0] > self.shape[0]:
+            raise GradlakeError(f"block of shape {block.shape} at {start} does not fit dataset "
+                                f"shape {self.shape}")
+        if not np.isfinite(block).all():
+            raise GradlakeError(f"{self.url}: non-finite values in trajectories {start}.."
+                                f"{start + block.shape[0] - 1}")
+        self.array[start:start + block.shape[0]] = block
+        for i, trajectory in enumerate(block):
+            self.checksums[start + i] = trajectory_checksum(trajectory)
+
+    def finish(self, classes: Sequence[str], splits: Sequence[str], sources: Sequence[str],
+               params: Sequence[dict[str, Any]], provenance: dict[str, Any]) -> Dataset:
+        """Write the trajectory table and then the manifest; returns the opened dataset."""
+        n = self.shape[0]
+        missing = [i for i, c in enumerate(self.checksums) if c is None]
+        if missing:
+            raise GradlakeError(f"{self.url}: trajectory {missing[0]} was never written")
+        if not (len(classes) == len(splits) == len(sources) == len(params) == n):
+            raise GradlakeError(f"{self.url}: table columns do not match {n} trajectories")
+        table = pa.table({
+            "trajectory": np.arange(n, dtype=np.int64),
+            "class": list(classes), "split": list(splits), "source": list(sources),
+            "params": [json.dumps(p, sort_keys=True) for p in params],
+            "checksum": self.checksums,
+        }, schema=TABLE_SCHEMA)
+        root = self.path.rstrip("/")
+        pq.write_table(table, f"{root}/{TABLE}", filesystem=self.fs)
+        counts = lambda column: {k: int(v) for k, v in zip(*np.unique(np.asarray(column, dtype=str), return_counts=True))}  # noqa: E731
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "gradlake_version": __version__,
+            "family": self.family, "shape": list(self.shape), "dimension_names": list(DIMENSIONS),
+            "channels": list(self.channels), "times": self.times,
+            "classes": counts(classes), "splits": counts(splits),
+            "provenance": provenance,
+            "fingerprint": fingerprint(self.shape, self.channels, self.family, table),
+        }
+        with self.fs.open(f"{root}/{MANIFEST}", "wb") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+        return Dataset.open(self.url, self.storage_options)
+
+
+class Dataset:
+    """A complete trajectory dataset, opened read-only."""
+
+    def __init__(self, url: str, manifest: dict, array, trajectories: pa.Table,
+                 storage_options: dict[str, Any] | None):
+        self.url, self.manifest, self._array = url, manifest, array
+        self.trajectories = trajectories
+        self.storage_options = storage_options
+        self._index = None
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> Dataset:
+        """Open the dataset at ``url``; InputError when there is none or it is incomplete."""
+        manifest = read_manifest(url, storage_options)
+        if manifest is None:
+            raise InputError(f"{url}: no complete gradlake dataset here ({MANIFEST} missing; "
+                             "generate or ingest one first)")
+        fs, path = fsio.filesystem(url, storage_options)
+        try:
+            group = zarr.open_group(fsio.join(url, FIELDS), mode="r", storage_options=storage_options)
+            array = group[ARRAY]
+            table = pq.read_table(f"{path.rstrip('/')}/{TABLE}", filesystem=fs)
+        except (OSError, KeyError, FileNotFoundError, ValueError) as err:
+            raise InputError(f"{url}: dataset parts unreadable ({type(err).__name__}: {err})") from None
+        shape = tuple(manifest["shape"])
+        if tuple(array.shape) != shape or table.num_rows != shape[0]:
+            raise InputError(f"{url}: dataset parts disagree with {MANIFEST}: fields {array.shape}, "
+                             f"{table.num_rows} table rows, manifest shape {shape}")
+        return cls(url, manifest, array, table, storage_options)
+
+    # -- description ---------------------------------------------------------------------
+    @property
+    def n_trajectories(self) -> int:
+        return int(self.manifest["shape"][0])
+
+    @property
+    def n_times(self) -> int:
+        return int(self.manifest["shape"][1])
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(self.manifest["channels"])
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return int(self.manifest["shape"][3]), int(self.manifest["shape"][4])
+
+    @property
+    def family(self) -> str:
+        return str(self.manifest["family"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.manifest["fingerprint"])
+
+    @property
+    def times(self) -> np.ndarray:
+        return np.asarray(self.manifest["times"], dtype=np.float64)
+
+    @property
+    def classes(self) -> np.ndarray:
+        """Class of every trajectory, in trajectory order."""
+        return np.asarray(self.trajectories.column("class").to_pylist(), dtype=str)
+
+    @property
+    def splits(self) -> np.ndarray:
+        """Split of every trajectory, in trajectory order."""
+        return np.asarray(self.trajectories.column("split").to_pylist(), dtype=str)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.url!r}, family={self.family!r}, shape={tuple(self.manifest['shape'])}, "
+                f"classes={self.manifest['classes']})")
+
+    # -- reading -------------------------------------------------------------------------
+    def read(self, trajectory_ids) -> np.ndarray:
+        """Whole trajectories as float32 [n, T, C, H, W], in the order asked for."""
+        ids = np.asarray(trajectory_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_trajectories):
+            raise InputError(f"{self.url}: trajectory ids must lie in 0..{self.n_trajectories - 1}, "
+                             f"got {ids.min()}..{ids.max()}")
+        if ids.size == 0:
+            return np.zeros((0, *self.manifest["shape"][1:]), dtype=np.float32)
+        unique, inverse = np.unique(ids, return_inverse=True)
+        data = np.asarray(self._array.oindex[unique], dtype=np.float32)
+        return data[inverse]
+
+    def index(self):
+        """The sample index (one row per transition (trajectory, t) -> t + 1)."""
+        from gradlake.data.index import SampleIndex
+
+        if self._index is None:
+            self._index = SampleIndex(self.trajectories, self.n_times)
+        return self._index
+
+    def samples(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) float32 [n, C, H, W]: states at t and t + 1 of each sample row."""
+        trajectory, t = self.index().locate(rows)
+        unique, inverse = np.unique(trajectory, return_inverse=True)
+        data = self.read(unique)
+        return data[inverse, t], data[inverse, t + 1]
+
+    def verify(self) -> None:
+        """Recompute every trajectory's checksum; GradlakeError naming the first mismatch."""
+        expected = self.trajectories.column("checksum").to_pylist()
+        for i, checksum in enumerate(expected):
+            if trajectory_checksum(self.read([i])[0]) != checksum:
+                raise GradlakeError(f"{self.url}: trajectory {i} does not match its checksum")
