@@ -88,6 +88,9 @@ class TrainConfig:
     # Independent training runs of a job, one per seed (train/seed-<s>/); empty -> [seed].
     seeds: tuple[int, ...] = ()
     device: str = "auto"
+    # Memory for trajectories held while streaming an epoch: the data order shuffles
+    # trajectories, then samples within windows of trajectories that fit half of this.
+    window_mb: int = rule(positive, 1024)
 
 
 @dataclass(frozen=True)
