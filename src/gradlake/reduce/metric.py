@@ -1,0 +1,114 @@
+"""The k-space metric η̃ and its damped inverse (pure numpy, float64).
+
+η̃ = (1/m) Σ_{i∈S} Σ_v φ_{V,i,v} φ_{V,i,v}ᵀ (m probes per sample; the paper's η = Σ_i J_iᵀJ_i,
+a sum over the reference set S, not a mean) or, for the empirical Fisher,
+Σ_i φ_{C,i} φ_{C,i}ᵀ. With η̃ = U diag(s) Uᵀ, (η̃ + λI)⁻¹ = W Wᵀ for the whitener
+W = U diag((s + λ)^-1/2), so every influence H_AB(i, j) = ψ_{A,i} · ψ_{B,j} with ψ = Wᵀφ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gradlake.errors import GradlakeError, InputError
+
+
+@dataclass
+class Moments:
+    """Running first and second moments of φ rows (float64), mergeable in any order.
+
+    ``outer`` = Σ_rows φφᵀ (a row with probes contributes the mean over its probes),
+    ``total`` = Σ_rows φ (probe-mean), ``count`` rows used, ``skipped`` rows with a
+    non-finite value (left out of every sum).
+    """
+
+    k: int
+    outer: np.ndarray = field(default=None)
+    total: np.ndarray = field(default=None)
+    count: int = 0
+    skipped: int = 0
+
+    def __post_init__(self):
+        if self.outer is None:
+            self.outer = np.zeros((self.k, self.k))
+        if self.total is None:
+            self.total = np.zeros(self.k)
+
+    def add(self, phi: np.ndarray) -> "Moments":
+        """Add rows [n, k], or rows with probes [n, probes, k]."""
+        phi = np.asarray(phi, dtype=np.float64)
+        if phi.ndim == 2:
+            phi = phi[:, None, :]
+        if phi.ndim != 3 or phi.shape[-1] != self.k:
+            raise InputError(f"moments: expected rows [n, k={self.k}] or [n, probes, k], got {phi.shape}")
+        finite = np.isfinite(phi).all(axis=(1, 2))
+        self.skipped += int((~finite).sum())
+        phi = phi[finite]
+        probes = phi.shape[1]
+        flat = phi.reshape(-1, self.k)
+        self.outer += flat.T @ flat / probes
+        self.total += phi.mean(axis=1).sum(axis=0)
+        self.count += phi.shape[0]
+        return self
+
+    def merge(self, other: "Moments") -> "Moments":
+        return Moments(self.k, self.outer + other.outer, self.total + other.total,
+                       self.count + other.count, self.skipped + other.skipped)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def second(self) -> np.ndarray:
+        """E[φφᵀ] over the rows used."""
+        return self.outer / max(self.count, 1)
+
+
+def tree_merge(parts: list[Moments]) -> Moments:
+    """Pairwise (tree) merge; the order of additions does not depend on the number of workers."""
+    if not parts:
+        raise GradlakeError("moments: nothing to merge (no rows in the reference set)")
+    while len(parts) > 1:
+        parts = [parts[i].merge(parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+class Metric:
+    """η̃ (symmetrised) and its eigendecomposition, with guards against bad input."""
+
+    def __init__(self, eta: np.ndarray, source: str = "metric"):
+        eta = np.asarray(eta, dtype=np.float64)
+        if eta.ndim != 2 or eta.shape[0] != eta.shape[1]:
+            raise InputError(f"{source}: expected a square matrix, got shape {eta.shape}")
+        if not np.isfinite(eta).all():
+            raise GradlakeError(f"{source}: the metric has non-finite entries")
+        self.eta = 0.5 * (eta + eta.T)
+        values, vectors = np.linalg.eigh(self.eta)
+        order = np.argsort(values)[::-1]
+        # η̃ is PSD by construction; negative eigenvalues are round-off and are clipped.
+        self.clipped = int((values < 0).sum())
+        self.eigenvalues = np.maximum(values[order], 0.0)
+        self.eigenvectors = vectors[:, order]
+
+    @classmethod
+    def from_moments(cls, moments: Moments, source: str = "metric") -> "Metric":
+        return cls(moments.outer, source)
+
+    @property
+    def k(self) -> int:
+        return self.eta.shape[0]
+
+    def whitener(self, damping: float) -> np.ndarray:
+        """W with W Wᵀ = (η̃ + λI)⁻¹."""
+        if not damping > 0:
+            raise InputError(f"reduce.damping: expected λ > 0, got {damping!r}")
+        return self.eigenvectors * (self.eigenvalues + damping) ** -0.5
+
+    def inverse(self, damping: float) -> np.ndarray:
+        """(η̃ + λI)⁻¹."""
+        w = self.whitener(damping)
+        return w @ w.T
