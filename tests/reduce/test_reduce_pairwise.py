@@ -1,0 +1,65 @@
+"""Pairwise tiles, running top-k and the distance curve against dense numpy."""
+
+import numpy as np
+
+from gradlake.reduce.metric import Metric
+from gradlake.reduce.pairwise import (TopK, distance_curve, input_distance, sample_pairs, tile,
+                                      whiten)
+
+
+def test_tiles_and_topk_match_dense():
+    rng = np.random.default_rng(1)
+    k, nq, nt = 5, 7, 40
+    g = rng.normal(size=(30, k))
+    metric = Metric(g.T @ g)
+    lam = 1e-3
+    phi_q, phi_t = rng.normal(size=(nq, k)), rng.normal(size=(nt, k))
+    phi_t[4] = np.nan
+    q_ids = np.array([3, 50, 51, 52, 53, 54, 55])  # query 3 is also a training sample
+    t_ids = np.arange(nt)
+    H = phi_q @ np.linalg.solve(metric.eta + lam * np.eye(k), phi_t.T)
+    w = metric.whitener(lam)
+    top = TopK(q_ids, k=4)
+    tiles = []
+    for cols in np.array_split(np.arange(nt), 5):
+        h = tile(whiten(phi_q, w, np.float64), whiten(phi_t[cols], w, np.float64))
+        tiles.append(h)
+        top.update(h, t_ids[cols])
+    np.testing.assert_allclose(np.concatenate(tiles, 1), H, rtol=1e-10)
+    res = top.result()
+    for q in range(nq):
+        row = H[q].copy()
+        row[4] = np.nan
+        if q_ids[q] < nt:
+            row[q_ids[q]] = np.nan
+        ok = np.flatnonzero(np.isfinite(row))
+        order = ok[np.argsort(-row[ok])]
+        assert res["top_ids"][q].tolist() == order[:4].tolist()
+        np.testing.assert_allclose(res["top"][q], row[order[:4]], rtol=1e-10)
+        assert res["bottom_ids"][q].tolist() == order[::-1][:4].tolist()
+    assert 3 not in res["top_ids"][0] and 4 not in res["top_ids"]
+
+
+def test_topk_with_fewer_candidates_than_k():
+    top = TopK(np.array([0]), k=3, exclude_self=False)
+    top.update(np.array([[2.0, 1.0]]), np.array([7, 8]))
+    res = top.result()
+    assert res["top_ids"].tolist() == [[7, 8, -1]] and res["bottom_ids"].tolist() == [[8, 7, -1]]
+
+
+def test_distance_curve_and_pairs():
+    rng = np.random.default_rng(2)
+    i, j = sample_pairs(np.arange(10, 20), 500, seed=3)
+    assert (i != j).all() and set(i) | set(j) <= set(range(10, 20))
+    x = rng.normal(size=(2, 6, 3, 4, 4))
+    d = input_distance(x[0], x[1])
+    np.testing.assert_allclose(d, [np.sqrt(((x[0, n] - x[1, n]) ** 2).mean()) for n in range(6)])
+    dist = rng.random(1000)
+    h = 3 - 2 * dist + 0.01 * rng.normal(size=1000)
+    curve = distance_curve(h, dist, 4)
+    assert curve["pairs"].sum() == 1000 and len(curve["mean"]) == 4
+    for b in range(4):
+        sel = (dist >= curve["lo"][b]) & ((dist < curve["hi"][b]) | (b == 3))
+        np.testing.assert_allclose(curve["mean"][b], h[sel].mean())
+        np.testing.assert_allclose(curve["median"][b], np.median(h[sel]))
+    assert np.all(np.diff(curve["mean"]) < 0)
