@@ -1,0 +1,292 @@
+"""Reading a gradient store: the base of every query and reduce."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from gradlake import fsio
+from gradlake.errors import GradlakeError, InputError
+from gradlake.store import filters, layout
+from gradlake.store.spec import StoreSpec
+
+INDEX_COLUMNS = ("row", "trajectory", "t", "class", "split")
+PARTITIONING = pads.partitioning(
+    pa.schema([("checkpoint", pa.string()), ("shard", pa.int32())]), flavor="hive"
+)
+
+
+def samples_schema(observables) -> pa.Schema:
+    """Columns of a shard's Parquet file (checkpoint and shard are its hive partition keys)."""
+    return pa.schema(
+        [("row", pa.int64()), ("trajectory", pa.int64()), ("t", pa.int32()),
+         ("class", pa.string()), ("split", pa.string()), ("loss", pa.float32())]
+        + [(f"norm_{obs}", pa.float32()) for obs in observables]
+    )
+
+
+def read_metadata(files: layout.StoreFiles) -> dict[str, Any] | None:
+    """store.json of a store, None when there is none yet; InputError if it is not ours."""
+    if not files.exists(layout.STORE_JSON):
+        return None
+    meta = files.read_json(layout.STORE_JSON)
+    if meta.get("format") != layout.FORMAT:
+        raise InputError(f"{files.join_url(layout.STORE_JSON)}: not a gradlake store manifest")
+    if meta.get("format_version", 0) > layout.FORMAT_VERSION:
+        raise InputError(
+            f"{files.url}: store format {meta['format_version']} is newer than this gradlake "
+            f"understands ({layout.FORMAT_VERSION}); upgrade gradlake"
+        )
+    return meta
+
+
+class GradientStore:
+    """A gradient store opened read-only. Only committed shards are ever read."""
+
+    def __init__(self, files: layout.StoreFiles, meta: dict[str, Any]):
+        self._files = files
+        self._meta = meta
+        self.spec = StoreSpec.from_json(meta["spec"])
+        self._committed: dict[str, set[int]] = {}
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> GradientStore:
+        files = layout.StoreFiles(url, storage_options)
+        meta = read_metadata(files)
+        if meta is None:
+            raise InputError(f"{url}: no gradient store here (no {layout.STORE_JSON}); "
+                             "run `gradlake grads` first")
+        return cls(files, meta)
+
+    def refresh(self) -> None:
+        """Forget cached shard listings and reread store.json (after other writers)."""
+        meta = read_metadata(self._files)
+        self._meta = meta if meta is not None else self._meta
+        self._committed.clear()
+
+    # Description.
+    @property
+    def url(self) -> str:
+        return self._files.url
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return copy.deepcopy(self._meta)
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Checkpoint names in the order they were added (the last is the latest)."""
+        return list(self._meta["checkpoints"])
+
+    @property
+    def observables(self) -> list[str]:
+        return list(self.spec.observables)
+
+    @property
+    def k(self) -> int:
+        return self.spec.k
+
+    @property
+    def n_rows(self) -> int:
+        return self.spec.n_rows
+
+    @property
+    def probes(self) -> int:
+        return self.spec.probes
+
+    def reduce_url(self, name: str) -> str:
+        return self._files.join_url(f"{layout.REDUCE}/{name}")
+
+    def checkpoint(self, checkpoint: str | None = None) -> str:
+        """A checkpoint's name in this store (None -> the latest); InputError if absent."""
+        names = self.checkpoints
+        if not names:
+            raise InputError(f"{self.url}: the store holds no checkpoint yet")
+        if checkpoint is None:
+            return names[-1]
+        name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        if name not in names:
+            raise InputError(f"checkpoint {checkpoint!r} is not in store {self.url}; "
+                             f"it holds: {', '.join(names)}")
+        return name
+
+    def _observable(self, observable: str) -> str:
+        if observable not in self.spec.observables:
+            raise InputError(f"observable {observable!r} is not in store {self.url}; "
+                             f"it holds: {', '.join(self.spec.observables)}")
+        return observable
+
+    def committed_shards(self, checkpoint: str | None = None) -> set[int]:
+        name = self.checkpoint(checkpoint)
+        if name not in self._committed:
+            self._committed[name] = self._files.committed_shards(name)
+        return set(self._committed[name])
+
+    def is_complete(self, checkpoint: str | None = None) -> bool:
+        return len(self.committed_shards(checkpoint)) == self.spec.n_shards
+
+    # The samples table.
+    def samples(self, checkpoint: str | None = None, where: str | pc.Expression | None = None,
+                *, classes=None, splits=None, trajectories=None, t_min=None, t_max=None,
+                columns: list[str] | None = None) -> pa.Table:
+        """Committed samples of one checkpoint, sorted by row, filtered.
+
+        Columns: row, trajectory, t, class, split, shard, loss, norm_<obs>..., checkpoint.
+        ``where`` is a pyarrow expression or a string in the language of store.filters.
+        """
+        name = self.checkpoint(checkpoint)
+        shards = sorted(self.committed_shards(name))
+        schema = self._samples_dataset_schema()
+        if isinstance(where, str):
+            where = filters.parse_where(where, schema)
+        expr = filters.combine(
+            where, filters.select(classes, splits, trajectories, t_min, t_max)
+        )
+        if not shards:
+            table = schema.empty_table()
+        else:
+            paths = [self._files.path(layout.samples_part(name, s)) for s in shards]
+            dataset = pads.dataset(
+                paths, schema=schema, format="parquet", filesystem=self._files.fs,
+                partitioning=PARTITIONING, partition_base_dir=self._files.path(layout.SAMPLES),
+            )
+            table = dataset.to_table(filter=expr)
+            table = table.sort_by("row")
+        if not shards and expr is not None:
+            table = table.filter(expr)
+        return table.select(columns or schema.names)
+
+    def _samples_dataset_schema(self) -> pa.Schema:
+        base = samples_schema(self.spec.observables)
+        fields = [base.field(n) for n in INDEX_COLUMNS] + [pa.field("shard", pa.int32())]
+        fields += [f for f in base if f.name not in INDEX_COLUMNS]
+        return pa.schema(fields + [pa.field("checkpoint", pa.string())])
+
+    def rows(self, checkpoint: str | None = None, where: str | pc.Expression | None = None,
+             **selection) -> np.ndarray:
+        """Sorted rows of the committed samples matching the filter."""
+        table = self.samples(checkpoint, where, columns=["row"], **selection)
+        return table.column("row").to_numpy().astype(np.int64)
+
+    # The gradients.
+    def read(self, checkpoint: str | None, observable: str, rows=None, as_torch: bool = False):
+        """φ rows of one checkpoint/observable as float32 [n, k] ([n, probes, k] for V).
+
+        ``rows`` are sample rows in any order (None -> every committed sample, sorted).
+        """
+        name, array, rows = self._prepare(checkpoint, observable, rows)
+        return _as(self._read_rows(name, observable, array, rows), as_torch)
+
+    def iter_blocks(self, checkpoint: str | None, observable: str, rows=None,
+                    block_rows: int = 4096, as_torch: bool = False) -> Iterator[tuple[np.ndarray, Any]]:
+        """(rows, φ) in blocks of at most ``block_rows`` rows, in the order of ``rows``."""
+        if block_rows <= 0:
+            raise InputError(f"block_rows: expected an int > 0, got {block_rows}")
+        name, array, rows = self._prepare(checkpoint, observable, rows)
+        for start in range(0, len(rows), block_rows):
+            block = rows[start:start + block_rows]
+            yield block, _as(self._read_rows(name, observable, array, block), as_torch)
+
+    def _prepare(self, checkpoint, observable, rows):
+        name = self.checkpoint(checkpoint)
+        self._observable(observable)
+        if rows is None:
+            rows = self.rows(name)
+        else:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            self._check_rows(name, rows)
+        return name, self._files.open_array(name, observable, read_only=True), rows
+
+    def _check_rows(self, name: str, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        if rows.min() < 0 or rows.max() >= self.spec.n_rows:
+            bad = rows[(rows < 0) | (rows >= self.spec.n_rows)][0]
+            raise InputError(f"row {bad}: out of range; store {self.url} has rows 0..{self.spec.n_rows - 1}")
+        missing = np.setdiff1d(np.unique(self.spec.shard_of(rows)), sorted(self.committed_shards(name)))
+        if len(missing):
+            raise GradlakeError(
+                f"store {self.url}, checkpoint {name}: shard {missing[0]} (rows "
+                f"{'..'.join(map(str, self.spec.shard_range(int(missing[0]))))}) is not committed; "
+                f"{len(missing)} shard(s) of the requested rows are missing; re-run `gradlake grads`"
+            )
+
+    def _read_rows(self, name: str, observable: str, array, rows: np.ndarray) -> np.ndarray:
+        if len(rows) == 0:
+            return np.zeros((0, *self.spec.row_shape(observable)), dtype=np.float32)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        lo, hi = int(unique[0]), int(unique[-1]) + 1
+        try:
+            if hi - lo <= 2 * len(unique):
+                data = array[lo:hi][unique - lo]
+            else:
+                data = array.oindex[unique]
+        except ValueError as err:
+            if "checksum" not in str(err).lower():
+                raise
+            raise self._corrupt_chunk(name, observable, array, unique, err) from None
+        data = data.astype(np.float32)[inverse]
+        if self.spec.n_samples < self.spec.n_rows and np.isnan(data).any():
+            bad = rows[np.isnan(data.reshape(len(rows), -1)).any(axis=1)]
+            raise InputError(
+                f"rows {bad[:5].tolist()}{'...' if len(bad) > 5 else ''}: not held by store "
+                f"{self.url} (it holds splits {', '.join(self.spec.splits)})"
+            )
+        return data
+
+    def _corrupt_chunk(self, name, observable, array, rows, err) -> GradlakeError:
+        """Find which chunk fails its checksum, for an error that names it."""
+        chunk_rows = self.spec.chunk_rows
+        for chunk in np.unique(rows // chunk_rows):
+            start = int(chunk) * chunk_rows
+            stop = min(start + chunk_rows, self.spec.n_rows)
+            try:
+                array[start:stop]
+            except ValueError as chunk_err:
+                return GradlakeError(
+                    f"checksum error in {fsio.join(self.url, layout.GRADS, layout.array_path(name, observable))}: "
+                    f"chunk {int(chunk)} (rows {start}..{stop - 1}, shard {start // self.spec.shard_rows}) "
+                    f"is corrupt: {chunk_err}"
+                )
+        return GradlakeError(
+            f"checksum error in {fsio.join(self.url, layout.GRADS, layout.array_path(name, observable))}: {err}"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """N, k, dtype, shards done / total per checkpoint, bytes on storage, provenance."""
+        checkpoints = {}
+        for name, info in self._meta["checkpoints"].items():
+            done = len(self.committed_shards(name))
+            checkpoints[name] = {"shards_done": done, "shards_total": self.spec.n_shards,
+                                 "complete": done == self.spec.n_shards, "sha256": info["sha256"]}
+        return {
+            "url": self.url,
+            "n_rows": self.spec.n_rows,
+            "n_samples": self.spec.n_samples,
+            "k": self.spec.k,
+            "dtype": self.spec.dtype,
+            "observables": self.observables,
+            "probes": self.spec.probes,
+            "splits": list(self.spec.splits),
+            "checkpoints": checkpoints,
+            "bytes": int(self._files.fs.du(self._files.root)),
+            "stages": copy.deepcopy(self._meta.get("stages", {})),
+            "provenance": {key: copy.deepcopy(self._meta[key]) for key in
+                           ("gradlake_version", "created") if key in self._meta}
+            | {"dataset": self.spec.dataset, "model": self.spec.model,
+               "projector": self.spec.projector},
+        }
+
+
+def _as(array: np.ndarray, as_torch: bool):
+    if not as_torch:
+        return array
+    import torch
+
+    return torch.from_numpy(array)

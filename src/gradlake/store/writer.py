@@ -1,0 +1,184 @@
+"""Writing a gradient store: creating it (driver) and committing shards (one writer each)."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from gradlake import __version__
+from gradlake.errors import GradlakeError, InputError
+from gradlake.store import layout
+from gradlake.store.spec import StoreSpec
+from gradlake.store.store import GradientStore, read_metadata, samples_schema
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def create_store(url: str, spec: StoreSpec, checkpoints: dict[str, dict[str, Any]],
+                 storage_options: dict[str, Any] | None = None) -> GradientStore:
+    """Create a store, or add checkpoints to an existing one bound to the same spec.
+
+    ``checkpoints`` maps name -> provenance (at least "sha256"). Everything is checked
+    before anything is written: a store of a different dataset, model, projector or
+    layout, or a checkpoint name already taken by different weights, is refused.
+    """
+    files = layout.StoreFiles(url, storage_options)
+    meta = read_metadata(files)
+    if meta is not None:
+        difference = StoreSpec.from_json(meta["spec"]).mismatch(spec)
+        if difference:
+            raise InputError(
+                f"{url}: this store holds gradients of a different run ({difference}); "
+                "use a new store URL"
+            )
+        for name, info in checkpoints.items():
+            held = meta["checkpoints"].get(name)
+            if held is not None and held["sha256"] != info["sha256"]:
+                raise InputError(
+                    f"{url}: checkpoint {name!r} is in the store with weights sha256 "
+                    f"{held['sha256'][:12]}..., but {info.get('path', name)} has "
+                    f"{info['sha256'][:12]}...; use a new store URL"
+                )
+    else:
+        meta = {"format": layout.FORMAT, "format_version": layout.FORMAT_VERSION,
+                "gradlake_version": __version__, "created": _now(),
+                "spec": spec.to_json(), "checkpoints": {}, "stages": {}}
+    group = zarr.open_group(store=files.zarr_store(read_only=False), mode="a")
+    for name in checkpoints:
+        _require_arrays(group, name, spec)
+    for name, info in checkpoints.items():
+        meta["checkpoints"].setdefault(name, {**info, "added": _now()})
+    files.write_json(layout.STORE_JSON, meta)
+    return GradientStore(files, meta)
+
+
+def _require_arrays(group: zarr.Group, checkpoint: str, spec: StoreSpec) -> None:
+    sub = group.require_group(checkpoint)
+    for obs in spec.observables:
+        shape = (spec.n_rows, *spec.row_shape(obs))
+        if obs in sub:
+            array = sub[obs]
+            if array.shape != shape or str(array.dtype) != spec.dtype:
+                raise GradlakeError(
+                    f"grads.zarr/{checkpoint}/{obs}: shape {array.shape} {array.dtype} "
+                    f"does not match the store's {shape} {spec.dtype}"
+                )
+            continue
+        sub.create_array(
+            obs, shape=shape, dtype=spec.dtype,
+            chunks=(spec.chunk_rows, *spec.row_shape(obs)),
+            shards=(spec.shard_rows, *spec.row_shape(obs)),
+            compressors=[Crc32cCodec()],  # projected gradients barely compress; checksum only
+            fill_value=np.nan,
+            dimension_names=spec.dimension_names(obs),
+            attributes={"checkpoint": checkpoint, "observable": obs,
+                        "description": f"projected per-sample gradient of observable {obs}"},
+        )
+
+
+def set_stage_status(store: GradientStore, stage: str, status: dict[str, Any]) -> None:
+    """Record a stage's status in store.json (the driver is its only writer)."""
+    files = store._files
+    meta = read_metadata(files)
+    meta.setdefault("stages", {})[stage] = {**status, "updated": _now()}
+    files.write_json(layout.STORE_JSON, meta)
+    store.refresh()
+
+
+class ShardWriter:
+    """Commits shards of an existing store: gradient rows, then Parquet, then the record."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.files = layout.StoreFiles(url, storage_options)
+        meta = read_metadata(self.files)
+        if meta is None:
+            raise GradlakeError(f"{url}: no store.json; the driver creates the store first")
+        self.spec = StoreSpec.from_json(meta["spec"])
+        self.schema = samples_schema(self.spec.observables)
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+
+    def is_committed(self, checkpoint: str, shard: int) -> bool:
+        return self.files.exists(layout.commit_record(checkpoint, shard))
+
+    def commit(self, checkpoint: str, shard: int, index: pa.Table, loss: np.ndarray,
+               phis: dict[str, np.ndarray], before_record: Callable[[], None] | None = None
+               ) -> dict[str, Any]:
+        """Write one shard and commit it; returns its completion record.
+
+        ``index`` holds the shard's samples (row, trajectory, t, class, split) sorted by row;
+        ``loss`` [n] and ``phis`` {obs: [n, ...]} follow its order. Non-finite values fail
+        the shard before anything is written. Rewriting a shard replaces it whole.
+        """
+        started = time.monotonic()
+        where = f"checkpoint {checkpoint}, shard {shard}"
+        rows = index.column("row").to_numpy().astype(np.int64)
+        start, stop = self.spec.shard_range(shard)
+        if len(rows) == 0 or rows[0] < start or rows[-1] >= stop or np.any(np.diff(rows) <= 0):
+            raise GradlakeError(f"{where}: rows must be sorted, unique and inside {start}..{stop - 1}")
+        if set(phis) != set(self.spec.observables):
+            raise GradlakeError(f"{where}: got observables {sorted(phis)}, the store holds "
+                                f"{list(self.spec.observables)}")
+        _check_finite(f"{where}: loss", np.asarray(loss), rows)
+        blocks = {}
+        for obs in self.spec.observables:
+            phi = np.asarray(phis[obs])
+            expected = (len(rows), *self.spec.row_shape(obs))
+            if phi.shape != expected:
+                raise GradlakeError(f"{where}: phi_{obs} has shape {phi.shape}, expected {expected}")
+            _check_finite(f"{where}: phi_{obs}", phi, rows)
+            with np.errstate(over="ignore"):
+                stored = phi.astype(self.spec.dtype)
+            _check_finite(f"{where}: phi_{obs} in {self.spec.dtype} (overflow; use dtype float32)",
+                          stored, rows)
+            block = np.full((stop - start, *expected[1:]), np.nan, dtype=self.spec.dtype)
+            block[rows - start] = stored
+            blocks[obs] = block
+        norms = {f"norm_{obs}": np.linalg.norm(np.asarray(phis[obs], dtype=np.float64)
+                                               .reshape(len(rows), -1), axis=1)
+                 for obs in self.spec.observables}
+        table = pa.table({**{c: index.column(c) for c in ("row", "trajectory", "t", "class", "split")},
+                          "loss": np.asarray(loss, dtype=np.float32), **norms}).cast(self.schema)
+        written = 0
+        for obs, block in blocks.items():
+            self._array(checkpoint, obs)[start:stop] = block
+            written += block.nbytes
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.files.write_bytes(layout.samples_part(checkpoint, shard), buffer.getvalue())
+        written += buffer.tell()
+        if before_record is not None:
+            before_record()
+        record = {"checkpoint": checkpoint, "shard": shard, "start": start, "stop": stop,
+                  "samples": len(rows), "bytes": written,
+                  "seconds": round(time.monotonic() - started, 3),
+                  "host": socket.gethostname(), "committed": _now()}
+        self.files.write_json(layout.commit_record(checkpoint, shard), record)
+        return record
+
+    def _array(self, checkpoint: str, obs: str) -> zarr.Array:
+        key = (checkpoint, obs)
+        if key not in self._arrays:
+            self._arrays[key] = self.files.open_array(checkpoint, obs, read_only=False)
+        return self._arrays[key]
+
+
+def _check_finite(what: str, values: np.ndarray, rows: np.ndarray) -> None:
+    finite = np.isfinite(values.reshape(len(rows), -1)).all(axis=1) if values.size else np.ones(len(rows), bool)
+    if not finite.all():
+        bad = rows[~finite]
+        raise GradlakeError(
+            f"{what}: NaN or inf at rows {bad[:5].tolist()}{'...' if len(bad) > 5 else ''} "
+            f"({len(bad)} of {len(rows)}); the shard is not committed"
+        )
