@@ -1,3 +1,132 @@
-"""train commands."""
+"""Model commands: models (preset sizes), train, rollout."""
 
-from gradlake.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import typer
+
+from gradlake.cli.app import app
+from gradlake.config import SECRET_OPTIONS, ModelConfig, TrainConfig, _build
+from gradlake.errors import InputError
+
+StorageOptions = typer.Option(
+    None, "--storage-options",
+    help='Non-secret fsspec options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; '
+         "credentials come from the environment.")
+
+
+def _storage_options(text: Optional[str]) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except ValueError as err:
+        raise InputError(f"--storage-options: expected a JSON object, got {text!r} ({err})") from None
+    if not isinstance(options, dict):
+        raise InputError(f"--storage-options: expected a JSON object, got {text!r}")
+    secret = [k for k in options if k.lower() in SECRET_OPTIONS]
+    if secret:
+        raise InputError(f"--storage-options: {secret[0]!r} is a credential; set it in the environment instead")
+    return options
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set: expected KEY=VALUE (VALUE as JSON, e.g. width=8 or kernels=[3,3]), got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            raise InputError(f"--set {key}: expected a JSON value, got {value!r}") from None
+    return out
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+@app.command()
+def models(
+    channels: int = typer.Option(4, help="Input/output channels (4: compressible Euler, 2: Navier–Stokes)."),
+    resolution: int = typer.Option(128, help="Grid size R of the R x R input."),
+):
+    """Every preset's parameter count, and the paper presets' check against the paper's sizes."""
+    from gradlake import models as registry
+
+    rows = registry.preset_table(channels, resolution)
+    for row in rows:
+        row["parameters"] = f"{row['parameters']:,}"
+        if "paper" in row:
+            row["paper"] = f"{row['paper']:,} ±{registry.PAPER_TOLERANCE:.0%}"
+            row["check"] = "ok" if row.pop("within_tolerance") else "OUTSIDE"
+    typer.echo(_table(rows))
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., help="Dataset URL (local path or fsspec URL)."),
+    out: str = typer.Option(..., help="Run directory: checkpoints go to OUT/checkpoints/epoch-NNNN; resumes."),
+    model: str = typer.Option("unet", help="Model: unet or vit."),
+    preset: str = typer.Option("tiny", help="Preset: tiny (tests), small (laptop), paper (GPU)."),
+    set_: list[str] = typer.Option([], "--set", help="Model hyper-parameter override KEY=VALUE (JSON value); repeatable."),
+    epochs: int = typer.Option(2, help="Epochs in total (a resumed run continues to this)."),
+    batch_size: int = typer.Option(48, help="Samples per optimizer step."),
+    lr: float = typer.Option(5e-4, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
+    checkpoint_every: int = typer.Option(1, help="Write a checkpoint every N epochs (and after the last)."),
+    seed: int = typer.Option(0, help="Seed of the initial weights and of the data order."),
+    device: str = typer.Option("auto", help="auto (GPU if there is one), cpu, or cuda[:n]."),
+    window_mb: int = typer.Option(1024, help="Memory (MB) for trajectories held while streaming an epoch."),
+    storage_options: Optional[str] = StorageOptions,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; JSON log lines."),
+):
+    """One-step teacher-forced training on the train split (AdamW, scaled MSE)."""
+    from gradlake.models.checkpoint import read_meta
+    from gradlake.progress import set_quiet
+    from gradlake.train import train as run_train
+
+    set_quiet(quiet)
+    model_settings = _build(ModelConfig, {"name": model, "preset": preset, "overrides": _overrides(set_)}, "model")
+    settings = _build(TrainConfig, {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                    "weight_decay": weight_decay, "checkpoint_every": checkpoint_every,
+                                    "seed": seed, "device": device, "window_mb": window_mb}, "train")
+    options = _storage_options(storage_options)
+    paths = run_train(data, model_settings, settings, out, storage_options=options)
+    for path in paths:
+        metrics = read_meta(path, options)["metrics"]
+        typer.echo(f"{path}  train_smse={metrics['train_smse']:.5g}  "
+                   f"{metrics['val_split']}_smse={metrics['val_smse']:.5g}")
+
+
+@app.command()
+def rollout(
+    checkpoint: str = typer.Option(..., help="Checkpoint directory (…/checkpoints/epoch-NNNN)."),
+    data: str = typer.Option(..., help="Dataset URL."),
+    horizon: Optional[int] = typer.Option(None, help="Steps to roll out (default: to the end of each trajectory)."),
+    split: str = typer.Option("test", help="Split whose trajectories are rolled out."),
+    out: Optional[str] = typer.Option(None, help="Directory for rollout.parquet and rollout.json (default: the checkpoint's)."),
+    device: str = typer.Option("auto", help="auto (GPU if there is one), cpu, or cuda[:n]."),
+    storage_options: Optional[str] = StorageOptions,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; JSON log lines."),
+):
+    """Autoregressive rollout error against ground truth versus horizon, per class."""
+    from gradlake.progress import set_quiet
+    from gradlake.train import rollout as run_rollout
+
+    set_quiet(quiet)
+    table = run_rollout(checkpoint, data, horizon=horizon, split=split, device=device,
+                        out=out or checkpoint, storage_options=_storage_options(storage_options))
+    rows = table.to_pylist()
+    for row in rows:
+        row["smse_mean"], row["smse_std"] = f"{row['smse_mean']:.5g}", f"{row['smse_std']:.5g}"
+    typer.echo(_table(rows))
+    typer.echo(f"written: {(out or checkpoint).rstrip('/')}/rollout.parquet, rollout.json")

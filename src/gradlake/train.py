@@ -1,0 +1,271 @@
+"""One-step teacher-forced training, checkpoints, and autoregressive rollout.
+
+Training minimises the mean over a batch of the per-sample scaled MSE
+(:func:`gradlake.physics.scaled_mse`) of ŷ(s_{n,t}) against s_{n,t+1}, with AdamW.
+
+Data order and memory: an epoch's order is a pure function of (seed, epoch, the training
+trajectories, the window): trajectories are shuffled, cut into windows of trajectories that
+fit half of ``window_mb``, and the samples of each window are shuffled. Batches are read
+through a bounded cache of whole trajectories (at most two windows), so memory does not grow
+with the dataset; when the training set fits in one window this is a plain full shuffle.
+
+Resume: a run directory's last complete checkpoint holds the weights, the optimizer state and
+the RNG states; since the data order depends only on (seed, epoch), continuing from it gives
+the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from gradlake import fsio, models, physics
+from gradlake.config import ModelConfig, TrainConfig
+from gradlake.errors import InputError
+from gradlake.models.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
+)
+from gradlake.progress import progress
+
+# Settings that change the trained weights: a resumed run must match them.
+RESULT_SETTINGS = ("batch_size", "lr", "weight_decay", "seed", "window_mb")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> the GPU when there is one, else the CPU; InputError for an unusable device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"device: expected 'auto', 'cpu' or 'cuda[:n]', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device: {device!r} requested but no CUDA GPU is available")
+    return resolved
+
+
+class TrajectoryCache:
+    """Samples of a dataset read through a bounded cache of whole trajectories (oldest evicted)."""
+
+    def __init__(self, dataset, capacity: int):
+        self.dataset, self.capacity = dataset, max(1, capacity)
+        self.steps = dataset.n_times - 1
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def samples(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) float32 [n, C, H, W] of these sample rows."""
+        trajectory, t = self.dataset.index().locate(rows)
+        missing = [int(n) for n in np.unique(trajectory) if int(n) not in self._cache]
+        if missing:
+            for n, data in zip(missing, self.dataset.read(missing)):
+                self._cache[n] = data
+        for n in np.unique(trajectory):
+            self._cache.move_to_end(int(n))
+        while len(self._cache) > max(self.capacity, len(np.unique(trajectory))):
+            self._cache.popitem(last=False)
+        inputs = np.stack([self._cache[int(n)][s] for n, s in zip(trajectory, t)])
+        targets = np.stack([self._cache[int(n)][s + 1] for n, s in zip(trajectory, t)])
+        return inputs, targets
+
+
+def window_trajectories(dataset, window_mb: int) -> int:
+    """Trajectories per shuffle window: as many as fit half of ``window_mb``."""
+    per_trajectory = dataset.n_times * len(dataset.channels) * np.prod(dataset.resolution) * 4
+    return max(1, int(window_mb * 2**20 // 2 // per_trajectory))
+
+
+def epoch_order(trajectories: np.ndarray, steps: int, seed: int, epoch: int, window: int) -> np.ndarray:
+    """Sample rows of one epoch: shuffled trajectories, samples shuffled within windows."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)])
+    shuffled = rng.permutation(np.asarray(trajectories, dtype=np.int64))
+    order = []
+    for start in range(0, len(shuffled), window):
+        rows = (shuffled[start:start + window, None] * steps + np.arange(steps)[None, :]).reshape(-1)
+        order.append(rows[rng.permutation(len(rows))])
+    return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+
+
+def batches(rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(rows), batch_size):
+        yield rows[start:start + batch_size]
+
+
+def _tensors(cache: TrajectoryCache, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = cache.samples(rows)
+    return torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cache: TrajectoryCache, rows: np.ndarray, batch_size: int,
+             device: torch.device) -> float:
+    """Mean per-sample scaled MSE of one-step predictions over ``rows`` (in row order)."""
+    model.eval()
+    total = 0.0
+    for batch in batches(np.sort(rows), batch_size):
+        inputs, targets = _tensors(cache, batch, device)
+        total += physics.scaled_mse(model(inputs), targets).sum().item()
+    return total / max(len(rows), 1)
+
+
+def _model_config(model: ModelConfig, dataset) -> dict[str, Any]:
+    height, width = dataset.resolution
+    if height != width:
+        raise InputError(f"{dataset.url}: the surrogates expect a square grid, got {height}x{width}")
+    return models.config(model.name, model.preset, channels=len(dataset.channels), resolution=height,
+                         **model.overrides)
+
+
+def _check_resume(meta: dict[str, Any], path: str, cfg: dict[str, Any], dataset, settings: TrainConfig) -> None:
+    where = fsio.join(path, "config.json")
+    if meta["model"] != cfg:
+        raise InputError(f"{where}: the run was trained with model {meta['model']}, not the requested {cfg}; "
+                         "choose another output directory")
+    if meta["dataset"]["fingerprint"] != dataset.fingerprint:
+        raise InputError(f"{where}: the run was trained on another dataset (fingerprint "
+                         f"{meta['dataset']['fingerprint'][:12]}, this one {dataset.fingerprint[:12]})")
+    for name in RESULT_SETTINGS:
+        if meta["train"].get(name) != getattr(settings, name):
+            raise InputError(f"{where}: the run was trained with train.{name} = {meta['train'].get(name)!r}, "
+                             f"not {getattr(settings, name)!r}; choose another output directory")
+
+
+def _open_dataset(url: str, storage_options: dict | None):
+    from gradlake.data import Dataset
+
+    return Dataset.open(url, storage_options=storage_options)
+
+
+def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: str,
+          storage_options: dict | None = None) -> list[str]:
+    """Train (or resume) a run in ``out_dir``; returns every checkpoint path of the run, oldest first."""
+    dataset = _open_dataset(dataset_url, storage_options)
+    cfg = _model_config(model, dataset)
+    device = resolve_device(settings.device)
+    index = dataset.index()
+    train_rows = index.select(splits=["train"])
+    if len(train_rows) == 0:
+        raise InputError(f"{dataset_url}: the train split has no samples")
+    val_split = "val" if len(index.select(splits=["val"])) else "test"
+    val_rows = index.select(splits=[val_split])
+    train_trajectories = np.unique(index.locate(train_rows)[0])
+    window = window_trajectories(dataset, settings.window_mb)
+    cache = TrajectoryCache(dataset, 2 * window)
+
+    existing = list_checkpoints(out_dir, storage_options)
+    if existing:
+        net, meta = load_checkpoint(existing[-1], storage_options, device)
+        _check_resume(meta, existing[-1], cfg, dataset, settings)
+        start, history = int(meta["epoch"]), list(meta["history"])
+    else:
+        torch.manual_seed(settings.seed)
+        net, start, history = models.from_config(cfg).to(device), 0, []
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    if existing:
+        load_optimizer_state(existing[-1], optimizer, storage_options)
+    if start >= settings.epochs:
+        return existing
+
+    bar = progress(total=(settings.epochs - start) * len(train_rows), desc="train", unit="sample")
+    if val_split != "val":
+        bar.write(f"{dataset_url}: no validation trajectories; validating on the test split")
+    for epoch in range(start + 1, settings.epochs + 1):
+        net.train()
+        began, loss_sum, done = time.perf_counter(), 0.0, 0
+        for rows in batches(epoch_order(train_trajectories, index.steps, settings.seed, epoch, window),
+                            settings.batch_size):
+            inputs, targets = _tensors(cache, rows, device)
+            loss = physics.scaled_mse(net(inputs), targets).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(rows)
+            done += len(rows)
+            bar.update(len(rows))
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4g}",
+                            samples_per_s=round(done / (time.perf_counter() - began), 1))
+        seconds = time.perf_counter() - began
+        metrics = {"epoch": epoch, "train_smse": loss_sum / len(train_rows),
+                   "val_smse": evaluate(net, cache, val_rows, settings.batch_size, device),
+                   "val_split": val_split, "samples_per_s": len(train_rows) / seconds, "seconds": seconds}
+        history.append(metrics)
+        bar.write(f"epoch {epoch}: train smse {metrics['train_smse']:.4g}, {val_split} smse "
+                  f"{metrics['val_smse']:.4g}, {metrics['samples_per_s']:.1f} samples/s")
+        if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
+            meta = {"epoch": epoch, "metrics": metrics, "history": history,
+                    "dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint},
+                    "channels": list(dataset.channels), "train": dataclasses.asdict(settings)}
+            save_checkpoint(fsio.join(out_dir, "checkpoints", checkpoint_name(epoch)), net, cfg, meta,
+                            optimizer, storage_options)
+    bar.close()
+    return list_checkpoints(out_dir, storage_options)
+
+
+@torch.no_grad()
+def rollout(checkpoint: str, dataset_url: str, horizon: int | None = None, split: str = "test",
+            device: str = "auto", batch_size: int = 16, out: str | None = None,
+            storage_options: dict | None = None) -> pa.Table:
+    """Autoregressive rollout error against ground truth versus horizon, per class.
+
+    Every trajectory of ``split`` is rolled out from its first state for ``horizon`` steps
+    (default: to its end); the scaled MSE of step h against s_{n,h} is averaged per class (and
+    over all classes, class "all"). Writes ``<out>/rollout.parquet`` and ``rollout.json`` when
+    ``out`` is given. Columns: class, horizon, trajectories, smse_mean, smse_std.
+    """
+    dataset = _open_dataset(dataset_url, storage_options)
+    max_horizon = dataset.n_times - 1
+    horizon = max_horizon if horizon is None else horizon
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= max_horizon:
+        raise InputError(f"horizon: expected an int in 1..{max_horizon} (the dataset's steps), got {horizon!r}")
+    trajectories = np.flatnonzero(dataset.splits == split)
+    if len(trajectories) == 0:
+        raise InputError(f"{dataset_url}: split {split!r} has no trajectories")
+    model, meta = load_checkpoint(checkpoint, storage_options, resolve_device(device))
+    if tuple(meta["channels"]) != dataset.channels:
+        raise InputError(f"{dataset_url}: channels {list(dataset.channels)} differ from the checkpoint's {meta['channels']}")
+    model.eval()
+    errors = np.zeros((len(trajectories), horizon))
+    bar = progress(total=len(trajectories), desc="rollout", unit="traj")
+    for start in range(0, len(trajectories), batch_size):
+        ids = trajectories[start:start + batch_size]
+        truth = torch.from_numpy(dataset.read(ids)).to(next(model.parameters()).device)
+        state = truth[:, 0]
+        for h in range(1, horizon + 1):
+            state = model(state)
+            errors[start:start + len(ids), h - 1] = physics.scaled_mse(state, truth[:, h]).cpu().numpy()
+        bar.update(len(ids))
+    bar.close()
+    classes = dataset.classes[trajectories]
+    rows = []
+    for name in [*sorted(set(classes)), "all"]:
+        block = errors if name == "all" else errors[classes == name]
+        for h in range(horizon):
+            rows.append({"class": name, "horizon": h + 1, "trajectories": len(block),
+                         "smse_mean": float(block[:, h].mean()), "smse_std": float(block[:, h].std())})
+    table = pa.Table.from_pylist(rows)
+    if out is not None:
+        _write_table(table, out, storage_options, {"checkpoint": checkpoint, "dataset": dataset.url,
+                                                    "fingerprint": dataset.fingerprint, "split": split})
+    return table
+
+
+def _write_table(table: pa.Table, out: str, storage_options: dict | None, provenance: dict[str, Any]) -> None:
+    fs, path = fsio.filesystem(out, storage_options)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path.rstrip('/')}/rollout.parquet", "wb") as f:
+        pq.write_table(table, f)
+    with fs.open(f"{path.rstrip('/')}/rollout.json", "w") as f:
+        json.dump({**provenance, "rows": table.to_pylist()}, f, indent=2)
