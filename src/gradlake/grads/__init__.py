@@ -1,0 +1,16 @@
+"""Projected per-example gradients that never form a full per-example gradient.
+
+    from gradlake.grads import Projector, compute
+    p = Projector(seed=0, k_in=16, k_out=16)          # regenerated, never stored
+    phi = compute(model, inputs, targets, observables=("C", "V"), projector=p)
+    p.spec(model)                                      # JSON provenance; Projector.from_spec(spec)
+
+See :mod:`gradlake.grads.projector` (the projection), :mod:`gradlake.grads.coverage` (which
+path covers each parameter), :mod:`gradlake.grads.capture` (the hooks) and
+:mod:`gradlake.grads.exact` (the exact reference path).
+"""
+
+from gradlake.grads.api import compute
+from gradlake.grads.projector import Projector
+
+__all__ = ["Projector", "compute"]

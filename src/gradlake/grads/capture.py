@@ -1,0 +1,231 @@
+"""Projected per-example gradients from one batched forward and one backward per cotangent.
+
+Parameters are frozen while capturing, so backward propagates activation gradients only
+(no weight-gradient GEMMs). Forward hooks on every module that owns parameters:
+
+- a Linear / Conv layer projects its input at once, ã = P_in a (for a conv, P_in is a
+  kernel (k_in, C_in, *kernel) applied with the layer's stride, padding, padding mode and
+  dilation, which equals unfold(a)·P_inᵀ without unfolding), and hooks its output; in
+  backward, with δ the output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã
+  (one batched matmul) and the bias block Σ_positions P_out δ;
+- any other module keeps its input and, in backward, gets the exact per-example gradient
+  of its own parameters with ``torch.func`` (vmap over samples of grad of ⟨module(x_b), δ_b⟩),
+  then a dense projection.
+
+A module output that does not require grad (the first layer's: inputs never require grad)
+is replaced by (a copy of) a fresh leaf and backward stops there, so no gradient w.r.t.
+the model input is ever computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from gradlake.errors import GradlakeError, InputError
+from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
+from gradlake.grads.projector import Projector
+
+Cotangents = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters do not require grad inside the block (restored after)."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def slots_of(cotangents: dict[str, torch.Tensor], pred: torch.Tensor) -> list[tuple[str, int | None, torch.Tensor]]:
+    """(observable, probe index or None, [B, *out] cotangent) for every backward pass."""
+    slots = []
+    for obs, cot in cotangents.items():
+        if cot.shape == pred.shape:
+            slots.append((obs, None, cot))
+        elif cot.dim() == pred.dim() + 1 and cot.shape[0] == pred.shape[0] and cot.shape[2:] == pred.shape[1:]:
+            slots.extend((obs, j, cot[:, j]) for j in range(cot.shape[1]))
+        else:
+            raise GradlakeError(f"cotangent {obs!r} has shape {list(cot.shape)}; expected the model "
+                                f"output's {list(pred.shape)} or [batch, m, *output]")
+    return slots
+
+
+def gather(phi: torch.Tensor, slots: list[tuple[str, int | None, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """[slots, B, k] -> {obs: [B, k] or [B, m, k]} in the order of the cotangents."""
+    out: dict[str, list[torch.Tensor]] = {}
+    single = {}
+    for i, (obs, probe, _) in enumerate(slots):
+        out.setdefault(obs, []).append(phi[i])
+        single[obs] = probe is None
+    return {obs: rows[0] if single[obs] else torch.stack(rows, dim=1) for obs, rows in out.items()}
+
+
+class _Capture:
+    """Hooks for one batch: projected inputs in forward, per-example blocks in backward."""
+
+    def __init__(self, model_plan: Plan, projector: Projector, batch: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.plan, self.projector, self.batch, self.device, self.dtype = model_plan, projector, batch, device, dtype
+        self.offsets = model_plan.layout(projector).offsets()
+        self.k = sum(k for _, k in self.offsets.values())
+        self.roots: list[torch.Tensor] = []
+        self.phi: torch.Tensor | None = None
+        self.slot = 0
+        self.active = True
+        self._identity: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = []
+        try:
+            for layer in self.plan.layers:
+                handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
+            for entry in self.plan.exact:
+                handles.append(entry.module.register_forward_hook(partial(self._exact_forward, entry),
+                                                                  with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _factor(self, name: str, shape, role: str, dim: int) -> torch.Tensor | None:
+        return self.projector.factor(name, shape, role, dim, self.device, self.dtype)
+
+    def _track(self, name: str, output) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise GradlakeError(f"module {name!r} returned {type(output).__name__}; gradlake.grads "
+                                "captures modules that return one tensor")
+        if output.requires_grad:
+            return output
+        leaf = output.detach().requires_grad_()
+        self.roots.append(leaf)
+        return leaf.clone()  # not a leaf itself, so later in-place ops stay allowed
+
+    def _check_batch(self, name: str, x: torch.Tensor) -> None:
+        if x.dim() < 2 or x.shape[0] != self.batch:
+            raise GradlakeError(f"module {name!r} got input {list(x.shape)}; gradlake.grads needs the "
+                                f"batch of {self.batch} samples on dimension 0 of every layer's input")
+
+    # Linear and Conv layers -------------------------------------------------------------
+    def _layer_forward(self, layer: Layer, module: nn.Module, args, output):
+        if not self.active:
+            return None
+        a = args[0]
+        self._check_batch(layer.name, a)
+        projected = self._project_input(layer, a.to(self.dtype))
+        out = self._track(layer.name, output)
+        out.register_hook(partial(self._layer_backward, layer, projected))
+        return out
+
+    def _project_input(self, layer: Layer, a: torch.Tensor) -> torch.Tensor:
+        """Linear: [B, positions, k_in]; conv: [B, k_in, positions]."""
+        weight = layer.module.weight
+        factor = self._factor(layer.name, weight.shape, "in", layer.d_in)
+        if not layer.conv_dims:
+            a = a.reshape(self.batch, -1, layer.d_in)
+            return a if factor is None else a @ factor.T
+        if factor is None:
+            if layer.name not in self._identity:
+                eye = torch.eye(layer.d_in, device=self.device, dtype=self.dtype)
+                self._identity[layer.name] = eye.reshape(layer.d_in, *weight.shape[1:])
+            kernel = self._identity[layer.name]
+        else:
+            kernel = factor.reshape(factor.shape[0], *weight.shape[1:])
+        # The layer's own padding, padding mode, stride and dilation, with our kernel.
+        return layer.module._conv_forward(a, kernel, None).reshape(self.batch, kernel.shape[0], -1)
+
+    def _layer_backward(self, layer: Layer, projected: torch.Tensor, delta: torch.Tensor) -> None:
+        factor = self._factor(layer.name, layer.module.weight.shape, "out", layer.d_out)
+        delta = delta.to(self.dtype)
+        if layer.conv_dims:
+            delta = delta.reshape(self.batch, layer.d_out, -1)  # [B, d_out, positions]
+            if factor is not None:
+                delta = factor @ delta
+            block = delta @ projected.transpose(1, 2)
+            bias = delta.sum(dim=2)
+        else:
+            delta = delta.reshape(self.batch, -1, layer.d_out)  # [B, positions, d_out]
+            if factor is not None:
+                delta = delta @ factor.T
+            block = delta.transpose(1, 2) @ projected
+            bias = delta.sum(dim=1)
+        self._add(layer.weight, block)
+        if layer.bias:
+            self._add(layer.bias, bias)
+
+    def _add(self, name: str, block: torch.Tensor) -> None:
+        offset, k = self.offsets[name]
+        self.phi[self.slot, :, offset:offset + k] += block.reshape(self.batch, k)
+
+    # Every other module with parameters ---------------------------------------------------
+    def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
+        if not self.active:
+            return None
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not tensors:
+            raise GradlakeError(f"module {entry.name!r} was called without a tensor input")
+        self._check_batch(entry.name, tensors[0])
+        out = self._track(entry.name, output)
+        out.register_hook(partial(self._exact_backward, entry, args, kwargs))
+        return out
+
+    def _exact_backward(self, entry: ExactModule, args, kwargs, delta: torch.Tensor) -> None:
+        module = entry.module
+        params = {local: getattr(module, local).detach() for _, local in entry.params}
+        in_dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == self.batch
+                        else None for a in args)
+        args = tuple(a.detach().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+
+        def response(p, d, *sample):
+            one = tuple(s.unsqueeze(0) if dim == 0 else s for s, dim in zip(sample, in_dims))
+            return (functional_call(module, p, one, kwargs) * d.unsqueeze(0)).sum()
+
+        self.active = False  # the module's own (and its children's) hooks stay quiet
+        try:
+            per_sample = vmap(grad(response), in_dims=(None, 0, *in_dims))(params, delta.float(), *args)
+        finally:
+            self.active = True
+        for qualified, local in entry.params:
+            g = per_sample[local].reshape(self.batch, -1)
+            factor = self.projector.factor(qualified, tuple(params[local].shape), "dense", g.shape[1],
+                                           self.device, torch.float32)
+            self._add(qualified, g if factor is None else g @ factor.T)
+
+
+def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangents, projector: Projector,
+                    dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """φ = P J_iᵀ r_i for every cotangent r that ``cotangents(pred)`` returns, and pred.
+
+    ``cotangents`` maps the (detached) batched prediction to {name: [B, *out]} or
+    {name: [B, m, *out]}; the result has {name: float32 [B, k]} or [B, m, k].
+    ``dtype``: the precision of the projections and outer products (float32, or bfloat16 /
+    float16 on GPUs); φ is accumulated and returned in float32.
+    """
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InputError(f"grads precision: expected float32, bfloat16 or float16, got {dtype}")
+    model_plan = plan(model)
+    capture = _Capture(model_plan, projector, inputs.shape[0], inputs.device, dtype)
+    autocast = torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with frozen(model), torch.enable_grad(), capture.hooks(), autocast:
+        pred = model(inputs)
+        if not pred.requires_grad:
+            raise GradlakeError("the model output does not depend on any of its parameters")
+        slots = slots_of(cotangents(pred.detach()), pred)
+        capture.phi = torch.zeros(len(slots), inputs.shape[0], capture.k, device=inputs.device)
+        for i, (_, _, cot) in enumerate(slots):
+            capture.slot = i
+            torch.autograd.grad(pred, capture.roots, cot.to(pred.dtype), retain_graph=i + 1 < len(slots),
+                                allow_unused=True)
+    return gather(capture.phi, slots), pred.detach()

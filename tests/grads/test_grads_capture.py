@@ -1,0 +1,163 @@
+"""Capture against an independent per-sample autograd loop, block by block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from grads_helpers import IDENTITY, ConvNet1d, ConvNet2d, TokenBlock, fixed_cotangents, loop_grads, rel_err
+from torch import nn
+
+from gradlake.errors import InputError
+from gradlake.grads import Projector
+from gradlake.grads.capture import projected_grads
+from gradlake.grads.coverage import plan
+from gradlake.grads.exact import exact_grads
+
+CASES = [(TokenBlock, (4, 5, 3)), (ConvNet2d, (3, 3, 8, 8)), (ConvNet1d, (3, 2, 12))]
+
+
+def _model(cls, shape, seed=0):
+    torch.manual_seed(seed)
+    return cls(), torch.randn(*shape)
+
+
+def _assert_blocks_close(model, projector, phi, ref, tol=1e-5):
+    """Every parameter's block separately, so one wrong small layer cannot hide."""
+    for block in projector.spec(model)["parameters"] if projector else []:
+        sl = slice(block["offset"], block["offset"] + block["k"])
+        assert rel_err(phi[:, sl], ref[:, sl]) < tol, block
+    assert rel_err(phi, ref) < tol
+
+
+@pytest.mark.parametrize("cls,shape", CASES, ids=[c.__name__ for c, _ in CASES])
+def test_identity_projection_is_the_exact_per_sample_gradient(cls, shape):
+    model, x = _model(cls, shape)
+    cotangents = fixed_cotangents(probes=2)
+    phi, pred = projected_grads(model, x, cotangents, IDENTITY)
+    cots = cotangents(model(x).detach())
+    assert torch.allclose(pred, model(x).detach())
+    _assert_blocks_close(model, IDENTITY, phi["C"], loop_grads(model, x, cots["C"]))
+    assert phi["V"].shape == (shape[0], 2, IDENTITY.k(model))
+    for j in range(2):
+        _assert_blocks_close(model, IDENTITY, phi["V"][:, j], loop_grads(model, x, cots["V"][:, j]))
+
+
+@pytest.mark.parametrize("cls,shape", CASES, ids=[c.__name__ for c, _ in CASES])
+def test_exact_mode_matches_the_loop(cls, shape):
+    model, x = _model(cls, shape)
+    cotangents = fixed_cotangents(probes=1)
+    phi, _ = exact_grads(model, x, cotangents)
+    cots = cotangents(model(x).detach())
+    assert rel_err(phi["C"], loop_grads(model, x, cots["C"])) < 1e-5
+    assert rel_err(phi["V"][:, 0], loop_grads(model, x, cots["V"][:, 0])) < 1e-5
+
+
+def _dense_projection(model, projector, grads):
+    """Apply P block by block to full gradients [B, p], building P from the projector's factors."""
+    spec = projector.spec(model)
+    params = dict(model.named_parameters())
+    out, start = [], 0
+    for block in spec["parameters"]:
+        numel = params[block["name"]].numel()
+        g = grads[:, start:start + numel]
+        start += numel
+        name, shape = block["module"], tuple(params[f"{block['module']}.weight"].shape) if block["path"] != "exact" else None
+
+        def factor(role, dim, key=name, key_shape=shape):
+            f = projector.factor(key, key_shape, role, dim, torch.device("cpu"), torch.float32)
+            return torch.eye(dim) if f is None else f
+
+        if block["path"] == "kron":
+            p_out, p_in = factor("out", block["d_out"]), factor("in", block["d_in"])
+            out.append((p_out @ g.reshape(-1, block["d_out"], block["d_in"]) @ p_in.T).flatten(1))
+        elif block["path"] == "kron-bias":
+            out.append(g @ factor("out", block["d_out"]).T)
+        else:
+            f = projector.factor(block["name"], tuple(block["shape"]), "dense", numel, torch.device("cpu"), torch.float32)
+            out.append(g if f is None else g @ f.T)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("cls,shape", CASES, ids=[c.__name__ for c, _ in CASES])
+def test_projection_equals_the_dense_projection_of_the_exact_gradient(cls, shape, kind):
+    model, x = _model(cls, shape)
+    projector = Projector(seed=3, k_in=4, k_out=3, kind=kind, k_dense=5)
+    cotangents = fixed_cotangents()
+    phi, _ = projected_grads(model, x, cotangents, projector)
+    ref = _dense_projection(model, projector, loop_grads(model, x, cotangents(model(x).detach())["C"]))
+    assert phi["C"].shape == ref.shape == (shape[0], projector.k(model))
+    _assert_blocks_close(model, projector, phi["C"], ref)
+
+
+def test_every_parameter_is_covered_once_by_the_expected_path():
+    model = ConvNet2d()
+    spec = IDENTITY.spec(model)
+    names = [b["name"] for b in spec["parameters"]]
+    assert names == [n for n, _ in model.named_parameters()]
+    paths = {b["name"]: b["path"] for b in spec["parameters"]}
+    assert paths["c1.weight"] == paths["c3.weight"] == "kron" and paths["c1.bias"] == "kron-bias"
+    for name in ("gn.weight", "gn.bias", "grouped.weight", "up.weight", "up.bias"):
+        assert paths[name] == "exact"
+    assert spec["k"] == sum(p.numel() for p in model.parameters())
+    offsets = [(b["offset"], b["k"]) for b in spec["parameters"]]
+    assert all(o1 + k1 == o2 for (o1, k1), (o2, _) in zip(offsets, offsets[1:]))
+
+
+class _Shared(nn.Module):
+    """A Linear called twice, followed by an in-place activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.fc(x).relu_()
+        return self.head(self.norm(self.fc(h)) + self.norm(x))
+
+
+def test_modules_called_twice_and_inplace_activations():
+    model, x = _model(_Shared, (5, 4))
+    cotangents = fixed_cotangents()
+    phi, _ = projected_grads(model, x, cotangents, IDENTITY)
+    ref = loop_grads(model, x, cotangents(model(x).detach())["C"])
+    _assert_blocks_close(model, IDENTITY, phi["C"], ref)
+
+
+def test_a_sample_does_not_depend_on_its_batch_mates():
+    model, x = _model(ConvNet2d, (5, 3, 8, 8))
+    projector = Projector(seed=1, k_in=4, k_out=4)
+    fixed = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(9))
+
+    def cotangents(rows):
+        return lambda pred: {"C": fixed[rows]}
+
+    full, _ = projected_grads(model, x, cotangents(slice(None)), projector)
+    alone, _ = projected_grads(model, x[2:3], cotangents(slice(2, 3)), projector)
+    other, _ = projected_grads(model, x[[4, 2]], cotangents([4, 2]), projector)
+    assert rel_err(alone["C"][0], full["C"][2]) < 1e-6  # equal up to float32 summation order
+    assert rel_err(other["C"][1], full["C"][2]) < 1e-6
+    assert rel_err(other["C"][0], full["C"][4]) < 1e-6
+
+
+def test_parameters_are_frozen_during_capture_and_restored():
+    model, x = _model(TokenBlock, (2, 5, 3))
+    model.head.weight.requires_grad_(False)
+    seen = []
+    model.qkv.register_forward_hook(lambda m, a, o: seen.append(m.weight.requires_grad))
+    projected_grads(model, x, fixed_cotangents(), Projector(k_in=2, k_out=2))
+    assert seen and not any(seen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "head.weight")
+    assert not model.head.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_structures_hooks_cannot_capture_are_refused():
+    with pytest.raises(InputError, match="MultiheadAttention"):
+        plan(nn.Sequential(nn.MultiheadAttention(4, 2)))
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(InputError, match="tied"):
+        plan(tied)
