@@ -147,13 +147,15 @@ def load_optimizer_state(path: str, optimizer: torch.optim.Optimizer, storage_op
     path = _checkpoint_dir(path)
     tensors = load_safetensors(_read(fsio.join(path, OPTIMIZER), storage_options))
     groups = json.loads(_read(fsio.join(path, OPTIMIZER_GROUPS), storage_options))
+    # JSON turned tuples (e.g. Adam's betas) into lists; "params" is the only list.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in groups]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("state."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": groups})
     except (ValueError, KeyError) as err:
         raise GradlakeError(f"{path}: optimizer state does not fit the model ({err})") from None
     torch.set_rng_state(tensors["rng.torch"])

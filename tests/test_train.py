@@ -1,0 +1,176 @@
+"""Training, checkpoints, resume and rollout on a tiny generated Euler dataset."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from gradlake import models, physics
+from gradlake.config import DataConfig, ModelConfig, TrainConfig
+from gradlake.errors import InputError
+from gradlake.models.checkpoint import (
+    check_weights,
+    checkpoint_sha256,
+    list_checkpoints,
+    load_checkpoint,
+    load_optimizer_state,
+    read_weights,
+    save_checkpoint,
+)
+from gradlake.train import TrajectoryCache, epoch_order, evaluate, rollout, train
+
+TINY = ModelConfig("unet", "tiny")
+FAST = TrainConfig(epochs=2, batch_size=4, lr=2e-3)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from gradlake.data import generate
+
+    return generate(DataConfig(classes=("rp", "crp", "rpui"), trajectories=2, steps=5, resolution=32),
+                    str(tmp_path_factory.mktemp("data") / "euler"))
+
+
+@pytest.fixture(scope="module")
+def run(dataset, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "run")
+    return out, train(dataset.url, TINY, FAST, out)
+
+
+def test_training_lowers_the_validation_smse(dataset, run):
+    out, paths = run
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["epoch-0001", "epoch-0002"]
+    _, meta = load_checkpoint(paths[-1])
+    split = meta["metrics"]["val_split"]
+    rows = dataset.index().select(splits=[split])
+    torch.manual_seed(FAST.seed)  # the run's initial weights
+    untrained = models.from_config(meta["model"])
+    before = evaluate(untrained, TrajectoryCache(dataset, 8), rows, 4, torch.device("cpu"))
+    assert meta["metrics"]["val_smse"] < 0.95 * before
+    assert meta["history"][0]["val_smse"] > meta["history"][1]["val_smse"]
+
+
+def test_checkpoints_are_plain_safetensors_and_json(run):
+    _, paths = run
+    weights = load_file(f"{paths[-1]}/model.safetensors")
+    config = json.loads(open(f"{paths[-1]}/config.json").read())
+    model = models.from_config(config["model"])
+    assert set(weights) == set(model.state_dict())
+    assert config["epoch"] == 2 and config["channels"] == ["rho", "rho_vx", "rho_vy", "E"]
+
+
+def test_checkpoint_round_trip_is_bitwise(tmp_path):
+    torch.manual_seed(0)
+    cfg = models.config("vit", "tiny", channels=2, resolution=16)
+    model = models.from_config(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 2, 16, 16)).square().mean().backward()
+    optimizer.step()
+    path = save_checkpoint(str(tmp_path / "ck"), model, cfg, {"epoch": 1, "metrics": {}, "channels": ["vx", "vy"]},
+                           optimizer)
+    loaded, meta = load_checkpoint(path)
+    assert meta["model"] == cfg and meta["epoch"] == 1
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    fresh = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    load_optimizer_state(path, fresh)
+    saved, restored = optimizer.state_dict()["state"], fresh.state_dict()["state"]
+    assert sorted(saved) == sorted(restored) and len(saved) == len(list(model.parameters()))
+    for i, entries in saved.items():
+        assert all(torch.equal(entries[k], restored[i][k]) for k in entries), i
+    assert fresh.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert list_checkpoints(str(tmp_path)) == []  # not under <dir>/checkpoints
+    assert len(checkpoint_sha256(path)) == 64
+
+
+def test_resume_equals_an_uninterrupted_run(dataset, run, tmp_path):
+    out, paths = run
+    resumed = str(tmp_path / "resumed")
+    first = train(dataset.url, TINY, TrainConfig(epochs=1, batch_size=4, lr=2e-3), resumed)
+    assert len(first) == 1
+    second = train(dataset.url, TINY, FAST, resumed)  # continues from epoch 1
+    assert checkpoint_sha256(second[-1]) == checkpoint_sha256(paths[-1])
+    with open(f"{second[-1]}/optimizer.safetensors", "rb") as a, open(f"{paths[-1]}/optimizer.safetensors", "rb") as b:
+        assert a.read() == b.read()
+    assert train(dataset.url, TINY, FAST, resumed) == second  # done: nothing to do
+    with pytest.raises(InputError, match="train.lr"):
+        train(dataset.url, TINY, TrainConfig(epochs=3, batch_size=4, lr=1e-3), resumed)
+    with pytest.raises(InputError, match="model"):
+        train(dataset.url, ModelConfig("unet", "tiny", {"width": 8}), FAST, resumed)
+
+
+def test_loading_rejects_a_mismatched_checkpoint(run, tmp_path):
+    _, paths = run
+    weights = read_weights(f"{paths[-1]}/model.safetensors")
+    config = json.loads(open(f"{paths[-1]}/config.json").read())
+    wider = models.from_config({**config["model"], "params": {**config["model"]["params"], "width": 8}})
+    with pytest.raises(InputError, match=r"tensor 'proj_in.1.weight' is torch.float32 \[4, 4, 3, 3\]"):
+        check_weights(weights, wider, "ck")
+    del weights["down.0.skip.bias"]
+    with pytest.raises(InputError, match="'down.0.skip.bias' is missing"):
+        check_weights(weights, models.from_config(config["model"]), "ck")
+    with pytest.raises(InputError, match="refusing"):
+        read_weights(str(tmp_path / "model.pkl"))
+    torch.save({"w": torch.ones(1), "evil": object()}, tmp_path / "pickled.pt")
+    with pytest.raises(InputError, match="weights-only"):
+        read_weights(str(tmp_path / "pickled.pt"))
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    trajectories, steps = np.array([0, 2, 5, 7]), 3
+    a = epoch_order(trajectories, steps, seed=1, epoch=2, window=2)
+    assert np.array_equal(a, epoch_order(trajectories, steps, seed=1, epoch=2, window=2))
+    assert not np.array_equal(a, epoch_order(trajectories, steps, seed=1, epoch=3, window=2))
+    assert sorted(a) == sorted(t * steps + s for t in trajectories for s in range(steps))
+    # Each window of two trajectories is contiguous in the order.
+    assert len({int(r) // steps for r in a[:6]}) == 2 and len({int(r) // steps for r in a[6:]}) == 2
+
+
+def test_trajectory_cache_serves_the_datasets_samples_within_its_bound(dataset):
+    cache = TrajectoryCache(dataset, capacity=2)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        rows = rng.choice(len(dataset.index()), size=3, replace=False)
+        for got, want in zip(cache.samples(rows), dataset.samples(rows)):
+            assert np.array_equal(got, want)
+        assert len(cache._cache) <= 3
+
+
+def test_rollout_first_step_is_the_one_step_error(dataset, run, tmp_path):
+    _, paths = run
+    table = rollout(paths[-1], dataset.url, horizon=3, device="cpu", out=str(tmp_path / "r")).to_pylist()
+    assert {r["class"] for r in table} == {"rp", "crp", "rpui", "all"} and len(table) == 4 * 3
+    model, _ = load_checkpoint(paths[-1])
+    test = np.flatnonzero(dataset.splits == "test")
+    truth = torch.from_numpy(dataset.read(test))
+    with torch.no_grad():
+        one_step = physics.scaled_mse(model(truth[:, 0]), truth[:, 1]).mean().item()
+        two_step = physics.scaled_mse(model(model(truth[:, 0])), truth[:, 2]).mean().item()
+    by_key = {(r["class"], r["horizon"]): r for r in table}
+    assert by_key["all", 1]["smse_mean"] == pytest.approx(one_step, rel=1e-5)
+    assert by_key["all", 2]["smse_mean"] == pytest.approx(two_step, rel=1e-5)
+    assert json.loads((tmp_path / "r" / "rollout.json").read_text())["rows"] == table
+    with pytest.raises(InputError, match="horizon"):
+        rollout(paths[-1], dataset.url, horizon=9)
+
+
+def _cli(args):
+    from gradlake.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code
+
+
+def test_cli_trains_and_lists_models(dataset, tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    assert _cli(["train", "--data", dataset.url, "--model", "unet", "--preset", "tiny", "--epochs", "1",
+                 "--batch-size", "6", "--out", out, "--quiet"]) == 0
+    assert [p.rsplit("/", 1)[-1] for p in list_checkpoints(out)] == ["epoch-0001"]
+    assert load_file(f"{out}/checkpoints/epoch-0001/model.safetensors")
+    assert _cli(["models"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(" ok") == 2 and "13,000,000" in printed
+    assert _cli(["train", "--data", dataset.url, "--out", out, "--set", "width"]) == 2
