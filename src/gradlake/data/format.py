@@ -94,6 +94,7 @@ class DatasetWriter:
         if min(self.shape) < 1:
             raise InputError(f"{url}: cannot write a dataset of shape {self.shape}")
         self.fs, self.path = fsio.filesystem(url, storage_options)
+        self._created_root = not self.fs.exists(self.path.rstrip("/"))
         self._clear_leftovers()
         group = zarr.open_group(fsio.join(url, FIELDS), mode="w", storage_options=storage_options)
         attrs = {"channels": list(self.channels), "family": family, "times": self.times,
@@ -117,6 +118,15 @@ class DatasetWriter:
             raise InputError(f"{self.url}: already holds a complete dataset; refusing to overwrite it")
         for name in names:
             self.fs.rm(f"{root}/{name}", recursive=True)
+
+    def abort(self) -> None:
+        """Remove what this writer wrote (used when the input turns out to be bad)."""
+        root = self.path.rstrip("/")
+        for name in (FIELDS, TABLE):
+            if self.fs.exists(f"{root}/{name}"):
+                self.fs.rm(f"{root}/{name}", recursive=True)
+        if self._created_root and self.fs.exists(root) and not self.fs.ls(root, detail=False):
+            self.fs.rmdir(root)
 
     def write(self, start: int, block: np.ndarray) -> None:
         """Store trajectories ``start .. start + len(block) - 1``."""
