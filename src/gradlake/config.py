@@ -119,6 +119,15 @@ class ExactConfig:
     per_class: int = rule(positive, 16)  # transitions from one test trajectory of each class
     rtol: float = rule(positive, 1e-6)
     ks: tuple[int, ...] = (4, 8, 16)  # k_in = k_out settings of the agreement report
+    split: str = "test"  # the batch's trajectories come from this split
+    classes: int = rule(positive, 3)  # how many classes (sorted by name) the batch takes
+    probes: int = rule(positive, 64)  # V probes of the projected estimate's metric
+    seed: int = 0  # projector seed of the agreement report
+    max_iter: int = rule(positive, 5000)  # CG iterations per right-hand side
+    block: int = rule(positive, 8)  # right-hand sides solved together (memory vs speed)
+    lanczos_steps: int = rule(positive, 40)
+    dtype: Literal["float64", "float32"] = "float64"
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,17 @@ class ReduceConfig:
     topk: int = rule(non_negative, 10)
     distance_pairs: int = rule(non_negative, 2000)
     exact: ExactConfig = field(default_factory=ExactConfig)
+    checkpoints: tuple[str, ...] = ()  # empty -> every checkpoint in the store
+    # Sample selections: filters in the store's --where language; empty selects every sample.
+    response: str = ""  # response samples i of the aggregates
+    perturbation: str = ""  # perturbation samples j of the aggregates
+    topk_queries: str = "split == 'test'"  # query samples of the top-k lists (candidates: reference split)
+    tile_rows: str = "split == 'test'"  # dense H tiles: response selection ...
+    tile_cols: str = "split == 'test'"  # ... times perturbation selection
+    tile_max: int = rule(non_negative, 4096)  # at most this many rows per side (0: no tiles)
+    tile_size: int = rule(positive, 1024)  # rows per side of one tile (one task, one zarr chunk)
+    distance_bins: int = rule(positive, 20)
+    seed: int = 0  # sampling of the distance pairs
 
 
 @dataclass(frozen=True)
