@@ -108,6 +108,10 @@ class GradsConfig:
     workers: int = rule(non_negative, 0)  # 0 -> one per GPU, else one per CPU slot
     threads_per_worker: int = rule(positive, 1)
     device: str = "auto"
+    projection: Literal["rademacher", "gaussian"] = "rademacher"
+    k_dense: int = rule(non_negative, 0)  # per parameter outside Linear/Conv; 0 -> k_in * k_out
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast on GPUs
+    retries: int = rule(non_negative, 3)  # attempts per shard after the first
 
 
 @dataclass(frozen=True)

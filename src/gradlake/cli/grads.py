@@ -1,3 +1,78 @@
-"""grads commands."""
+"""grads command: projected per-sample gradients of checkpoints into a gradient store."""
 
-from gradlake.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+
+import typer
+
+from gradlake.cli.app import app
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def storage_options(endpoint_url: str, profile: str) -> dict[str, str]:
+    """Non-secret storage options from the command line (credentials stay in the environment)."""
+    options = {}
+    if endpoint_url:
+        options["endpoint_url"] = endpoint_url
+    if profile:
+        options["profile"] = profile
+    return options
+
+
+def expand_checkpoints(paths: list[str], options: dict[str, str]) -> list[str]:
+    """Checkpoint paths; a training directory stands for all of its checkpoints."""
+    from gradlake.models.checkpoint import list_checkpoints
+
+    expanded = []
+    for path in paths:
+        expanded += list_checkpoints(path, options or None) or [path]
+    return expanded
+
+
+@app.command()
+def grads(
+    data: str = typer.Option(..., "--data", help="Dataset URL (local path, s3://..., memory://...)."),
+    checkpoint: str = typer.Option(..., "--checkpoint",
+                                   help="Checkpoint path(s), comma-separated; a training directory means all of its checkpoints."),
+    out: str = typer.Option(..., "--out", help="Gradient store URL; an existing store of the same run is extended or resumed."),
+    workers: int = typer.Option(0, "--workers", help="Ray actors; 0 = one per GPU, else one per CPU slot."),
+    observables: str = typer.Option("C,M,E,V", "--observables", help="Observables, comma-separated (C, M, E, V)."),
+    k_in: int = typer.Option(16, "--k-in", help="Projection rows on the input side of each layer."),
+    k_out: int = typer.Option(16, "--k-out", help="Projection rows on the output side of each layer."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 or float32."),
+    probes: int = typer.Option(1, "--probes", help="Random cotangents per sample for V."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the projection and of the V probes."),
+    splits: str = typer.Option("train,val,test", "--splits", help="Splits whose samples the store holds."),
+    shard_rows: int = typer.Option(64, "--shard-rows", help="Rows per shard (the unit of work and of commits)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples per gradient batch."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads per CPU worker."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    retries: int = typer.Option(3, "--retries", help="Attempts per failing shard after the first."),
+    address: str = typer.Option("", "--address", help="Ray cluster to join; default RAY_ADDRESS, else an embedded local Ray."),
+    num_cpus: int = typer.Option(0, "--num-cpus", help="CPUs of the embedded local Ray; 0 = all."),
+    endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint for s3:// URLs."),
+    profile: str = typer.Option("", "--profile", help="AWS profile for s3:// URLs (credentials never go on the command line)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar: one JSON line per shard."),
+):
+    """Compute projected per-sample gradients of each checkpoint into a gradient store."""
+    from gradlake import config, progress
+    from gradlake.distributed.grads_stage import run_grads
+
+    if quiet:
+        progress.set_quiet(True)
+    job = config.parse_job({
+        "stages": ["grads"], "reduce": {"pairs": []},
+        "grads": {"observables": _names(observables), "k_in": k_in, "k_out": k_out, "dtype": dtype,
+                  "probes": probes, "seed": seed, "splits": _names(splits), "shard_rows": shard_rows,
+                  "batch_size": batch_size, "workers": workers, "threads_per_worker": threads,
+                  "device": device, "retries": retries},
+        "ray": {"address": address, "num_cpus": num_cpus},
+    }, source="gradlake grads")
+    options = storage_options(endpoint_url, profile)
+    checkpoints = expand_checkpoints(_names(checkpoint), options)
+    summary = run_grads(data, checkpoints, out, job.grads, job.ray, storage_options=options)
+    typer.echo(json.dumps(summary, indent=2))

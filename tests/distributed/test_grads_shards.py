@@ -1,0 +1,108 @@
+"""The shard plan and the per-shard work, without Ray, on real components."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from gradlake.distributed.grads_stage import prepare
+from gradlake.distributed.plan import plan_shards
+from gradlake.distributed.shard_work import Capture, Fault, ShardWorker, WorkerSettings
+from gradlake.errors import GradlakeError, InputError
+from gradlake.store import GradientStore
+
+from grads_fixtures import SETTINGS, reference_phis
+
+
+def test_plan_covers_every_held_row_once_in_aligned_shards():
+    held = np.array([0, 1, 2, 9, 10, 11, 12, 13, 30, 31, 47])
+    plan = plan_shards(held[::-1], shard_rows=8)
+    assert sorted(plan) == [0, 1, 3, 5]
+    np.testing.assert_array_equal(np.concatenate([plan[s] for s in sorted(plan)]), held)
+    for shard, rows in plan.items():
+        assert (rows // 8 == shard).all() and (np.diff(rows) > 0).all()
+
+
+def test_shard_worker_matches_a_direct_computation(grads_inputs, tmp_path):
+    data, checkpoints = grads_inputs
+    url = str(tmp_path / "store")
+    plan = prepare(data, checkpoints[:1], url, SETTINGS, {})
+    assert plan.skipped == 0 and [t.shard for t in plan.tasks] == [0, 1, 2, 3, 4]
+    worker = ShardWorker(WorkerSettings(data, url, SETTINGS))
+    records = [worker.run(task) for task in plan.tasks]
+    assert sum(r["samples"] for r in records) == 40 and not any(r["skipped"] for r in records)
+    assert worker.run(plan.tasks[0])["skipped"]  # at-least-once delivery: a committed shard is skipped
+
+    rows, phis, loss = reference_phis(data, checkpoints[0])
+    store = GradientStore.open(url)
+    assert store.is_complete("epoch-0001")
+    table = store.samples("epoch-0001")
+    np.testing.assert_array_equal(table["row"].to_numpy(), rows)
+    np.testing.assert_allclose(table["loss"].to_numpy(), loss, rtol=1e-5)
+    for obs in SETTINGS.observables:
+        got = store.read("epoch-0001", obs)
+        scale = np.abs(phis[obs]).max()
+        np.testing.assert_allclose(got, phis[obs], rtol=2e-3, atol=1e-3 * scale)
+    assert store.read("epoch-0001", "V").shape == (40, 2, store.k)
+
+
+def test_non_finite_phi_fails_the_shard_and_commits_nothing(grads_inputs, tmp_path):
+    data, checkpoints = grads_inputs
+    url = str(tmp_path / "store")
+    plan = prepare(data, checkpoints[:1], url, SETTINGS, {})
+    worker = ShardWorker(WorkerSettings(data, url, SETTINGS, fault="nan:epoch-0001:1"))
+    worker.run(plan.tasks[0])
+    with pytest.raises(GradlakeError, match=r"shard 1: phi_C: NaN or inf at rows \[8\]"):
+        worker.run(plan.tasks[1])
+    assert GradientStore.open(url).committed_shards() == {0}
+
+
+def test_non_finite_loss_from_the_model_fails_the_shard(grads_inputs, tmp_path):
+    data, checkpoints = grads_inputs
+    url = str(tmp_path / "store")
+    plan = prepare(data, checkpoints[:1], url, SETTINGS, {})
+
+    class Diverged(Capture):
+        def __call__(self, model, inputs, targets, rows):
+            phis, loss = super().__call__(model, inputs, targets, rows)
+            return phis, loss * np.inf
+
+    worker = ShardWorker(WorkerSettings(data, url, SETTINGS),
+                         capture=Diverged(SETTINGS, worker_channels(data), None))
+    with pytest.raises(GradlakeError, match="loss: NaN or inf"):
+        worker.run(plan.tasks[0])
+    assert GradientStore.open(url).committed_shards() == set()
+
+
+def worker_channels(data):
+    from gradlake.data import Dataset
+
+    return Dataset.open(data).channels
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(grads_inputs, tmp_path):
+    data, checkpoints = grads_inputs
+    url = str(tmp_path / "store")
+    cases = [
+        (dataclasses.replace(SETTINGS, splits=("train", "holdout")), "grads.splits: .* has no split 'holdout'"),
+        (dataclasses.replace(SETTINGS, observables=("C", "Q")), "unknown observable 'Q'"),
+        (dataclasses.replace(SETTINGS, device="gpu0"), "grads.device"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(InputError, match=message):
+            prepare(data, checkpoints, url, settings, {})
+    with pytest.raises(InputError, match="no complete gradlake dataset"):
+        prepare(str(tmp_path / "nodata"), checkpoints, url, SETTINGS, {})
+    with pytest.raises(InputError, match="two checkpoints are named 'epoch-0001'"):
+        prepare(data, [checkpoints[0], checkpoints[0]], url, SETTINGS, {})
+    with pytest.raises(InputError, match="config.json: no such file"):
+        prepare(data, [str(tmp_path / "epoch-0009")], url, SETTINGS, {})
+    assert not (tmp_path / "store").exists()
+
+
+def test_fault_spec_parsing(tmp_path):
+    marker = tmp_path / "once"
+    fault = Fault.parse(f"die:epoch-0001:3:{marker}")
+    assert (fault.action, fault.checkpoint, fault.shard) == ("die", "epoch-0001", 3)
+    with pytest.raises(InputError, match="GRADLAKE_TEST_FAULT"):
+        Fault.parse("explode:epoch-0001:3")
