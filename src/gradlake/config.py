@@ -91,6 +91,9 @@ class TrainConfig:
     # Memory for trajectories held while streaming an epoch: the data order shuffles
     # trajectories, then samples within windows of trajectories that fit half of this.
     window_mb: int = rule(positive, 1024)
+    # GPU: deterministic cuDNN kernels, so that a resumed run equals an uninterrupted one
+    # bitwise (on the CPU it always does); false may be a little faster.
+    deterministic: bool = True
 
 
 @dataclass(frozen=True)

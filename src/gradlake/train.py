@@ -16,6 +16,7 @@ the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -56,6 +57,20 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device: {device!r} requested but no CUDA GPU is available")
     return resolved
+
+
+@contextlib.contextmanager
+def kernels(device: torch.device, deterministic: bool):
+    """On a GPU, deterministic cuDNN kernels (or autotuned ones) for the duration."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 class TrajectoryCache:
@@ -121,6 +136,25 @@ def evaluate(model: nn.Module, cache: TrajectoryCache, rows: np.ndarray, batch_s
     return total / max(len(rows), 1)
 
 
+def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, cache: TrajectoryCache, order: np.ndarray,
+                batch_size: int, device: torch.device, bar, epoch: int) -> tuple[float, float]:
+    """One pass over ``order`` in batches; returns (mean training SMSE, seconds)."""
+    net.train()
+    began, loss_sum, done = time.perf_counter(), 0.0, 0
+    for rows in batches(order, batch_size):
+        inputs, targets = _tensors(cache, rows, device)
+        loss = physics.scaled_mse(net(inputs), targets).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(rows)
+        done += len(rows)
+        bar.update(len(rows))
+        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4g}",
+                        samples_per_s=round(done / (time.perf_counter() - began), 1))
+    return loss_sum / max(done, 1), time.perf_counter() - began
+
+
 def _model_config(model: ModelConfig, dataset) -> dict[str, Any]:
     height, width = dataset.resolution
     if height != width:
@@ -182,34 +216,22 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
     bar = progress(total=(settings.epochs - start) * len(train_rows), desc="train", unit="sample")
     if val_split != "val":
         bar.write(f"{dataset_url}: no validation trajectories; validating on the test split")
-    for epoch in range(start + 1, settings.epochs + 1):
-        net.train()
-        began, loss_sum, done = time.perf_counter(), 0.0, 0
-        for rows in batches(epoch_order(train_trajectories, index.steps, settings.seed, epoch, window),
-                            settings.batch_size):
-            inputs, targets = _tensors(cache, rows, device)
-            loss = physics.scaled_mse(net(inputs), targets).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(rows)
-            done += len(rows)
-            bar.update(len(rows))
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4g}",
-                            samples_per_s=round(done / (time.perf_counter() - began), 1))
-        seconds = time.perf_counter() - began
-        metrics = {"epoch": epoch, "train_smse": loss_sum / len(train_rows),
-                   "val_smse": evaluate(net, cache, val_rows, settings.batch_size, device),
-                   "val_split": val_split, "samples_per_s": len(train_rows) / seconds, "seconds": seconds}
-        history.append(metrics)
-        bar.write(f"epoch {epoch}: train smse {metrics['train_smse']:.4g}, {val_split} smse "
-                  f"{metrics['val_smse']:.4g}, {metrics['samples_per_s']:.1f} samples/s")
-        if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
-            meta = {"epoch": epoch, "metrics": metrics, "history": history,
-                    "dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint},
-                    "channels": list(dataset.channels), "train": dataclasses.asdict(settings)}
-            save_checkpoint(fsio.join(out_dir, "checkpoints", checkpoint_name(epoch)), net, cfg, meta,
-                            optimizer, storage_options)
+    with kernels(device, settings.deterministic):
+        for epoch in range(start + 1, settings.epochs + 1):
+            order = epoch_order(train_trajectories, index.steps, settings.seed, epoch, window)
+            train_smse, seconds = train_epoch(net, optimizer, cache, order, settings.batch_size, device, bar, epoch)
+            metrics = {"epoch": epoch, "train_smse": train_smse,
+                       "val_smse": evaluate(net, cache, val_rows, settings.batch_size, device),
+                       "val_split": val_split, "samples_per_s": len(train_rows) / seconds, "seconds": seconds}
+            history.append(metrics)
+            bar.write(f"epoch {epoch}: train smse {metrics['train_smse']:.4g}, {val_split} smse "
+                      f"{metrics['val_smse']:.4g}, {metrics['samples_per_s']:.1f} samples/s")
+            if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
+                meta = {"epoch": epoch, "metrics": metrics, "history": history,
+                        "dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint},
+                        "channels": list(dataset.channels), "train": dataclasses.asdict(settings)}
+                save_checkpoint(fsio.join(out_dir, "checkpoints", checkpoint_name(epoch)), net, cfg, meta,
+                                optimizer, storage_options)
     bar.close()
     return list_checkpoints(out_dir, storage_options)
 

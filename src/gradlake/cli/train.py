@@ -86,6 +86,8 @@ def train(
     seed: int = typer.Option(0, help="Seed of the initial weights and of the data order."),
     device: str = typer.Option("auto", help="auto (GPU if there is one), cpu, or cuda[:n]."),
     window_mb: int = typer.Option(1024, help="Memory (MB) for trajectories held while streaming an epoch."),
+    deterministic: bool = typer.Option(True, "--deterministic/--autotune",
+                                       help="GPU: deterministic cuDNN kernels (bitwise resume) or autotuned ones."),
     storage_options: Optional[str] = StorageOptions,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; JSON log lines."),
 ):
@@ -98,7 +100,8 @@ def train(
     model_settings = _build(ModelConfig, {"name": model, "preset": preset, "overrides": _overrides(set_)}, "model")
     settings = _build(TrainConfig, {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                                     "weight_decay": weight_decay, "checkpoint_every": checkpoint_every,
-                                    "seed": seed, "device": device, "window_mb": window_mb}, "train")
+                                    "seed": seed, "device": device, "window_mb": window_mb,
+                                    "deterministic": deterministic}, "train")
     options = _storage_options(storage_options)
     paths = run_train(data, model_settings, settings, out, storage_options=options)
     for path in paths:
