@@ -49,8 +49,8 @@ def test_topk_with_fewer_candidates_than_k():
 
 def test_distance_curve_and_pairs():
     rng = np.random.default_rng(2)
-    i, j = sample_pairs(np.arange(10, 20), 500, seed=3)
-    assert (i != j).all() and set(i) | set(j) <= set(range(10, 20))
+    i, j = sample_pairs(np.arange(10, 20), np.arange(15, 25), 500, seed=3)
+    assert 400 < len(i) < 500 and (i != j).all() and set(i) <= set(range(10, 20)) and set(j) <= set(range(15, 25))
     x = rng.normal(size=(2, 6, 3, 4, 4))
     d = input_distance(x[0], x[1])
     np.testing.assert_allclose(d, [np.sqrt(((x[0, n] - x[1, n]) ** 2).mean()) for n in range(6)])

@@ -76,15 +76,16 @@ class TopK:
         return {"top": top, "top_ids": top_ids, "bottom": bottom, "bottom_ids": bottom_ids}
 
 
-def sample_pairs(rows: np.ndarray, n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n_pairs`` random pairs (i ≠ j) of distinct samples from ``rows`` (seeded)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) < 2 or n_pairs == 0:
+def sample_pairs(rows_i: np.ndarray, rows_j: np.ndarray, n_pairs: int, seed: int = 0):
+    """Up to ``n_pairs`` random pairs (i from rows_i, j from rows_j, i ≠ j), seeded."""
+    rows_i, rows_j = np.asarray(rows_i, dtype=np.int64), np.asarray(rows_j, dtype=np.int64)
+    if not len(rows_i) or not len(rows_j) or n_pairs == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     rng = np.random.default_rng(seed)
-    i = rng.integers(0, len(rows), n_pairs)
-    j = (i + rng.integers(1, len(rows), n_pairs)) % len(rows)
-    return rows[i], rows[j]
+    i = rows_i[rng.integers(0, len(rows_i), n_pairs)]
+    j = rows_j[rng.integers(0, len(rows_j), n_pairs)]
+    keep = i != j
+    return i[keep], j[keep]
 
 
 def input_distance(x_i: np.ndarray, x_j: np.ndarray) -> np.ndarray:

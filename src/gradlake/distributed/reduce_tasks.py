@@ -1,0 +1,354 @@
+"""The reduce stage on Ray: tasks over row blocks, results combined in a tree.
+
+Per checkpoint: (1) reference-set moments (the metric η̃ and the row-std moments) over row
+blocks; (2) perturbation group sums over blocks of whole trajectories; (3) the response
+pass over the same blocks (group sums, same-trajectory T×T sums, per-trajectory lag
+curves and self-influence written by the tasks); then the dense tiles, the top-k lists
+and the influence-vs-distance pairs. Each pass submits a window of tasks at a time and
+sums their results in a fixed binary tree of Ray tasks, so driver and object-store memory
+do not grow with the number of samples and the result does not depend on timing.
+The exact minibatch mode runs as one Ray task (on a GPU when the cluster has one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from gradlake import __version__
+from gradlake.config import RayConfig, ReduceConfig
+from gradlake.distributed.cluster import ensure_ray
+from gradlake.errors import InputError
+from gradlake.progress import progress
+from gradlake.reduce import work
+from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
+from gradlake.reduce.exact_run import EXACT_JSON, run_exact
+from gradlake.reduce.metric import Metric
+from gradlake.reduce.output import SUMMARY, ReduceOutput
+from gradlake.reduce.pairwise import sample_pairs
+
+_moments = ray.remote(work.moments_work)
+_perturbation = ray.remote(work.perturbation_work)
+_response = ray.remote(work.response_work)
+_tile = ray.remote(work.tile_work)
+_topk = ray.remote(work.topk_work)
+_distance = ray.remote(work.distance_work)
+_add = ray.remote(work.add_results)
+
+INDEX = ["row", "trajectory", "t", "class", "split"]
+PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
+                  "distance_pairs.parquet", "distance_curve.parquet")
+
+
+def _wait(refs, bar) -> None:
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5, fetch_local=False)
+        if done:
+            bar.update(len(done))
+    ray.get(refs)  # raise a task's error here
+
+
+def _tree_sum(refs):
+    level = list(refs)
+    while len(level) > 1:
+        level = [_add.remote(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
+                 for i in range(0, len(level), 2)]
+    return ray.get(level[0])
+
+
+def _blockwise(submit: Callable[[int, Any], Any], blocks: list, desc: str, window: int):
+    """Run ``submit(i, block)`` for every block, ``window`` tasks at a time; the sum of results."""
+    total = None
+    bar = progress(len(blocks), desc, "blocks")
+    for start in range(0, len(blocks), window):
+        refs = [submit(i, b) for i, b in enumerate(blocks[start:start + window], start)]
+        _wait(refs, bar)
+        part = _tree_sum(refs)
+        total = part if total is None else work.add_results(total, part)
+    bar.close()
+    return total
+
+
+def _run_all(refs, desc: str, unit: str) -> list:
+    bar = progress(len(refs), desc, unit)
+    _wait(refs, bar)
+    bar.close()
+    return ray.get(refs)
+
+
+# --------------------------------------------------------------------------- checks
+def _settings_hash(store, settings: ReduceConfig) -> str:
+    blob = json.dumps([dataclasses.asdict(settings), store.spec.to_json(),
+                       {c: store.provenance["checkpoints"][c]["sha256"] for c in store.checkpoints}],
+                      sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_settings(store, settings: ReduceConfig) -> list[str]:
+    """Everything about the settings that can be checked before work; the checkpoints."""
+    import re
+
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", settings.name):
+        raise InputError(f"reduce.name: expected letters, digits, '.', '_' or '-', got {settings.name!r}")
+    held = store.observables
+    if settings.metric not in held:
+        raise InputError(f"reduce.metric: observable {settings.metric!r} is not in store {store.url} "
+                         f"(it holds {', '.join(held)})")
+    for pair in settings.pairs:
+        if len(pair) != 2 or not set(pair) <= set(held) or "V" in pair:
+            raise InputError(f"reduce.pairs: {pair!r} needs two observables of {', '.join(o for o in held if o != 'V')} "
+                             f"held by store {store.url}")
+    for lam in (settings.damping, *settings.lambdas):
+        if not lam > 0:
+            raise InputError(f"reduce.lambdas: expected values > 0, got {lam!r}")
+    names = [store.checkpoint(c) for c in settings.checkpoints] or store.checkpoints
+    if not names:
+        raise InputError(f"{store.url}: the store holds no checkpoint; run `gradlake grads` first")
+    for name in names:
+        work.check_complete(store, name)
+    first = names[0]
+    for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols"):
+        where = getattr(settings, key)
+        try:
+            rows = store.rows(first, where or None)
+        except InputError as err:
+            raise InputError(f"reduce.{key}: {err}") from None
+        if key in ("response", "perturbation") and not len(rows):
+            raise InputError(f"reduce.{key}: {where!r} selects no sample of store {store.url}")
+    if not len(store.rows(first, splits=[settings.reference_split])):
+        raise InputError(f"reduce.reference_split: no sample of split {settings.reference_split!r} in "
+                         f"store {store.url} (it holds splits {', '.join(store.spec.splits)})")
+    return names
+
+
+# --------------------------------------------------------------------------- one checkpoint
+def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutput, so, window: int) -> dict:
+    started = time.monotonic()
+    src = work.StoreRef(store.url, so, name)
+    index = store.samples(name, columns=INDEX)
+    rows = index.column("row").to_numpy()
+    classes = tuple(sorted(pc.unique(index.column("class")).to_pylist()))
+    n_times = int(pc.max(index.column("t")).as_py()) + 1
+    ref_rows = store.rows(name, splits=[settings.reference_split])
+    response = np.isin(rows, store.rows(name, settings.response or None))
+    perturbation = np.isin(rows, store.rows(name, settings.perturbation or None))
+    lambdas = tuple(dict.fromkeys((settings.damping, *settings.lambdas)))
+    perturbation_obs = tuple(sorted({p[1] for p in settings.pairs}))
+
+    mom = _blockwise(lambda i, r: _moments.remote(src, r, tuple(sorted({settings.metric, *perturbation_obs}))),
+                     work.row_blocks(ref_rows, settings.block_rows), f"reduce {name}: metric", window)
+    metric = Metric.from_moments(mom[settings.metric], f"checkpoint {name}: metric {settings.metric}")
+    reducer = AggregateReducer({lam: metric.whitener(lam) for lam in lambdas},
+                               {o: mom[o] for o in perturbation_obs}, settings.pairs, settings.normalize,
+                               len(classes))
+    reducer_ref = ray.put(reducer)
+
+    keep = response | perturbation
+    class_index = np.searchsorted(np.array(classes), np.asarray(index.column("class").to_pylist()))
+    agg = index.append_column("class_index", pa.array(class_index)) \
+               .append_column("response", pa.array(response)) \
+               .append_column("perturbation", pa.array(perturbation)).filter(pa.array(keep))
+    blocks = [agg.slice(a, b - a) for a, b in
+              work.trajectory_blocks(agg.column("trajectory").to_numpy(), settings.block_rows)]
+    pert = _blockwise(lambda i, b: _perturbation.remote(src, b, n_times, reducer_ref), blocks,
+                      f"reduce {name}: perturbation sums", window)
+    pert_ref = ray.put(pert)
+    resp = _blockwise(lambda i, b: _response.remote(src, b, n_times, reducer_ref, pert_ref, out,
+                                                    f"part-{i:06d}", classes),
+                      blocks, f"reduce {name}: response pass", window)
+    arrays = work.finalize_variants(reducer, resp, pert)
+    coords = {"lambda": list(lambdas), "pair": list(settings.pairs), "normalization": list(settings.normalize),
+              "relation": list(RELATIONS), "class": list(classes), "t": list(range(n_times))}
+    dims = {
+        "twotime": ("lambda", "pair", "normalization", "relation", "class", "t_response", "t_perturbation"),
+        "twotime_pairs": ("pair", "relation", "class", "t_response", "t_perturbation"),
+        "class_twotime": ("lambda", "pair", "normalization", "response_class", "perturbation_class",
+                          "t_response", "t_perturbation"),
+        "class_twotime_pairs": ("pair", "response_class", "perturbation_class", "t_response", "t_perturbation"),
+        "transfer": ("lambda", "pair", "normalization", "response_class", "perturbation_class"),
+        "transfer_pairs": ("pair", "response_class", "perturbation_class"),
+    }
+    for key, value in arrays.items():
+        out.write_array(f"{name}/{key}", value, dims[key], coords=coords)
+    out.write_array(f"{name}/metric", metric.eta, ("proj", "proj_"), observable=settings.metric,
+                    reference_split=settings.reference_split, reference_samples=mom[settings.metric].count,
+                    description="η̃ = (1/probes) Σ_ref Σ_v φ_V φ_Vᵀ (or Σ φ_C φ_Cᵀ), float64")
+    out.write_array(f"{name}/metric_eigenvalues", metric.eigenvalues, ("eigen",),
+                    description="eigenvalues of η̃, descending (the k-space NTK spectrum)")
+    out.write_table(f"lag_stats.parquet/checkpoint={name}/part-0.parquet",
+                    work.lag_tables(out, name, reducer, classes))
+
+    summary = {"samples": len(rows), "response_samples": int(response.sum()),
+               "perturbation_samples": int(perturbation.sum()), "reference_samples": mom[settings.metric].count,
+               "classes": list(classes), "n_times": n_times, "lambdas": list(lambdas),
+               "metric_top_eigenvalue": float(metric.eigenvalues[0]), "metric_clipped": metric.clipped,
+               "skipped_nonfinite": {o: m.skipped for o, m in mom.items()}}
+    whitener = reducer.whiteners[settings.damping]
+    summary["tiles"] = _tiles(store, name, src, settings, whitener, out, window)
+    summary["topk"] = _topk_lists(store, name, src, settings, whitener, ref_rows, index, out)
+    summary["distance"] = _distance_curve(store, name, src, settings, reducer_ref, rows[response],
+                                          rows[perturbation], out)
+    summary["seconds"] = round(time.monotonic() - started, 2)
+    return summary
+
+
+def _tiles(store, name, src, settings, whitener, out, window) -> dict:
+    if settings.tile_max == 0:
+        return {"skipped": "reduce.tile_max = 0"}
+    rows_r = store.rows(name, settings.tile_rows or None)[: settings.tile_max]
+    rows_c = store.rows(name, settings.tile_cols or None)[: settings.tile_max]
+    if not len(rows_r) or not len(rows_c):
+        return {"skipped": "a tile selection is empty"}
+    size = settings.tile_size
+    out.write_array(f"{name}/tiles/response_rows", rows_r, ("response",), where=settings.tile_rows)
+    out.write_array(f"{name}/tiles/perturbation_rows", rows_c, ("perturbation",), where=settings.tile_cols)
+    refs = []
+    for pair in settings.pairs:
+        path = f"{name}/tiles/{pair}"
+        out.create_array(path, (len(rows_r), len(rows_c)), (size, size), "float32", ("response", "perturbation"),
+                         pair=pair, damping=settings.damping, normalization="none",
+                         description="H_AB(i, j) for the response_rows x perturbation_rows samples")
+        for r in range(0, len(rows_r), size):
+            for c in range(0, len(rows_c), size):
+                refs.append(_tile.remote(src, pair, whitener, rows_r[r:r + size], rows_c[c:c + size],
+                                         out, path, (r, c)))
+    entries = sum(_run_all(refs, f"reduce {name}: tiles", "tiles"))
+    return {"response_rows": len(rows_r), "perturbation_rows": len(rows_c), "entries": int(entries)}
+
+
+def _topk_lists(store, name, src, settings, whitener, ref_rows, index, out) -> dict:
+    if settings.topk == 0:
+        return {"skipped": "reduce.topk = 0"}
+    queries = store.rows(name, settings.topk_queries or None)
+    if not len(queries):
+        return {"skipped": "reduce.topk_queries selects no sample"}
+    chunks = work.row_blocks(queries, settings.tile_size)
+    refs = [_topk.remote(src, settings.pairs, whitener, q, ref_rows, settings.topk, settings.block_rows)
+            for q in chunks]
+    tables = [work.topk_table(q, res, index)
+              for q, res in zip(chunks, _run_all(refs, f"reduce {name}: top-k", "query blocks"))]
+    out.write_table(f"topk.parquet/checkpoint={name}/part-0.parquet", pa.concat_tables(tables))
+    return {"queries": len(queries), "candidates": len(ref_rows), "k": settings.topk}
+
+
+def _distance_curve(store, name, src, settings, reducer_ref, resp_rows, pert_rows, out) -> dict:
+    if settings.distance_pairs == 0:
+        return {"skipped": "reduce.distance_pairs = 0"}
+    rows_i, rows_j = sample_pairs(resp_rows, pert_rows, settings.distance_pairs, settings.seed)
+    dataset_url = store.spec.dataset.get("url", "")
+    try:
+        pairs, curve = ray.get(_distance.remote(src, reducer_ref, settings.damping, rows_i, rows_j,
+                                                dataset_url, src.storage_options, settings.distance_bins))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, InputError):  # the dataset moved or is unreachable: say so, go on
+            return {"skipped": f"dataset {dataset_url!r} unavailable: {err.cause}"}
+        raise
+    out.write_table(f"distance_pairs.parquet/checkpoint={name}/part-0.parquet", pairs)
+    out.write_table(f"distance_curve.parquet/checkpoint={name}/part-0.parquet", curve)
+    return {"pairs": len(rows_i), "dataset": dataset_url}
+
+
+# --------------------------------------------------------------------------- across checkpoints
+def _checkpoint_lag_table(out: ReduceOutput) -> pa.Table:
+    """Median and quartiles over checkpoints of each checkpoint's pooled lag curve: over all
+    checkpoints (group "*") and, for seed-prefixed names "seed-<s>-<rest>", over the seeds of
+    each <rest> (e.g. one epoch across seeds)."""
+    t = out.read_tables("lag_stats.parquet", filters=pc.field("class") == "all")
+    keys = ["lambda", "pair", "normalization", "relation", "lag"]
+    t = t.sort_by([(k, "ascending") for k in [*keys, "checkpoint"]])
+    names = np.asarray(t.column("checkpoint").to_pylist())
+    groups = np.array([n.split("-", 2)[2] if n.startswith("seed-") and n.count("-") >= 2 else "*" for n in names])
+    values = t.column("pooled_mean").to_numpy(zero_copy_only=False)
+    key_cols = {k: t.column(k).to_numpy(zero_copy_only=False) if k in ("lambda", "lag") else
+                np.asarray(t.column(k).to_pylist()) for k in keys}
+    key_id = np.unique(np.stack([np.unique(v, return_inverse=True)[1] for v in key_cols.values()], 1),
+                       axis=0, return_inverse=True)[1].ravel()
+    rows = []
+    for group in ["*", *sorted(set(groups) - {"*"})]:
+        sel_group = np.ones(len(names), bool) if group == "*" else groups == group
+        for kid in np.unique(key_id):
+            sel = sel_group & (key_id == kid)
+            if not sel.any():
+                continue
+            vals = values[sel]
+            finite = vals[np.isfinite(vals)]
+            q25, med, q75 = np.percentile(finite, [25, 50, 75]) if len(finite) else (np.nan,) * 3
+            first = np.flatnonzero(sel)[0]
+            rows.append({"group": group, **{k: key_cols[k][first].item() if hasattr(key_cols[k][first], "item")
+                                            else key_cols[k][first] for k in keys},
+                         "median": med, "q25": q25, "q75": q75, "checkpoints": int(sel.sum())})
+    return pa.Table.from_pylist(rows)
+
+
+# --------------------------------------------------------------------------- the stage
+def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
+               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The reduce stage (see reduce/__init__.py for what it writes). Restartable: checkpoints
+    finished with the same settings are kept; summary.json is written last."""
+    from gradlake.store import GradientStore
+
+    started = time.monotonic()
+    so = dict(storage_options or {})
+    store = GradientStore.open(store_url, so or None)
+    names = check_settings(store, settings)
+    settings_hash = _settings_hash(store, settings)
+    out = ReduceOutput(store.reduce_url(settings.name), so)
+    out.remove(SUMMARY)
+    done = {}
+    if out.exists("done"):
+        for path in out.fs.ls(out.path("done"), detail=False):
+            record = json.loads(out.fs.cat_file(path))
+            done[record["checkpoint"]] = record
+    if any(r.get("settings") != settings_hash for r in done.values()):
+        out.remove("")  # another reduce's results under this name: replace them whole
+        done = {}
+    ensure_ray(ray_config.address, ray_config.num_cpus)
+    window = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+    checkpoints = {}
+    for name in names:
+        if name in done:
+            checkpoints[name] = done[name]["summary"]
+            continue
+        out.remove(f"done/{name}.json")
+        for folder in PER_CHECKPOINT:
+            out.remove(f"{folder}/checkpoint={name}")
+        out.remove(f"results.zarr/{name}")
+        checkpoints[name] = _reduce_checkpoint(store, name, settings, out, so, window)
+        out.write_json(f"done/{name}.json", {"checkpoint": name, "settings": settings_hash,
+                                             "summary": checkpoints[name]})
+    out.write_table("lag_checkpoints.parquet", _checkpoint_lag_table(out))
+
+    exact = None
+    if settings.exact.enabled:
+        exact = _exact(store, settings, out, so)
+    summary = {
+        "complete": True, "name": settings.name, "store": store.url, "settings_hash": settings_hash,
+        "gradlake_version": __version__, "settings": dataclasses.asdict(settings),
+        "checkpoints": checkpoints, "exact": exact,
+        "seconds": round(time.monotonic() - started, 2), "url": out.url,
+    }
+    out.write_json(SUMMARY, summary)
+    return summary
+
+
+def _exact(store, settings: ReduceConfig, out: ReduceOutput, so) -> dict:
+    name = store.checkpoint(settings.exact.checkpoint or None)
+    path = store.provenance["checkpoints"][name].get("path")
+    if not path:
+        raise InputError(f"reduce.exact.checkpoint: store {store.url} does not record where checkpoint "
+                         f"{name!r} lives; run `gradlake exact --checkpoint PATH` instead")
+    if out.exists(EXACT_JSON):
+        return out.read_json(EXACT_JSON)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and settings.exact.device != "cpu" else 0
+    task = ray.remote(run_exact).options(num_gpus=gpus)
+    return ray.get(task.remote(path, store.spec.dataset["url"], out.url, settings.exact, settings.damping,
+                               settings.pairs, settings.normalize, so or None))

@@ -1,0 +1,285 @@
+"""The units of work of the reduce stage: store rows in, small results or written parts out.
+
+Each function reads what it needs from the gradient store, calls the pure numerics
+(metric, aggregates, pairwise) and returns small, additive results; the Ray tasks of
+gradlake.distributed.reduce_tasks only call these. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from gradlake.errors import GradlakeError
+from gradlake.reduce.aggregates import (RELATIONS, AggregateReducer, Sums, TrajectoryBlock, complete,
+                                        finalize, lag_statistics, lag_values)
+from gradlake.reduce.metric import Moments
+from gradlake.reduce.output import ReduceOutput
+from gradlake.reduce.pairwise import TopK, tile, whiten
+
+BLOCK_COLUMNS = ("row", "trajectory", "t", "class", "split", "class_index", "response", "perturbation")
+
+
+@dataclass
+class StoreRef:
+    """Where a task reads from: store URL, options, checkpoint. The store is opened on
+    first use in each task (never shared across tasks, so never stale)."""
+
+    url: str
+    storage_options: dict[str, Any]
+    checkpoint: str
+    _store: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_store": None}
+
+    def read(self, observable: str, rows: np.ndarray) -> np.ndarray:
+        if self._store is None:
+            from gradlake.store import GradientStore
+
+            self._store = GradientStore.open(self.url, self.storage_options or None)
+        return self._store.read(self.checkpoint, observable, rows)
+
+
+# --------------------------------------------------------------------------- planning
+def trajectory_blocks(trajectory: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
+    """(start, stop) ranges over rows sorted by trajectory, cut only between trajectories,
+    of about ``block_rows`` rows each (one trajectory longer than that is one block)."""
+    trajectory = np.asarray(trajectory)
+    if not len(trajectory):
+        return []
+    starts = np.flatnonzero(np.r_[True, trajectory[1:] != trajectory[:-1]])
+    bounds, begin = [], 0
+    for s in starts[1:]:
+        if s - begin >= block_rows:
+            bounds.append((begin, int(s)))
+            begin = int(s)
+    bounds.append((begin, len(trajectory)))
+    return bounds
+
+
+def row_blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
+    return [rows[i:i + block_rows] for i in range(0, len(rows), block_rows)]
+
+
+# --------------------------------------------------------------------------- additive results
+def add_results(a, b):
+    """Sum two results of the same shape: dicts, tuples, Moments, Sums or arrays."""
+    if isinstance(a, dict):
+        return {key: add_results(a[key], b[key]) for key in a}
+    if isinstance(a, tuple):
+        return tuple(add_results(x, y) for x, y in zip(a, b))
+    if isinstance(a, Moments):
+        return a.merge(b)
+    return a + b
+
+
+# --------------------------------------------------------------------------- passes
+def moments_work(src: StoreRef, rows: np.ndarray, observables: tuple[str, ...]) -> dict[str, Moments]:
+    """Reference-set moments of each observable over ``rows``."""
+    out = {}
+    for obs in observables:
+        phi = src.read(obs, rows)
+        out[obs] = Moments(phi.shape[-1]).add(phi)
+    return out
+
+
+def _block(table: pa.Table, n_times: int) -> TrajectoryBlock:
+    col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in
+           ("row", "trajectory", "t", "class_index", "response", "perturbation")}
+    return TrajectoryBlock.build(col["row"], col["trajectory"], col["t"], col["class_index"],
+                                 col["response"], col["perturbation"], n_times)
+
+
+def _phis(src: StoreRef, block: TrajectoryBlock, observables) -> dict[str, np.ndarray]:
+    return {obs: src.read(obs, block.rows) for obs in observables}
+
+
+def perturbation_work(src: StoreRef, table: pa.Table, n_times: int, reducer: AggregateReducer) -> dict:
+    """Aggregate pass 1 on one block: perturbation group sums per variant."""
+    block = _block(table, n_times)
+    return reducer.perturbation(block, _phis(src, block, reducer.observables))
+
+
+def response_work(src: StoreRef, table: pa.Table, n_times: int, reducer: AggregateReducer,
+                  perturbation: dict, out: ReduceOutput, part: str,
+                  class_names: tuple[str, ...]) -> dict[Any, Sums]:
+    """Aggregate pass 2 on one block: returns its Sums per variant; writes the block's
+    per-trajectory lag curves and per-sample self-influence as Parquet parts ``part``."""
+    block = _block(table, n_times)
+    results, diagonal = reducer.response(block, _phis(src, block, reducer.observables), perturbation)
+    L = 2 * n_times - 1
+    lag_axis = np.arange(L) - (n_times - 1)
+    lag_parts = []
+    for (lam, pair, norm), (_, lag_s, lag_n) in results.items():
+        values = lag_values(lag_s, lag_n)  # [n, 3, L]
+        shape = values.shape
+        lag_parts.append(pa.table({
+            "lambda": np.full(values.size, lam), "pair": np.full(values.size, pair),
+            "normalization": np.full(values.size, norm),
+            "relation": np.broadcast_to(np.array(RELATIONS)[None, :, None], shape).ravel(),
+            "trajectory": np.broadcast_to(block.trajectories[:, None, None], shape).ravel(),
+            "class": np.broadcast_to(np.array(class_names)[block.classes][:, None, None], shape).ravel(),
+            "lag": np.broadcast_to(lag_axis[None, None, :], shape).ravel().astype(np.int32),
+            "value": values.ravel(), "pairs": lag_n.ravel(),
+        }))
+    out.write_table(f"lags.parquet/checkpoint={src.checkpoint}/{part}.parquet", pa.concat_tables(lag_parts))
+    slot_rows = table.take(np.argsort(block.slots, kind="stable"))  # reading order -> slot order
+    slots = np.sort(block.slots)
+    self_parts = []
+    for (lam, pair), (h_self, sigma) in diagonal.items():
+        m = len(slots)
+        self_parts.append(pa.table({
+            "row": slot_rows.column("row"), "trajectory": slot_rows.column("trajectory"),
+            "t": slot_rows.column("t"), "class": slot_rows.column("class"),
+            "split": slot_rows.column("split"), "lambda": np.full(m, lam), "pair": np.full(m, pair),
+            "h_self": h_self.ravel()[slots], "row_std": sigma.ravel()[slots],
+        }))
+    out.write_table(f"self_influence.parquet/checkpoint={src.checkpoint}/{part}.parquet",
+                    pa.concat_tables(self_parts))
+    return {key: value[0] for key, value in results.items()}
+
+
+def finalize_variants(reducer: AggregateReducer, response: dict, perturbation: dict) -> dict[str, np.ndarray]:
+    """Stack every variant's finalized aggregates into arrays with leading axes
+    [lambda, pair, normalization] (pair counts: [pair])."""
+    lams, pairs, norms = list(reducer.whiteners), reducer.pairs, reducer.norms
+    done = {key: finalize(complete([response[key]], perturbation[key])) for key in reducer.variants}
+    out = {}
+    for name in ("twotime", "class_twotime", "transfer"):
+        out[name] = np.stack([np.stack([np.stack([done[lam, p, n][name] for n in norms]) for p in pairs])
+                              for lam in lams])
+        out[name + "_pairs"] = np.stack([done[lams[0], p, norms[0]][name + "_pairs"] for p in pairs])
+    return out
+
+
+def lag_tables(out: ReduceOutput, checkpoint: str, reducer: AggregateReducer,
+               class_names: tuple[str, ...]) -> pa.Table:
+    """Median and quartiles over trajectories of one checkpoint's per-trajectory lag curves
+    (all trajectories, then per response class), plus the pair-weighted pooled mean."""
+    import pyarrow.compute as pc
+
+    rows = []
+    for lam, pair, norm in reducer.variants:
+        expr = (pc.field("lambda") == lam) & (pc.field("pair") == pair) & (pc.field("normalization") == norm)
+        t = out.read_tables(f"lags.parquet/checkpoint={checkpoint}", filters=expr, partitioned=False)
+        t = t.sort_by([("trajectory", "ascending"), ("relation", "ascending"), ("lag", "ascending")])
+        relations = np.asarray(t.column("relation").to_pylist())
+        lags = t.column("lag").to_numpy()
+        L = len(np.unique(lags))
+        rel_order = sorted(RELATIONS)
+        values = t.column("value").to_numpy(zero_copy_only=False).reshape(-1, len(RELATIONS), L)
+        counts = t.column("pairs").to_numpy(zero_copy_only=False).reshape(-1, len(RELATIONS), L)
+        classes = np.asarray(t.column("class").to_pylist()).reshape(-1, len(RELATIONS) * L)[:, 0]
+        lag_axis = lags.reshape(-1, len(RELATIONS), L)[0, 0]
+        assert (relations.reshape(-1, len(RELATIONS), L)[0, :, 0] == rel_order).all()
+        for group in ("all", *class_names):
+            sel = np.ones(len(classes), bool) if group == "all" else classes == group
+            if not sel.any():
+                continue
+            stats = lag_statistics(values[sel])
+            weights = counts[sel]
+            pooled_sum = np.nansum(np.where(weights > 0, values[sel] * weights, 0), 0)
+            pooled = np.divide(pooled_sum, weights.sum(0), out=np.full(pooled_sum.shape, np.nan),
+                               where=weights.sum(0) > 0)
+            for r, rel in enumerate(rel_order):
+                rows.append(pa.table({
+                    "lambda": np.full(L, lam), "pair": [pair] * L,
+                    "normalization": [norm] * L, "relation": [rel] * L, "class": [group] * L,
+                    "lag": lag_axis.astype(np.int32), "median": stats["median"][r], "q25": stats["q25"][r],
+                    "q75": stats["q75"][r], "trajectories": stats["n"][r].astype(np.int64),
+                    "pooled_mean": pooled[r], "pairs": weights.sum(0)[r],
+                }))
+    return pa.concat_tables(rows)
+
+
+# --------------------------------------------------------------------------- pairwise
+def tile_work(src: StoreRef, pair: str, whitener: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray,
+              out: ReduceOutput, array_path: str, origin: tuple[int, int]) -> int:
+    """One dense tile of H_AB written at ``origin`` of a zarr array; returns its entries."""
+    psi_a = whiten(src.read(pair[0], rows_a), whitener)
+    psi_b = whiten(src.read(pair[1], rows_b), whitener)
+    h = tile(psi_a, psi_b)
+    r, c = origin
+    out.open_array(array_path)[r:r + h.shape[0], c:c + h.shape[1]] = h
+    return h.size
+
+
+def topk_work(src: StoreRef, pairs: tuple[str, ...], whitener: np.ndarray, queries: np.ndarray,
+              candidates: np.ndarray, k: int, block_rows: int) -> dict[str, dict[str, np.ndarray]]:
+    """Top-k / bottom-k of H_AB(query, ·) over the candidates, merged block by block."""
+    out = {}
+    for pair in pairs:
+        psi_q = whiten(src.read(pair[0], queries), whitener)
+        top = TopK(queries, k)
+        for block in row_blocks(candidates, block_rows):
+            top.update(tile(psi_q, whiten(src.read(pair[1], block), whitener)), block)
+        out[pair] = top.result()
+    return out
+
+
+def topk_table(queries: np.ndarray, results: dict[str, dict[str, np.ndarray]], index: pa.Table) -> pa.Table:
+    """Long table: pair, kind (top|bottom), query_row, rank, row, value, with each side's
+    trajectory, t and class from the samples ``index`` (sorted by row)."""
+    index_rows = index.column("row").to_numpy()
+    parts = []
+    for pair, res in results.items():
+        for kind in ("top", "bottom"):
+            ids, vals = res[kind + "_ids"], res[kind]
+            n, k = ids.shape
+            q = np.repeat(queries, k)
+            rows = ids.ravel()
+            cols = {"pair": [pair] * (n * k), "kind": [kind] * (n * k), "query_row": q,
+                    "rank": np.tile(np.arange(k), n).astype(np.int32), "row": rows, "value": vals.ravel()}
+            for side, r in (("query_", q), ("", rows)):
+                at = np.clip(np.searchsorted(index_rows, r), 0, len(index_rows) - 1)
+                for name in ("trajectory", "t", "class"):
+                    col = index.column(name).take(pa.array(at))
+                    cols[side + name] = pa.array(col.to_pylist(), mask=r < 0, type=col.type)
+            parts.append(pa.table(cols))
+    return pa.concat_tables(parts)
+
+
+def check_complete(store, checkpoint: str) -> None:
+    if not store.is_complete(checkpoint):
+        done = len(store.committed_shards(checkpoint))
+        raise GradlakeError(f"store {store.url}, checkpoint {checkpoint}: only {done} of "
+                            f"{store.spec.n_shards} shards are committed; finish `gradlake grads` first")
+
+
+# --------------------------------------------------------------------------- influence vs distance
+def distance_work(src: StoreRef, reducer: AggregateReducer, damping: float, rows_i: np.ndarray,
+                  rows_j: np.ndarray, dataset_url: str, storage_options, n_bins: int):
+    """H(i, j) of sampled pairs against the RMS distance of their inputs (the paper's Fig. 5).
+
+    Returns (pairs table: pair, normalization, row_i, row_j, distance, h;
+    curve table: pair, normalization, bin, lo, hi, pairs, distance, mean, median, q25, q75).
+    """
+    from gradlake.data import Dataset
+    from gradlake.reduce.aggregates import normalized
+    from gradlake.reduce.pairwise import distance_curve, input_distance
+
+    ds = Dataset.open(dataset_url, storage_options=storage_options or None)
+    unique, inverse = np.unique(np.r_[rows_i, rows_j], return_inverse=True)
+    inputs, _ = ds.samples(unique)
+    distance = input_distance(inputs[inverse[:len(rows_i)]], inputs[inverse[len(rows_i):]])
+    w = reducer.whiteners[damping]
+    pair_parts, curve_parts = [], []
+    for pair in reducer.pairs:
+        psi_a = whiten(src.read(pair[0], rows_i), w, np.float64)
+        psi_b = whiten(src.read(pair[1], rows_j), w, np.float64)
+        mean_b, second_b = reducer.ref[damping, pair[1]]
+        for norm in reducer.norms:
+            a, b = normalized(psi_a, psi_b, norm, mean_b, second_b)
+            h = (a * b).sum(1)
+            n = len(h)
+            pair_parts.append(pa.table({"pair": [pair] * n, "normalization": [norm] * n, "row_i": rows_i,
+                                        "row_j": rows_j, "distance": distance, "h": h}))
+            curve = distance_curve(h, distance, n_bins)
+            m = len(curve["mean"])
+            curve_parts.append(pa.table({"pair": [pair] * m, "normalization": [norm] * m,
+                                         "bin": np.arange(m, dtype=np.int32), **curve}))
+    return pa.concat_tables(pair_parts), pa.concat_tables(curve_parts)

@@ -1,0 +1,156 @@
+"""run_reduce on a real store and Ray: every output against dense numpy from the stored φ."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import zarr
+from reduce_helpers import dense_h, eta_from_probes, make_dataset, make_store, samples_columns
+
+from gradlake.config import RayConfig, ReduceConfig
+from gradlake.errors import InputError
+
+LAM = 1e-3
+RTOL = 1e-6
+
+
+@pytest.fixture(scope="session")
+def _ray_compat():
+    """TEMPORARY: cluster.ensure_ray passes node_ip_address, which ray 2.60 rejects."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory, _ray_compat, ray_session):
+    root = tmp_path_factory.mktemp("reduce")
+    ds = make_dataset(str(root / "data"))
+    store = make_store(str(root / "store"), ds)
+    settings = ReduceConfig(damping=LAM, lambdas=(1e-2,), block_rows=7, topk=3, distance_pairs=50,
+                            distance_bins=4, tile_rows="", tile_cols="split == 'train'", tile_size=5,
+                            tile_max=12, topk_queries="split == 'test'")
+    summary = __import__("gradlake.reduce", fromlist=["run_reduce"]).run_reduce(
+        store.url, settings, RayConfig())
+    return store, settings, summary
+
+
+def _ckpt_dense(store, ckpt, pair, norm, lam=LAM):
+    table = store.samples(ckpt)
+    cols = samples_columns(table)
+    ref = cols["split"] == "train"
+    v = store.read(ckpt, "V", cols["row"]).astype(np.float64)
+    eta = eta_from_probes(v[ref])
+    pa_, pb_ = (store.read(ckpt, o, cols["row"]).astype(np.float64) for o in pair)
+    return cols, dense_h(pa_, pb_, eta, lam, norm, reference=np.flatnonzero(ref)), eta
+
+
+@pytest.mark.parametrize("norm", ["none", "row-std", "cosine"])
+def test_aggregates_and_spectrum_match_dense(reduced, norm):
+    store, settings, summary = reduced
+    out = zarr.open_group(store.reduce_url(settings.name) + "/results.zarr", mode="r")
+    for ckpt in store.checkpoints:
+        group = out[ckpt]
+        coords = group["twotime"].attrs["coords"]
+        cols, H, eta = _ckpt_dense(store, ckpt, "MC", norm)
+        p, n = coords["pair"].index("MC"), coords["normalization"].index(norm)
+        classes = coords["class"]
+        same_traj = cols["trajectory"][:, None] == cols["trajectory"][None, :]
+        cls = np.searchsorted(classes, cols["class"])
+        transfer = group["transfer"][0, p, n]
+        for c in range(len(classes)):
+            for e in range(len(classes)):
+                sel = ~same_traj & (cls == c)[:, None] & (cls == e)[None, :]
+                np.testing.assert_allclose(transfer[c, e], H[sel].mean(), rtol=RTOL)
+        twotime = group["twotime"][0, p, n]
+        for c in range(len(classes)):
+            for t in range(4):
+                for u in range(4):
+                    at = (cls == c)[:, None] & (cols["t"] == t)[:, None] & (cols["t"] == u)[None, :]
+                    np.testing.assert_allclose(twotime[0, c, t, u], H[at & same_traj].mean(), rtol=RTOL)
+                    np.testing.assert_allclose(twotime[1, c, t, u], H[at & ~same_traj & (cls == c)[None, :]].mean(),
+                                               rtol=RTOL)
+                    np.testing.assert_allclose(twotime[2, c, t, u], H[at & (cls != c)[None, :]].mean(), rtol=RTOL)
+        np.testing.assert_allclose(group["metric_eigenvalues"][:], np.linalg.eigvalsh(eta)[::-1], rtol=1e-9)
+        # The λ sweep: the second lambda is computed too and differs.
+        assert not np.allclose(group["transfer"][1, p, n], transfer)
+
+
+def test_lag_statistics_match_dense(reduced):
+    store, settings, _ = reduced
+    url = store.reduce_url(settings.name)
+    ckpt = store.checkpoints[0]
+    cols, H, _ = _ckpt_dense(store, ckpt, "CC", "none")
+    stats = pads.dataset(url + "/lag_stats.parquet", partitioning="hive").to_table().to_pylist()
+    lag = cols["t"][:, None] - cols["t"][None, :]
+    same_class = (cols["class"][:, None] == cols["class"][None, :]) & (cols["trajectory"][:, None] != cols["trajectory"][None, :])
+    for delta in (-2, 0, 3):
+        per_traj = [H[(cols["trajectory"] == n)[:, None] & same_class & (lag == delta)].mean()
+                    for n in np.unique(cols["trajectory"])]
+        row = [r for r in stats if r["checkpoint"] == ckpt and r["pair"] == "CC" and r["normalization"] == "none"
+               and r["relation"] == "same_class" and r["class"] == "all" and r["lag"] == delta
+               and r["lambda"] == LAM]
+        assert len(row) == 1
+        np.testing.assert_allclose(row[0]["median"], np.median(per_traj), rtol=RTOL)
+        np.testing.assert_allclose(row[0]["q75"], np.percentile(per_traj, 75), rtol=RTOL)
+        pooled = H[same_class & (lag == delta)].mean()
+        np.testing.assert_allclose(row[0]["pooled_mean"], pooled, rtol=RTOL)
+    over = pads.dataset(url + "/lag_checkpoints.parquet").to_table().to_pylist()
+    assert {r["checkpoints"] for r in over} == {2}
+
+
+def test_pairwise_outputs_match_dense(reduced):
+    store, settings, _ = reduced
+    url = store.reduce_url(settings.name)
+    ckpt = store.checkpoints[1]
+    cols, H, _ = _ckpt_dense(store, ckpt, "EC", "none")
+    tiles = zarr.open_group(url + "/results.zarr", mode="r")[ckpt]["tiles"]
+    r, c = tiles["response_rows"][:], tiles["perturbation_rows"][:]
+    assert len(r) == 12 and len(c) == 12 and set(cols["split"][c]) == {"train"}
+    np.testing.assert_allclose(tiles["EC"][:], H[np.ix_(r, c)], rtol=1e-4, atol=1e-6 * np.abs(H).max())
+
+    top = pads.dataset(url + "/topk.parquet", partitioning="hive").to_table().to_pylist()
+    top = [t for t in top if t["checkpoint"] == ckpt and t["pair"] == "EC"]
+    train = np.flatnonzero(cols["split"] == "train")
+    for q in np.flatnonzero(cols["split"] == "test")[:3]:
+        mine = sorted((t for t in top if t["query_row"] == q and t["kind"] == "top"), key=lambda t: t["rank"])
+        want = train[np.argsort(-H[q, train])][:3]
+        assert [t["row"] for t in mine] == want.tolist()
+        assert mine[0]["query_class"] == cols["class"][q] and mine[0]["t"] == cols["t"][want[0]]
+
+    selfinf = pads.dataset(url + "/self_influence.parquet", partitioning="hive").to_table().to_pylist()
+    got = {s["row"]: s["h_self"] for s in selfinf if s["checkpoint"] == ckpt and s["pair"] == "EC" and s["lambda"] == LAM}
+    np.testing.assert_allclose([got[i] for i in range(len(H))], np.diag(H), rtol=RTOL)
+
+    pairs = pads.dataset(url + "/distance_pairs.parquet", partitioning="hive").to_table().to_pylist()
+    pairs = [p for p in pairs if p["checkpoint"] == ckpt and p["pair"] == "EC" and p["normalization"] == "none"]
+    assert len(pairs) > 30
+    np.testing.assert_allclose([p["h"] for p in pairs], [H[p["row_i"], p["row_j"]] for p in pairs], rtol=RTOL)
+    curve = pads.dataset(url + "/distance_curve.parquet", partitioning="hive").to_table().to_pylist()
+    assert sum(c["pairs"] for c in curve if c["checkpoint"] == ckpt and c["pair"] == "EC"
+               and c["normalization"] == "none") == len(pairs)
+
+
+def test_summary_restart_and_settings_change(reduced, tmp_path):
+    from gradlake.reduce import run_reduce
+
+    store, settings, summary = reduced
+    url = store.reduce_url(settings.name)
+    on_disk = json.loads(open(url + "/summary.json").read())
+    assert on_disk["complete"] and set(on_disk["checkpoints"]) == set(store.checkpoints)
+    # Same settings: every checkpoint is reused from its completion record.
+    again = run_reduce(store.url, settings, RayConfig())
+    assert again["checkpoints"] == summary["checkpoints"]
+    # Other settings under the same name: the old results are replaced whole.
+    changed = dataclasses.replace(settings, pairs=("CC",), lambdas=(), topk=0, distance_pairs=0, tile_max=0)
+    third = run_reduce(store.url, changed, RayConfig())
+    coords = zarr.open_group(url + "/results.zarr", mode="r")[store.checkpoints[0]]["twotime"].attrs["coords"]
+    assert coords["pair"] == ["CC"] and coords["lambda"] == [LAM]
+    assert third["checkpoints"][store.checkpoints[0]]["topk"] == {"skipped": "reduce.topk = 0"}
+    with pytest.raises(InputError, match="reduce.perturbation"):
+        run_reduce(store.url, dataclasses.replace(settings, perturbation="class == 'zzz'"), RayConfig())
+    with pytest.raises(InputError, match="reduce.pairs"):
+        run_reduce(store.url, dataclasses.replace(settings, pairs=("CV",)), RayConfig())
