@@ -7,4 +7,13 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+local"
 
-__all__ = ["__version__"]
+
+
+def open_store(url: str, storage_options: dict | None = None):
+    """Open a gradient store read-only; see :class:`gradlake.store.GradientStore`."""
+    from gradlake.query import open_store as _open_store
+
+    return _open_store(url, storage_options)
+
+
+__all__ = ["__version__", "open_store"]
