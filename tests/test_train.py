@@ -174,3 +174,21 @@ def test_cli_trains_and_lists_models(dataset, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count(" ok") == 2 and "13,000,000" in printed
     assert _cli(["train", "--data", dataset.url, "--out", out, "--set", "width"]) == 2
+
+
+@pytest.mark.s3
+def test_checkpoints_live_at_any_fsspec_url(s3_bucket, tmp_path):
+    root, options = s3_bucket
+    torch.manual_seed(0)
+    cfg = models.config("unet", "tiny", channels=2, resolution=16)
+    model = models.from_config(cfg)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for where, so in ((f"{root}/run", options), (str(tmp_path / "run"), None)):
+        for epoch in (1, 2):
+            save_checkpoint(f"{where}/checkpoints/epoch-000{epoch}", model, cfg, {"epoch": epoch}, optimizer, so)
+    remote = list_checkpoints(f"{root}/run", options)
+    assert [p.rsplit("/", 1)[-1] for p in remote] == ["epoch-0001", "epoch-0002"]
+    assert checkpoint_sha256(remote[-1], options) == checkpoint_sha256(list_checkpoints(str(tmp_path / "run"))[-1])
+    loaded, meta = load_checkpoint(remote[-1], options)
+    assert meta["epoch"] == 2 and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    load_optimizer_state(remote[-1], torch.optim.AdamW(loaded.parameters()), options)
