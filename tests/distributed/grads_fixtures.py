@@ -28,7 +28,7 @@ def write_dataset(url, storage_options=None, seed=0):
                          params=[{}] * N_TRAJ, provenance={"test": True})
 
 
-def write_checkpoints(train_dir, n=2):
+def write_checkpoints(train_dir, n=2, seed=0):
     """n checkpoints of one tiny ViT (different weights), as the training stage writes them."""
     import torch
 
@@ -39,7 +39,7 @@ def write_checkpoints(train_dir, n=2):
                            **MODEL["overrides"])
     paths = []
     for epoch in range(1, n + 1):
-        torch.manual_seed(epoch)
+        torch.manual_seed(seed + epoch)
         model = models.from_config(config)
         path = f"{train_dir}/checkpoints/{checkpoint_name(epoch)}"
         paths.append(save_checkpoint(path, model, config, {"epoch": epoch, "channels": list(CHANNELS)}))

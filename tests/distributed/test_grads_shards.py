@@ -106,3 +106,20 @@ def test_fault_spec_parsing(tmp_path):
     assert (fault.action, fault.checkpoint, fault.shard) == ("die", "epoch-0001", 3)
     with pytest.raises(InputError, match="GRADLAKE_TEST_FAULT"):
         Fault.parse("explode:epoch-0001:3")
+
+
+def test_mismatched_projector_or_checkpoint_is_refused_and_nothing_written(grads_inputs, tmp_path):
+    from grads_fixtures import write_checkpoints
+
+    data, checkpoints = grads_inputs
+    url = tmp_path / "store"
+    plan = prepare(data, checkpoints[:1], str(url), SETTINGS, {})
+    ShardWorker(WorkerSettings(data, str(url), SETTINGS)).run(plan.tasks[0])
+    before = {p: p.read_bytes() for p in url.rglob("*") if p.is_file()}
+    with pytest.raises(InputError, match=r"different run \(projector\.k_in: store has 4, this run has 8\)"):
+        prepare(data, checkpoints, str(url), dataclasses.replace(SETTINGS, k_in=8), {})
+    retrained = write_checkpoints(str(tmp_path / "retrained"), n=1, seed=7)[0]  # epoch-0001, other weights
+    with pytest.raises(InputError, match=r"checkpoint 'epoch-0001' is in the store with weights sha256"):
+        prepare(data, [checkpoints[1], retrained], str(url), SETTINGS, {})
+    after = {p: p.read_bytes() for p in url.rglob("*") if p.is_file()}
+    assert before == after

@@ -60,8 +60,17 @@ class StoreSpec:
         return cls(**value)
 
     def mismatch(self, other: StoreSpec) -> str | None:
-        """The first setting where ``other`` differs, as 'key: store has X, this run has Y'."""
-        return _first_difference(_normal(self.to_json()), _normal(other.to_json()), "")
+        """The first setting where ``other`` differs, as 'key: store has X, this run has Y'.
+
+        Settings are compared in declaration order, so a cause (the projector) is named
+        before what follows from it (k).
+        """
+        mine, theirs = _normal(self.to_json()), _normal(other.to_json())
+        for f in dataclasses.fields(self):
+            found = _first_difference(mine[f.name], theirs[f.name], f.name)
+            if found:
+                return found
+        return None
 
     # Geometry of the arrays.
     def row_shape(self, observable: str) -> tuple[int, ...]:
@@ -100,7 +109,7 @@ def _first_difference(old: Any, new: Any, key: str) -> str | None:
     if key in _UNCHECKED:
         return None
     if isinstance(old, dict) and isinstance(new, dict):
-        for name in sorted(set(old) | set(new)):
+        for name in [*old, *(n for n in new if n not in old)]:  # in the order written
             sub = f"{key}.{name}" if key else name
             if name not in old or name not in new:
                 if sub in _UNCHECKED:

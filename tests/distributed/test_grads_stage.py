@@ -1,0 +1,157 @@
+"""The grads stage on a real local Ray (2 workers): local disk, S3, and the faults it survives."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gradlake.cli.app import app
+from gradlake.distributed.grads_stage import run_grads
+from gradlake.errors import GradlakeError
+from gradlake.store import GradientStore
+
+from grads_fixtures import N_TRAJ, N_TIMES, SETTINGS, reference_phis, write_dataset
+
+BIN = Path(sys.executable).parent
+N_SAMPLES = N_TRAJ * (N_TIMES - 1)
+CLI_ARGS = ["--workers", "2", "--observables", "C,M,V", "--k-in", "4", "--k-out", "4", "--probes", "2",
+            "--shard-rows", "8", "--batch-size", "3", "--retries", "2"]
+
+
+def plain_check(url, storage_options=None):
+    """Open a finished store with plain fsspec, zarr and pyarrow (no gradlake): every sample once."""
+    import fsspec
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import zarr
+
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    meta = json.loads(fs.cat_file(f"{root}/store.json"))
+    spec = meta["spec"]
+    table = pads.dataset(f"{root}/samples.parquet", filesystem=fs, format="parquet",
+                         partitioning="hive").to_table()
+    group = zarr.open_group(f"{url}/grads.zarr", mode="r", storage_options=storage_options)
+    arrays = {}
+    for name in meta["checkpoints"]:
+        part = table.filter(pc.field("checkpoint") == name).sort_by("row")
+        rows = part["row"].to_numpy()
+        assert rows.tolist() == list(range(spec["n_rows"])), "every sample exactly once"
+        assert (part["shard"].to_numpy() == rows // spec["shard_rows"]).all()
+        assert len(fs.ls(f"{root}/commits/{name}")) == spec["n_shards"]
+        for obs in spec["observables"]:
+            array = group[name][obs]
+            assert array.metadata.dimension_names[0] == "sample" and str(array.dtype) == spec["dtype"]
+            values = np.asarray(array[:], dtype=np.float32)
+            assert np.isfinite(values).all()
+            norms = np.linalg.norm(values.reshape(len(values), -1), axis=1)
+            np.testing.assert_allclose(part[f"norm_{obs}"].to_numpy(), norms, rtol=5e-3)
+            arrays[name, obs] = values
+    return arrays
+
+
+def assert_matches_reference(arrays, data_url, checkpoints, storage_options=None):
+    for path in checkpoints:
+        rows, phis, _ = reference_phis(data_url, path, storage_options=storage_options)
+        for obs, expected in phis.items():
+            got = arrays[os.path.basename(path), obs][rows]
+            np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_session, grads_inputs, tmp_path_factory):
+    """The stage run once through the CLI (quiet), on local disk: (store URL, summary, stderr)."""
+    data, checkpoints = grads_inputs
+    url = str(tmp_path_factory.mktemp("clean") / "store")
+    result = CliRunner().invoke(app, ["grads", "--data", data, "--checkpoint", ",".join(checkpoints),
+                                      "--out", url, "--quiet", *CLI_ARGS])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    return url, summary, result.stderr
+
+
+def test_local_stage_with_two_workers(clean_run, grads_inputs):
+    url, summary, stderr = clean_run
+    data, checkpoints = grads_inputs
+    assert summary["workers"] == 2 and summary["shards_total"] == 10 and summary["shards_computed"] == 10
+    assert summary["samples_computed"] == 2 * N_SAMPLES and summary["shards_failed"] == 0
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    per_shard = [line for line in lines if line.get("stage") == "grads"]
+    assert len(per_shard) == 10 and per_shard[-1]["done"] == 10
+    assert {"samples_s", "mb", "eta_s", "shard", "checkpoint"} <= set(per_shard[-1])
+    assert_matches_reference(plain_check(url), data, checkpoints)
+    store = GradientStore.open(url)
+    assert store.provenance["stages"]["grads"]["status"] == "complete"
+    # Re-running the same command recomputes nothing.
+    again = run_grads(data, checkpoints, url, SETTINGS)
+    assert again["shards_skipped"] == 10 and again["shards_computed"] == 0
+
+
+@pytest.mark.s3
+def test_s3_stage_reads_and_writes_through_the_endpoint(ray_session, grads_inputs, s3_bucket):
+    bucket, options = s3_bucket
+    _, checkpoints = grads_inputs
+    data, url = f"{bucket}/data", f"{bucket}/store"
+    write_dataset(data, storage_options=options)
+    summary = run_grads(data, checkpoints[:1], url, SETTINGS, storage_options=options)
+    assert summary["shards_computed"] == 5 and summary["workers"] == 2
+    arrays = plain_check(url, options)
+    assert_matches_reference(arrays, data, checkpoints[:1], storage_options=options)
+    assert options["endpoint_url"] not in json.dumps(GradientStore.open(url, options).provenance)
+
+
+def test_killed_actor_mid_shard(ray_session, grads_inputs, clean_run, tmp_path, monkeypatch):
+    data, checkpoints = grads_inputs
+    marker = tmp_path / "died-once"
+    monkeypatch.setenv("GRADLAKE_TEST_FAULT", f"die:epoch-0001:2:{marker}")
+    url = str(tmp_path / "store")
+    summary = run_grads(data, checkpoints[:1], url, SETTINGS)
+    assert marker.exists(), "the worker process was killed"
+    assert summary["retries"] >= 1 and summary["shards_computed"] == 5 and summary["shards_failed"] == 0
+    clean = plain_check(clean_run[0])
+    for (name, obs), values in plain_check(url).items():
+        np.testing.assert_array_equal(values, clean[name, obs])
+
+
+def test_killed_driver_resumes_with_only_the_uncommitted_shards(ray_session, grads_inputs, clean_run, tmp_path):
+    data, checkpoints = grads_inputs
+    url, marker = tmp_path / "store", tmp_path / "hung"
+    env = {**os.environ, "GRADLAKE_TEST_FAULT": f"hang:epoch-0001:2:{marker}",
+           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    args = ["grads", "--data", data, "--checkpoint", checkpoints[0], "--out", str(url), "--quiet",
+            *CLI_ARGS[2:], "--workers", "1"]
+    driver = subprocess.Popen([str(BIN / "gradlake"), *args], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    commits = url / "commits" / "epoch-0001"
+    deadline = time.monotonic() + 120
+    while not (marker.exists() and commits.exists() and len(os.listdir(commits)) == 2):
+        assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the driver never reached shard 2"
+        time.sleep(0.2)
+    driver.kill()
+    driver.wait()
+    assert GradientStore.open(str(url)).committed_shards() == {0, 1}  # shard 2 was half-written
+    summary = run_grads(data, checkpoints[:1], str(url), SETTINGS)
+    assert summary["shards_skipped"] == 2 and summary["shards_computed"] == 3
+    clean = plain_check(clean_run[0])
+    for (name, obs), values in plain_check(str(url)).items():
+        np.testing.assert_array_equal(values, clean[name, obs])
+
+
+def test_a_shard_that_keeps_failing_fails_the_stage_after_the_others(ray_session, grads_inputs, tmp_path,
+                                                                      monkeypatch):
+    data, checkpoints = grads_inputs
+    monkeypatch.setenv("GRADLAKE_TEST_FAULT", "nan:epoch-0001:3")
+    url = str(tmp_path / "store")
+    with pytest.raises(GradlakeError, match=r"1 of 5 shards failed.*\n  epoch-0001/shard-3: .*NaN or inf"):
+        run_grads(data, checkpoints[:1], url, dataclasses.replace(SETTINGS, retries=1, workers=1))
+    store = GradientStore.open(url)
+    assert store.committed_shards() == {0, 1, 2, 4}
+    status = store.provenance["stages"]["grads"]
+    assert status["status"] == "failed" and "epoch-0001/shard-3" in status["errors"]
