@@ -6,12 +6,14 @@ Training minimises the mean over a batch of the per-sample scaled MSE
 Data order and memory: an epoch's order is a pure function of (seed, epoch, the training
 trajectories, the window): trajectories are shuffled, cut into windows of trajectories that
 fit half of ``window_mb``, and the samples of each window are shuffled. Batches are read
-through a bounded cache of whole trajectories (at most two windows), so memory does not grow
-with the dataset; when the training set fits in one window this is a plain full shuffle.
+(``Dataset.read``, one chunk per trajectory) through a bounded cache of whole trajectories (at
+most two windows), so memory does not grow with the dataset and each trajectory is read about
+once per epoch; when the training set fits in one window this is a plain full shuffle.
 
 Resume: a run directory's last complete checkpoint holds the weights, the optimizer state and
 the RNG states; since the data order depends only on (seed, epoch), continuing from it gives
-the same weights as an uninterrupted run.
+the same weights as an uninterrupted run: bitwise on the CPU, and on a GPU with
+``TrainConfig.deterministic`` (deterministic cuDNN kernels, the default).
 """
 
 from __future__ import annotations
@@ -155,6 +157,12 @@ def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, cache: Traject
     return loss_sum / max(done, 1), time.perf_counter() - began
 
 
+def describe(metrics: dict[str, Any]) -> str:
+    """One line of an epoch's metrics."""
+    held_out = f", {metrics['val_split']} smse {metrics['val_smse']:.5g}" if metrics["val_split"] else ""
+    return f"train smse {metrics['train_smse']:.5g}{held_out}, {metrics['samples_per_s']:.1f} samples/s"
+
+
 def _model_config(model: ModelConfig, dataset) -> dict[str, Any]:
     height, width = dataset.resolution
     if height != width:
@@ -193,8 +201,8 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
     train_rows = index.select(splits=["train"])
     if len(train_rows) == 0:
         raise InputError(f"{dataset_url}: the train split has no samples")
-    val_split = "val" if len(index.select(splits=["val"])) else "test"
-    val_rows = index.select(splits=[val_split])
+    val_split = next((split for split in ("val", "test") if len(index.select(splits=[split]))), None)
+    val_rows = index.select(splits=[val_split]) if val_split else np.zeros(0, dtype=np.int64)
     train_trajectories = np.unique(index.locate(train_rows)[0])
     window = window_trajectories(dataset, settings.window_mb)
     cache = TrajectoryCache(dataset, 2 * window)
@@ -215,17 +223,17 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
 
     bar = progress(total=(settings.epochs - start) * len(train_rows), desc="train", unit="sample")
     if val_split != "val":
-        bar.write(f"{dataset_url}: no validation trajectories; validating on the test split")
+        bar.write(f"{dataset_url}: no validation trajectories; validating on "
+                  + ("the test split" if val_split else "nothing (no held-out trajectories)"))
     with kernels(device, settings.deterministic):
         for epoch in range(start + 1, settings.epochs + 1):
             order = epoch_order(train_trajectories, index.steps, settings.seed, epoch, window)
             train_smse, seconds = train_epoch(net, optimizer, cache, order, settings.batch_size, device, bar, epoch)
             metrics = {"epoch": epoch, "train_smse": train_smse,
-                       "val_smse": evaluate(net, cache, val_rows, settings.batch_size, device),
+                       "val_smse": evaluate(net, cache, val_rows, settings.batch_size, device) if val_split else None,
                        "val_split": val_split, "samples_per_s": len(train_rows) / seconds, "seconds": seconds}
             history.append(metrics)
-            bar.write(f"epoch {epoch}: train smse {metrics['train_smse']:.4g}, {val_split} smse "
-                      f"{metrics['val_smse']:.4g}, {metrics['samples_per_s']:.1f} samples/s")
+            bar.write(f"epoch {epoch}: {describe(metrics)}")
             if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
                 meta = {"epoch": epoch, "metrics": metrics, "history": history,
                         "dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint},

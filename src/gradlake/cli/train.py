@@ -94,6 +94,7 @@ def train(
     """One-step teacher-forced training on the train split (AdamW, scaled MSE)."""
     from gradlake.models.checkpoint import read_meta
     from gradlake.progress import set_quiet
+    from gradlake.train import describe
     from gradlake.train import train as run_train
 
     set_quiet(quiet)
@@ -105,9 +106,7 @@ def train(
     options = _storage_options(storage_options)
     paths = run_train(data, model_settings, settings, out, storage_options=options)
     for path in paths:
-        metrics = read_meta(path, options)["metrics"]
-        typer.echo(f"{path}  train_smse={metrics['train_smse']:.5g}  "
-                   f"{metrics['val_split']}_smse={metrics['val_smse']:.5g}")
+        typer.echo(f"{path}: {describe(read_meta(path, options)['metrics'])}")
 
 
 @app.command()
