@@ -40,10 +40,6 @@ PAPER_PARAMETERS = {"unet": 13_000_000, "vit": 5_000_000}
 PAPER_TOLERANCE = 0.15
 
 
-def _classes():
-    return {"unet": UNet, "vit": ViT}
-
-
 def downsampling(cfg: dict[str, Any]) -> int:
     """The factor the grid size must be divisible by."""
     params = cfg["params"]
@@ -64,9 +60,9 @@ def _check_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
             if key.endswith("kernel") and value % 2 == 0:
                 raise InputError(f"model {name}: {key}: expected an odd kernel size, got {value}")
             out[key] = value
-    width = out.get("width", out.get("dim"))
-    if width % out["heads"]:
-        raise InputError(f"model {name}: heads: {out['heads']} does not divide the attention width")
+    attention = out["dim"] if name == "vit" else out["width"] * 2 ** (len(out["kernels"]) + 1)
+    if attention % out["heads"]:
+        raise InputError(f"model {name}: heads: {out['heads']} does not divide the attention width {attention}")
     return out
 
 
