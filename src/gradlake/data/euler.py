@@ -138,7 +138,8 @@ def stable_dt(cons: torch.Tensor, dx: float, dy: float, cfl: float) -> torch.Ten
     return cfl / (sx / dx + sy / dy)
 
 
-def _ssp_rk3(cons: torch.Tensor, dt: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+def ssp_rk3_step(cons: torch.Tensor, dt: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """One SSP-RK3 (Shu–Osher) step of every trajectory with its own dt [B]."""
     dt = dt.view(-1, 1, 1, 1)
     u1 = cons + dt * tendency(cons, dx, dy)
     u2 = 0.75 * cons + 0.25 * (u1 + dt * tendency(u1, dx, dy))
@@ -178,7 +179,7 @@ def solve(initial: torch.Tensor, times: Sequence[float], cfl: float = DEFAULT_CF
             step = stable_dt(state, dx, dy, cfl)
             lands = step >= remaining
             dt = torch.where(active, torch.minimum(step, remaining), torch.zeros_like(step))
-            advanced = _ssp_rk3(state, dt, dx, dy)
+            advanced = ssp_rk3_step(state, dt, dx, dy)
             state = torch.where(active.view(-1, 1, 1, 1), advanced, state)
             clock = torch.where(active & lands, torch.full_like(clock, target),
                                 torch.where(active, clock + dt, clock))
