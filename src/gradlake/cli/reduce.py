@@ -1,3 +1,106 @@
-"""reduce commands."""
+"""reduce and exact commands: influence quantities from a gradient store; the exact minibatch mode."""
 
-from gradlake.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+
+import typer
+
+from gradlake.cli.app import app
+from gradlake.cli.grads import _names, storage_options
+
+
+@app.command()
+def reduce(
+    store: str = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...)."),
+    name: str = typer.Option("default", "--name", help="Results go to STORE/reduce/NAME/."),
+    metric: str = typer.Option("V", "--metric", help="Metric: V (Gauss-Newton/NTK from random probes) or C (empirical Fisher)."),
+    damping: float = typer.Option(1e-4, "--lambda", help="Damping λ of (η̃ + λI)⁻¹."),
+    lambdas: str = typer.Option("", "--lambdas", help="Extra λ values of a sweep, comma-separated."),
+    normalize: str = typer.Option("none,row-std,cosine", "--normalize", help="Normalisations, comma-separated: none, row-std, cosine."),
+    pairs: str = typer.Option("CC,MC,EC", "--pairs", help="Observable pairs (response, perturbation), comma-separated."),
+    reference_split: str = typer.Option("train", "--reference-split", help="Split of the metric and of row-std."),
+    checkpoints: str = typer.Option("", "--checkpoints", help="Checkpoint names, comma-separated; default all."),
+    response: str = typer.Option("", "--response", help="Response samples (a --where filter); default all."),
+    perturbation: str = typer.Option("", "--perturbation", help="Perturbation samples (a --where filter); default all."),
+    topk: int = typer.Option(10, "--topk", help="Most / least influential reference samples per query; 0 = none."),
+    topk_queries: str = typer.Option("split == 'test'", "--topk-queries", help="Query samples of the top-k lists (a --where filter)."),
+    tile_rows: str = typer.Option("split == 'test'", "--tile-rows", help="Dense H tiles: response samples (a --where filter)."),
+    tile_cols: str = typer.Option("split == 'test'", "--tile-cols", help="Dense H tiles: perturbation samples (a --where filter)."),
+    tile_max: int = typer.Option(4096, "--tile-max", help="At most this many samples per tile side; 0 = no tiles."),
+    distance_pairs: int = typer.Option(2000, "--distance-pairs", help="Sampled pairs of influence vs input distance; 0 = none."),
+    block_rows: int = typer.Option(4096, "--block-rows", help="Rows per task."),
+    exact: bool = typer.Option(False, "--exact", help="Also run the exact minibatch mode (last checkpoint)."),
+    address: str = typer.Option("", "--address", help="Ray cluster to join; default RAY_ADDRESS, else an embedded local Ray."),
+    num_cpus: int = typer.Option(0, "--num-cpus", help="CPUs of the embedded local Ray; 0 = all."),
+    endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint for s3:// URLs."),
+    profile: str = typer.Option("", "--profile", help="AWS profile for s3:// URLs (credentials never go on the command line)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars: JSON lines."),
+):
+    """Reduce stored projected gradients to the paper's influence quantities."""
+    from gradlake import config, progress
+    from gradlake.reduce import run_reduce
+
+    if quiet:
+        progress.set_quiet(True)
+    job = config.parse_job({
+        "stages": ["reduce"],
+        "reduce": {"name": name, "metric": metric, "damping": damping,
+                   "lambdas": [float(x) for x in _names(lambdas)], "normalize": _names(normalize),
+                   "pairs": _names(pairs), "reference_split": reference_split,
+                   "checkpoints": _names(checkpoints), "response": response, "perturbation": perturbation,
+                   "topk": topk, "topk_queries": topk_queries, "tile_rows": tile_rows, "tile_cols": tile_cols,
+                   "tile_max": tile_max, "distance_pairs": distance_pairs, "block_rows": block_rows,
+                   "exact": {"enabled": exact}},
+        "ray": {"address": address, "num_cpus": num_cpus},
+    }, source="gradlake reduce")
+    summary = run_reduce(store, job.reduce, job.ray, storage_options(endpoint_url, profile))
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def exact(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint path."),
+    data: str = typer.Option(..., "--data", help="Dataset URL."),
+    out: str = typer.Option("", "--out", help="A gradient store (results go to STORE/reduce/NAME/) or a folder; default ./exact-<checkpoint>."),
+    name: str = typer.Option("exact", "--name", help="Results name inside a gradient store."),
+    damping: float = typer.Option(1e-4, "--lambda", help="Damping λ."),
+    rtol: float = typer.Option(1e-6, "--rtol", help="Relative residual at which each Krylov solve stops."),
+    per_class: int = typer.Option(16, "--per-class", help="Transitions of the trajectory of each class."),
+    classes: int = typer.Option(3, "--classes", help="Classes in the batch (sorted by name)."),
+    split: str = typer.Option("test", "--split", help="Split the batch's trajectories come from."),
+    ks: str = typer.Option("4,8,16", "--ks", help="k_in = k_out values of the agreement report, comma-separated."),
+    probes: int = typer.Option(64, "--probes", help="V probes of the projected estimate's metric."),
+    pairs: str = typer.Option("CC,MC,EC", "--pairs", help="Observable pairs, comma-separated."),
+    normalize: str = typer.Option("none,row-std,cosine", "--normalize", help="Normalisations of the agreement report."),
+    max_iter: int = typer.Option(5000, "--max-iter", help="CG iterations per right-hand side."),
+    block: int = typer.Option(8, "--block", help="Right-hand sides solved together."),
+    dtype: str = typer.Option("float64", "--dtype", help="float64 or float32."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint for s3:// URLs."),
+    profile: str = typer.Option("", "--profile", help="AWS profile for s3:// URLs."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars: JSON lines."),
+):
+    """The paper's exact minibatch influence (matrix-free Krylov) and its agreement with projections."""
+    from gradlake import config, fsio, progress
+    from gradlake.reduce import run_exact
+
+    if quiet:
+        progress.set_quiet(True)
+    job = config.parse_job({
+        "stages": ["reduce"],
+        "reduce": {"damping": damping, "pairs": _names(pairs), "normalize": _names(normalize),
+                   "exact": {"enabled": True, "rtol": rtol, "per_class": per_class, "classes": classes,
+                             "split": split, "ks": [int(k) for k in _names(ks)], "probes": probes,
+                             "max_iter": max_iter, "block": block, "dtype": dtype, "device": device}},
+    }, source="gradlake exact")
+    options = storage_options(endpoint_url, profile)
+    target = out or "exact-" + checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    fs, path = fsio.filesystem(target, options)
+    if fs.exists(path.rstrip("/") + "/store.json"):
+        from gradlake.store import GradientStore
+
+        target = GradientStore.open(target, options or None).reduce_url(name)
+    summary = run_exact(checkpoint, data, target, job.reduce.exact, job.reduce.damping, job.reduce.pairs,
+                        job.reduce.normalize, options or None)
+    typer.echo(json.dumps({**summary, "out": target}, indent=2, default=str))
