@@ -52,40 +52,15 @@ def test_exact_mode_matches_the_loop(cls, shape):
     assert rel_err(phi["V"][:, 0], loop_grads(model, x, cots["V"][:, 0])) < 1e-5
 
 
-def _dense_projection(model, projector, grads):
-    """Apply P block by block to full gradients [B, p], building P from the projector's factors."""
-    spec = projector.spec(model)
-    params = dict(model.named_parameters())
-    out, start = [], 0
-    for block in spec["parameters"]:
-        numel = params[block["name"]].numel()
-        g = grads[:, start:start + numel]
-        start += numel
-        name, shape = block["module"], tuple(params[f"{block['module']}.weight"].shape) if block["path"] != "exact" else None
-
-        def factor(role, dim, key=name, key_shape=shape):
-            f = projector.factor(key, key_shape, role, dim, torch.device("cpu"), torch.float32)
-            return torch.eye(dim) if f is None else f
-
-        if block["path"] == "kron":
-            p_out, p_in = factor("out", block["d_out"]), factor("in", block["d_in"])
-            out.append((p_out @ g.reshape(-1, block["d_out"], block["d_in"]) @ p_in.T).flatten(1))
-        elif block["path"] == "kron-bias":
-            out.append(g @ factor("out", block["d_out"]).T)
-        else:
-            f = projector.factor(block["name"], tuple(block["shape"]), "dense", numel, torch.device("cpu"), torch.float32)
-            out.append(g if f is None else g @ f.T)
-    return torch.cat(out, dim=1)
-
-
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind,conv", [("rademacher", "separable"), ("gaussian", "separable"), ("rademacher", "full")])
 @pytest.mark.parametrize("cls,shape", CASES, ids=[c.__name__ for c, _ in CASES])
-def test_projection_equals_the_dense_projection_of_the_exact_gradient(cls, shape, kind):
+def test_projection_equals_the_dense_projection_of_the_exact_gradient(cls, shape, kind, conv):
     model, x = _model(cls, shape)
-    projector = Projector(seed=3, k_in=4, k_out=3, kind=kind, k_dense=5)
+    projector = Projector(seed=3, k_in=5, k_out=3, kind=kind, k_dense=5, conv=conv, k_space=2)
     cotangents = fixed_cotangents()
     phi, _ = projected_grads(model, x, cotangents, projector)
-    ref = _dense_projection(model, projector, loop_grads(model, x, cotangents(model(x).detach())["C"]))
+    # Projector.apply builds P block by block from the factors and applies it to full gradients.
+    ref = projector.apply(model, loop_grads(model, x, cotangents(model(x).detach())["C"]))
     assert phi["C"].shape == ref.shape == (shape[0], projector.k(model))
     _assert_blocks_close(model, projector, phi["C"], ref)
 

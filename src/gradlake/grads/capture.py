@@ -20,15 +20,17 @@ the model input is ever computed.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
 
 from gradlake.errors import GradlakeError, InputError
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
+from gradlake.grads.modules import ModuleGrads
 from gradlake.grads.projector import Projector
 
 Cotangents = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -83,7 +85,7 @@ class _Capture:
         self.phi: torch.Tensor | None = None
         self.slot = 0
         self.active = True
-        self._identity: dict[str, torch.Tensor] = {}
+        self._identity: dict[int, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
@@ -99,8 +101,8 @@ class _Capture:
             for handle in handles:
                 handle.remove()
 
-    def _factor(self, name: str, shape, role: str, dim: int) -> torch.Tensor | None:
-        return self.projector.factor(name, shape, role, dim, self.device, self.dtype)
+    def _factor(self, name: str, shape, role: str, dim: int, rows: int | None = None) -> torch.Tensor | None:
+        return self.projector.factor(name, shape, role, dim, self.device, self.dtype, rows)
 
     def _track(self, name: str, output) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
@@ -131,19 +133,44 @@ class _Capture:
     def _project_input(self, layer: Layer, a: torch.Tensor) -> torch.Tensor:
         """Linear: [B, positions, k_in]; conv: [B, k_in, positions]."""
         weight = layer.module.weight
-        factor = self._factor(layer.name, weight.shape, "in", layer.d_in)
         if not layer.conv_dims:
+            factor = self._factor(layer.name, weight.shape, "in", layer.d_in)
             a = a.reshape(self.batch, -1, layer.d_in)
             return a if factor is None else a @ factor.T
-        if factor is None:
-            if layer.name not in self._identity:
-                eye = torch.eye(layer.d_in, device=self.device, dtype=self.dtype)
-                self._identity[layer.name] = eye.reshape(layer.d_in, *weight.shape[1:])
-            kernel = self._identity[layer.name]
+        split = layer.input_split(self.projector)
+        module, conv = layer.module, _conv(layer.conv_dims)
+        if module.padding_mode != "zeros":  # pad here (per channel: commutes with channel mixing)
+            a, padding = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
         else:
-            kernel = factor.reshape(factor.shape[0], *weight.shape[1:])
-        # The layer's own padding, padding mode, stride and dilation, with our kernel.
-        return layer.module._conv_forward(a, kernel, None).reshape(self.batch, kernel.shape[0], -1)
+            padding = module.padding
+        if split is None:  # one dense (k_in, C_in, *kernel) kernel
+            factor = self._factor(layer.name, weight.shape, "in", layer.d_in)
+            kernel = self._eye(layer.d_in) if factor is None else factor
+            out = conv(a, kernel.reshape(kernel.shape[0], *weight.shape[1:]), None, module.stride, padding,
+                       module.dilation)
+            return out.reshape(self.batch, out.shape[1], -1)
+        # Separable: channels by a 1x1 conv, then the same k_space filters on each of the
+        # k_channel maps (the maps stacked on the batch axis: one single-channel conv).
+        c_in, taps = weight.shape[1], layer.d_in // weight.shape[1]
+        channel = self._factor(layer.name, weight.shape, "in-channel", c_in, split[0])
+        if channel is not None:
+            a = conv(a, channel.reshape(*channel.shape, *[1] * layer.conv_dims))
+        space = self._factor(layer.name, weight.shape, "in-space", taps, split[1])
+        if taps == 1:  # a 1x1 conv: the channel projection is all of P_in
+            if all(s == 1 for s in module.stride) and not any(_as_tuple(padding)):
+                return a.reshape(self.batch, split[0], -1)
+            out = conv(a, self._eye(split[0]).reshape(split[0], split[0], *weight.shape[2:]), None,
+                       module.stride, padding, module.dilation)
+            return out.reshape(self.batch, split[0], -1)
+        space = self._eye(taps) if space is None else space
+        maps = a.reshape(self.batch * split[0], 1, *a.shape[2:])
+        out = conv(maps, space.reshape(split[1], 1, *weight.shape[2:]), None, module.stride, padding, module.dilation)
+        return out.reshape(self.batch, split[0] * split[1], -1)
+
+    def _eye(self, n: int) -> torch.Tensor:
+        if n not in self._identity:
+            self._identity[n] = torch.eye(n, device=self.device, dtype=self.dtype)
+        return self._identity[n]
 
     def _layer_backward(self, layer: Layer, projected: torch.Tensor, delta: torch.Tensor) -> None:
         factor = self._factor(layer.name, layer.module.weight.shape, "out", layer.d_out)
@@ -181,27 +208,31 @@ class _Capture:
         return out
 
     def _exact_backward(self, entry: ExactModule, args, kwargs, delta: torch.Tensor) -> None:
-        module = entry.module
-        params = {local: getattr(module, local).detach() for _, local in entry.params}
-        in_dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == self.batch
-                        else None for a in args)
+        if entry.module not in _MODULE_GRADS:
+            _MODULE_GRADS[entry.module] = ModuleGrads(entry.module, tuple(local for _, local in entry.params))
         args = tuple(a.detach().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                      for a in args)
-
-        def response(p, d, *sample):
-            one = tuple(s.unsqueeze(0) if dim == 0 else s for s, dim in zip(sample, in_dims))
-            return (functional_call(module, p, one, kwargs) * d.unsqueeze(0)).sum()
-
         self.active = False  # the module's own (and its children's) hooks stay quiet
         try:
-            per_sample = vmap(grad(response), in_dims=(None, 0, *in_dims))(params, delta.float(), *args)
+            per_sample = _MODULE_GRADS[entry.module](args, kwargs, delta.float())
         finally:
             self.active = True
         for qualified, local in entry.params:
-            g = per_sample[local].reshape(self.batch, -1)
-            factor = self.projector.factor(qualified, tuple(params[local].shape), "dense", g.shape[1],
-                                           self.device, torch.float32)
+            g = per_sample[local]
+            factor = self.projector.factor(qualified, tuple(getattr(entry.module, local).shape), "dense",
+                                           g.shape[1], self.device, torch.float32)
             self._add(qualified, g if factor is None else g @ factor.T)
+
+
+_MODULE_GRADS: weakref.WeakKeyDictionary[nn.Module, ModuleGrads] = weakref.WeakKeyDictionary()
+
+
+def _as_tuple(padding) -> tuple:
+    return padding if isinstance(padding, tuple) else (padding,)
+
+
+def _conv(dims: int):
+    return (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
 
 
 def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangents, projector: Projector,

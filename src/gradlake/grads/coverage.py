@@ -39,6 +39,13 @@ class Layer:
     weight: str  # qualified parameter names
     bias: str | None
 
+    def input_split(self, projector: Projector | None) -> tuple[int, int] | None:
+        """(channel rows, spatial rows) of a separable conv input factor, else None."""
+        if not self.conv_dims or projector is None:
+            return None
+        c_in = self.module.weight.shape[1]
+        return projector.conv_split(c_in, self.d_in // c_in)
+
 
 @dataclass(frozen=True)
 class ExactModule:
@@ -96,8 +103,12 @@ class Plan:
         owner: dict[str, tuple[str, str, dict[str, Any]]] = {}
         for layer in self.layers:
             k_out = projector.rows("out", layer.d_out) if projector else layer.d_out
-            k_in = projector.rows("in", layer.d_in) if projector else layer.d_in
-            dims = {"d_out": layer.d_out, "d_in": layer.d_in, "k_out": k_out, "k_in": k_in}
+            dims = {"d_out": layer.d_out, "d_in": layer.d_in, "k_out": k_out, "k_in": layer.d_in}
+            split = layer.input_split(projector)
+            if split:
+                dims.update(k_in=split[0] * split[1], k_channel=split[0], k_space=split[1])
+            elif projector:
+                dims["k_in"] = projector.rows("in", layer.d_in)
             owner[layer.weight] = ("kron", layer.name, dims)
             if layer.bias:
                 owner[layer.bias] = ("kron-bias", layer.name, {"d_out": layer.d_out, "k_out": k_out})

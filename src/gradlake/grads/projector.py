@@ -36,6 +36,7 @@ from gradlake.errors import InputError
 SPEC_FORMAT = "gradlake.projector/1"
 GENERATOR = "philox4x64-sha256/1"
 KINDS = ("rademacher", "gaussian")
+CONV_FORMS = ("separable", "full")
 
 
 def random_factor(seed: int, name: str, shape: tuple[int, ...], role: str, kind: str,
@@ -65,28 +66,36 @@ class Projector:
     ``k_in`` / ``k_out``: rows of the input-side / output-side factor of each Linear or
     Conv layer (clipped to the layer's dimensions; identity where k >= dimension).
     ``k_dense``: coordinates for each parameter outside such layers (default k_in * k_out).
+    ``conv``: the input-side factor of a conv, acting on C_in * taps coordinates
+    (taps = prod(kernel)): "separable" (default) is P_channel ⊗ P_space with
+    k_space' = min(k_space, taps) spatial and k_c' = min(C_in, ceil(k_in / k_space'))
+    channel rows (k_in' = k_c' * min(taps, k_in // k_c')), applied as a 1x1 conv then a
+    grouped conv — cheap even where k_in is close to C_out; "full" is one dense
+    (k_in, C_in, *kernel) kernel.
     """
 
     def __init__(self, seed: int = 0, k_in: int = 16, k_out: int = 16, kind: str = "rademacher",
-                 k_dense: int | None = None):
-        for field, value in (("k_in", k_in), ("k_out", k_out), ("k_dense", k_dense)):
+                 k_dense: int | None = None, conv: str = "separable", k_space: int = 4):
+        for field, value in (("k_in", k_in), ("k_out", k_out), ("k_dense", k_dense), ("k_space", k_space)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise InputError(f"projector {field}: expected int > 0, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise InputError(f"projector seed: expected int, got {seed!r}")
         if kind not in KINDS:
             raise InputError(f"projector kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        if conv not in CONV_FORMS:
+            raise InputError(f"projector conv: expected one of {', '.join(CONV_FORMS)}, got {conv!r}")
         self.seed, self.k_in, self.k_out, self.kind = seed, k_in, k_out, kind
         self.k_dense = k_in * k_out if k_dense is None else k_dense
+        self.conv, self.k_space = conv, k_space
         self._factors: dict[tuple, torch.Tensor | None] = {}
 
     def __repr__(self) -> str:
-        return (f"Projector(seed={self.seed}, k_in={self.k_in}, k_out={self.k_out}, "
-                f"kind={self.kind!r}, k_dense={self.k_dense})")
+        return "Projector(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"
 
     def settings(self) -> dict[str, Any]:
         return {"seed": self.seed, "k_in": self.k_in, "k_out": self.k_out, "kind": self.kind,
-                "k_dense": self.k_dense}
+                "k_dense": self.k_dense, "conv": self.conv, "k_space": self.k_space}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Projector:
@@ -97,11 +106,11 @@ class Projector:
         if spec.get("generator") != GENERATOR:
             raise InputError(f"projector spec generator: this gradlake regenerates {GENERATOR!r}, "
                              f"the spec was written with {spec.get('generator')!r}")
-        missing = [f for f in ("seed", "k_in", "k_out", "kind", "k_dense") if f not in spec]
+        fields = list(cls(0).settings())
+        missing = [f for f in fields if f not in spec]
         if missing:
             raise InputError(f"projector spec: missing field {missing[0]!r}")
-        return cls(seed=spec["seed"], k_in=spec["k_in"], k_out=spec["k_out"], kind=spec["kind"],
-                   k_dense=spec["k_dense"])
+        return cls(**{f: spec[f] for f in fields})
 
     @classmethod
     def from_config(cls, settings) -> Projector:
@@ -124,17 +133,74 @@ class Projector:
 
         return plan(model).layout(self).k
 
+    def apply(self, model: nn.Module, grads: torch.Tensor) -> torch.Tensor:
+        """Project full per-example gradients [..., p] (``model.named_parameters()`` order) to [..., k].
+
+        The reference for the factorised capture (and the projection step of the dense
+        baselines): the same P, applied block by block to gradients that exist in full.
+        """
+        from gradlake.grads.coverage import plan
+
+        model_plan = plan(model)
+        layers = {layer.name: layer for layer in model_plan.layers}
+        params = dict(model.named_parameters())
+        device, lead = grads.device, grads.shape[:-1]
+        grads = grads.reshape(-1, grads.shape[-1]).float()
+        out, start = [], 0
+        for block in model_plan.layout(self).blocks:
+            shape, numel = params[block.name].shape, params[block.name].numel()
+            g, start = grads[:, start:start + numel], start + numel
+
+            def factor(name, key_shape, role, dim, rows=None):
+                f = self.factor(name, key_shape, role, dim, device, torch.float32, rows)
+                return torch.eye(dim, device=device) if f is None else f
+
+            if block.path == "exact":
+                f = self.factor(block.name, tuple(shape), "dense", numel, device, torch.float32)
+                out.append(g if f is None else g @ f.T)
+                continue
+            layer = layers[block.module]
+            weight_shape = tuple(layer.module.weight.shape)
+            p_out = factor(layer.name, weight_shape, "out", layer.d_out)
+            if block.path == "kron-bias":
+                out.append(g @ p_out.T)
+                continue
+            split = layer.input_split(self)
+            if split:
+                c_in = weight_shape[1]
+                p_in = torch.kron(factor(layer.name, weight_shape, "in-channel", c_in, split[0]),
+                                  factor(layer.name, weight_shape, "in-space", layer.d_in // c_in, split[1]))
+            else:
+                p_in = factor(layer.name, weight_shape, "in", layer.d_in)
+            out.append((p_out @ g.reshape(-1, layer.d_out, layer.d_in) @ p_in.T).flatten(1))
+        if start != grads.shape[1]:
+            raise InputError(f"projector apply: expected gradients with {start} entries (the model's "
+                             f"parameters), got {grads.shape[1]}")
+        return torch.cat(out, dim=1).reshape(*lead, -1)
+
     def rows(self, role: str, dim: int) -> int:
         """Rows of a factor acting on ``dim`` coordinates (role: "in", "out" or "dense")."""
         k = {"in": self.k_in, "out": self.k_out, "dense": self.k_dense}[role]
         return min(k, dim)
 
+    def conv_split(self, c_in: int, taps: int) -> tuple[int, int] | None:
+        """(channel rows, spatial rows) of a conv's separable input factor; None for "full"."""
+        if self.conv == "full":
+            return None
+        space = min(self.k_space, taps)
+        channel = min(c_in, -(-self.k_in // space))
+        return channel, min(taps, self.k_in // channel)
+
     def factor(self, name: str, shape: tuple[int, ...], role: str, dim: int,
-               device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        """The [rows, dim] factor of (name, shape, role), or None where it is the identity."""
-        key = (name, tuple(shape), role, dim, str(device), dtype)
+               device: torch.device, dtype: torch.dtype, rows: int | None = None) -> torch.Tensor | None:
+        """The [rows, dim] factor of (name, shape, role), or None where it is the identity.
+
+        ``rows`` defaults to :meth:`rows` (roles "in", "out", "dense"); the separable conv
+        factors (roles "in-channel", "in-space") pass theirs from :meth:`conv_split`.
+        """
+        rows = self.rows(role, dim) if rows is None else rows
+        key = (name, tuple(shape), role, rows, dim, str(device), dtype)
         if key not in self._factors:
-            rows = self.rows(role, dim)
             if rows >= dim:
                 self._factors[key] = None
             else:
