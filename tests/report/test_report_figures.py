@@ -37,14 +37,15 @@ DRAWERS = {
         [(f"class {c}", _two_time(seed=i)) for i, c in enumerate(CLASSES)], out,
         title="H_CC intra-class (row-std)", colorbar_label="H (row-std normalised)"),
     "lag": lambda out: F.lag_curves(
-        {c: (np.arange(-3, 4), np.linspace(0, 1, 7), np.linspace(-.1, .9, 7), np.linspace(.1, 1.1, 7))
-         for c in CLASSES}, out, title="lag", ylabel="H"),
+        [(relation, {c: (np.arange(-3, 4), np.linspace(0, 1, 7), np.linspace(-.1, .9, 7), np.linspace(.1, 1.1, 7))
+                     for c in CLASSES}) for relation in ("same trajectory", "other classes")],
+        out, title="lag", ylabel="H"),
     "transfer": lambda out: F.transfer_matrix(
         _two_time(3), out, response_labels=CLASSES, perturbation_labels=CLASSES, title="transfer",
         colorbar_label="mean H"),
     "distance": lambda out: F.influence_vs_distance(
         np.linspace(0, 2, 200), np.cos(np.linspace(0, 2, 200)), out, title="distance", ylabel="H",
-        groups=["same class", "other class"] * 100),
+        binned=(np.linspace(0.1, 1.9, 5), np.cos(np.linspace(0.1, 1.9, 5)), None, None)),
     "spectrum": lambda out: F.metric_spectrum(
         {"epoch-0001": np.r_[np.logspace(2, -6, 30), 0.0, -1e-9]}, out, title="spectrum", damping=1e-4),
     "exact": lambda out: F.exact_agreement(

@@ -26,6 +26,16 @@ T_RESPONSE = "t (response)"
 T_PERTURBATION = "t (perturbation)"
 LAG = "Δt = t_response − t_perturbation"
 
+# Fixed geometry of heatmap grids, in inches (a computed layout engine costs 2-3x the drawing).
+PANEL_W, PANEL_H, HGAP, VGAP = 2.3, 1.9, 0.2, 0.4
+LEFT, RIGHT, BOTTOM = 0.75, 1.1, 0.6
+TITLE_CHAR_W, TITLE_LINE_H = 0.085, 0.22  # 11 pt
+
+
+def _title_width(title: str) -> float:
+    """Inches an 11 pt title needs (its longest line)."""
+    return 0.4 + TITLE_CHAR_W * max(len(line) for line in title.split("\n"))
+
 
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -84,47 +94,87 @@ def two_time_heatmaps(
     mats = [np.asarray(m, dtype=float) for _, m in panels]
     ncols = ncols or min(len(mats), 4)
     nrows = math.ceil(len(mats) / ncols)
-    fig = _figure(0.6 + 2.9 * ncols, 0.7 + 2.6 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    lines = title.split("\n")
+    top = 0.45 + TITLE_LINE_H * len(lines)
+    grid_w = ncols * PANEL_W + (ncols - 1) * HGAP
+    width = max(LEFT + grid_w + RIGHT, _title_width(title))
+    left = (width - grid_w - RIGHT + LEFT) / 2
+    height = BOTTOM + nrows * PANEL_H + (nrows - 1) * VGAP + top
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
     norm, cmap = _symmetric_norm(*mats), _diverging_cmap()
-    image = None
-    for i, (ax, (label, mat)) in enumerate(zip(axes, zip((p[0] for p in panels), mats))):
+    first, image = None, None
+    for i, ((label, _), mat) in enumerate(zip(panels, mats)):
+        row, col = divmod(i, ncols)
+        x0 = left + col * (PANEL_W + HGAP)
+        y0 = BOTTOM + (nrows - 1 - row) * (PANEL_H + VGAP)
+        ax = fig.add_axes((x0 / width, y0 / height, PANEL_W / width, PANEL_H / height),
+                          sharex=first, sharey=first)
+        first = first or ax
         tr = _axis_values(t_response, mat.shape[0])
         tp = _axis_values(t_perturbation, mat.shape[1])
         image = ax.imshow(np.ma.masked_invalid(mat), origin="lower", cmap=cmap, norm=norm,
-                          extent=(*_extent(tp), *_extent(tr)), aspect="auto",
-                          interpolation="nearest")
-        ax.set_title(label, fontsize=10)
-        if i % ncols == 0:
+                          extent=(*_extent(tp), *_extent(tr)), aspect="auto", interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        first_column, bottom = col == 0, i >= len(mats) - ncols  # no panel below
+        ax.tick_params(labelleft=first_column, labelbottom=bottom, labelsize=8)
+        if first_column:
             ax.set_ylabel(T_RESPONSE)
-        if i >= len(mats) - ncols:
+        if bottom:
             ax.set_xlabel(T_PERTURBATION)
-    for ax in axes[len(mats):]:
-        ax.set_visible(False)
-    fig.colorbar(image, ax=axes[: len(mats)].tolist(), label=colorbar_label, shrink=0.9)
-    fig.suptitle(title, fontsize=11)
+    grid_h = height - BOTTOM - top
+    cax = fig.add_axes(((left + grid_w + 0.2) / width, BOTTOM / height, 0.15 / width, grid_h / height))
+    fig.colorbar(image, cax=cax, label=colorbar_label)
+    fig.suptitle(title, y=1 - 0.12 / height, va="top", fontsize=11)
     _save(fig, out)
 
 
-def _bands(ax, curves: Mapping[str, Band]) -> None:
+def _colors(labels) -> dict[str, str]:
+    """One colour per label, the same in every panel; the pooled curve "all" in black."""
+    ordered = [label for label in dict.fromkeys(labels) if label != "all"]
+    return {label: f"C{i % 10}" for i, label in enumerate(ordered)} | {"all": "black"}
+
+
+def _bands(ax, curves: Mapping[str, Band], colors: dict[str, str] | None = None) -> None:
+    """A line per curve with its band; the pooled curve, labelled "all", black and thicker."""
+    colors = colors or _colors(curves)
     for label, (x, mid, lo, hi) in curves.items():
-        (line,) = ax.plot(x, mid, marker="o", markersize=3, label=label)
+        width = 2.2 if label == "all" else 1.5
+        (line,) = ax.plot(x, mid, marker="o", markersize=3, label=label, color=colors[label],
+                          linewidth=width, zorder=3 if label == "all" else 2)
         if lo is not None and hi is not None:
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
-def lag_curves(curves: Mapping[str, Band], out: Out, *, title: str, ylabel: str) -> None:
-    """Influence versus time lag, one line (median) and shaded IQR per curve."""
-    fig = _figure(6.4, 4.0)
-    ax = fig.subplots()
-    _bands(ax, curves)
-    ax.axhline(0.0, color="0.5", linewidth=0.8)
-    ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle=":")
-    ax.set_xlabel(LAG)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=11)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="median, IQR band", title_fontsize=8)
+def lag_curves(
+    panels: Sequence[tuple[str, Mapping[str, Band]]], out: Out, *, title: str, ylabel: str
+) -> None:
+    """Influence versus time lag: one panel per (title, curves), a median line and shaded
+    IQR per curve, panels sharing the y axis."""
+    if not panels:
+        raise ValueError("lag_curves: no panels")
+    fig = _figure(0.8 + 4.2 * len(panels), 3.9)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True, squeeze=False)).ravel()
+    colors = _colors(label for _, curves in panels for label in curves)
+    for i, (ax, (label, curves)) in enumerate(zip(axes, panels)):
+        _bands(ax, curves, colors)
+        ax.axhline(0.0, color="0.5", linewidth=0.8)
+        ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(LAG)
+        if i == 0:
+            ax.set_ylabel(ylabel)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    handles = {}
+    for ax in axes:  # one legend with every curve of any panel
+        handles |= dict(zip(*reversed(ax.get_legend_handles_labels())))
+    if handles:
+        axes[0].legend(list(handles.values()), list(handles), fontsize=7, title="median, IQR band",
+                       title_fontsize=7)
+    fig.suptitle(title, fontsize=11)
     _save(fig, out)
 
 
@@ -139,7 +189,7 @@ def transfer_matrix(
 ) -> None:
     """Class-to-class mean influence, annotated with each cell's value."""
     matrix = np.asarray(matrix, dtype=float)
-    fig = _figure(1.8 + 0.9 * matrix.shape[1], 1.4 + 0.7 * matrix.shape[0])
+    fig = _figure(max(1.8 + 0.9 * matrix.shape[1], _title_width(title)), 1.6 + 0.7 * matrix.shape[0])
     ax = fig.subplots()
     norm = _symmetric_norm(matrix)
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=_diverging_cmap(), norm=norm,
@@ -165,32 +215,29 @@ def influence_vs_distance(
     *,
     title: str,
     ylabel: str,
-    xlabel: str = "‖x_i − x_j‖ (input distance)",
-    groups: Sequence[str] | None = None,
-    bins: int = 12,
+    binned: Band | None = None,
+    xlabel: str = "RMS(x_i − x_j) (input distance)",
 ) -> None:
-    """Scatter of H(i, j) against the inputs' distance, per group, with binned medians."""
+    """Scatter of sampled pairs' H(i, j) against their inputs' distance, with the binned
+    median and IQR when given."""
     distance = np.asarray(distance, dtype=float)
     influence = np.asarray(influence, dtype=float)
-    labels = np.asarray(groups) if groups is not None else np.full(distance.shape, "pairs")
     fig = _figure(6.4, 4.2)
     ax = fig.subplots()
-    for label in sorted(set(labels.tolist())):
-        mask = (labels == label) & np.isfinite(distance) & np.isfinite(influence)
-        d, h = distance[mask], influence[mask]
-        points = ax.scatter(d, h, s=6, alpha=0.35, linewidths=0, label=label)
-        if d.size >= 2 * bins:
-            edges = np.quantile(d, np.linspace(0, 1, bins + 1))
-            which = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, bins - 1)
-            centres = [np.median(d[which == b]) for b in range(bins) if (which == b).any()]
-            medians = [np.median(h[which == b]) for b in range(bins) if (which == b).any()]
-            ax.plot(centres, medians, color=points.get_facecolor()[0][:3], linewidth=2)
+    ax.scatter(distance, influence, s=6, alpha=0.35, linewidths=0, color="tab:blue",
+               label=f"sampled pairs (n = {distance.size})")
+    if binned is not None:
+        x, mid, lo, hi = binned
+        ax.plot(x, mid, color="tab:red", marker="o", markersize=3, linewidth=2,
+                label="median per distance bin")
+        if lo is not None and hi is not None:
+            ax.fill_between(x, lo, hi, color="tab:red", alpha=0.2, linewidth=0, label="IQR per bin")
     ax.axhline(0.0, color="0.5", linewidth=0.8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, markerscale=3, title="points; line = binned median", title_fontsize=8)
+    ax.legend(fontsize=8, markerscale=2)
     _save(fig, out)
 
 
@@ -209,6 +256,7 @@ def metric_spectrum(
     if damping is not None:
         ax.axhline(damping, color="k", linestyle="--", linewidth=1, label=f"λ = {damping:g}")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("eigenvalue index (largest first)")
     ax.set_ylabel("eigenvalue of η̃ (k-space NTK metric)")
     ax.set_title(title, fontsize=11)
@@ -276,8 +324,10 @@ def training_curves(
     _save(fig, out)
 
 
-def rollout_error(curves: Mapping[str, Band], out: Out, *, title: str, ylabel: str) -> None:
-    """Autoregressive rollout error versus horizon, per class (median and IQR over trajectories)."""
+def rollout_error(
+    curves: Mapping[str, Band], out: Out, *, title: str, ylabel: str, band_label: str = "mean ± 1 std"
+) -> None:
+    """Autoregressive rollout error versus horizon, one line and band per class."""
     fig = _figure(6.4, 4.0)
     ax = fig.subplots()
     _bands(ax, curves)
@@ -288,5 +338,5 @@ def rollout_error(curves: Mapping[str, Band], out: Out, *, title: str, ylabel: s
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, title="median, IQR band", title_fontsize=8)
+    ax.legend(fontsize=8, title=band_label, title_fontsize=8)
     _save(fig, out)

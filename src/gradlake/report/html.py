@@ -8,7 +8,7 @@ from typing import Sequence
 
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; padding-bottom: .2em; }
+h1 { font-size: 1.6em; } h3 { font-size: 1.05em; margin-top: 1.5em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; padding-bottom: .2em; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: .92em; color: #444; margin-top: .3em; }
 table { border-collapse: collapse; font-size: .92em; }
@@ -25,6 +25,7 @@ class Image:
     src: str
     caption: str
     alt: str = ""
+    group: str = ""  # a sub-heading (e.g. the checkpoint); shown when it changes
 
 
 @dataclass
@@ -48,9 +49,14 @@ def _section(s: Section) -> str:
     if s.intro:
         parts.append(f"<p>{html.escape(s.intro)}</p>")
     parts += [f'<p class="note">{html.escape(note)}</p>' for note in s.notes]
+    group = ""
     for image in s.images:
+        if image.group and image.group != group:
+            group = image.group
+            parts.append(f"<h3>{html.escape(group)}</h3>")
+        src = html.escape(image.src)
         parts.append(
-            f'<figure><img src="{html.escape(image.src)}" alt="{html.escape(image.alt or image.caption)}">'
+            f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(image.alt or image.caption)}"></a>'
             f"<figcaption>{html.escape(image.caption)}</figcaption></figure>"
         )
     parts.append("</section>")
