@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from reduce_helpers import dense_h, eta_from_probes
 
 from gradlake.reduce.aggregates import (AggregateReducer, RELATIONS, TrajectoryBlock, complete,
                                         finalize, lag_values)
@@ -35,20 +36,10 @@ def data():
 
 
 def _dense(d, pair, norm):
-    """Full H by a direct solve, normalised densely; NaN rows/cols for unusable samples."""
+    """Full H by a direct solve, normalised densely."""
     phi = d["phi"]
-    ref = np.flatnonzero(d["reference"])
-    eta = sum(np.outer(v, v) for i in ref for v in phi["V"][i]) / phi["V"].shape[1]
-    A = np.linalg.inv(eta + LAM * np.eye(d["k"]))
-    pa, pb = phi[pair[0]], phi[pair[1]]
-    H = pa @ A @ pb.T
-    if norm == "row-std":
-        H = H / H[:, ref].std(axis=1)[:, None]
-    elif norm == "cosine":
-        haa = np.einsum("ik,kl,il->i", pa, A, pa)
-        hbb = np.einsum("ik,kl,il->i", pb, A, pb)
-        H = H / np.sqrt(np.outer(haa, hbb))
-    return H
+    eta = eta_from_probes(phi["V"][d["reference"]])
+    return dense_h(phi[pair[0]], phi[pair[1]], eta, LAM, norm, reference=np.flatnonzero(d["reference"]))
 
 
 def _reduce(d, norms, blocks=2):

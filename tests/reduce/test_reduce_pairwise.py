@@ -3,7 +3,7 @@
 import numpy as np
 
 from gradlake.reduce.metric import Metric
-from gradlake.reduce.pairwise import (TopK, distance_curve, input_distance, sample_pairs, tile,
+from gradlake.reduce.pairwise import (TopK, distance_curve, input_distance, precondition, sample_pairs, tile,
                                       whiten)
 
 
@@ -22,7 +22,8 @@ def test_tiles_and_topk_match_dense():
     top = TopK(q_ids, k=4)
     tiles = []
     for cols in np.array_split(np.arange(nt), 5):
-        h = tile(whiten(phi_q, w, np.float64), whiten(phi_t[cols], w, np.float64))
+        h = tile(precondition(phi_q, metric.inverse(lam), np.float64), phi_t[cols])
+        np.testing.assert_allclose(h, tile(whiten(phi_q, w, np.float64), whiten(phi_t[cols], w, np.float64)), rtol=1e-9)
         tiles.append(h)
         top.update(h, t_ids[cols])
     np.testing.assert_allclose(np.concatenate(tiles, 1), H, rtol=1e-10)

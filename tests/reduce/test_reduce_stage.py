@@ -14,6 +14,7 @@ from gradlake.errors import InputError
 
 LAM = 1e-3
 RTOL = 1e-6
+pytestmark = pytest.mark.slow  # a real Ray: ~10-30 s of worker start-up on 2 busy cores
 
 
 @pytest.fixture(scope="session")
@@ -150,6 +151,19 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
     coords = zarr.open_group(url + "/results.zarr", mode="r")[store.checkpoints[0]]["twotime"].attrs["coords"]
     assert coords["pair"] == ["CC"] and coords["lambda"] == [LAM]
     assert third["checkpoints"][store.checkpoints[0]]["topk"] == {"skipped": "reduce.topk = 0"}
+    # The command line runs the same stage.
+    from gradlake.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reduce", store.url, "--name", "cli", "--lambda", "0.01", "--pairs", "CC", "--normalize", "row-std",
+              "--topk", "0", "--distance-pairs", "0", "--tile-max", "0", "--checkpoints", store.checkpoints[0],
+              "--quiet"])
+    assert exit_info.value.code in (0, None)
+    cli = json.loads(open(store.reduce_url("cli") + "/summary.json").read())
+    assert cli["settings"]["damping"] == 0.01 and list(cli["checkpoints"]) == [store.checkpoints[0]]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reduce", store.url, "--metric", "X"])
+    assert exit_info.value.code == 2
     with pytest.raises(InputError, match="reduce.perturbation"):
         run_reduce(store.url, dataclasses.replace(settings, perturbation="class == 'zzz'"), RayConfig())
     with pytest.raises(InputError, match="reduce.pairs"):

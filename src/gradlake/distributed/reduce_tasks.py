@@ -192,16 +192,16 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
                "classes": list(classes), "n_times": n_times, "lambdas": list(lambdas),
                "metric_top_eigenvalue": float(metric.eigenvalues[0]), "metric_clipped": metric.clipped,
                "skipped_nonfinite": {o: m.skipped for o, m in mom.items()}}
-    whitener = reducer.whiteners[settings.damping]
-    summary["tiles"] = _tiles(store, name, src, settings, whitener, out, window)
-    summary["topk"] = _topk_lists(store, name, src, settings, whitener, ref_rows, index, out)
+    inverse = metric.inverse(settings.damping)
+    summary["tiles"] = _tiles(store, name, src, settings, inverse, out)
+    summary["topk"] = _topk_lists(store, name, src, settings, inverse, ref_rows, index, out)
     summary["distance"] = _distance_curve(store, name, src, settings, reducer_ref, rows[response],
                                           rows[perturbation], out)
     summary["seconds"] = round(time.monotonic() - started, 2)
     return summary
 
 
-def _tiles(store, name, src, settings, whitener, out, window) -> dict:
+def _tiles(store, name, src, settings, inverse, out) -> dict:
     if settings.tile_max == 0:
         return {"skipped": "reduce.tile_max = 0"}
     rows_r = store.rows(name, settings.tile_rows or None)[: settings.tile_max]
@@ -212,27 +212,27 @@ def _tiles(store, name, src, settings, whitener, out, window) -> dict:
     out.write_array(f"{name}/tiles/response_rows", rows_r, ("response",), where=settings.tile_rows)
     out.write_array(f"{name}/tiles/perturbation_rows", rows_c, ("perturbation",), where=settings.tile_cols)
     refs = []
+    col_blocks = work.row_blocks(rows_c, size)
     for pair in settings.pairs:
         path = f"{name}/tiles/{pair}"
         out.create_array(path, (len(rows_r), len(rows_c)), (size, size), "float32", ("response", "perturbation"),
                          pair=pair, damping=settings.damping, normalization="none",
                          description="H_AB(i, j) for the response_rows x perturbation_rows samples")
-        for r in range(0, len(rows_r), size):
-            for c in range(0, len(rows_c), size):
-                refs.append(_tile.remote(src, pair, whitener, rows_r[r:r + size], rows_c[c:c + size],
-                                         out, path, (r, c)))
-    entries = sum(_run_all(refs, f"reduce {name}: tiles", "tiles"))
+        band = size * max(1, settings.block_rows // size)  # whole chunks per task: no shared writes
+        for r in range(0, len(rows_r), band):
+            refs.append(_tile.remote(src, pair, inverse, rows_r[r:r + band], col_blocks, out, path, r))
+    entries = sum(_run_all(refs, f"reduce {name}: tiles", "row bands"))
     return {"response_rows": len(rows_r), "perturbation_rows": len(rows_c), "entries": int(entries)}
 
 
-def _topk_lists(store, name, src, settings, whitener, ref_rows, index, out) -> dict:
+def _topk_lists(store, name, src, settings, inverse, ref_rows, index, out) -> dict:
     if settings.topk == 0:
         return {"skipped": "reduce.topk = 0"}
     queries = store.rows(name, settings.topk_queries or None)
     if not len(queries):
         return {"skipped": "reduce.topk_queries selects no sample"}
     chunks = work.row_blocks(queries, settings.tile_size)
-    refs = [_topk.remote(src, settings.pairs, whitener, q, ref_rows, settings.topk, settings.block_rows)
+    refs = [_topk.remote(src, settings.pairs, inverse, q, ref_rows, settings.topk, settings.block_rows)
             for q in chunks]
     tables = [work.topk_table(q, res, index)
               for q, res in zip(chunks, _run_all(refs, f"reduce {name}: top-k", "query blocks"))]

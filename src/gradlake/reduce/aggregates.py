@@ -162,7 +162,7 @@ def response_block(a, mask_a, b, mask_b, classes, pert_sums, n_pert):
     complete perturbation sums from pass 1. Returns (block's Sums without the
     perturbation part, per-trajectory lag sums [n, 3, 2T-1], lag pair counts [n, 3, 2T-1]).
     """
-    n, T, k = a.shape
+    n, T, _ = a.shape
     C = pert_sums.shape[0]
     onehot = _one_hot(classes, C)
     resp_sums, n_resp = class_time_sums(a, mask_a, classes, C)
@@ -201,7 +201,7 @@ def finalize(s: Sums) -> dict[str, np.ndarray]:
     transfer      [C, C]        class_twotime averaged over all its pairs
     and the pair counts of each (``*_pairs``).
     """
-    C, T, _ = s.response.shape
+    C = s.response.shape[0]
     full = np.einsum("ctk,duk->cdtu", s.response, s.perturbation)  # [C, C, T, T]
     n_full = np.einsum("ct,du->cdtu", s.n_response, s.n_perturbation)
     diag = np.arange(C)

@@ -103,7 +103,7 @@ class ReduceOutput:
         """An empty array to be filled chunk by chunk (tile tasks)."""
         parent, name = posixpath.split(path)
         return self.group(parent).create_array(name, shape=shape, chunks=chunks, dtype=dtype,
-                                               overwrite=True, dimension_names=dims,
+                                               overwrite=True, dimension_names=dims, compressors=None,
                                                attributes=_jsonable(attrs), fill_value=_fill(dtype))
 
     def open_array(self, path: str) -> zarr.Array:

@@ -1,7 +1,8 @@
 """Pairwise H out of core: dense tiles, running top-k over tiles, influence vs distance.
 
-A tile of H_AB is (φ_A W)(φ_B W)ᵀ for the whitener W of metric.py; the rows of either side
-are whitened once per tile, so a tile costs one matmul plus O((m + n) k²).
+A tile of H_AB is (φ_A (η̃ + λI)⁻¹) φ_Bᵀ: a task preconditions its block of response rows
+once (O(m k²)) and then streams raw perturbation rows through one matmul per tile, so a
+tile costs the same as a plain matmul of its shapes.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ def whiten(phi: np.ndarray, whitener: np.ndarray, dtype=np.float32) -> np.ndarra
     return (np.asarray(phi, dtype=np.float64) @ whitener).astype(dtype, copy=False)
 
 
-def tile(psi_a: np.ndarray, psi_b: np.ndarray) -> np.ndarray:
-    """H(i, j) for whitened response rows [m, k] and perturbation rows [n, k]."""
-    return psi_a @ psi_b.T
+def precondition(phi: np.ndarray, inverse: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """φ (η̃ + λI)⁻¹ in ``dtype``: response rows ready for :func:`tile`."""
+    return (np.asarray(phi, dtype=np.float64) @ inverse).astype(dtype, copy=False)
+
+
+def tile(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """H(i, j) = a_i · b_j: preconditioned response rows [m, k] against raw perturbation rows
+    [n, k] (or whitened rows on both sides)."""
+    return a @ np.asarray(b, dtype=a.dtype).T
 
 
 class TopK:

@@ -7,6 +7,7 @@ gradlake.distributed.reduce_tasks only call these. Nothing here imports Ray.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from gradlake.reduce.aggregates import (RELATIONS, AggregateReducer, Sums, Traje
                                         finalize, lag_statistics, lag_values)
 from gradlake.reduce.metric import Moments
 from gradlake.reduce.output import ReduceOutput
-from gradlake.reduce.pairwise import TopK, tile, whiten
+from gradlake.reduce.pairwise import TopK, precondition, tile, whiten
 
 BLOCK_COLUMNS = ("row", "trajectory", "t", "class", "split", "class_index", "response", "perturbation")
 
@@ -197,26 +198,44 @@ def lag_tables(out: ReduceOutput, checkpoint: str, reducer: AggregateReducer,
 
 
 # --------------------------------------------------------------------------- pairwise
-def tile_work(src: StoreRef, pair: str, whitener: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray,
-              out: ReduceOutput, array_path: str, origin: tuple[int, int]) -> int:
-    """One dense tile of H_AB written at ``origin`` of a zarr array; returns its entries."""
-    psi_a = whiten(src.read(pair[0], rows_a), whitener)
-    psi_b = whiten(src.read(pair[1], rows_b), whitener)
-    h = tile(psi_a, psi_b)
-    r, c = origin
-    out.open_array(array_path)[r:r + h.shape[0], c:c + h.shape[1]] = h
-    return h.size
+def prefetched(read, blocks: list):
+    """``read(block)`` for each block in order, reading the next block in a thread while
+    the caller computes on the current one (matmuls release the GIL)."""
+    if not blocks:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(read, blocks[0])
+        for i in range(len(blocks)):
+            data = future.result()
+            if i + 1 < len(blocks):
+                future = pool.submit(read, blocks[i + 1])
+            yield data
 
 
-def topk_work(src: StoreRef, pairs: tuple[str, ...], whitener: np.ndarray, queries: np.ndarray,
+def tile_work(src: StoreRef, pair: str, inverse: np.ndarray, rows_a: np.ndarray, col_blocks: list,
+              out: ReduceOutput, array_path: str, row0: int) -> int:
+    """One row band of dense H_AB tiles, written at row ``row0`` of a zarr array; the
+    response rows are preconditioned once, each column block costs one matmul."""
+    a = precondition(src.read(pair[0], rows_a), inverse)
+    array = out.open_array(array_path)
+    col0 = 0
+    for phi_b in prefetched(lambda rows: src.read(pair[1], rows), col_blocks):
+        h = tile(a, phi_b)
+        array[row0:row0 + h.shape[0], col0:col0 + h.shape[1]] = h
+        col0 += h.shape[1]
+    return a.shape[0] * col0
+
+
+def topk_work(src: StoreRef, pairs: tuple[str, ...], inverse: np.ndarray, queries: np.ndarray,
               candidates: np.ndarray, k: int, block_rows: int) -> dict[str, dict[str, np.ndarray]]:
     """Top-k / bottom-k of H_AB(query, ·) over the candidates, merged block by block."""
     out = {}
+    blocks = row_blocks(candidates, block_rows)
     for pair in pairs:
-        psi_q = whiten(src.read(pair[0], queries), whitener)
+        a = precondition(src.read(pair[0], queries), inverse)
         top = TopK(queries, k)
-        for block in row_blocks(candidates, block_rows):
-            top.update(tile(psi_q, whiten(src.read(pair[1], block), whitener)), block)
+        for block, phi_b in zip(blocks, prefetched(lambda rows: src.read(pair[1], rows), blocks)):
+            top.update(tile(a, phi_b), block)
         out[pair] = top.result()
     return out
 
