@@ -88,18 +88,22 @@ class StoreFiles:
     def read_json(self, rel: str) -> dict[str, Any]:
         return json.loads(self.read_bytes(rel))
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Replace a file whole: a rename on local disk, a single PUT on object stores."""
+    def write_bytes(self, rel: str, data: bytes | list) -> None:
+        """Replace a file whole: a rename on local disk, a single PUT on object stores.
+
+        ``data`` is bytes or a list of buffers (written in order).
+        """
         path = self.path(rel)
+        parts = data if isinstance(data, list) else [data]
         if not self.local:
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, b"".join(parts))
             return
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                f.writelines(parts)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -11,7 +11,7 @@ import numpy as np
 from gradlake.errors import InputError
 
 DTYPES = ("float16", "float32")
-CHUNK_BYTES = 64 * 1024  # target size of one chunk (whole rows) inside a zarr shard
+CHUNK_BYTES = 256 * 1024  # target size of one chunk (whole rows) inside a zarr shard
 _UNCHECKED = ("dataset.url",)  # a dataset may move; its fingerprint may not change
 
 
@@ -65,7 +65,7 @@ class StoreSpec:
         Settings are compared in declaration order, so a cause (the projector) is named
         before what follows from it (k).
         """
-        mine, theirs = _normal(self.to_json()), _normal(other.to_json())
+        mine, theirs = json_normal(self.to_json()), json_normal(other.to_json())
         for f in dataclasses.fields(self):
             found = _first_difference(mine[f.name], theirs[f.name], f.name)
             if found:
@@ -96,12 +96,12 @@ def chunk_rows_for(shard_rows: int, row_bytes: int, target: int = CHUNK_BYTES) -
     return best
 
 
-def _normal(value: Any) -> Any:
+def json_normal(value: Any) -> Any:
     """JSON-normal form (tuples as lists) so specs compare after a round trip."""
     if isinstance(value, dict):
-        return {str(k): _normal(v) for k, v in value.items()}
+        return {str(k): json_normal(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_normal(v) for v in value]
+        return [json_normal(v) for v in value]
     return value
 
 

@@ -220,10 +220,14 @@ class GradientStore:
     def _read_rows(self, name: str, observable: str, array, rows: np.ndarray) -> np.ndarray:
         if len(rows) == 0:
             return np.zeros((0, *self.spec.row_shape(observable)), dtype=np.float32)
-        unique, inverse = np.unique(rows, return_inverse=True)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        contiguous = hi - lo == len(rows) and bool(np.all(np.diff(rows) == 1))
+        unique, inverse = (rows, None) if contiguous else np.unique(rows, return_inverse=True)
         lo, hi = int(unique[0]), int(unique[-1]) + 1
         try:
-            if hi - lo <= 2 * len(unique):
+            if contiguous:
+                data = array[lo:hi]
+            elif hi - lo <= 2 * len(unique):
                 data = array[lo:hi][unique - lo]
             else:
                 data = array.oindex[unique]
@@ -231,7 +235,9 @@ class GradientStore:
             if "checksum" not in str(err).lower():
                 raise
             raise self._corrupt_chunk(name, observable, array, unique, err) from None
-        data = data.astype(np.float32)[inverse]
+        data = data.astype(np.float32)
+        if inverse is not None:
+            data = data[inverse]
         if self.spec.n_samples < self.spec.n_rows and np.isnan(data).any():
             bad = rows[np.isnan(data.reshape(len(rows), -1)).any(axis=1)]
             raise InputError(

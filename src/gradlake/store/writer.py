@@ -19,6 +19,7 @@ from gradlake import __version__
 from gradlake.errors import GradlakeError, InputError
 from gradlake.store import layout
 from gradlake.store.spec import StoreSpec
+from gradlake.store.zarr_shard import check_array, encode_shard, shard_key
 from gradlake.store.store import GradientStore, read_metadata, samples_schema
 
 
@@ -107,7 +108,7 @@ class ShardWriter:
             raise GradlakeError(f"{url}: no store.json; the driver creates the store first")
         self.spec = StoreSpec.from_json(meta["spec"])
         self.schema = samples_schema(self.spec.observables)
-        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._checked: set[tuple[str, str]] = set()
 
     def is_committed(self, checkpoint: str, shard: int) -> bool:
         return self.files.exists(layout.commit_record(checkpoint, shard))
@@ -131,29 +132,37 @@ class ShardWriter:
             raise GradlakeError(f"{where}: got observables {sorted(phis)}, the store holds "
                                 f"{list(self.spec.observables)}")
         _check_finite(f"{where}: loss", np.asarray(loss), rows)
-        blocks = {}
+        blocks, norms = {}, {}
+        full = len(rows) == stop - start  # every row of the shard is held (the usual case)
         for obs in self.spec.observables:
-            phi = np.asarray(phis[obs])
+            phi = np.asarray(phis[obs], dtype=np.float32)
             expected = (len(rows), *self.spec.row_shape(obs))
             if phi.shape != expected:
                 raise GradlakeError(f"{where}: phi_{obs} has shape {phi.shape}, expected {expected}")
-            _check_finite(f"{where}: phi_{obs}", phi, rows)
-            with np.errstate(over="ignore"):
-                stored = phi.astype(self.spec.dtype)
-            _check_finite(f"{where}: phi_{obs} in {self.spec.dtype} (overflow; use dtype float32)",
-                          stored, rows)
-            block = np.full((stop - start, *expected[1:]), np.nan, dtype=self.spec.dtype)
-            block[rows - start] = stored
-            blocks[obs] = block
-        norms = {f"norm_{obs}": np.linalg.norm(np.asarray(phis[obs], dtype=np.float64)
-                                               .reshape(len(rows), -1), axis=1)
-                 for obs in self.spec.observables}
+            flat = phi.reshape(len(rows), -1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                norm = np.sqrt(np.einsum("ij,ij->i", flat, flat))
+            # NaN or inf anywhere makes a norm non-finite; a norm within the dtype's range
+            # bounds every element, so one pass usually settles both checks.
+            limit = np.finfo(self.spec.dtype).max
+            if not (np.isfinite(norm).all() and (norm.max(initial=0) <= limit or
+                                                 -limit <= flat.min() and flat.max() <= limit)):
+                _check_finite(f"{where}: phi_{obs}", phi, rows)
+                with np.errstate(over="ignore"):
+                    _check_finite(f"{where}: phi_{obs} in {self.spec.dtype} (overflow; use dtype float32)",
+                                  phi.astype(self.spec.dtype), rows)
+            stored = phi.astype(self.spec.dtype)
+            if not full:
+                stored_rows, stored = stored, np.full((stop - start, *expected[1:]), np.nan, self.spec.dtype)
+                stored[rows - start] = stored_rows
+            blocks[obs] = encode_shard(stored, self.spec.chunk_rows, self.spec.shard_rows)
+            norms[f"norm_{obs}"] = norm
         table = pa.table({**{c: index.column(c) for c in ("row", "trajectory", "t", "class", "split")},
                           "loss": np.asarray(loss, dtype=np.float32), **norms}).cast(self.schema)
         written = 0
-        for obs, block in blocks.items():
-            self._array(checkpoint, obs)[start:stop] = block
-            written += block.nbytes
+        for obs, data in blocks.items():
+            self.files.write_bytes(self._shard_path(checkpoint, obs, shard), data)
+            written += sum(len(part) for part in data)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.files.write_bytes(layout.samples_part(checkpoint, shard), buffer.getvalue())
@@ -167,11 +176,14 @@ class ShardWriter:
         self.files.write_json(layout.commit_record(checkpoint, shard), record)
         return record
 
-    def _array(self, checkpoint: str, obs: str) -> zarr.Array:
-        key = (checkpoint, obs)
-        if key not in self._arrays:
-            self._arrays[key] = self.files.open_array(checkpoint, obs, read_only=False)
-        return self._arrays[key]
+    def _shard_path(self, checkpoint: str, obs: str, shard: int) -> str:
+        """Where shard ``shard`` of an array lives; its encoding is checked once per array."""
+        array = f"{layout.GRADS}/{layout.array_path(checkpoint, obs)}"
+        if (checkpoint, obs) not in self._checked:
+            chunk_shape = (self.spec.chunk_rows, *self.spec.row_shape(obs))
+            check_array(self.files.read_json(f"{array}/zarr.json"), chunk_shape, array)
+            self._checked.add((checkpoint, obs))
+        return f"{array}/{shard_key(shard, 1 + len(self.spec.row_shape(obs)))}"
 
 
 def _check_finite(what: str, values: np.ndarray, rows: np.ndarray) -> None:
