@@ -29,17 +29,19 @@ def _assert_blocks_close(model, projector, phi, ref, tol=1e-5):
     assert rel_err(phi, ref) < tol
 
 
+@pytest.mark.parametrize("conv", ["full", "separable"])
 @pytest.mark.parametrize("cls,shape", CASES, ids=[c.__name__ for c, _ in CASES])
-def test_identity_projection_is_the_exact_per_sample_gradient(cls, shape):
+def test_identity_projection_is_the_exact_per_sample_gradient(cls, shape, conv):
     model, x = _model(cls, shape)
     cotangents = fixed_cotangents(probes=2)
-    phi, pred = projected_grads(model, x, cotangents, IDENTITY)
+    identity = Projector(seed=0, k_in=10**6, k_out=10**6, k_dense=10**9, conv=conv)
+    phi, pred = projected_grads(model, x, cotangents, identity)
     cots = cotangents(model(x).detach())
     assert torch.allclose(pred, model(x).detach())
-    _assert_blocks_close(model, IDENTITY, phi["C"], loop_grads(model, x, cots["C"]))
-    assert phi["V"].shape == (shape[0], 2, IDENTITY.k(model))
+    _assert_blocks_close(model, identity, phi["C"], loop_grads(model, x, cots["C"]))
+    assert phi["V"].shape == (shape[0], 2, identity.k(model))
     for j in range(2):
-        _assert_blocks_close(model, IDENTITY, phi["V"][:, j], loop_grads(model, x, cots["V"][:, j]))
+        _assert_blocks_close(model, identity, phi["V"][:, j], loop_grads(model, x, cots["V"][:, j]))
 
 
 @pytest.mark.parametrize("cls,shape", CASES, ids=[c.__name__ for c, _ in CASES])

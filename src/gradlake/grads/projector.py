@@ -67,15 +67,17 @@ class Projector:
     Conv layer (clipped to the layer's dimensions; identity where k >= dimension).
     ``k_dense``: coordinates for each parameter outside such layers (default k_in * k_out).
     ``conv``: the input-side factor of a conv, acting on C_in * taps coordinates
-    (taps = prod(kernel)): "separable" (default) is P_channel ⊗ P_space with
+    (taps = prod(kernel)). "full" (default): one dense (k_in, C_in, *kernel) kernel,
+    costing k_in / C_out of the layer's forward. "separable": P_channel ⊗ P_space with
     k_space' = min(k_space, taps) spatial and k_c' = min(C_in, ceil(k_in / k_space'))
-    channel rows (k_in' = k_c' * min(taps, k_in // k_c')), applied as a 1x1 conv then a
-    grouped conv — cheap even where k_in is close to C_out; "full" is one dense
-    (k_in, C_in, *kernel) kernel.
+    channel rows (k_in' = k_c' * min(taps, k_in // k_c')), applied as a 1x1 conv then one
+    single-channel conv — several times cheaper on thin layers, but a nearly rank-one
+    block's inner products then carry relative variance ≈ 1/k_c' + 1/k_space' instead of
+    ≈ 1/k_in (see benchmarks/bench_grads.py --study).
     """
 
     def __init__(self, seed: int = 0, k_in: int = 16, k_out: int = 16, kind: str = "rademacher",
-                 k_dense: int | None = None, conv: str = "separable", k_space: int = 4):
+                 k_dense: int | None = None, conv: str = "full", k_space: int = 4):
         for field, value in (("k_in", k_in), ("k_out", k_out), ("k_dense", k_dense), ("k_space", k_space)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise InputError(f"projector {field}: expected int > 0, got {value!r}")
