@@ -85,7 +85,8 @@ def test_bad_inputs_are_refused_before_anything_is_written(grads_inputs, tmp_pat
     url = str(tmp_path / "store")
     cases = [
         (dataclasses.replace(SETTINGS, splits=("train", "holdout")), "grads.splits: .* has no split 'holdout'"),
-        (dataclasses.replace(SETTINGS, observables=("C", "Q")), "unknown observable 'Q'"),
+        (dataclasses.replace(SETTINGS, observables=("C", "Q")), "'Q' is not defined for channels"),
+        (dataclasses.replace(SETTINGS, observables=("C", "C")), "expected distinct observables"),
         (dataclasses.replace(SETTINGS, device="gpu0"), "grads.device"),
     ]
     for settings, message in cases:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from gradlake.config import OBSERVABLES, GradsConfig, RayConfig
+from gradlake.config import GradsConfig, RayConfig
+from gradlake.data.index import SPLIT_NAMES
 from gradlake.distributed.plan import ShardTask, plan_shards
 from gradlake.distributed.shard_work import FAULT_ENV, Fault, WorkerSettings
 from gradlake.errors import GradlakeError, InputError
@@ -28,10 +28,8 @@ from gradlake.store.layout import checkpoint_name
 from gradlake.store.spec import chunk_rows_for
 from gradlake.store.writer import set_stage_status
 
-log = logging.getLogger(__name__)
 STAGE = "grads"
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 30.0
-SPLITS = ("train", "val", "test")
 
 
 def run_grads(data_url: str, checkpoints: list[str], store_url: str, settings: GradsConfig,
@@ -42,7 +40,7 @@ def run_grads(data_url: str, checkpoints: list[str], store_url: str, settings: G
     Resumes: committed shards are never recomputed. Returns a JSON-able summary; raises
     InputError for bad input (before any work) and GradlakeError when shards keep failing.
     """
-    ray = ray or RayConfig()
+    ray_settings = ray or RayConfig()
     options = dict(storage_options or {})
     fault = os.environ.get(FAULT_ENV, "")
     Fault.parse(fault)
@@ -56,15 +54,17 @@ def run_grads(data_url: str, checkpoints: list[str], store_url: str, settings: G
     if plan.tasks:
         from gradlake.distributed.cluster import ensure_ray
 
-        ensure_ray(ray.address, ray.num_cpus)
+        ensure_ray(ray_settings.address, ray_settings.num_cpus)
         worker = WorkerSettings(data_url, store_url, settings, options, fault)
         outcome = _drive(plan.tasks, worker, settings, total, skipped)
     seconds = time.monotonic() - started
+    computed = [r for r in outcome.results if not r["skipped"]]  # skipped: committed meanwhile
     summary = {
         "store": store_url, "checkpoints": plan.names, "k": store.spec.k,
         "dtype": store.spec.dtype, "observables": list(store.spec.observables),
         "samples_per_checkpoint": store.spec.n_samples, "shards_total": total,
-        "shards_skipped": skipped, "shards_computed": len(outcome.results),
+        "shards_skipped": skipped + len(outcome.results) - len(computed),
+        "shards_computed": len(computed),
         "shards_failed": len(outcome.failures), "retries": outcome.retries,
         "samples_computed": int(sum(r["samples"] for r in outcome.results)),
         "mb_written": round(sum(r["bytes"] for r in outcome.results) / 1e6, 3),
@@ -97,61 +97,19 @@ def prepare(data_url: str, checkpoints: list[str], store_url: str, settings: Gra
             storage_options: dict[str, Any]) -> StagePlan:
     """Check every input, then create (or extend) the store and list the uncommitted shards."""
     from gradlake.data import Dataset
-    from gradlake.grads import Projector
-    from gradlake.models import from_config
-    from gradlake.models.checkpoint import checkpoint_sha256, read_meta
-    from gradlake.physics import available_observables
 
     _check_settings(settings)
-    if not checkpoints:
-        raise InputError("grads checkpoints: expected at least one checkpoint path")
-    names = [checkpoint_name(path) for path in checkpoints]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise InputError(f"grads checkpoints: two checkpoints are named {duplicate!r}; names must be unique")
-    dataset = Dataset.open(data_url, storage_options or None)
-    available = available_observables(dataset.channels)
-    missing = [o for o in settings.observables if o not in available]
-    if missing:
-        raise InputError(f"grads.observables: {missing[0]!r} is not defined for channels "
-                         f"{list(dataset.channels)} of {data_url}; available: {', '.join(available)}")
-    unknown = sorted(set(settings.splits) - set(dataset.splits.tolist()) - set(SPLITS))
-    if unknown:  # a standard split may be empty in a small dataset; another name is a typo
-        raise InputError(f"grads.splits: {data_url} has no split {unknown[0]!r}; it has "
-                         f"{', '.join(sorted(set(dataset.splits.tolist())))}")
-
-    metas = {name: read_meta(path, storage_options or None) for name, path in zip(names, checkpoints)}
-    first = names[0]
-    for name, meta in metas.items():
-        if list(meta.get("channels", dataset.channels)) != list(dataset.channels):
-            raise InputError(f"checkpoint {name}: trained on channels {meta['channels']}, "
-                             f"but {data_url} has {list(dataset.channels)}")
-        if meta["model"] != metas[first]["model"]:
-            raise InputError(f"checkpoints {first} and {name} have different model configs; "
-                             "one store holds the checkpoints of one training run")
-    model_config = metas[first]["model"]
-    projector = Projector.from_config(settings).spec(from_config(model_config))
-
+    options = storage_options or None
+    names = _checkpoint_names(checkpoints)
+    dataset = Dataset.open(data_url, options)
+    _check_dataset(dataset, settings)
+    model_config, provenance = _describe_checkpoints(names, checkpoints, dataset, options)
     held = dataset.index().select(splits=settings.splits)
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
     shards = plan_shards(held, settings.shard_rows)
-    itemsize = np.dtype(settings.dtype).itemsize
-    spec = StoreSpec(
-        dataset={"url": data_url, "fingerprint": dataset.fingerprint, "family": dataset.family,
-                 "channels": list(dataset.channels), "n_trajectories": dataset.n_trajectories,
-                 "n_times": dataset.n_times},
-        model=model_config, projector=projector, observables=tuple(settings.observables),
-        probes=settings.probes, probe_seed=settings.seed, k=int(projector["k"]),
-        dtype=settings.dtype, n_rows=len(dataset.index()), shard_rows=settings.shard_rows,
-        chunk_rows=chunk_rows_for(settings.shard_rows, int(projector["k"]) * itemsize),
-        splits=tuple(settings.splits), n_samples=len(held), n_shards=len(shards),
-    )
-    provenance = {name: {"sha256": checkpoint_sha256(path, storage_options or None), "path": path,
-                         "epoch": metas[name].get("epoch"),
-                         "trained_on": metas[name].get("dataset", {}).get("fingerprint")}
-                  for name, path in zip(names, checkpoints)}
-    store = create_store(store_url, spec, provenance, storage_options or None)
+    spec = _store_spec(dataset, model_config, settings, n_samples=len(held), n_shards=len(shards))
+    store = create_store(store_url, spec, provenance, options)
     tasks, skipped = [], 0
     for name, path in zip(names, checkpoints):
         committed = store.committed_shards(name)
@@ -161,15 +119,76 @@ def prepare(data_url: str, checkpoints: list[str], store_url: str, settings: Gra
     return StagePlan(store, names, tasks, skipped)
 
 
+def _checkpoint_names(checkpoints: list[str]) -> list[str]:
+    if not checkpoints:
+        raise InputError("grads checkpoints: expected at least one checkpoint path")
+    names = [checkpoint_name(path) for path in checkpoints]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise InputError(f"grads checkpoints: two checkpoints are named {duplicate!r}; names must be unique")
+    return names
+
+
+def _check_dataset(dataset, settings: GradsConfig) -> None:
+    from gradlake.physics import available_observables
+
+    available = available_observables(dataset.channels)
+    missing = [o for o in settings.observables if o not in available]
+    if missing:
+        raise InputError(f"grads.observables: {missing[0]!r} is not defined for channels "
+                         f"{list(dataset.channels)} of {dataset.url}; available: {', '.join(available)}")
+    present = set(dataset.splits.tolist())
+    unknown = sorted(set(settings.splits) - present - set(SPLIT_NAMES))
+    if unknown:  # a standard split may be empty in a small dataset; another name is a typo
+        raise InputError(f"grads.splits: {dataset.url} has no split {unknown[0]!r}; it has "
+                         f"{', '.join(sorted(present))}")
+
+
+def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
+                          ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(the shared model config, provenance per checkpoint); InputError if they do not fit."""
+    from gradlake.models.checkpoint import checkpoint_sha256, read_meta
+
+    metas = {name: read_meta(path, options) for name, path in zip(names, paths)}
+    first = names[0]
+    for name, meta in metas.items():
+        if list(meta.get("channels", dataset.channels)) != list(dataset.channels):
+            raise InputError(f"checkpoint {name}: trained on channels {meta['channels']}, "
+                             f"but {dataset.url} has {list(dataset.channels)}")
+        if meta["model"] != metas[first]["model"]:
+            raise InputError(f"checkpoints {first} and {name} have different model configs; "
+                             "one store holds the checkpoints of one training run")
+    provenance = {name: {"sha256": checkpoint_sha256(path, options), "path": path,
+                         "epoch": metas[name].get("epoch"),
+                         "trained_on": (metas[name].get("dataset") or {}).get("fingerprint")}
+                  for name, path in zip(names, paths)}
+    return metas[first]["model"], provenance
+
+
+def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, n_samples: int,
+                n_shards: int) -> StoreSpec:
+    from gradlake.grads import Projector
+    from gradlake.models import from_config
+
+    projector = Projector.from_config(settings).spec(from_config(model_config))
+    k = int(projector["k"])
+    return StoreSpec(
+        dataset={"url": dataset.url, "fingerprint": dataset.fingerprint, "family": dataset.family,
+                 "channels": list(dataset.channels), "n_trajectories": dataset.n_trajectories,
+                 "n_times": dataset.n_times},
+        model=model_config, projector=projector, observables=tuple(settings.observables),
+        probes=settings.probes, probe_seed=settings.seed, k=k, dtype=settings.dtype,
+        n_rows=len(dataset.index()), shard_rows=settings.shard_rows,
+        chunk_rows=chunk_rows_for(settings.shard_rows, k * np.dtype(settings.dtype).itemsize),
+        splits=tuple(settings.splits), n_samples=n_samples, n_shards=n_shards,
+    )
+
+
 def _check_settings(settings: GradsConfig) -> None:
     import torch
 
     if not settings.observables or len(set(settings.observables)) != len(settings.observables):
         raise InputError(f"grads.observables: expected distinct observables, got {list(settings.observables)}")
-    unknown = [o for o in settings.observables if o not in OBSERVABLES]
-    if unknown:
-        raise InputError(f"grads.observables: unknown observable {unknown[0]!r}; expected some of "
-                         f"{', '.join(OBSERVABLES)}")
     if not settings.splits:
         raise InputError("grads.splits: expected at least one split")
     if settings.device != "auto":
