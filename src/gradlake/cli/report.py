@@ -18,13 +18,14 @@ def report(
     normalize: str = typer.Option("", "--normalize",
                                   help="Normalisations of the influence figures, comma-separated (none, row-std, "
                                        "cosine); default row-std, the paper's, when the reduce has it."),
-    train: Optional[str] = typer.Option(None, "--train",
-                                        help="Training directory (training curves; rollout tables next to checkpoints)."),
+    train: Optional[str] = typer.Option(
+        None, "--train", help="Training directory (training curves; rollout tables next to checkpoints)."),
     endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint for s3:// URLs."),
-    profile: str = typer.Option("", "--profile", help="AWS profile for s3:// URLs (credentials never go on the command line)."),
+    profile: str = typer.Option(
+        "", "--profile", help="AWS profile for s3:// URLs (credentials never go on the command line)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar: JSON lines."),
 ):
-    """Draw the report of a store's reduce (heatmaps, lag curves, transfer, spectrum, ...) and print index.html's path."""
+    """Draw the report of a store's reduce (heatmaps, lags, transfer, spectrum...); print index.html's path."""
     from gradlake import fsio, progress
     from gradlake.errors import InputError
     from gradlake.report import build_report

@@ -14,10 +14,9 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 from functools import partial
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
-import pyarrow.compute as pc
 
 from gradlake import __version__, fsio
 from gradlake.errors import InputError
@@ -36,9 +35,9 @@ RELATION_NAMES = {"same_trajectory": "same trajectory", "same_class": "same clas
                   "other_class": "other classes"}
 RELATIONS_TEXT = ("Relations of the two samples: 'same trajectory'; 'same class, other trajectory'; 'other "
                   "classes' (the perturbed sample is in any other class).")
-HEATMAP_READING = ("In each heatmap x is the time of the perturbed sample, y the time of the responding sample; red = positive H "
-                   "(a descent step on the perturbed sample lowers the response observable), blue = negative "
-                   "(it raises it), grey = no sample pairs.")
+HEATMAP_READING = ("In each heatmap x is the time of the perturbed sample, y the time of the responding "
+                   "sample; red = positive H (a descent step on the perturbed sample lowers the response "
+                   "observable), blue = negative (it raises it), grey = no sample pairs.")
 
 
 def pair_title(pair: str) -> str:
@@ -75,6 +74,13 @@ class Plan:
         section.images.append(Image(src, caption, alt=alt, group=group))
 
 
+def _ours(rel: str) -> bool:
+    """A path the report may write: index.html or figures/<safe name>.png."""
+    folder, _, name = rel.rpartition("/")
+    return rel == INDEX or (folder == FIGURES and name.endswith(".png") and name == _safe(name)
+                            and not name.startswith("."))
+
+
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
 
@@ -101,6 +107,8 @@ class ReportFiles:
         manifest = self.path(MANIFEST)
         previous = json.loads(self.fs.cat_file(manifest)).get("files", []) if self.fs.exists(manifest) else []
         for rel in sorted(set(previous) - set(self.written)):
+            if not _ours(rel):
+                continue  # never follow a manifest outside the report's own files
             if self.fs.exists(self.path(rel)):
                 self.fs.rm(self.path(rel))
         body = {"format": "gradlake-report", "gradlake_version": __version__, "files": sorted(self.written)}
@@ -113,27 +121,31 @@ def _short_json(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def provenance_rows(summary: dict[str, Any], results: ReduceResults | None, reduce_name: str) -> list[tuple[str, str]]:
+def provenance_rows(summary: dict[str, Any], results: ReduceResults | None, reduce_name: str,
+                    normalizations: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """(field, value) rows of the provenance table, from the store summary and the reduce's."""
     prov = summary.get("provenance", {})
     ds, model, proj = prov.get("dataset", {}), prov.get("model", {}), prov.get("projector", {})
-    rows = [("gradient store", str(summary.get("url", "")))]
+    rows = [("gradient store", f"{summary.get('url', '')} (written by gradlake {prov.get('gradlake_version', '?')}, "
+                               f"created {prov.get('created', '?')})")]
     rows.append(("dataset", f"{ds.get('family', '?')}: {ds.get('n_trajectories', '?')} trajectories × "
                             f"{ds.get('n_times', '?')} times, channels {', '.join(ds.get('channels', []))}; "
                             f"{ds.get('url', '')}"))
     rows.append(("dataset fingerprint", str(ds.get("fingerprint", "?"))))
     model_text = f"{model.get('name', '?')}"
     if "preset" in model:
-        model_text += f" ({model['preset']}, {model.get('resolution', '?')}², {model.get('channels', '?')} channels)"
+        model_text += (f" ({model['preset']}, {model.get('resolution', '?')}², "
+                       f"{model.get('channels', '?')} channels)")
     rows.append(("model", model_text))
     rows.append(("model parameters", _short_json(model.get("params", model))))
     for name, info in summary.get("checkpoints", {}).items():
-        state = "complete" if info.get("complete") else f"{info.get('shards_done')}/{info.get('shards_total')} shards"
+        state = ("complete" if info.get("complete")
+                 else f"{info.get('shards_done')}/{info.get('shards_total')} shards")
         rows.append((f"checkpoint {name}", f"sha256 {info.get('sha256', '?')} ({state})"))
     proj_keys = [k for k in ("kind", "seed", "k_in", "k_out", "k_dense") if k in proj]
     rows.append(("projector", f"k = {summary.get('k')}" + "".join(f", {k} = {proj[k]}" for k in proj_keys)))
-    rows.append(("observables", f"{', '.join(summary.get('observables', []))} "
-                                f"(probes for V: {summary.get('probes', '?')}; stored as {summary.get('dtype', '?')})"))
+    rows.append(("observables", f"{', '.join(summary.get('observables', []))} (probes for V: "
+                                f"{summary.get('probes', '?')}; stored as {summary.get('dtype', '?')})"))
     rows.append(("samples", f"{summary.get('n_samples', '?')} of {summary.get('n_rows', '?')} "
                             f"(splits {', '.join(summary.get('splits', []))})"))
     if results is None:
@@ -144,8 +156,10 @@ def provenance_rows(summary: dict[str, Any], results: ReduceResults | None, redu
         rows.append(("lambda (damping)", f"{results.damping:g}" + (
             f"; sweep {', '.join(f'{x:g}' for x in s.get('lambdas', []))}" if s.get("lambdas") else "")))
         rows.append(("metric", f"η̃ from φ_{s.get('metric', '?')} over the {s.get('reference_split', '?')} split"))
-        rows.append(("pairs, normalisations", f"{', '.join(s.get('pairs', []))}; {', '.join(s.get('normalize', []))}"))
+        rows.append(("pairs, normalisations", f"{', '.join(s.get('pairs', []))}; "
+                                              f"{', '.join(s.get('normalize', []))}"))
         rows.append(("reduced checkpoints", ", ".join(results.checkpoints)))
+        rows.append(("normalisations drawn", ", ".join(normalizations)))
     rows.append(("report", f"gradlake {__version__}"))
     return rows
 
@@ -329,6 +343,7 @@ def _lags_over_training(plan: Plan, section: Section, results: ReduceResults, st
                     "trajectories) of each checkpoint; how the curves change shows how training changes "
                     "the temporal reach of each sample's influence.",
                     figures.lag_curves, group="over training", panels=panels, ylabel=norm_label(norm),
+                    ordered=True,
                     title=f"{pair_title(pair)} versus lag over training\n{norm_label(norm)}, all classes")
         if across is None:
             continue
@@ -359,7 +374,8 @@ def _transfer(plan: Plan, results: ReduceResults) -> None:
                         "samples of class c moves the response of class r, averaged over time; a strong "
                         "diagonal with a weak off-diagonal means little transfer between classes.",
                         figures.transfer_matrix, group=f"checkpoint {ckpt}", matrix=transfer[0, p, n],
-                        response_labels=coords["class"], perturbation_labels=coords["class"], colorbar_label=norm_label(norm),
+                        response_labels=coords["class"], perturbation_labels=coords["class"],
+                        colorbar_label=norm_label(norm),
                         title=f"Class transfer {pair_title(pair)}\n{norm_label(norm)}, checkpoint {ckpt}")
 
 
@@ -418,7 +434,7 @@ def _exact(plan: Plan, results: ReduceResults) -> None:
                     f"dimensions {', '.join(map(str, k_total))}), so falling error and rising correlation with k "
                     "mean the projection preserves the influence.",
                     figures.exact_agreement, ks=ks, relative_error=error, rank_correlation=rank,
-                    title=f"Projected vs exact influence ({norm_label(norm)})")
+                    title=f"Projected vs exact influence, {norm_label(norm)}")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -457,7 +473,7 @@ def build_report(store_url: str, out_dir: str, reduce_name: str = "default", tra
         bar.update(1)
     bar.close()
     page = render_index(f"gradlake report: {summary.get('url', store_url)}",
-                        provenance_rows(summary, results, reduce_name), plan.sections)
+                        provenance_rows(summary, results, reduce_name, plan.normalizations), plan.sections)
     files.write(INDEX, page.encode())
     files.finish()
     return fsio.join(out_dir, INDEX)

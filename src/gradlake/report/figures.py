@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import IO, Mapping, Sequence, Union
+from typing import IO, Any, Mapping, Sequence, Union
 
 import numpy as np
 from matplotlib import colors, ticker
@@ -63,6 +63,13 @@ def _diverging_cmap():
     from matplotlib import colormaps
 
     return colormaps[DIVERGING].with_extremes(bad="0.8")
+
+
+def _plain_log_ticks(axis) -> None:
+    """Tick labels like 0.2, 1, 30 on a log axis (not 2×10⁻¹)."""
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(plain)
 
 
 def _axis_values(values: np.ndarray | None, n: int) -> np.ndarray:
@@ -131,13 +138,21 @@ def two_time_heatmaps(
     _save(fig, out)
 
 
-def _colors(labels) -> dict[str, str]:
-    """One colour per label, the same in every panel; the pooled curve "all" in black."""
-    ordered = [label for label in dict.fromkeys(labels) if label != "all"]
-    return {label: f"C{i % 10}" for i, label in enumerate(ordered)} | {"all": "black"}
+def _colors(labels, ordered: bool = False) -> dict[str, Any]:
+    """One colour per label, the same in every panel; the pooled curve "all" in black.
+    ``ordered``: the labels are a progression (checkpoints), coloured along viridis."""
+    from matplotlib import colormaps
+
+    names = [label for label in dict.fromkeys(labels) if label != "all"]
+    if ordered:
+        ramp = colormaps["viridis"](np.linspace(0.0, 0.9, max(len(names), 1)))
+        found = {label: ramp[i] for i, label in enumerate(names)}
+    else:
+        found = {label: f"C{i % 10}" for i, label in enumerate(names)}
+    return found | {"all": "black"}
 
 
-def _bands(ax, curves: Mapping[str, Band], colors: dict[str, str] | None = None) -> None:
+def _bands(ax, curves: Mapping[str, Band], colors: dict[str, Any] | None = None) -> None:
     """A line per curve with its band; the pooled curve, labelled "all", black and thicker."""
     colors = colors or _colors(curves)
     for label, (x, mid, lo, hi) in curves.items():
@@ -149,15 +164,17 @@ def _bands(ax, curves: Mapping[str, Band], colors: dict[str, str] | None = None)
 
 
 def lag_curves(
-    panels: Sequence[tuple[str, Mapping[str, Band]]], out: Out, *, title: str, ylabel: str
+    panels: Sequence[tuple[str, Mapping[str, Band]]], out: Out, *, title: str, ylabel: str,
+    ordered: bool = False,
 ) -> None:
     """Influence versus time lag: one panel per (title, curves), a median line and shaded
-    IQR per curve, panels sharing the y axis."""
+    IQR per curve, panels sharing the y axis; ``ordered`` curves (e.g. checkpoints in
+    training order) get a sequential colour ramp."""
     if not panels:
         raise ValueError("lag_curves: no panels")
     fig = _figure(0.8 + 4.2 * len(panels), 3.9)
     axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True, squeeze=False)).ravel()
-    colors = _colors(label for _, curves in panels for label in curves)
+    colors = _colors((label for _, curves in panels for label in curves), ordered)
     for i, (ax, (label, curves)) in enumerate(zip(axes, panels)):
         _bands(ax, curves, colors)
         ax.axhline(0.0, color="0.5", linewidth=0.8)
@@ -288,9 +305,7 @@ def exact_agreement(
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     left.set_yscale("log")
-    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    left.yaxis.set_major_formatter(plain)
-    left.yaxis.set_minor_formatter(plain)
+    _plain_log_ticks(left.yaxis)
     left.set_ylabel("‖H_proj − H_exact‖_F / ‖H_exact‖_F")
     left.set_title("relative Frobenius error (lower is better)", fontsize=10)
     right.set_ylim(-0.05, 1.05)
@@ -316,6 +331,8 @@ def training_curves(
     finite = finite[np.isfinite(finite)]
     if finite.size and (finite > 0).all():
         ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
@@ -334,6 +351,8 @@ def rollout_error(
     lows = [np.asarray(c[1], dtype=float) for c in curves.values()]
     if lows and all((v[np.isfinite(v)] > 0).all() for v in lows):
         ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("rollout horizon (autoregressive steps)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)

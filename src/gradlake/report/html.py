@@ -8,7 +8,8 @@ from typing import Sequence
 
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h3 { font-size: 1.05em; margin-top: 1.5em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; padding-bottom: .2em; }
+h1 { font-size: 1.6em; } h3 { font-size: 1.05em; margin-top: 1.5em; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; padding-bottom: .2em; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: .92em; color: #444; margin-top: .3em; }
 table { border-collapse: collapse; font-size: .92em; }

@@ -70,7 +70,8 @@ class ReduceResults:
         try:
             array = self._group[f"{checkpoint}/{name}"]
         except KeyError:
-            raise InputError(f"{fsio.join(self.url, RESULTS, checkpoint, name)}: missing from the reduce results") from None
+            where = fsio.join(self.url, RESULTS, checkpoint, name)
+            raise InputError(f"{where}: missing from the reduce results") from None
         return np.asarray(array[...]), dict(array.attrs.get("coords", {}))
 
     def has(self, rel: str) -> bool:
