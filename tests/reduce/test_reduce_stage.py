@@ -168,3 +168,26 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
         run_reduce(store.url, dataclasses.replace(settings, perturbation="class == 'zzz'"), RayConfig())
     with pytest.raises(InputError, match="reduce.pairs"):
         run_reduce(store.url, dataclasses.replace(settings, pairs=("CV",)), RayConfig())
+
+
+def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, _ray_compat, ray_session):
+    import torch
+
+    from gradlake import models
+    from gradlake.config import ExactConfig
+    from gradlake.models.checkpoint import save_checkpoint
+    from gradlake.reduce import run_reduce
+
+    ds = make_dataset(str(tmp_path / "data"))
+    torch.manual_seed(0)
+    cfg = models.config("vit", "tiny", channels=4, resolution=8, dim=8, depth=1, mlp_ratio=1)
+    path = save_checkpoint(str(tmp_path / "train" / "epoch-0003"), models.from_config(cfg), cfg, {"epoch": 3})
+    store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0003",), paths={"epoch-0003": path})
+    settings = ReduceConfig(damping=0.1, pairs=("CC",), normalize=("none",), topk=0, distance_pairs=0,
+                            tile_max=0, exact=ExactConfig(enabled=True, per_class=2, classes=1, ks=(2,),
+                                                          probes=4, device="cpu"))
+    summary = run_reduce(store.url, settings, RayConfig())
+    assert summary["exact"]["complete"] and summary["exact"]["checkpoint"] == path
+    assert summary["exact"]["batch_size"] == 2 and summary["exact"]["damping"] == 0.1
+    exact = zarr.open_group(store.reduce_url("default") + "/results.zarr", mode="r")["exact"]["exact"]
+    assert exact.shape == (1, 2, 2) and np.isfinite(exact[:]).all()
