@@ -34,17 +34,8 @@ def _reduce_helpers():
     return module
 
 
-@pytest.fixture(scope="session")
-def _ray_started():
-    """TEMPORARY, as in tests/reduce: cluster.ensure_ray passes node_ip_address, which ray 2.60 rejects."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
-
-
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, _ray_started, ray_session):
+def inputs(tmp_path_factory, ray_session):
     """(store url, train dir, reduce settings): two trained tiny-ViT checkpoints, a rollout of
     the last, a store of random φ naming them, and a reduce with a λ sweep and the exact mode."""
     from gradlake.reduce import run_reduce

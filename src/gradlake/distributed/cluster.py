@@ -28,7 +28,7 @@ def ensure_ray(address: str = "", num_cpus: int = 0) -> None:
         ray.init(
             num_cpus=num_cpus or None,
             include_dashboard=False,
-            node_ip_address="127.0.0.1",
+            _node_ip_address="127.0.0.1",
             log_to_driver=True,
             configure_logging=False,
         )
