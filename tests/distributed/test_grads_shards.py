@@ -124,3 +124,18 @@ def test_mismatched_projector_or_checkpoint_is_refused_and_nothing_written(grads
         prepare(data, [checkpoints[1], retrained], str(url), SETTINGS, {})
     after = {p: p.read_bytes() for p in url.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_cli_bad_settings_exit_2_before_any_work(grads_inputs, tmp_path, capsys):
+    from gradlake.cli import main
+
+    data, checkpoints = grads_inputs
+    out = tmp_path / "store"
+    for args, message in ((["--dtype", "float8"], "grads.dtype: expected one of 'float16', 'float32'"),
+                          (["--k-in", "0"], "grads.k_in: expected int > 0"),
+                          (["--observables", "C,X"], "unknown observable 'X'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["grads", "--data", data, "--checkpoint", checkpoints[0], "--out", str(out), *args])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -66,10 +66,14 @@ def assert_matches_reference(arrays, data_url, checkpoints, storage_options=None
 
 @pytest.fixture(scope="module")
 def clean_run(ray_session, grads_inputs, tmp_path_factory):
-    """The stage run once through the CLI (quiet), on local disk: (store URL, summary, stderr)."""
+    """The stage run once through the CLI (quiet), on local disk: (store URL, summary, stderr).
+
+    ``--checkpoint`` names the training directory: all of its checkpoints.
+    """
     data, checkpoints = grads_inputs
     url = str(tmp_path_factory.mktemp("clean") / "store")
-    result = CliRunner().invoke(app, ["grads", "--data", data, "--checkpoint", ",".join(checkpoints),
+    train_dir = os.path.dirname(os.path.dirname(checkpoints[0]))
+    result = CliRunner().invoke(app, ["grads", "--data", data, "--checkpoint", train_dir,
                                       "--out", url, "--quiet", *CLI_ARGS])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])
@@ -79,6 +83,7 @@ def clean_run(ray_session, grads_inputs, tmp_path_factory):
 def test_local_stage_with_two_workers(clean_run, grads_inputs):
     url, summary, stderr = clean_run
     data, checkpoints = grads_inputs
+    assert summary["checkpoints"] == ["epoch-0001", "epoch-0002"]
     assert summary["workers"] == 2 and summary["shards_total"] == 10 and summary["shards_computed"] == 10
     assert summary["samples_computed"] == 2 * N_SAMPLES and summary["shards_failed"] == 0
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
