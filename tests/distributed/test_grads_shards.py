@@ -139,3 +139,14 @@ def test_cli_bad_settings_exit_2_before_any_work(grads_inputs, tmp_path, capsys)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_checkpoints_given_as_names_to_paths(grads_inputs, tmp_path):
+    data, checkpoints = grads_inputs
+    url = str(tmp_path / "store")
+    plan = prepare(data, {"seed-7-epoch-0001": checkpoints[0], "seed-8-epoch-0001": checkpoints[1]},
+                   url, SETTINGS, {})
+    assert plan.names == GradientStore.open(url).checkpoints == ["seed-7-epoch-0001", "seed-8-epoch-0001"]
+    assert {t.checkpoint_path for t in plan.tasks if t.checkpoint == "seed-8-epoch-0001"} == {checkpoints[1]}
+    with pytest.raises(InputError, match="checkpoint name 'a/b' must be letters"):
+        prepare(data, {"a/b": checkpoints[0]}, str(tmp_path / "other"), SETTINGS, {})

@@ -12,6 +12,7 @@ import heapq
 import itertools
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from gradlake.distributed.shard_work import FAULT_ENV, Fault, WorkerSettings
 from gradlake.errors import GradlakeError, InputError
 from gradlake.progress import progress
 from gradlake.store import GradientStore, StoreSpec, create_store
-from gradlake.store.layout import checkpoint_name
+from gradlake.store.layout import check_name, checkpoint_name
 from gradlake.store.spec import chunk_rows_for
 from gradlake.store.writer import set_stage_status
 
@@ -32,13 +33,15 @@ STAGE = "grads"
 BACKOFF_S, BACKOFF_MAX_S = 0.5, 30.0
 
 
-def run_grads(data_url: str, checkpoints: list[str], store_url: str, settings: GradsConfig,
+def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
               ray: RayConfig | None = None, storage_options: dict[str, Any] | None = None
               ) -> dict[str, Any]:
     """Projected gradients of every held sample for each checkpoint, into the store at ``store_url``.
 
-    Resumes: committed shards are never recomputed. Returns a JSON-able summary; raises
-    InputError for bad input (before any work) and GradlakeError when shards keep failing.
+    ``checkpoints`` maps store names to checkpoint paths, or is a list of paths named by
+    their directory names. Resumes: committed shards are never recomputed. Returns a
+    JSON-able summary; raises InputError for bad input (before any work) and
+    GradlakeError when shards keep failing.
     """
     ray_settings = ray or RayConfig()
     options = dict(storage_options or {})
@@ -93,14 +96,14 @@ class StagePlan:
     skipped: int  # committed shards
 
 
-def prepare(data_url: str, checkpoints: list[str], store_url: str, settings: GradsConfig,
+def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
             storage_options: dict[str, Any]) -> StagePlan:
     """Check every input, then create (or extend) the store and list the uncommitted shards."""
     from gradlake.data import Dataset
 
     _check_settings(settings)
     options = storage_options or None
-    names = _checkpoint_names(checkpoints)
+    names, checkpoints = _checkpoint_names(checkpoints)
     dataset = Dataset.open(data_url, options)
     _check_dataset(dataset, settings)
     model_config, provenance = _describe_checkpoints(names, checkpoints, dataset, options)
@@ -119,14 +122,19 @@ def prepare(data_url: str, checkpoints: list[str], store_url: str, settings: Gra
     return StagePlan(store, names, tasks, skipped)
 
 
-def _checkpoint_names(checkpoints: list[str]) -> list[str]:
+def _checkpoint_names(checkpoints: Mapping[str, str] | list[str]) -> tuple[list[str], list[str]]:
+    """(store names, paths): a mapping gives both, a list of paths is named by directory."""
     if not checkpoints:
         raise InputError("grads checkpoints: expected at least one checkpoint path")
-    names = [checkpoint_name(path) for path in checkpoints]
+    if isinstance(checkpoints, Mapping):  # store name -> path
+        names = [check_name(name, "grads checkpoints") for name in checkpoints]
+        checkpoints = list(checkpoints.values())
+    else:
+        names = [checkpoint_name(path) for path in checkpoints]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise InputError(f"grads checkpoints: two checkpoints are named {duplicate!r}; names must be unique")
-    return names
+    return names, list(checkpoints)
 
 
 def _check_dataset(dataset, settings: GradsConfig) -> None:

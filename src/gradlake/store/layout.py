@@ -33,14 +33,16 @@ FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def check_name(name: str, source: str) -> str:
+    """A checkpoint name usable in paths and partition keys, or InputError naming ``source``."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InputError(f"{source}: checkpoint name {name!r} must be letters, digits, '.', '_' or '-'")
+    return name
+
+
 def checkpoint_name(checkpoint: str) -> str:
     """The store's name for a checkpoint path (its last path component)."""
-    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
-    if not _NAME.match(name):
-        raise InputError(
-            f"checkpoint {checkpoint!r}: its name {name!r} must be letters, digits, '.', '_' or '-'"
-        )
-    return name
+    return check_name(checkpoint.rstrip("/").rsplit("/", 1)[-1], f"checkpoint {checkpoint!r}")
 
 
 def array_path(checkpoint: str, observable: str) -> str:
