@@ -143,8 +143,7 @@ class StoreFiles:
                 )
         return self._zarr[read_only]
 
-    def open_array(self, checkpoint: str, observable: str, read_only: bool) -> zarr.Array:
-        return zarr.open_array(
-            store=self.zarr_store(read_only), path=array_path(checkpoint, observable),
-            mode="r" if read_only else "r+",
-        )
+    def open_array(self, checkpoint: str, observable: str) -> zarr.Array:
+        """One checkpoint/observable array, read-only (shards are written by the ShardWriter)."""
+        return zarr.open_array(store=self.zarr_store(read_only=True),
+                               path=array_path(checkpoint, observable), mode="r")

@@ -201,7 +201,7 @@ class GradientStore:
         else:
             rows = np.asarray(rows, dtype=np.int64).reshape(-1)
             self._check_rows(name, rows)
-        return name, self._files.open_array(name, observable, read_only=True), rows
+        return name, self._files.open_array(name, observable), rows
 
     def _check_rows(self, name: str, rows: np.ndarray) -> None:
         if len(rows) == 0:
@@ -248,6 +248,7 @@ class GradientStore:
 
     def _corrupt_chunk(self, name, observable, array, rows, err) -> GradlakeError:
         """Find which chunk fails its checksum, for an error that names it."""
+        where = f"checksum error in {fsio.join(self.url, layout.GRADS, layout.array_path(name, observable))}"
         chunk_rows = self.spec.chunk_rows
         for chunk in np.unique(rows // chunk_rows):
             start = int(chunk) * chunk_rows
@@ -255,14 +256,9 @@ class GradientStore:
             try:
                 array[start:stop]
             except ValueError as chunk_err:
-                return GradlakeError(
-                    f"checksum error in {fsio.join(self.url, layout.GRADS, layout.array_path(name, observable))}: "
-                    f"chunk {int(chunk)} (rows {start}..{stop - 1}, shard {start // self.spec.shard_rows}) "
-                    f"is corrupt: {chunk_err}"
-                )
-        return GradlakeError(
-            f"checksum error in {fsio.join(self.url, layout.GRADS, layout.array_path(name, observable))}: {err}"
-        )
+                return GradlakeError(f"{where}: chunk {int(chunk)} (rows {start}..{stop - 1}, shard "
+                                     f"{start // self.spec.shard_rows}) is corrupt: {chunk_err}")
+        return GradlakeError(f"{where}: {err}")
 
     def summary(self) -> dict[str, Any]:
         """N, k, dtype, shards done / total per checkpoint, bytes on storage, provenance."""
