@@ -99,6 +99,7 @@ def test_local_stage_with_two_workers(clean_run, grads_inputs):
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_s3_stage_reads_and_writes_through_the_endpoint(ray_session, grads_inputs, s3_bucket):
     bucket, options = s3_bucket
     _, checkpoints = grads_inputs
@@ -124,6 +125,7 @@ def test_killed_actor_mid_shard(ray_session, grads_inputs, clean_run, tmp_path, 
         np.testing.assert_array_equal(values, clean[name, obs])
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_with_only_the_uncommitted_shards(ray_session, grads_inputs, clean_run, tmp_path):
     data, checkpoints = grads_inputs
     url, marker = tmp_path / "store", tmp_path / "hung"
