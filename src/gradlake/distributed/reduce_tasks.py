@@ -153,7 +153,7 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     reducer_ref = ray.put(reducer)
 
     keep = response | perturbation
-    class_index = np.searchsorted(np.array(classes), np.asarray(index.column("class").to_pylist()))
+    class_index = pc.index_in(index.column("class"), value_set=pa.array(classes)).to_numpy()
     agg = index.append_column("class_index", pa.array(class_index)) \
                .append_column("response", pa.array(response)) \
                .append_column("perturbation", pa.array(perturbation)).filter(pa.array(keep))

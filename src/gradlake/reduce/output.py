@@ -67,7 +67,7 @@ class ReduceOutput:
         pq.write_table(table, buffer)
         self.write_bytes(rel, buffer.getvalue())
 
-    def read_tables(self, rel: str, filters=None, partitioned: bool = True) -> pa.Table:
+    def read_tables(self, rel: str, filters=None, partitioned: bool = True, columns=None) -> pa.Table:
         """Every Parquet file under ``rel``; its ``checkpoint=<name>`` folders become a
         string column ``checkpoint`` unless ``partitioned`` is False."""
         import pyarrow.dataset as pads
@@ -76,7 +76,7 @@ class ReduceOutput:
             self.fs.invalidate_cache(self.path(rel))
         part = pads.partitioning(pa.schema([("checkpoint", pa.string())]), flavor="hive") if partitioned else None
         dataset = pads.dataset(self.path(rel), format="parquet", filesystem=self.fs, partitioning=part)
-        return dataset.to_table(filter=filters)
+        return dataset.to_table(columns=columns, filter=filters)
 
     def zarr_store(self):
         if self.local:

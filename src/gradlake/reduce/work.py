@@ -119,11 +119,11 @@ def response_work(src: StoreRef, table: pa.Table, n_times: int, reducer: Aggrega
         values = lag_values(lag_s, lag_n)  # [n, 3, L]
         shape = values.shape
         lag_parts.append(pa.table({
-            "lambda": np.full(values.size, lam), "pair": np.full(values.size, pair),
-            "normalization": np.full(values.size, norm),
-            "relation": np.broadcast_to(np.array(RELATIONS)[None, :, None], shape).ravel(),
+            "lambda": np.full(values.size, lam), "pair": _labels([pair], np.zeros(values.size, np.int32)),
+            "normalization": _labels([norm], np.zeros(values.size, np.int32)),
+            "relation": _labels(RELATIONS, np.broadcast_to(np.arange(3, dtype=np.int32)[None, :, None], shape).ravel()),
             "trajectory": np.broadcast_to(block.trajectories[:, None, None], shape).ravel(),
-            "class": np.broadcast_to(np.array(class_names)[block.classes][:, None, None], shape).ravel(),
+            "class": _labels(class_names, np.broadcast_to(block.classes[:, None, None].astype(np.int32), shape).ravel()),
             "lag": np.broadcast_to(lag_axis[None, None, :], shape).ravel().astype(np.int32),
             "value": values.ravel(), "pairs": lag_n.ravel(),
         }))
@@ -142,6 +142,11 @@ def response_work(src: StoreRef, table: pa.Table, n_times: int, reducer: Aggrega
     out.write_table(f"self_influence.parquet/checkpoint={src.checkpoint}/{part}.parquet",
                     pa.concat_tables(self_parts))
     return {key: value[0] for key, value in results.items()}
+
+
+def _labels(names, codes: np.ndarray) -> pa.DictionaryArray:
+    """A dictionary-encoded string column (small on disk and in memory when read back)."""
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(list(names), pa.string()))
 
 
 def finalize_variants(reducer: AggregateReducer, response: dict, perturbation: dict) -> dict[str, np.ndarray]:
@@ -166,17 +171,18 @@ def lag_tables(out: ReduceOutput, checkpoint: str, reducer: AggregateReducer,
     rows = []
     for lam, pair, norm in reducer.variants:
         expr = (pc.field("lambda") == lam) & (pc.field("pair") == pair) & (pc.field("normalization") == norm)
-        t = out.read_tables(f"lags.parquet/checkpoint={checkpoint}", filters=expr, partitioned=False)
-        t = t.sort_by([("trajectory", "ascending"), ("relation", "ascending"), ("lag", "ascending")])
-        relations = np.asarray(t.column("relation").to_pylist())
+        t = out.read_tables(f"lags.parquet/checkpoint={checkpoint}", filters=expr, partitioned=False,
+                            columns=["trajectory", "relation", "class", "lag", "value", "pairs"])
+        rank = pc.index_in(pc.cast(t.column("relation"), pa.string()), value_set=pa.array(RELATIONS))
+        t = t.append_column("relation_rank", rank)
+        t = t.sort_by([("trajectory", "ascending"), ("relation_rank", "ascending"), ("lag", "ascending")])
         lags = t.column("lag").to_numpy()
         L = len(np.unique(lags))
-        rel_order = sorted(RELATIONS)
-        values = t.column("value").to_numpy(zero_copy_only=False).reshape(-1, len(RELATIONS), L)
-        counts = t.column("pairs").to_numpy(zero_copy_only=False).reshape(-1, len(RELATIONS), L)
-        classes = np.asarray(t.column("class").to_pylist()).reshape(-1, len(RELATIONS) * L)[:, 0]
-        lag_axis = lags.reshape(-1, len(RELATIONS), L)[0, 0]
-        assert (relations.reshape(-1, len(RELATIONS), L)[0, :, 0] == rel_order).all()
+        values = t.column("value").to_numpy().reshape(-1, len(RELATIONS), L)
+        counts = t.column("pairs").to_numpy().reshape(-1, len(RELATIONS), L)
+        per_trajectory = np.arange(0, t.num_rows, len(RELATIONS) * L)
+        classes = pc.cast(t.column("class").take(per_trajectory), pa.string()).to_numpy(zero_copy_only=False)
+        lag_axis = lags[:L]
         for group in ("all", *class_names):
             sel = np.ones(len(classes), bool) if group == "all" else classes == group
             if not sel.any():
@@ -186,7 +192,7 @@ def lag_tables(out: ReduceOutput, checkpoint: str, reducer: AggregateReducer,
             pooled_sum = np.nansum(np.where(weights > 0, values[sel] * weights, 0), 0)
             pooled = np.divide(pooled_sum, weights.sum(0), out=np.full(pooled_sum.shape, np.nan),
                                where=weights.sum(0) > 0)
-            for r, rel in enumerate(rel_order):
+            for r, rel in enumerate(RELATIONS):
                 rows.append(pa.table({
                     "lambda": np.full(L, lam), "pair": [pair] * L,
                     "normalization": [norm] * L, "relation": [rel] * L, "class": [group] * L,
