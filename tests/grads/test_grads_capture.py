@@ -7,7 +7,7 @@ import torch
 from grads_helpers import IDENTITY, ConvNet1d, ConvNet2d, TokenBlock, fixed_cotangents, loop_grads, rel_err
 from torch import nn
 
-from gradlake.errors import InputError
+from gradlake.errors import GradlakeError, InputError
 from gradlake.grads import Projector
 from gradlake.grads.capture import projected_grads
 from gradlake.grads.coverage import plan
@@ -138,3 +138,21 @@ def test_structures_hooks_cannot_capture_are_refused():
     tied[1].weight = tied[0].weight
     with pytest.raises(InputError, match="tied"):
         plan(tied)
+
+
+class _InplaceAfterUse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = x + 1.0  # autograd itself saves nothing here
+        y = self.fc(h)
+        h.mul_(2.0)  # the layer's input changes after the layer read it
+        return y + h
+
+
+def test_an_input_changed_in_place_after_use_is_an_error_not_a_wrong_answer():
+    model, x = _model(_InplaceAfterUse, (2, 3))
+    with pytest.raises(GradlakeError, match="modified in place"):
+        projected_grads(model, x, fixed_cotangents(), Projector(k_in=8, k_out=8))

@@ -3,11 +3,12 @@
 Parameters are frozen while capturing, so backward propagates activation gradients only
 (no weight-gradient GEMMs). Forward hooks on every module that owns parameters:
 
-- a Linear / Conv layer projects its input at once, ã = P_in a (for a conv, P_in is a
-  kernel (k_in, C_in, *kernel) applied with the layer's stride, padding, padding mode and
-  dilation, which equals unfold(a)·P_inᵀ without unfolding), and hooks its output; in
-  backward, with δ the output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã
-  (one batched matmul) and the bias block Σ_positions P_out δ;
+- a Linear / Conv layer projects its input, ã = P_in a (for a conv, P_in is a kernel
+  (k_in, C_in, *kernel) applied with the layer's stride, padding, padding mode and
+  dilation, which equals unfold(a)·P_inᵀ without unfolding) — at once, or in backward
+  where the input is the smaller of the two to hold — and hooks its output; in backward,
+  with δ the output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã (one
+  batched matmul) and the bias block Σ_positions P_out δ;
 - any other module keeps its input and, in backward, gets the exact per-example gradient
   of its own parameters with ``torch.func`` (vmap over samples of grad of ⟨module(x_b), δ_b⟩),
   then a dense projection.
@@ -79,7 +80,11 @@ class _Capture:
     def __init__(self, model_plan: Plan, projector: Projector, batch: int, device: torch.device,
                  dtype: torch.dtype):
         self.plan, self.projector, self.batch, self.device, self.dtype = model_plan, projector, batch, device, dtype
-        self.offsets = model_plan.layout(projector).offsets()
+        layout = model_plan.layout(projector)
+        self.offsets = layout.offsets()
+        factors = {block.name: block.factors for block in layout.blocks}
+        self.rows_in = {layer.name: factors[layer.weight]["k_in"] for layer in model_plan.layers}
+        self.slots = 1
         self.k = sum(k for _, k in self.offsets.values())
         self.roots: list[torch.Tensor] = []
         self.phi: torch.Tensor | None = None
@@ -125,9 +130,16 @@ class _Capture:
             return None
         a = args[0]
         self._check_batch(layer.name, a)
-        projected = self._project_input(layer, a.to(self.dtype))
         out = self._track(layer.name, output)
-        out.register_hook(partial(self._layer_backward, layer, projected))
+        rows = self.rows_in[layer.name]
+        positions = output[0, 0].numel() if layer.conv_dims else a[0].numel() // layer.d_in
+        # Keep whichever is smaller until backward: the input (projected there, as on thin
+        # convs where k_in > C_in) or its projection. Autograd keeps neither (frozen weights).
+        if a[0].numel() <= rows * positions:
+            held = {"input": a, "version": a._version}
+        else:
+            held = {"projected": self._project_input(layer, a.to(self.dtype))}
+        out.register_hook(partial(self._layer_backward, layer, held))
         return out
 
     def _project_input(self, layer: Layer, a: torch.Tensor) -> torch.Tensor:
@@ -172,7 +184,16 @@ class _Capture:
             self._identity[n] = torch.eye(n, device=self.device, dtype=self.dtype)
         return self._identity[n]
 
-    def _layer_backward(self, layer: Layer, projected: torch.Tensor, delta: torch.Tensor) -> None:
+    def _layer_backward(self, layer: Layer, held: dict, delta: torch.Tensor) -> None:
+        if "projected" not in held:
+            a = held.pop("input")
+            if a._version != held["version"]:
+                raise GradlakeError(f"the input of layer {layer.name!r} was modified in place after the "
+                                    "layer used it; gradlake.grads needs it unchanged until backward")
+            held["projected"] = self._project_input(layer, a.to(self.dtype))
+        projected = held["projected"]
+        if self.slot == self.slots - 1:
+            held.clear()  # last backward pass: free it now, not when the graph goes
         factor = self._factor(layer.name, layer.module.weight.shape, "out", layer.d_out)
         delta = delta.to(self.dtype)
         if layer.conv_dims:
@@ -255,6 +276,7 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
             raise GradlakeError("the model output does not depend on any of its parameters")
         slots = slots_of(cotangents(pred.detach()), pred)
         capture.phi = torch.zeros(len(slots), inputs.shape[0], capture.k, device=inputs.device)
+        capture.slots = len(slots)
         for i, (_, _, cot) in enumerate(slots):
             capture.slot = i
             torch.autograd.grad(pred, capture.roots, cot.to(pred.dtype), retain_graph=i + 1 < len(slots),

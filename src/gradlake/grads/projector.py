@@ -117,9 +117,7 @@ class Projector:
     @classmethod
     def from_config(cls, settings) -> Projector:
         """The projector of a :class:`gradlake.config.GradsConfig`."""
-        return cls(seed=settings.seed, k_in=settings.k_in, k_out=settings.k_out,
-                   kind=getattr(settings, "projection", "rademacher"),
-                   k_dense=getattr(settings, "k_dense", 0) or None)
+        return cls(seed=settings.seed, k_in=settings.k_in, k_out=settings.k_out)
 
     def spec(self, model: nn.Module) -> dict[str, Any]:
         """JSON-able description: settings, generator, total k, every parameter and its block."""
