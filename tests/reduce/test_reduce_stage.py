@@ -17,17 +17,8 @@ RTOL = 1e-6
 pytestmark = pytest.mark.slow  # a real Ray: ~10-30 s of worker start-up on 2 busy cores
 
 
-@pytest.fixture(scope="session")
-def _ray_compat():
-    """TEMPORARY: cluster.ensure_ray passes node_ip_address, which ray 2.60 rejects."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
-
-
 @pytest.fixture(scope="module")
-def reduced(tmp_path_factory, _ray_compat, ray_session):
+def reduced(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("reduce")
     ds = make_dataset(str(root / "data"))
     store = make_store(str(root / "store"), ds)
@@ -170,7 +161,7 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
         run_reduce(store.url, dataclasses.replace(settings, pairs=("CV",)), RayConfig())
 
 
-def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, _ray_compat, ray_session):
+def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, ray_session):
     import torch
 
     from gradlake import models
