@@ -13,6 +13,7 @@ from gradlake.config import JobConfig
 from gradlake.errors import InputError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60.0  # a head started moments ago may not accept jobs yet
 
 
 def submit_job(client, job_path: Path, job: JobConfig) -> str:
@@ -31,13 +32,25 @@ def submit_job(client, job_path: Path, job: JobConfig) -> str:
             "py_modules": [package_dir],
             "env_vars": {"GRADLAKE_QUIET": "1"},
         }
-        return client.submit_job(
+        return _retry_while_starting(lambda: client.submit_job(
             entrypoint=f"python -m gradlake run job.toml --out {job.out} --quiet",
             runtime_env=runtime_env,
             metadata={"gradlake_job": job.name},
-        )
+        ))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _retry_while_starting(call, timeout: float = AGENT_WAIT_S):
+    """Retry while a freshly started head has no job agent yet (Ray answers 500 then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def wait_for(client, submission_id: str, timeout: float) -> str:

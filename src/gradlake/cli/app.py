@@ -1,4 +1,6 @@
-"""The typer application every command module registers on."""
+"""The typer application every command module registers on, and the options they share."""
+
+from __future__ import annotations
 
 import typer
 
@@ -9,3 +11,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+EndpointUrl = typer.Option("", "--endpoint-url",
+                           help="S3-compatible endpoint for s3:// URLs, e.g. http://127.0.0.1:9000.")
+Profile = typer.Option("", "--profile",
+                       help="AWS profile for s3:// URLs. Credentials never go on the command line: "
+                            "they come from the environment or the profile.")
+
+
+def storage_options(endpoint_url: str = "", profile: str = "") -> dict[str, str]:
+    """Non-secret fsspec storage options from the command line."""
+    options = {}
+    if endpoint_url:
+        options["endpoint_url"] = endpoint_url
+    if profile:
+        options["profile"] = profile
+    return options
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated list on the command line."""
+    return [part.strip() for part in text.split(",") if part.strip()]

@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from gradlake.cli.app import app
-from gradlake.cli.train import StorageOptions, _storage_options
+from gradlake.cli.app import EndpointUrl, Profile, app, storage_options
 from gradlake.config import DataConfig, _build
 from gradlake.errors import InputError
 
@@ -43,7 +42,7 @@ def _summary(ds, verb: str, seconds: float) -> str:
 
 def _generate(family: str, classes: str, trajectories: int, steps: int, resolution: int, seed: int,
               out: str, output_dt: float, cfl: float, batch: int, device: str, splits: str,
-              storage_options: Optional[str], viscosity: float | None = None) -> None:
+              options: dict[str, str], viscosity: float | None = None) -> None:
     from gradlake.data import generate
 
     values = {"family": family, "classes": [c.strip() for c in classes.split(",") if c.strip()],
@@ -54,7 +53,7 @@ def _generate(family: str, classes: str, trajectories: int, steps: int, resoluti
         values["viscosity"] = viscosity
     config = _build(DataConfig, values, "")
     start = time.monotonic()
-    ds = generate(config, out, _storage_options(storage_options))
+    ds = generate(config, out, options or None)
     typer.echo(_summary(ds, "generated", time.monotonic() - start))
 
 
@@ -71,11 +70,12 @@ def generate_euler(
     batch: int = typer.Option(16, "--batch", help="Trajectories simulated at once."),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:N or auto."),
     splits: str = Splits,
-    storage_options: Optional[str] = StorageOptions,
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
 ):
     """2D compressible Euler four-quadrant Riemann problems (straight, curved, uncertain interfaces)."""
     _generate("euler", classes, trajectories, steps, resolution, seed, out, output_dt, cfl, batch, device,
-              splits, storage_options)
+              splits, storage_options(endpoint_url, profile))
 
 
 @generate_app.command("ns")
@@ -92,22 +92,22 @@ def generate_ns(
     batch: int = typer.Option(16, "--batch", help="Trajectories simulated at once."),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:N or auto."),
     splits: str = Splits,
-    storage_options: Optional[str] = StorageOptions,
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
 ):
     """2D incompressible Navier–Stokes (random smooth, Gaussian-vortex and sinusoidal initial data)."""
     _generate("ns", classes, trajectories, steps, resolution, seed, out, output_dt, cfl, batch, device,
-              splits, storage_options, viscosity)
+              splits, storage_options(endpoint_url, profile), viscosity)
 
 
 def _ingest(kind: str, paths: list[str], out: str, class_name: Optional[str], seed: int, splits: str,
-            storage_options: Optional[str]) -> None:
+            options: dict[str, str]) -> None:
     from gradlake.data.ingest import ingest_pdegym, ingest_well
 
     reader = ingest_pdegym if kind == "pdegym" else ingest_well
     start = time.monotonic()
-    options = _storage_options(storage_options)
     ds = reader(paths, out, class_name, splits=_split_fractions(splits), seed=seed,
-                storage_options=options, input_options=options)
+                storage_options=options or None, input_options=options or None)
     typer.echo(_summary(ds, "ingested", time.monotonic() - start))
 
 
@@ -118,10 +118,11 @@ def ingest_pdegym_command(
     class_name: Optional[str] = typer.Option(None, "--class", help="Class of every file; default: from the file name."),
     seed: int = typer.Option(0, "--seed", help="Seed of the trajectory splits."),
     splits: str = Splits,
-    storage_options: Optional[str] = StorageOptions,
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
 ):
     """PDEGym netCDF files -> a gradlake dataset (Euler data stored as conserved variables)."""
-    _ingest("pdegym", paths, out, class_name, seed, splits, storage_options)
+    _ingest("pdegym", paths, out, class_name, seed, splits, storage_options(endpoint_url, profile))
 
 
 @ingest_app.command("well")
@@ -131,7 +132,8 @@ def ingest_well_command(
     class_name: Optional[str] = typer.Option(None, "--class", help="Class of every file; default: its dataset_name."),
     seed: int = typer.Option(0, "--seed", help="Seed of the trajectory splits."),
     splits: str = Splits,
-    storage_options: Optional[str] = StorageOptions,
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
 ):
     """The Well HDF5 files -> a gradlake dataset."""
-    _ingest("well", paths, out, class_name, seed, splits, storage_options)
+    _ingest("well", paths, out, class_name, seed, splits, storage_options(endpoint_url, profile))

@@ -6,21 +6,7 @@ import json
 
 import typer
 
-from gradlake.cli.app import app
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def storage_options(endpoint_url: str, profile: str) -> dict[str, str]:
-    """Non-secret storage options from the command line (credentials stay in the environment)."""
-    options = {}
-    if endpoint_url:
-        options["endpoint_url"] = endpoint_url
-    if profile:
-        options["profile"] = profile
-    return options
+from gradlake.cli.app import EndpointUrl, Profile, app, names, storage_options
 
 
 def expand_checkpoints(paths: list[str], options: dict[str, str]) -> list[str]:
@@ -54,8 +40,8 @@ def grads(
     retries: int = typer.Option(3, "--retries", help="Attempts per failing shard after the first."),
     address: str = typer.Option("", "--address", help="Ray cluster to join; default RAY_ADDRESS, else an embedded local Ray."),
     num_cpus: int = typer.Option(0, "--num-cpus", help="CPUs of the embedded local Ray; 0 = all."),
-    endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint for s3:// URLs."),
-    profile: str = typer.Option("", "--profile", help="AWS profile for s3:// URLs (credentials never go on the command line)."),
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar: one JSON line per shard."),
 ):
     """Compute projected per-sample gradients of each checkpoint into a gradient store."""
@@ -66,13 +52,13 @@ def grads(
         progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["grads"], "reduce": {"pairs": []},
-        "grads": {"observables": _names(observables), "k_in": k_in, "k_out": k_out, "dtype": dtype,
-                  "probes": probes, "seed": seed, "splits": _names(splits), "shard_rows": shard_rows,
+        "grads": {"observables": names(observables), "k_in": k_in, "k_out": k_out, "dtype": dtype,
+                  "probes": probes, "seed": seed, "splits": names(splits), "shard_rows": shard_rows,
                   "batch_size": batch_size, "workers": workers, "threads_per_worker": threads,
                   "device": device, "retries": retries},
         "ray": {"address": address, "num_cpus": num_cpus},
     }, source="gradlake grads")
     options = storage_options(endpoint_url, profile)
-    checkpoints = expand_checkpoints(_names(checkpoint), options)
+    checkpoints = expand_checkpoints(names(checkpoint), options)
     summary = run_grads(data, checkpoints, out, job.grads, job.ray, storage_options=options)
     typer.echo(json.dumps(summary, indent=2))

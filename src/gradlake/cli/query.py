@@ -8,23 +8,22 @@ from typing import Optional
 
 import typer
 
-from gradlake.cli.app import app
+from gradlake.cli.app import EndpointUrl, Profile, app, storage_options
 
 StoreArg = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...).")
-EndpointOption = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials from the environment).")
 
 
-def _open(store: str, endpoint_url: Optional[str]):
+def _open(store: str, endpoint_url: str, profile: str):
     from gradlake.query import open_store
 
-    return open_store(store, {"endpoint_url": endpoint_url} if endpoint_url else None)
+    return open_store(store, storage_options(endpoint_url, profile) or None)
 
 
 @app.command()
-def info(store: str = StoreArg, endpoint_url: Optional[str] = EndpointOption,
+def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile,
          as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """N, k, dtype, checkpoints, observables, shards done, bytes and provenance of a store."""
-    summary = _open(store, endpoint_url).summary()
+    summary = _open(store, endpoint_url, profile).summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -49,12 +48,12 @@ def query(
     observable: str = typer.Option("C", help="Observable whose φ rows to export."),
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint name (default: the latest)."),
     out: Path = typer.Option(..., help="Output file: .parquet (samples + phi) or .npy (phi; rows in .rows.npy)."),
-    endpoint_url: Optional[str] = EndpointOption,
+    endpoint_url: str = EndpointUrl, profile: str = Profile,
 ):
     """Selected samples with their φ rows, streamed to a Parquet or npy file."""
     from gradlake.query import export
 
-    n = export(_open(store, endpoint_url), out, where, observable, checkpoint)
+    n = export(_open(store, endpoint_url, profile), out, where, observable, checkpoint)
     typer.echo(f"{n} samples -> {out}")
 
 
@@ -69,14 +68,14 @@ def topk(
     metric: str = typer.Option("V", help="Observable whose φ's build the metric (V: NTK, C: empirical Fisher)."),
     damping: float = typer.Option(1e-4, "--lambda", help="Damping λ of (η̃ + λI)⁻¹."),
     out: Optional[Path] = typer.Option(None, help="Also write the table to this Parquet file."),
-    endpoint_url: Optional[str] = EndpointOption,
+    endpoint_url: str = EndpointUrl, profile: str = Profile,
 ):
     """The most and least influential training samples for each query sample."""
     import pyarrow.parquet as pq
 
     from gradlake.query import topk as run_topk
 
-    table = run_topk(_open(store, endpoint_url), query_where, train_where, k, pair, checkpoint,
+    table = run_topk(_open(store, endpoint_url, profile), query_where, train_where, k, pair, checkpoint,
                      metric, damping)
     if out:
         pq.write_table(table, out)

@@ -6,8 +6,7 @@ import json
 
 import typer
 
-from gradlake.cli.app import app
-from gradlake.cli.grads import _names, storage_options
+from gradlake.cli.app import EndpointUrl, Profile, app, names, storage_options
 
 
 @app.command()
@@ -33,8 +32,8 @@ def reduce(
     exact: bool = typer.Option(False, "--exact", help="Also run the exact minibatch mode (last checkpoint)."),
     address: str = typer.Option("", "--address", help="Ray cluster to join; default RAY_ADDRESS, else an embedded local Ray."),
     num_cpus: int = typer.Option(0, "--num-cpus", help="CPUs of the embedded local Ray; 0 = all."),
-    endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint for s3:// URLs."),
-    profile: str = typer.Option("", "--profile", help="AWS profile for s3:// URLs (credentials never go on the command line)."),
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars: JSON lines."),
 ):
     """Reduce stored projected gradients to the paper's influence quantities."""
@@ -46,9 +45,9 @@ def reduce(
     job = config.parse_job({
         "stages": ["reduce"],
         "reduce": {"name": name, "metric": metric, "damping": damping,
-                   "lambdas": [float(x) for x in _names(lambdas)], "normalize": _names(normalize),
-                   "pairs": _names(pairs), "reference_split": reference_split,
-                   "checkpoints": _names(checkpoints), "response": response, "perturbation": perturbation,
+                   "lambdas": [float(x) for x in names(lambdas)], "normalize": names(normalize),
+                   "pairs": names(pairs), "reference_split": reference_split,
+                   "checkpoints": names(checkpoints), "response": response, "perturbation": perturbation,
                    "topk": topk, "topk_queries": topk_queries, "tile_rows": tile_rows, "tile_cols": tile_cols,
                    "tile_max": tile_max, "distance_pairs": distance_pairs, "block_rows": block_rows,
                    "exact": {"enabled": exact}},
@@ -77,8 +76,8 @@ def exact(
     block: int = typer.Option(8, "--block", help="Right-hand sides solved together."),
     dtype: str = typer.Option("float64", "--dtype", help="float64 or float32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint for s3:// URLs."),
-    profile: str = typer.Option("", "--profile", help="AWS profile for s3:// URLs."),
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars: JSON lines."),
 ):
     """The paper's exact minibatch influence (matrix-free Krylov) and its agreement with projections."""
@@ -89,9 +88,9 @@ def exact(
         progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["reduce"],
-        "reduce": {"damping": damping, "pairs": _names(pairs), "normalize": _names(normalize),
+        "reduce": {"damping": damping, "pairs": names(pairs), "normalize": names(normalize),
                    "exact": {"enabled": True, "rtol": rtol, "per_class": per_class, "classes": classes,
-                             "split": split, "ks": [int(k) for k in _names(ks)], "probes": probes,
+                             "split": split, "ks": [int(k) for k in names(ks)], "probes": probes,
                              "max_iter": max_iter, "block": block, "dtype": dtype, "device": device}},
     }, source="gradlake exact")
     options = storage_options(endpoint_url, profile)

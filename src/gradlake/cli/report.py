@@ -6,8 +6,7 @@ from typing import Optional
 
 import typer
 
-from gradlake.cli.app import app
-from gradlake.cli.grads import _names, storage_options
+from gradlake.cli.app import EndpointUrl, Profile, app, names, storage_options
 
 
 @app.command()
@@ -20,9 +19,8 @@ def report(
                                        "cosine); default row-std, the paper's, when the reduce has it."),
     train: Optional[str] = typer.Option(
         None, "--train", help="Training directory (training curves; rollout tables next to checkpoints)."),
-    endpoint_url: str = typer.Option("", "--endpoint-url", help="S3-compatible endpoint for s3:// URLs."),
-    profile: str = typer.Option(
-        "", "--profile", help="AWS profile for s3:// URLs (credentials never go on the command line)."),
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar: JSON lines."),
 ):
     """Draw the report of a store's reduce (heatmaps, lags, transfer, spectrum...); print index.html's path."""
@@ -38,5 +36,5 @@ def report(
         if not fs.exists(path):
             raise InputError(f"--train {train}: no such training directory")
     index = build_report(store, out, reduce_name=reduce, train_dir=train, storage_options=options or None,
-                         normalizations=_names(normalize) or None)
+                         normalizations=names(normalize) or None)
     typer.echo(index)

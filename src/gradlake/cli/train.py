@@ -7,30 +7,9 @@ from typing import Any, Optional
 
 import typer
 
-from gradlake.cli.app import app
-from gradlake.config import SECRET_OPTIONS, ModelConfig, TrainConfig, _build
+from gradlake.cli.app import EndpointUrl, Profile, app, storage_options
+from gradlake.config import ModelConfig, TrainConfig, _build
 from gradlake.errors import InputError
-
-StorageOptions = typer.Option(
-    None, "--storage-options",
-    help='Non-secret fsspec options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; '
-         "credentials come from the environment.")
-
-
-def _storage_options(text: Optional[str]) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        options = json.loads(text)
-    except ValueError as err:
-        raise InputError(f"--storage-options: expected a JSON object, got {text!r} ({err})") from None
-    if not isinstance(options, dict):
-        raise InputError(f"--storage-options: expected a JSON object, got {text!r}")
-    secret = [k for k in options if k.lower() in SECRET_OPTIONS]
-    if secret:
-        raise InputError(f"--storage-options: {secret[0]!r} is a credential; set it in the environment instead")
-    return options
-
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
     out = {}
@@ -88,7 +67,8 @@ def train(
     window_mb: int = typer.Option(1024, help="Memory (MB) for trajectories held while streaming an epoch."),
     deterministic: bool = typer.Option(True, "--deterministic/--autotune",
                                        help="GPU: deterministic cuDNN kernels (bitwise resume) or autotuned ones."),
-    storage_options: Optional[str] = StorageOptions,
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; JSON log lines."),
 ):
     """One-step teacher-forced training on the train split (AdamW, scaled MSE)."""
@@ -103,7 +83,7 @@ def train(
                                     "weight_decay": weight_decay, "checkpoint_every": checkpoint_every,
                                     "seed": seed, "device": device, "window_mb": window_mb,
                                     "deterministic": deterministic}, "train")
-    options = _storage_options(storage_options)
+    options = storage_options(endpoint_url, profile) or None
     paths = run_train(data, model_settings, settings, out, storage_options=options)
     for path in paths:
         typer.echo(f"{path}: {describe(read_meta(path, options)['metrics'])}")
@@ -117,7 +97,8 @@ def rollout(
     split: str = typer.Option("test", help="Split whose trajectories are rolled out."),
     out: Optional[str] = typer.Option(None, help="Directory for rollout.parquet and rollout.json (default: the checkpoint's)."),
     device: str = typer.Option("auto", help="auto (GPU if there is one), cpu, or cuda[:n]."),
-    storage_options: Optional[str] = StorageOptions,
+    endpoint_url: str = EndpointUrl,
+    profile: str = Profile,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; JSON log lines."),
 ):
     """Autoregressive rollout error against ground truth versus horizon, per class."""
@@ -126,7 +107,7 @@ def rollout(
 
     set_quiet(quiet)
     table = run_rollout(checkpoint, data, horizon=horizon, split=split, device=device,
-                        out=out or checkpoint, storage_options=_storage_options(storage_options))
+                        out=out or checkpoint, storage_options=storage_options(endpoint_url, profile) or None)
     rows = table.to_pylist()
     for row in rows:
         row["smse_mean"], row["smse_std"] = f"{row['smse_mean']:.5g}", f"{row['smse_std']:.5g}"
