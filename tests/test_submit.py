@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -36,14 +37,34 @@ def ray_head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray")
-    start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    start = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
+             "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"]
+    # --block keeps the head in one process group that we stop alone: `ray stop` would stop
+    # every Ray on the machine, the test session's own included.
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        _wait_for_dashboard(address, env, head)
+        yield address, env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _wait_for_dashboard(address, env, head, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {head.returncode}")
+        if _gradlake("jobs", "list", "--address", address, env=env).returncode == 0:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"the Ray dashboard at {address} did not answer within {timeout} s")
 
 
 @pytest.mark.slow
