@@ -26,6 +26,7 @@ def ensure_ray(address: str = "", num_cpus: int = 0) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # a new cluster, never whatever `ray start` left on this machine
             num_cpus=num_cpus or None,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
