@@ -11,6 +11,7 @@ from gradlake.errors import GradlakeError, InputError
 from gradlake.grads import Projector
 from gradlake.grads.capture import projected_grads
 from gradlake.grads.coverage import plan
+from gradlake.grads.modules import Affine
 from gradlake.grads.exact import exact_grads
 
 CASES = [(TokenBlock, (4, 5, 3)), (ConvNet2d, (3, 3, 8, 8)), (ConvNet1d, (3, 2, 12))]
@@ -156,3 +157,64 @@ def test_an_input_changed_in_place_after_use_is_an_error_not_a_wrong_answer():
     model, x = _model(_InplaceAfterUse, (2, 3))
     with pytest.raises(GradlakeError, match="modified in place"):
         projected_grads(model, x, fixed_cotangents(), Projector(k_in=8, k_out=8))
+
+
+
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+
+
+def _set_norms(model, bias_ratio: float, zero_weight: bool = False):
+    """Random norm parameters with |bias| = bias_ratio * |weight| ~ 1 (and one weight entry 0)."""
+    gen = torch.Generator().manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, _NORMS):
+            sign = 1 - 2 * (torch.rand(module.weight.shape, generator=gen) < 0.3).float()
+            weight = (torch.rand(module.weight.shape, generator=gen) + 0.5) * sign / bias_ratio
+            if zero_weight:
+                weight.view(-1)[0] = 0.0
+            module.weight.data = weight
+            if getattr(module, "bias", None) is not None:
+                module.bias.data = bias_ratio * weight.abs() * torch.randn(weight.shape, generator=gen).sign()
+
+
+@pytest.mark.parametrize("bias_ratio,zero_weight", [(3.0, False), (20.0, False), (1.0, True)])
+@pytest.mark.parametrize("cls,shape", CASES[:2], ids=[c.__name__ for c, _ in CASES[:2]])
+def test_norm_grads_from_the_output_or_an_extra_forward(cls, shape, bias_ratio, zero_weight, monkeypatch):
+    """Affine norms: from the output where |bias| <= 16 |weight|, else from an extra forward; exact either way."""
+    model, x = _model(cls, shape)
+    _set_norms(model, bias_ratio, zero_weight)
+    calls = {"output": 0, "forward": 0}
+    for name, key in (("from_output", "output"), ("from_base", "forward")):
+        original = getattr(Affine, name)
+        monkeypatch.setattr(Affine, name, lambda self, *a, _f=original, _k=key: calls.__setitem__(
+            _k, calls[_k] + 1) or _f(self, *a))
+    cotangents = fixed_cotangents(probes=2)
+    phi, _ = projected_grads(model, x, cotangents, IDENTITY)
+    cots = cotangents(model(x).detach())
+    norms = [m for m in model.modules() if isinstance(m, _NORMS)]
+    extra = sum(zero_weight or (bias_ratio > 16 and getattr(m, "bias", None) is not None) for m in norms)
+    assert 0 < len(norms) and calls == {"output": 3 * (len(norms) - extra), "forward": 3 * extra}  # 3 passes
+    _assert_blocks_close(model, IDENTITY, phi["C"], loop_grads(model, x, cots["C"]))
+    _assert_blocks_close(model, IDENTITY, phi["V"][:, 1], loop_grads(model, x, cots["V"][:, 1]))
+
+
+class _NormOutputChanged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(3, 3)
+        self.norm = nn.LayerNorm(3)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.norm(self.first(x))
+        y = self.fc(h * 1.0)  # nothing keeps h itself for backward ...
+        h.add_(1.0)  # ... so autograd allows changing it in place
+        return y + h
+
+
+def test_a_norm_output_changed_in_place_falls_back_to_the_extra_forward():
+    model, x = _model(_NormOutputChanged, (4, 3))
+    _set_norms(model, 2.0)
+    cotangents = fixed_cotangents()
+    phi, _ = projected_grads(model, x, cotangents, IDENTITY)
+    _assert_blocks_close(model, IDENTITY, phi["C"], loop_grads(model, x, cotangents(model(x).detach())["C"]))

@@ -9,9 +9,11 @@ Parameters are frozen while capturing, so backward propagates activation gradien
   where the input is the smaller of the two to hold — and hooks its output; in backward,
   with δ the output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã (one
   batched matmul) and the bias block Σ_positions P_out δ;
-- any other module keeps its input and, in backward, gets the exact per-example gradient
-  of its own parameters with ``torch.func`` (vmap over samples of grad of ⟨module(x_b), δ_b⟩),
-  then a dense projection.
+- any other module gets the exact per-example gradient of its own parameters by the
+  verified rules of :mod:`gradlake.grads.modules`, then a dense projection. An affine
+  module (a norm: output = base ⊙ weight + bias) keeps its output (which the next op
+  usually saves anyway) and gets them from it without an extra forward; other modules
+  keep their input for the rule.
 
 A module output that does not require grad (the first layer's: inputs never require grad)
 is replaced by (a copy of) a fresh leaf and backward stops there, so no gradient w.r.t.
@@ -31,7 +33,7 @@ from torch.nn import functional as F
 
 from gradlake.errors import GradlakeError, InputError
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
-from gradlake.grads.modules import ModuleGrads
+from gradlake.grads.modules import Affine, ModuleGrads
 from gradlake.grads.projector import Projector
 
 Cotangents = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -157,6 +159,8 @@ class _Capture:
             padding = module.padding
         if split is None:  # one dense (k_in, C_in, *kernel) kernel
             factor = self._factor(layer.name, weight.shape, "in", layer.d_in)
+            if factor is None and _pointwise(module, padding):  # identity on a 1x1 conv: the input itself
+                return a.reshape(self.batch, layer.d_in, -1)
             kernel = self._eye(layer.d_in) if factor is None else factor
             out = conv(a, kernel.reshape(kernel.shape[0], *weight.shape[1:]), None, module.stride, padding,
                        module.dilation)
@@ -169,7 +173,7 @@ class _Capture:
             a = conv(a, channel.reshape(*channel.shape, *[1] * layer.conv_dims))
         space = self._factor(layer.name, weight.shape, "in-space", taps, split[1])
         if taps == 1:  # a 1x1 conv: the channel projection is all of P_in
-            if all(s == 1 for s in module.stride) and not any(_as_tuple(padding)):
+            if _pointwise(module, padding):
                 return a.reshape(self.batch, split[0], -1)
             out = conv(a, self._eye(split[0]).reshape(split[0], split[0], *weight.shape[2:]), None,
                        module.stride, padding, module.dilation)
@@ -225,19 +229,39 @@ class _Capture:
             raise GradlakeError(f"module {entry.name!r} was called without a tensor input")
         self._check_batch(entry.name, tensors[0])
         out = self._track(entry.name, output)
-        out.register_hook(partial(self._exact_backward, entry, args, kwargs))
-        return out
-
-    def _exact_backward(self, entry: ExactModule, args, kwargs, delta: torch.Tensor) -> None:
-        if entry.module not in _MODULE_GRADS:
-            _MODULE_GRADS[entry.module] = ModuleGrads(entry.module, tuple(local for _, local in entry.params))
-        args = tuple(a.detach().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                     for a in args)
-        self.active = False  # the module's own (and its children's) hooks stay quiet
+        grads = _module_grads(entry)
+        self.active = False  # the rule's own runs of the module (once per output shape) stay unhooked
         try:
-            per_sample = _MODULE_GRADS[entry.module](args, kwargs, delta.float())
+            rule = grads.rule(args, kwargs, tuple(output.shape))
         finally:
             self.active = True
+        held = {"args": args, "kwargs": kwargs}
+        if isinstance(rule, Affine) and rule.invertible(grads.params()):
+            held.update(affine=rule, output=output, version=output._version)
+        out.register_hook(partial(self._exact_backward, entry, held))
+        return out
+
+    def _exact_backward(self, entry: ExactModule, held: dict, delta: torch.Tensor) -> None:
+        output = held.get("output")
+        if output is not None and output._version == held["version"]:  # (else changed in place since)
+            params = _module_grads(entry).params()
+            per_sample = held["affine"].from_output(output.detach(), delta.float(), params)
+            if self.slot == self.slots - 1:
+                held.clear()
+            self._add_exact(entry, per_sample)
+            return
+        args = tuple(a.detach().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in held["args"])
+        kwargs = held["kwargs"]
+        self.active = False  # the module's own (and its children's) hooks stay quiet
+        try:
+            per_sample = _module_grads(entry)(args, kwargs, delta.float())
+        finally:
+            self.active = True
+        self._add_exact(entry, per_sample)
+
+    def _add_exact(self, entry: ExactModule, per_sample: dict[str, torch.Tensor]) -> None:
+        """Dense projection of each parameter's [B, numel] per-sample gradient into φ."""
         for qualified, local in entry.params:
             g = per_sample[local]
             factor = self.projector.factor(qualified, tuple(getattr(entry.module, local).shape), "dense",
@@ -248,8 +272,17 @@ class _Capture:
 _MODULE_GRADS: weakref.WeakKeyDictionary[nn.Module, ModuleGrads] = weakref.WeakKeyDictionary()
 
 
-def _as_tuple(padding) -> tuple:
-    return padding if isinstance(padding, tuple) else (padding,)
+def _module_grads(entry: ExactModule) -> ModuleGrads:
+    if entry.module not in _MODULE_GRADS:
+        _MODULE_GRADS[entry.module] = ModuleGrads(entry.module, tuple(local for _, local in entry.params))
+    return _MODULE_GRADS[entry.module]
+
+
+def _pointwise(module: nn.Module, padding) -> bool:
+    """A 1x1 conv with stride 1 and no padding: its unfolded input is the input itself."""
+    padding = padding if isinstance(padding, tuple) else (padding,)
+    return (all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
+            and not any(padding))
 
 
 def _conv(dims: int):

@@ -4,8 +4,10 @@ Used for every parameter outside Linear/Conv layers. Three rules, the first that
 
 - *affine* (norms): output = base(x) ⊙ weight + bias, with weight and bias of one shape S
   broadcast along some output axes; base(x) is the module's own output with weight = 1 and
-  bias = 0 (one extra forward), and per-sample grads are Σ base ⊙ δ and Σ δ over the other
-  axes;
+  bias = 0, and per-sample grads are Σ base ⊙ δ and Σ δ over the other axes. From the
+  module's output y (:meth:`Affine.from_output`, no extra forward): Σ base ⊙ δ =
+  (Σ y ⊙ δ − bias · Σ δ) / weight, used where |bias| <= 16 |weight| (so the result is
+  within float rounding of Σ base ⊙ δ); otherwise base comes from one extra forward;
 - *additive* (a learned embedding added to its input): output = base(x) + p, per-sample
   grad Σ δ over the axes p is broadcast along (no extra forward);
 - otherwise ``torch.func``: vmap over samples of grad of ⟨module(x_b), δ_b⟩ (any module).
@@ -18,11 +20,13 @@ correctness never rests on the module's class or parameter names.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+MAX_BIAS_RATIO = 16.0  # |bias| / |weight| up to which an affine module's grads come from its output
 Grads = Callable[[dict[str, torch.Tensor], tuple, dict, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -51,28 +55,69 @@ def _reduce(t: torch.Tensor, shape: tuple[int, ...], start: int) -> torch.Tensor
     return t.reshape(t.shape[0], -1)
 
 
+@dataclass(frozen=True, eq=False)
+class Affine:
+    """The affine rule: output = base ⊙ weight + bias, parameters of ``shape`` at output axis ``start``."""
+
+    shape: tuple[int, ...]
+    start: int
+    unit: dict[str, torch.Tensor] = field(repr=False)  # weight = 1 (and bias = 0): the parameters giving base
+
+    def from_base(self, base: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: [B, numel]} from base and the output gradient."""
+        out = {"weight": _reduce(base.to(delta.dtype) * delta, self.shape, self.start)}
+        if "bias" in self.unit:
+            out["bias"] = _reduce(delta, self.shape, self.start)
+        return out
+
+    def invertible(self, params: dict[str, torch.Tensor]) -> bool:
+        """Whether :meth:`from_output` is within float rounding of :meth:`from_base` for ``params``."""
+        weight = params["weight"].abs()
+        bias = params["bias"].abs() if "bias" in params else torch.zeros_like(weight)
+        return bool((bias <= MAX_BIAS_RATIO * weight).all() and (weight > 0).all())
+
+    def from_output(self, output: torch.Tensor, delta: torch.Tensor,
+                    params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{name: [B, numel]} from the module's output (base ⊙ weight + bias) and the output gradient."""
+        weighted = _reduce(output.to(delta.dtype) * delta, self.shape, self.start)
+        out = {}
+        if "bias" in self.unit:
+            out["bias"] = _reduce(delta, self.shape, self.start)
+            weighted = weighted - params["bias"].reshape(1, -1).to(delta.dtype) * out["bias"]
+        out["weight"] = weighted / params["weight"].reshape(1, -1).to(delta.dtype)
+        return out
+
+
 class ModuleGrads:
     """Per-sample gradients of a module's own parameters; the rule is chosen once per output shape."""
 
     def __init__(self, module: nn.Module, names: tuple[str, ...]):
         self.module, self.names = module, names
-        self._rules: dict[tuple[int, ...], Grads] = {}
+        self._rules: dict[tuple[int, ...], Grads | Affine] = {}
 
     def __call__(self, args: tuple, kwargs: dict, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         """{name: [B, numel]} for the module's parameters."""
-        params = {n: getattr(self.module, n).detach() for n in self.names}
-        key = tuple(delta.shape[1:])
+        rule = self.rule(args, kwargs, tuple(delta.shape))
+        if isinstance(rule, Affine):  # base from one extra forward
+            return rule.from_base(self._run(rule.unit, args, kwargs), delta)
+        return rule(self.params(), args, kwargs, delta)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self.module, n).detach() for n in self.names}
+
+    def rule(self, args: tuple, kwargs: dict, out_shape: tuple[int, ...]) -> Grads | Affine:
+        """The rule for outputs of ``out_shape`` [B, ...] (chosen on the first sample of ``args``)."""
+        key = tuple(out_shape[1:])
         if key not in self._rules:
-            self._rules[key] = self._choose(params, args, kwargs, delta)
-        return self._rules[key](params, args, kwargs, delta)
+            self._rules[key] = self._choose(self.params(), args, kwargs, out_shape)
+        return self._rules[key]
 
     def _run(self, params, args, kwargs) -> torch.Tensor:
         return functional_call(self.module, params, args, kwargs)
 
-    def _choose(self, params, args, kwargs, delta) -> Grads:
-        one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == delta.shape[0] else a
+    def _choose(self, params, args, kwargs, out: tuple[int, ...]) -> Grads | Affine:
+        one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == out[0] else a
                     for a in args)
-        out = tuple(delta.shape)
         gen = torch.Generator(device="cpu").manual_seed(0)
         probe = {n: (torch.rand(p.shape, generator=gen) + 0.5).to(p) for n, p in params.items()}
         with torch.no_grad():
@@ -87,7 +132,7 @@ class ModuleGrads:
                     if "bias" in params:
                         guess = guess + _view(probe["bias"], start, len(out))
                     if _close(guess, expected):
-                        return self._affine(shape, start, unit)
+                        return Affine(shape, start, unit)
             if len(params) == 1:
                 (name, p), = params.items()
                 base = self._run({name: torch.zeros_like(p)}, one, kwargs)
@@ -95,16 +140,6 @@ class ModuleGrads:
                     if _close(base + _view(probe[name], start, len(out)), expected):
                         return self._additive(name, tuple(p.shape), start)
         return self._vmap
-
-    def _affine(self, shape, start, unit) -> Grads:
-        def rule(params, args, kwargs, delta):
-            base = self._run(unit, args, kwargs).to(delta.dtype)
-            out = {"weight": _reduce(base * delta, shape, start)}
-            if "bias" in params:
-                out["bias"] = _reduce(delta, shape, start)
-            return out
-
-        return rule
 
     def _additive(self, name, shape, start) -> Grads:
         return lambda params, args, kwargs, delta: {name: _reduce(delta, shape, start)}
