@@ -5,6 +5,7 @@ and the accuracy of projected inner products against exact ones.
     python benchmarks/bench_grads.py --quick         # tiny models, a smoke run
     python benchmarks/bench_grads.py --study         # projected vs exact inner products, several k
     python benchmarks/bench_grads.py --device cuda --precision bfloat16
+    python benchmarks/bench_grads.py --threads 1 --clock cpu --no-memory   # CPU seconds: steadier on a busy machine
 
 Methods, timed in one process with interleaved repeats (medians), same model, batch, threads:
   train     forward + scaled-MSE loss + backward with parameter gradients (a training step)
@@ -90,8 +91,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(model, x, y, projector, names, repeats, slow_repeats, device, precision):
-    """Median seconds per batch; methods interleaved within each repeat."""
+def time_methods(model, x, y, projector, names, repeats, slow_repeats, device, precision, clock=time.perf_counter):
+    """Median seconds per batch (``clock``: wall or process CPU time); methods interleaved within each repeat."""
     fns = {n: method(n, model, x, y, projector, precision) for n in names}
     times = {n: [] for n in names}
     for fn in fns.values():  # warm-up (and projector factors generated)
@@ -101,10 +102,10 @@ def time_methods(model, x, y, projector, names, repeats, slow_repeats, device, p
             if n in ("vmap", "loop") and r >= slow_repeats:
                 continue
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
-            times[n].append(time.perf_counter() - start)
+            times[n].append(clock() - start)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -172,14 +173,15 @@ def memory(args, name, names) -> dict[str, float]:
 def speed(args) -> None:
     torch.set_num_threads(args.threads)
     names = [m for m in METHODS if m not in args.skip]
-    print(f"# device {args.device}, {args.threads} threads, batch {args.batch}, {args.resolution}², "
+    clock = {"wall": time.perf_counter, "cpu": time.process_time}[args.clock]
+    print(f"# device {args.device}, {args.threads} threads, {args.clock} clock, batch {args.batch}, {args.resolution}², "
           f"k_in = k_out = {args.k} ({args.conv} conv factor), precision {args.precision}, "
           f"{args.repeats} interleaved repeats ({args.slow_repeats} for vmap/loop), medians")
     for name in args.models:
         model, x, y, projector = build(args, name)
         p = sum(q.numel() for q in model.parameters())
         t = time_methods(model, x, y, projector, names, args.repeats, args.slow_repeats, args.device,
-                         args.precision)
+                         args.precision, clock)
         mem = memory(args, name, names) if not args.no_memory else {}
         print(f"\n## {name} {args.preset}: p = {p:,}, k = {projector.k(model):,}")
         print(f"{'method':10s} {'s/batch':>9s} {'samples/s':>10s} {'speed vs train':>15s} "
@@ -254,6 +256,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16, help="k_in = k_out")
     parser.add_argument("--conv", default="full", choices=["separable", "full"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall: perf_counter; cpu: process CPU time (all threads; use with --threads 1)")
     parser.add_argument("--slow-repeats", type=int, default=2, help="repeats for vmap and loop")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(METHODS[2:]), help="methods to leave out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
