@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import posixpath
+import uuid
 from typing import Any
 
 import fsspec
@@ -24,3 +27,95 @@ def join(url: str, *parts: str) -> str:
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
+
+
+class Folder:
+    """Files in one folder at any fsspec URL, named by paths relative to it.
+
+    Whole-file writes are atomic (a rename on local disk, a single PUT on object stores), and
+    existence checks and listings bypass the object stores' listing cache, so they see files
+    that other processes wrote.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url.rstrip("/") or url
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = filesystem(self.url, self.storage_options)
+        self.local = is_local(self.url)
+        self._zarr: dict[tuple[str, bool], Any] = {}
+
+    def path(self, rel: str) -> str:
+        """The filesystem path of ``rel`` (the folder itself for "")."""
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def join_url(self, rel: str) -> str:
+        return join(self.url, rel)
+
+    def forget_listing(self, rel: str) -> None:
+        """Drop the cached listing of subfolder ``rel`` (object stores cache listings)."""
+        if not self.local:
+            self.fs.invalidate_cache(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        path = self.path(rel)
+        if not self.local:
+            self.fs.invalidate_cache(posixpath.dirname(path))
+        return self.fs.exists(path)
+
+    def ls(self, rel: str = "") -> list[str]:
+        """Names of the entries of subfolder ``rel``, listed afresh ([] when it does not exist)."""
+        self.forget_listing(rel)
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        return [posixpath.basename(entry.rstrip("/")) for entry in entries]
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_bytes(self, rel: str, data: bytes | list) -> None:
+        """Replace a file whole: a rename on local disk, a single PUT on object stores.
+
+        ``data`` is bytes or a list of buffers (written in order).
+        """
+        path = self.path(rel)
+        parts = data if isinstance(data, list) else [data]
+        if not self.local:
+            self.fs.pipe_file(path, b"".join(parts))
+            return
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "xb") as f:  # permissions as for any new file (umask), unlike mkstemp's 0600
+                f.writelines(parts)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write_bytes(rel, json.dumps(value, indent=2, default=str).encode())
+
+    def remove(self, rel: str) -> None:
+        """Delete a file or a subfolder with everything in it, if present."""
+        if self.exists(rel):
+            self.fs.rm(self.path(rel), recursive=True)
+
+    def zarr_store(self, rel: str, read_only: bool = False):
+        """The zarr store rooted at ``rel`` (LocalStore on local disk, FsspecStore elsewhere)."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        key = (rel, read_only)
+        if key not in self._zarr:
+            if self.local:
+                self._zarr[key] = LocalStore(self.path(rel), read_only=read_only)
+            else:
+                self._zarr[key] = FsspecStore.from_url(self.join_url(rel), storage_options=self.storage_options,
+                                                       read_only=read_only)
+        return self._zarr[key]

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import posixpath
 import time
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ from gradlake.config import JobConfig
 from gradlake.errors import InputError
 
 log = logging.getLogger(__name__)
+JOB_JSON = "job.json"
 
 
 def _settings_hash(*parts: Any) -> str:
@@ -33,12 +33,10 @@ class JobRecord:
     """``<out>/job.json``: per-stage status, written after each stage finishes."""
 
     def __init__(self, job: JobConfig):
-        self.url = fsio.join(job.out, "job.json")
-        self.fs, self.path = fsio.filesystem(self.url, job.store.storage_options)
+        self.out = fsio.Folder(job.out, job.store.storage_options)
         self.stages: dict[str, dict[str, Any]] = {}
-        if self.fs.exists(self.path):
-            with self.fs.open(self.path, "r") as f:
-                self.stages = json.load(f).get("stages", {})
+        if self.out.exists(JOB_JSON):
+            self.stages = self.out.read_json(JOB_JSON).get("stages", {})
 
     def is_done(self, stage: str, settings_hash: str) -> bool:
         rec = self.stages.get(stage, {})
@@ -47,11 +45,7 @@ class JobRecord:
     def mark(self, stage: str, settings_hash: str, summary: dict[str, Any], seconds: float) -> None:
         self.stages[stage] = {"status": "done", "settings": settings_hash,
                               "seconds": round(seconds, 2), "summary": summary}
-        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        tmp = self.path + ".tmp"
-        with self.fs.open(tmp, "w") as f:
-            json.dump({"stages": self.stages}, f, indent=2, default=str)
-        self.fs.mv(tmp, self.path)
+        self.out.write_json(JOB_JSON, {"stages": self.stages})
 
 
 def training_runs(job: JobConfig) -> list[tuple[int, str]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import io
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -293,9 +293,8 @@ def rollout(checkpoint: str, dataset_url: str, horizon: int | None = None, split
 
 
 def _write_table(table: pa.Table, out: str, storage_options: dict | None, provenance: dict[str, Any]) -> None:
-    fs, path = fsio.filesystem(out, storage_options)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path.rstrip('/')}/rollout.parquet", "wb") as f:
-        pq.write_table(table, f)
-    with fs.open(f"{path.rstrip('/')}/rollout.json", "w") as f:
-        json.dump({**provenance, "rows": table.to_pylist()}, f, indent=2)
+    files = fsio.Folder(out, storage_options)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    files.write_bytes("rollout.parquet", buffer.getvalue())
+    files.write_json("rollout.json", {**provenance, "rows": table.to_pylist()})

@@ -59,13 +59,11 @@ def fingerprint(shape: Sequence[int], channels: Sequence[str], family: str, tabl
 
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> dict | None:
     """The manifest at ``url``, or None when there is no complete dataset there."""
-    fs, path = fsio.filesystem(url, storage_options)
-    target = f"{path.rstrip('/')}/{MANIFEST}"
-    if not fs.exists(target):
+    files = fsio.Folder(url, storage_options)
+    if not files.exists(MANIFEST):
         return None
     try:
-        with fs.open(target, "rb") as f:
-            manifest = json.loads(f.read())
+        manifest = files.read_json(MANIFEST)
     except (OSError, ValueError) as err:
         raise InputError(f"{fsio.join(url, MANIFEST)}: not a readable dataset manifest ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -93,10 +91,10 @@ class DatasetWriter:
         self.shape = (int(n_trajectories), len(self.times), len(self.channels), int(height), int(width))
         if min(self.shape) < 1:
             raise InputError(f"{url}: cannot write a dataset of shape {self.shape}")
-        self.fs, self.path = fsio.filesystem(url, storage_options)
-        self._created_root = not self.fs.exists(self.path.rstrip("/"))
+        self.files = fsio.Folder(url, storage_options)
+        self._created_root = not self.files.exists("")
         self._clear_leftovers()
-        group = zarr.open_group(fsio.join(url, FIELDS), mode="w", storage_options=storage_options)
+        group = zarr.open_group(store=self.files.zarr_store(FIELDS), mode="w")
         attrs = {"channels": list(self.channels), "family": family, "times": self.times,
                  "format": FORMAT, "format_version": FORMAT_VERSION, **(attributes or {})}
         group.attrs.update(attrs)
@@ -106,10 +104,7 @@ class DatasetWriter:
         self.checksums: list[str | None] = [None] * self.shape[0]
 
     def _clear_leftovers(self) -> None:
-        root = self.path.rstrip("/")
-        if not self.fs.exists(root):
-            return
-        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(root, detail=False)}
+        names = set(self.files.ls())
         foreign = sorted(names - {FIELDS, TABLE, MANIFEST})
         if foreign:
             raise InputError(f"{self.url}: holds {foreign[0]!r}, which is not part of a gradlake "
@@ -117,16 +112,14 @@ class DatasetWriter:
         if MANIFEST in names:
             raise InputError(f"{self.url}: already holds a complete dataset; refusing to overwrite it")
         for name in names:
-            self.fs.rm(f"{root}/{name}", recursive=True)
+            self.files.remove(name)
 
     def abort(self) -> None:
         """Remove what this writer wrote (used when the input turns out to be bad)."""
-        root = self.path.rstrip("/")
         for name in (FIELDS, TABLE):
-            if self.fs.exists(f"{root}/{name}"):
-                self.fs.rm(f"{root}/{name}", recursive=True)
-        if self._created_root and self.fs.exists(root) and not self.fs.ls(root, detail=False):
-            self.fs.rmdir(root)
+            self.files.remove(name)
+        if self._created_root and self.files.exists("") and not self.files.ls():
+            self.files.fs.rmdir(self.files.root)
 
     def write(self, start: int, block: np.ndarray) -> None:
         """Store trajectories ``start .. start + len(block) - 1``."""
@@ -157,8 +150,7 @@ class DatasetWriter:
             "params": [json.dumps(p, sort_keys=True) for p in params],
             "checksum": self.checksums,
         }, schema=TABLE_SCHEMA)
-        root = self.path.rstrip("/")
-        pq.write_table(table, f"{root}/{TABLE}", filesystem=self.fs)
+        pq.write_table(table, self.files.path(TABLE), filesystem=self.files.fs)
         counts = lambda column: {k: int(v) for k, v in zip(*np.unique(np.asarray(column, dtype=str), return_counts=True))}  # noqa: E731
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "gradlake_version": __version__,
@@ -168,8 +160,7 @@ class DatasetWriter:
             "provenance": provenance,
             "fingerprint": fingerprint(self.shape, self.channels, self.family, table),
         }
-        with self.fs.open(f"{root}/{MANIFEST}", "wb") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+        self.files.write_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
         return Dataset.open(self.url, self.storage_options)
 
 
@@ -190,11 +181,11 @@ class Dataset:
         if manifest is None:
             raise InputError(f"{url}: no complete gradlake dataset here ({MANIFEST} missing; "
                              "generate or ingest one first)")
-        fs, path = fsio.filesystem(url, storage_options)
+        files = fsio.Folder(url, storage_options)
         try:
-            group = zarr.open_group(fsio.join(url, FIELDS), mode="r", storage_options=storage_options)
+            group = zarr.open_group(store=files.zarr_store(FIELDS, read_only=True), mode="r")
             array = group[ARRAY]
-            table = pq.read_table(f"{path.rstrip('/')}/{TABLE}", filesystem=fs)
+            table = pq.read_table(files.path(TABLE), filesystem=files.fs)
         except (OSError, KeyError, FileNotFoundError, ValueError) as err:
             raise InputError(f"{url}: dataset parts unreadable ({type(err).__name__}: {err})") from None
         shape = tuple(manifest["shape"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 from typing import Any
 
 import torch
@@ -39,19 +40,12 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
-def _write(url: str, data: bytes, storage_options: dict | None) -> None:
-    fs, path = fsio.filesystem(url, storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
-
-
 def _read(url: str, storage_options: dict | None) -> bytes:
-    fs, path = fsio.filesystem(url, storage_options)
-    if not fs.exists(path):
+    folder, name = posixpath.split(url)
+    files = fsio.Folder(folder, storage_options)
+    if not files.exists(name):
         raise InputError(f"{url}: no such file")
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return files.read_bytes(name)
 
 
 def _json(value: Any) -> bytes:
@@ -62,11 +56,10 @@ def save_checkpoint(path: str, model: nn.Module, model_config: dict[str, Any], m
                     optimizer: torch.optim.Optimizer | None = None,
                     storage_options: dict | None = None) -> str:
     """Write one checkpoint directory; config.json last. Returns ``path``."""
-    fs, config_path = fsio.filesystem(fsio.join(path, CONFIG), storage_options)
-    if fs.exists(config_path):  # rewriting: the directory stops counting as complete first
-        fs.rm(config_path)
+    files = fsio.Folder(path, storage_options)
+    files.remove(CONFIG)  # rewriting: the directory stops counting as complete first
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write(fsio.join(path, WEIGHTS), save_safetensors(weights, metadata={"format": FORMAT}), storage_options)
+    files.write_bytes(WEIGHTS, save_safetensors(weights, metadata={"format": FORMAT}))
     if optimizer is not None:
         state = optimizer.state_dict()
         tensors = {f"state.{i}.{name}": torch.as_tensor(value).detach().to("cpu").contiguous()
@@ -74,11 +67,11 @@ def save_checkpoint(path: str, model: nn.Module, model_config: dict[str, Any], m
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        _write(fsio.join(path, OPTIMIZER), save_safetensors(tensors), storage_options)
-        _write(fsio.join(path, OPTIMIZER_GROUPS), _json(state["param_groups"]), storage_options)
+        files.write_bytes(OPTIMIZER, save_safetensors(tensors))
+        files.write_bytes(OPTIMIZER_GROUPS, _json(state["param_groups"]))
     config = {**meta, "format": FORMAT, "model": model_config,
               "versions": {"gradlake": __version__, "torch": torch.__version__}}
-    _write(fsio.join(path, CONFIG), _json(config), storage_options)
+    files.write_bytes(CONFIG, _json(config))
     return path
 
 
@@ -165,13 +158,9 @@ def load_optimizer_state(path: str, optimizer: torch.optim.Optimizer, storage_op
 
 def list_checkpoints(train_dir: str, storage_options: dict | None = None) -> list[str]:
     """Complete checkpoints (those with a config.json) of a training run, oldest first."""
-    root = fsio.join(train_dir, CHECKPOINTS)
-    fs, path = fsio.filesystem(root, storage_options)
-    if not fs.exists(path):
-        return []
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    return [fsio.join(root, n) for n in names
-            if n.startswith("epoch-") and fs.exists(f"{path.rstrip('/')}/{n}/{CONFIG}")]
+    files = fsio.Folder(fsio.join(train_dir, CHECKPOINTS), storage_options)
+    return [files.join_url(n) for n in sorted(files.ls())
+            if n.startswith("epoch-") and files.exists(f"{n}/{CONFIG}")]
 
 
 def checkpoint_sha256(path: str, storage_options: dict | None = None) -> str:

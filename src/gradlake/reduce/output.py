@@ -8,7 +8,6 @@ recomputed by the next run (see reduce/__init__.py for the layout).
 from __future__ import annotations
 
 import io
-import json
 import posixpath
 from typing import Any
 
@@ -16,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from zarr.storage import FsspecStore, LocalStore
 
 from gradlake import fsio
 
@@ -24,43 +22,11 @@ RESULTS = "results.zarr"
 SUMMARY = "summary.json"
 
 
-class ReduceOutput:
+class ReduceOutput(fsio.Folder):
     """One reduce's folder ``<store>/reduce/<name>/`` (or any URL)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        self.url = url.rstrip("/")
-        self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsio.filesystem(self.url, self.storage_options)
-        self.local = fsio.is_local(self.url)
-
-    def path(self, rel: str) -> str:
-        return posixpath.join(self.root, rel)
-
-    def exists(self, rel: str) -> bool:
-        if not self.local:
-            self.fs.invalidate_cache(posixpath.dirname(self.path(rel)))
-        return self.fs.exists(self.path(rel))
-
-    def remove(self, rel: str) -> None:
-        if self.exists(rel):
-            self.fs.rm(self.path(rel), recursive=True)
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        path = self.path(rel)
-        if self.local:
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = path + ".tmp"
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
-
     def write_json(self, rel: str, value: Any) -> None:
-        self.write_bytes(rel, json.dumps(_jsonable(value), indent=2, default=str).encode())
-
-    def read_json(self, rel: str) -> Any:
-        return json.loads(self.fs.cat_file(self.path(rel)))
+        super().write_json(rel, _jsonable(value))
 
     def write_table(self, rel: str, table: pa.Table) -> None:
         buffer = io.BytesIO()
@@ -72,16 +38,14 @@ class ReduceOutput:
         string column ``checkpoint`` unless ``partitioned`` is False."""
         import pyarrow.dataset as pads
 
-        if not self.local:
-            self.fs.invalidate_cache(self.path(rel))
+        self.forget_listing(rel)
         part = pads.partitioning(pa.schema([("checkpoint", pa.string())]), flavor="hive") if partitioned else None
         dataset = pads.dataset(self.path(rel), format="parquet", filesystem=self.fs, partitioning=part)
         return dataset.to_table(columns=columns, filter=filters)
 
-    def zarr_store(self):
-        if self.local:
-            return LocalStore(self.path(RESULTS))
-        return FsspecStore.from_url(fsio.join(self.url, RESULTS), storage_options=self.storage_options)
+    def zarr_store(self, rel: str = RESULTS, read_only: bool = False):
+        """The zarr store of results.zarr unless ``rel`` names another."""
+        return super().zarr_store(rel, read_only)
 
     def group(self, path: str = "") -> zarr.Group:
         root = zarr.open_group(store=self.zarr_store(), mode="a")

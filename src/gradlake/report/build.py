@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import posixpath
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -85,34 +84,25 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
 
 
-class ReportFiles:
+class ReportFiles(fsio.Folder):
     """The report's folder (any fsspec URL); remembers what it wrote in report.json."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        self.url = url.rstrip("/") or url
-        self.fs, self.root = fsio.filesystem(self.url, storage_options)
+        super().__init__(url, storage_options)
         self.written: list[str] = []
 
-    def path(self, rel: str) -> str:
-        return posixpath.join(self.root, rel)
-
     def write(self, rel: str, data: bytes) -> None:
-        path = self.path(rel)
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        self.fs.pipe_file(path, data)
+        self.write_bytes(rel, data)
         self.written.append(rel)
 
     def finish(self) -> None:
         """Remove files an earlier report wrote and this one did not, then write report.json."""
-        manifest = self.path(MANIFEST)
-        previous = json.loads(self.fs.cat_file(manifest)).get("files", []) if self.fs.exists(manifest) else []
+        previous = self.read_json(MANIFEST).get("files", []) if self.exists(MANIFEST) else []
         for rel in sorted(set(previous) - set(self.written)):
-            if not _ours(rel):
-                continue  # never follow a manifest outside the report's own files
-            if self.fs.exists(self.path(rel)):
-                self.fs.rm(self.path(rel))
-        body = {"format": "gradlake-report", "gradlake_version": __version__, "files": sorted(self.written)}
-        self.fs.pipe_file(manifest, json.dumps(body, indent=2).encode())
+            if _ours(rel):  # never follow a manifest outside the report's own files
+                self.remove(rel)
+        self.write_json(MANIFEST, {"format": "gradlake-report", "gradlake_version": __version__,
+                                   "files": sorted(self.written)})
 
 
 # --------------------------------------------------------------------------- provenance

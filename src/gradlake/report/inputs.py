@@ -7,7 +7,6 @@ and gradlake.train (checkpoints' config.json, rollout.parquet).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ from gradlake.errors import InputError
 from gradlake.reduce.output import RESULTS, SUMMARY, ReduceOutput
 
 EXACT_JSON = "exact.json"
-ROLLOUT = "rollout.parquet"
+ROLLOUT, ROLLOUT_JSON = "rollout.parquet", "rollout.json"
 
 
 class ReduceResults:
@@ -145,17 +144,13 @@ def rollout_tables(paths: list[str], storage_options: dict[str, Any] | None = No
 
     found = {}
     for path in paths:
-        fs, folder = fsio.filesystem(fsio.join(path, ROLLOUT), storage_options)
-        if fs.exists(folder):
-            with fs.open(folder, "rb") as f:
-                found[path] = pq.read_table(f)
+        files = fsio.Folder(path, storage_options)
+        if files.exists(ROLLOUT):
+            found[path] = pq.read_table(pa.BufferReader(files.read_bytes(ROLLOUT)))
     return found
 
 
 def rollout_provenance(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """rollout.json next to a rollout table ({} when absent)."""
-    fs, file = fsio.filesystem(fsio.join(path, "rollout.json"), storage_options)
-    if not fs.exists(file):
-        return {}
-    with fs.open(file, "r") as f:
-        return json.load(f)
+    files = fsio.Folder(path, storage_options)
+    return files.read_json(ROLLOUT_JSON) if files.exists(ROLLOUT_JSON) else {}
