@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from gradlake.config import GradsConfig
 from gradlake.store import GradientStore, ShardWriter, StoreSpec, create_store
 from gradlake.store.spec import chunk_rows_for
 
@@ -71,7 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke run)")
     parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temp dir)")
-    parser.add_argument("--shard-rows", type=int, default=64, help="rows per shard (GradsConfig default 64)")
+    parser.add_argument("--shard-rows", type=int, default=GradsConfig().shard_rows,
+                        help="rows per shard (default: GradsConfig's)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     n, k, repeats = (2048, 1024, 1) if args.quick else (16384, 2048, args.repeats)
