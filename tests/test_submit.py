@@ -35,11 +35,16 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(6))
     temp = tmp_path_factory.mktemp("ray")
+    # Every port of its own: the test session's Ray holds the default agent ports, and a
+    # second agent on them never comes up ("No available agent to submit job").
     start = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
              "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"]
+             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+             f"--metrics-export-port={metrics}", "--num-cpus=2", f"--temp-dir={temp}",
+             "--disable-usage-stats"]
     # --block keeps the head in one process group that we stop alone: `ray stop` would stop
     # every Ray on the machine, the test session's own included.
     head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
