@@ -46,12 +46,12 @@ def run(
 
 def _client(address: Optional[str]):
     """A Ray Jobs API client; token authentication is used whenever the cluster has it."""
-    from ray.job_submission import JobSubmissionClient
-
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address:
         raise InputError("--address: expected the Ray dashboard URL (http://HOST:8265) or RAY_ADDRESS")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray reads its configuration
+    from ray.job_submission import JobSubmissionClient
+
     return JobSubmissionClient(address)
 
 

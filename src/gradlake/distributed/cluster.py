@@ -14,13 +14,13 @@ def ensure_ray(address: str = "", num_cpus: int = 0) -> None:
     """Start or join Ray once per process.
 
     ``address`` (or RAY_ADDRESS) joins an existing cluster; otherwise an embedded local
-    Ray is started on 127.0.0.1 with token authentication, unless RAY_AUTH_MODE says
-    otherwise.
+    Ray is started on 127.0.0.1. Ray (>= 2.52) turns token authentication on for a new
+    local cluster unless RAY_AUTH_MODE says otherwise; setting the variable here would come
+    too late for a process that has already imported ray.
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)

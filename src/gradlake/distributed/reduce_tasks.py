@@ -215,7 +215,8 @@ def _tiles(store, name, src, settings, inverse, out) -> dict:
     col_blocks = work.row_blocks(rows_c, size)
     for pair in settings.pairs:
         path = f"{name}/tiles/{pair}"
-        out.create_array(path, (len(rows_r), len(rows_c)), (size, size), "float32", ("response", "perturbation"),
+        chunks = (min(size, len(rows_r)), min(size, len(rows_c)))  # small selections: small chunks
+        out.create_array(path, (len(rows_r), len(rows_c)), chunks, "float32", ("response", "perturbation"),
                          pair=pair, damping=settings.damping, normalization="none",
                          description="H_AB(i, j) for the response_rows x perturbation_rows samples")
         band = size * max(1, settings.block_rows // size)  # whole chunks per task: no shared writes

@@ -86,7 +86,7 @@ class TrajectoryBlock:
 # --------------------------------------------------------------------------- normalisation
 def row_std(psi_a: np.ndarray, mean_b: np.ndarray, second_b: np.ndarray) -> np.ndarray:
     """σ_i = std over the reference set of H(i, ·), from E[ψ_B] and E[ψ_Bψ_Bᵀ]."""
-    quad = np.einsum("...k,kl,...l->...", psi_a, second_b, psi_a)
+    quad = ((psi_a @ second_b) * psi_a).sum(axis=-1)  # a BLAS matmul, not an einsum loop
     lin = psi_a @ mean_b
     return np.sqrt(np.maximum(quad - lin * lin, 0.0))
 
