@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gradlake.data.timestepping import march, output_times
 from gradlake.errors import GradlakeError, InputError
 
 GAMMA = 1.4
@@ -159,35 +160,19 @@ def solve(initial: torch.Tensor, times: Sequence[float], cfl: float = DEFAULT_CF
           on_step=None) -> torch.Tensor:
     """Evolve conserved states [B, 4, H, W] on the unit square; snapshots [B, T, 4, H, W]
     at ``times`` (times[0] = 0 is the initial state). Cells are 1/W by 1/H."""
-    times = [float(t) for t in times]
-    if not times or times[0] != 0.0 or any(b <= a for a, b in zip(times, times[1:])):
-        raise InputError(f"euler: output times must start at 0 and increase, got {times}")
+    times = output_times(times, "euler")
     if initial.ndim != 4 or initial.shape[1] != 4:
         raise InputError(f"euler: expected conserved states [B, 4, H, W], got {tuple(initial.shape)}")
     dy, dx = 1.0 / initial.shape[2], 1.0 / initial.shape[3]
-    state = initial.clone()
-    _check_state(state, torch.zeros(len(state)))
-    out = initial.new_empty((len(state), len(times), *state.shape[1:]))
-    out[:, 0] = state
-    clock = torch.zeros(len(state), dtype=state.dtype, device=state.device)
-    for k, target in enumerate(times[1:], start=1):
-        while True:
-            remaining = target - clock
-            active = remaining > 0
-            if not bool(active.any()):
-                break
-            step = stable_dt(state, dx, dy, cfl)
-            lands = step >= remaining
-            dt = torch.where(active, torch.minimum(step, remaining), torch.zeros_like(step))
-            advanced = ssp_rk3_step(state, dt, dx, dy)
-            state = torch.where(active.view(-1, 1, 1, 1), advanced, state)
-            clock = torch.where(active & lands, torch.full_like(clock, target),
-                                torch.where(active, clock + dt, clock))
-            _check_state(state, clock)
-            if on_step is not None:
-                on_step()
-        out[:, k] = state
-    return out
+    clock = torch.zeros(len(initial), dtype=initial.dtype, device=initial.device)
+    _check_state(initial, clock)
+
+    def advance(state, dt, active):
+        return torch.where(active.view(-1, 1, 1, 1), ssp_rk3_step(state, dt, dx, dy), state)
+
+    return march(initial.clone(), times, clock, lambda state: stable_dt(state, dx, dy, cfl), advance,
+                 snapshot=lambda state: state, check=lambda state, time, _: _check_state(state, time),
+                 on_step=on_step)
 
 
 # -- initial conditions ------------------------------------------------------------------

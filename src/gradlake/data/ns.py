@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from gradlake.data.euler import trajectory_rng
+from gradlake.data.timestepping import march, output_times
 from gradlake.errors import GradlakeError, InputError
 
 CHANNELS = ("vx", "vy")
@@ -92,36 +93,23 @@ def solve(velocity: torch.Tensor, times: Sequence[float], viscosity: float = DEF
           cfl: float = DEFAULT_CFL, on_step=None) -> torch.Tensor:
     """Evolve velocity [B, 2, H, W] (its divergence-free, zero-mean part) on the unit square;
     snapshots [B, T, 2, H, W] at ``times`` (times[0] = 0)."""
-    times = [float(t) for t in times]
-    if not times or times[0] != 0.0 or any(b <= a for a, b in zip(times, times[1:])):
-        raise InputError(f"ns: output times must start at 0 and increase, got {times}")
+    times = output_times(times, "ns")
     if velocity.ndim != 4 or velocity.shape[1] != 2:
         raise InputError(f"ns: expected velocity [B, 2, H, W], got {tuple(velocity.shape)}")
     grid = Grid(*velocity.shape[-2:], device=velocity.device, dtype=velocity.dtype)
     w_hat = grid.vorticity(velocity)
-    current = grid.velocity(w_hat)
-    out = velocity.new_empty((len(velocity), len(times), *velocity.shape[1:]))
-    out[:, 0] = current
+
+    def advance(state, dt, active):  # state: (vorticity spectrum, its velocity)
+        w_hat = torch.where(active.view(-1, 1, 1), _if_rk4(grid, state[0], dt, viscosity), state[0])
+        return w_hat, grid.velocity(w_hat)
+
+    def check(state, clock, target):
+        if not bool(torch.isfinite(state[1]).all()):
+            raise GradlakeError(f"ns: the flow blew up before t = {target:.6g}; lower the CFL number")
+
     clock = torch.zeros(len(velocity), dtype=velocity.dtype, device=velocity.device)
-    for k, target in enumerate(times[1:], start=1):
-        while True:
-            remaining = target - clock
-            active = remaining > 0
-            if not bool(active.any()):
-                break
-            step = stable_dt(current, cfl)
-            lands = step >= remaining
-            dt = torch.where(active, torch.minimum(step, remaining), torch.zeros_like(step))
-            w_hat = torch.where(active.view(-1, 1, 1), _if_rk4(grid, w_hat, dt, viscosity), w_hat)
-            clock = torch.where(active & lands, torch.full_like(clock, target),
-                                torch.where(active, clock + dt, clock))
-            current = grid.velocity(w_hat)
-            if not bool(torch.isfinite(current).all()):
-                raise GradlakeError(f"ns: the flow blew up before t = {target:.6g}; lower the CFL number")
-            if on_step is not None:
-                on_step()
-        out[:, k] = current
-    return out
+    return march((w_hat, grid.velocity(w_hat)), times, clock, lambda state: stable_dt(state[1], cfl),
+                 advance, snapshot=lambda state: state[1], check=check, on_step=on_step)
 
 
 # -- initial conditions ------------------------------------------------------------------
