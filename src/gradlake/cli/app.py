@@ -12,6 +12,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+Address = typer.Option("", "--address",
+                       help="Ray cluster to join; default RAY_ADDRESS, else an embedded local Ray.")
+NumCpus = typer.Option(0, "--num-cpus", help="CPUs of the embedded local Ray; 0 = all.")
 EndpointUrl = typer.Option("", "--endpoint-url",
                            help="S3-compatible endpoint for s3:// URLs, e.g. http://127.0.0.1:9000.")
 Profile = typer.Option("", "--profile",

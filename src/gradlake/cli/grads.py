@@ -6,7 +6,10 @@ import json
 
 import typer
 
-from gradlake.cli.app import EndpointUrl, Profile, app, names, storage_options
+from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, app, names, storage_options
+from gradlake.config import GradsConfig
+
+_DEFAULTS = GradsConfig()
 
 
 def expand_checkpoints(paths: list[str], options: dict[str, str]) -> list[str]:
@@ -25,21 +28,21 @@ def grads(
     checkpoint: str = typer.Option(..., "--checkpoint",
                                    help="Checkpoint path(s), comma-separated; a training directory means all of its checkpoints."),
     out: str = typer.Option(..., "--out", help="Gradient store URL; an existing store of the same run is extended or resumed."),
-    workers: int = typer.Option(0, "--workers", help="Ray actors; 0 = one per GPU, else one per CPU slot."),
+    workers: int = typer.Option(_DEFAULTS.workers, "--workers", help="Ray actors; 0 = one per GPU, else one per CPU slot."),
     observables: str = typer.Option("C,M,E,V", "--observables", help="Observables, comma-separated (C, M, E, V)."),
-    k_in: int = typer.Option(16, "--k-in", help="Projection rows on the input side of each layer."),
-    k_out: int = typer.Option(16, "--k-out", help="Projection rows on the output side of each layer."),
+    k_in: int = typer.Option(_DEFAULTS.k_in, "--k-in", help="Projection rows on the input side of each layer."),
+    k_out: int = typer.Option(_DEFAULTS.k_out, "--k-out", help="Projection rows on the output side of each layer."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 or float32."),
-    probes: int = typer.Option(1, "--probes", help="Random cotangents per sample for V."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the projection and of the V probes."),
+    probes: int = typer.Option(_DEFAULTS.probes, "--probes", help="Random cotangents per sample for V."),
+    seed: int = typer.Option(_DEFAULTS.seed, "--seed", help="Seed of the projection and of the V probes."),
     splits: str = typer.Option("train,val,test", "--splits", help="Splits whose samples the store holds."),
-    shard_rows: int = typer.Option(64, "--shard-rows", help="Rows per shard (the unit of work and of commits)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples per gradient batch."),
+    shard_rows: int = typer.Option(_DEFAULTS.shard_rows, "--shard-rows", help="Rows per shard (the unit of work and of commits)."),
+    batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", help="Samples per gradient batch."),
     threads: int = typer.Option(1, "--threads", help="Torch threads per CPU worker."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    retries: int = typer.Option(3, "--retries", help="Attempts per failing shard after the first."),
-    address: str = typer.Option("", "--address", help="Ray cluster to join; default RAY_ADDRESS, else an embedded local Ray."),
-    num_cpus: int = typer.Option(0, "--num-cpus", help="CPUs of the embedded local Ray; 0 = all."),
+    retries: int = typer.Option(_DEFAULTS.retries, "--retries", help="Attempts per failing shard after the first."),
+    address: str = Address,
+    num_cpus: int = NumCpus,
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar: one JSON line per shard."),

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from gradlake.cli.app import EndpointUrl, Profile, app, names, storage_options
+from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, app, names, storage_options
 
 
 @app.command()
@@ -30,8 +30,8 @@ def reduce(
     distance_pairs: int = typer.Option(2000, "--distance-pairs", help="Sampled pairs of influence vs input distance; 0 = none."),
     block_rows: int = typer.Option(4096, "--block-rows", help="Rows per task."),
     exact: bool = typer.Option(False, "--exact", help="Also run the exact minibatch mode (last checkpoint)."),
-    address: str = typer.Option("", "--address", help="Ray cluster to join; default RAY_ADDRESS, else an embedded local Ray."),
-    num_cpus: int = typer.Option(0, "--num-cpus", help="CPUs of the embedded local Ray; 0 = all."),
+    address: str = Address,
+    num_cpus: int = NumCpus,
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars: JSON lines."),
