@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=list(METHODS[2:]), help="methods to leave out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--samples", type=int, default=24, help="study: samples")
     parser.add_argument("--seeds", type=int, default=3, help="study: projector seeds per k")
     parser.add_argument("--study-k", type=int, nargs="+", default=[2, 4, 8, 16], help="study: k_in = k_out values")

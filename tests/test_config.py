@@ -22,6 +22,9 @@ def test_quickstart_job_parses():
         ({"reduce": {"pairs": ["CX"]}}, "reduce.pairs"),
         ({"stages": ["data", "cook"]}, "stages: unknown stage 'cook'"),
         ({"store": {"storage_options": {"secret": "x"}}}, "credentials never go into a job file"),
+        ({"store": {"storage_options": {"client_kwargs": {"aws_secret_access_key": "x"}}}},
+         "store.storage_options.client_kwargs.aws_secret_access_key: credentials never"),
+        ({"store": {"storage_options": {"account_key": "x"}}}, "account_key: credentials never"),
         ({"reduce": {"exact": {"rtol": 0}}}, "reduce.exact.rtol: expected float > 0"),
     ],
 )

@@ -65,6 +65,7 @@ def test_export_npy_streams_probes(store_url, tmp_path):
     rows = np.load(tmp_path / "v.rows.npy")
     assert len(rows) == 2 * T
     np.testing.assert_array_equal(np.load(out), _plain(store_url, "V")[rows])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", "v.rows.npy"]  # no partial file
 
 
 def test_topk_matches_dense_numpy(store_url):

@@ -113,7 +113,7 @@ class GradsConfig:
     device: str = "auto"
     projection: Literal["rademacher", "gaussian"] = "rademacher"
     k_dense: int = rule(non_negative, 0)  # per parameter outside Linear/Conv; 0 -> k_in * k_out
-    precision: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast on GPUs
+    precision: Literal["float32", "bfloat16"] = "float32"  # autocast on GPUs (no float16: cotangents underflow)
     retries: int = rule(non_negative, 3)  # attempts per shard after the first
 
 
@@ -183,8 +183,21 @@ class StoreConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
-SECRET_OPTIONS = ("key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
-                  "aws_session_token", "password")
+# Any storage option whose name contains one of these is a credential (at any depth:
+# client_kwargs = {aws_secret_access_key = ...} too).
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas")
+
+
+def secret_option(options: dict[str, Any], path: str) -> str | None:
+    """The path of the first credential-like option in ``options``, or None."""
+    for name, value in options.items():
+        if any(word in str(name).lower() for word in SECRET_WORDS):
+            return f"{path}.{name}"
+        if isinstance(value, dict):
+            found = secret_option(value, f"{path}.{name}")
+            if found:
+                return found
+    return None
 
 
 @dataclass(frozen=True)
@@ -345,12 +358,12 @@ def _validate(job: JobConfig) -> JobConfig:
         raise InputError(f"data.splits: expected three fractions >= 0 summing to 1, got {list(job.data.splits)}")
     if job.data.source == "url" and not job.data.url:
         raise InputError("data.url: expected a dataset URL when data.source = 'url'")
-    for name in job.store.storage_options:
-        if name.lower() in SECRET_OPTIONS:
-            raise InputError(
-                f"store.storage_options.{name}: credentials never go into a job file; "
-                "set them in the environment (AWS_ACCESS_KEY_ID, ...) or a profile"
-            )
+    secret = secret_option(job.store.storage_options, "store.storage_options")
+    if secret:
+        raise InputError(
+            f"{secret}: credentials never go into a job file; "
+            "set them in the environment (AWS_ACCESS_KEY_ID, ...) or a profile"
+        )
     return job
 
 

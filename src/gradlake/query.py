@@ -5,6 +5,7 @@ Both stream over the store in blocks of rows, so any store size works in bounded
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +40,29 @@ def export(store: GradientStore, out: str | Path, where: str | None = None, obse
     samples = store.samples(checkpoint, where)
     rows = samples.column("row").to_numpy().astype(np.int64)
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")  # renamed into place when complete
     if out.suffix == ".npy":
         shape = (len(rows), *store.spec.row_shape(observable))
-        target = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=shape)
+        target = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
         for start, (_, phi) in zip(range(0, len(rows), block_rows),
                                    store.iter_blocks(checkpoint, observable, rows, block_rows)):
             target[start:start + len(phi)] = phi
         target.flush()
+        del target
         np.save(out.with_suffix(".rows.npy"), rows)
+        os.replace(partial, out)
         return len(rows)
     width = int(np.prod(store.spec.row_shape(observable)))
     schema = samples.select(SAMPLE_COLUMNS).schema.append(
         pa.field("phi", pa.list_(pa.float32(), width)))
-    with pq.ParquetWriter(out, schema) as writer:
+    with pq.ParquetWriter(partial, schema) as writer:
         for start, (_, phi) in zip(range(0, len(rows), block_rows),
                                    store.iter_blocks(checkpoint, observable, rows, block_rows)):
             part = samples.slice(start, len(phi)).select(SAMPLE_COLUMNS)
             values = pa.array(phi.reshape(len(phi), -1).ravel(), pa.float32())
             part = part.append_column("phi", pa.FixedSizeListArray.from_arrays(values, width))
             writer.write_table(part.cast(schema))
+    os.replace(partial, out)
     return len(rows)
 
 

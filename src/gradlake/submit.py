@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import tempfile
 import time
@@ -33,7 +34,7 @@ def submit_job(client, job_path: Path, job: JobConfig) -> str:
             "env_vars": {"GRADLAKE_QUIET": "1"},
         }
         return _retry_while_starting(lambda: client.submit_job(
-            entrypoint=f"python -m gradlake run job.toml --out {job.out} --quiet",
+            entrypoint=f"python -m gradlake run job.toml --out {shlex.quote(job.out)} --quiet",
             runtime_env=runtime_env,
             metadata={"gradlake_job": job.name},
         ))

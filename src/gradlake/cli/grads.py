@@ -14,11 +14,11 @@ _DEFAULTS = GradsConfig()
 
 def expand_checkpoints(paths: list[str], options: dict[str, str]) -> list[str]:
     """Checkpoint paths; a training directory stands for all of its checkpoints."""
-    from gradlake.models.checkpoint import list_checkpoints
+    from gradlake.models.checkpoint import checkpoint_dir, list_checkpoints
 
     expanded = []
     for path in paths:
-        expanded += list_checkpoints(path, options or None) or [path]
+        expanded += list_checkpoints(path, options or None) or [checkpoint_dir(path)]
     return expanded
 
 

@@ -52,7 +52,10 @@ def _client(address: Optional[str]):
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray reads its configuration
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as err:
+        raise InputError(f"--address {address}: cannot reach the Ray dashboard ({err})") from None
 
 
 AddressOption = typer.Option(None, "--address", help="Ray dashboard URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS).")

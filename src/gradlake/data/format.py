@@ -104,8 +104,8 @@ class DatasetWriter:
         self.checksums: list[str | None] = [None] * self.shape[0]
 
     def _clear_leftovers(self) -> None:
-        names = set(self.files.ls())
-        foreign = sorted(names - {FIELDS, TABLE, MANIFEST})
+        names = set(self.files.ls())  # including ".tmp-*" files of a killed write: ours
+        foreign = sorted(n for n in names - {FIELDS, TABLE, MANIFEST} if not n.startswith(".tmp-"))
         if foreign:
             raise InputError(f"{self.url}: holds {foreign[0]!r}, which is not part of a gradlake "
                              "dataset; choose an empty or new output location")

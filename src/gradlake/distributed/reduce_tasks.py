@@ -305,9 +305,9 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
     out = ReduceOutput(store.reduce_url(settings.name), so)
     out.remove(SUMMARY)
     done = {}
-    if out.exists("done"):
-        for path in out.fs.ls(out.path("done"), detail=False):
-            record = json.loads(out.fs.cat_file(path))
+    for entry in out.ls("done"):  # fresh listing; a temp file of a killed write is not a record
+        if entry.endswith(".json") and not entry.startswith("."):
+            record = out.read_json(f"done/{entry}")
             done[record["checkpoint"]] = record
     if any(r.get("settings") != settings_hash for r in done.values()):
         out.remove("")  # another reduce's results under this name: replace them whole

@@ -295,11 +295,11 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
 
     ``cotangents`` maps the (detached) batched prediction to {name: [B, *out]} or
     {name: [B, m, *out]}; the result has {name: float32 [B, k]} or [B, m, k].
-    ``dtype``: the precision of the projections and outer products (float32, or bfloat16 /
-    float16 on GPUs); φ is accumulated and returned in float32.
+    ``dtype``: the precision of the projections and outer products (float32, or bfloat16
+    on GPUs); φ is accumulated and returned in float32.
     """
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise InputError(f"grads precision: expected float32, bfloat16 or float16, got {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise InputError(f"grads precision: expected float32 or bfloat16, got {dtype}")
     model_plan = plan(model)
     capture = _Capture(model_plan, projector, inputs.shape[0], inputs.device, dtype)
     autocast = torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32)

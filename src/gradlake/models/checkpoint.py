@@ -108,8 +108,8 @@ def check_weights(weights: dict[str, torch.Tensor], model: nn.Module, source: st
 
 
 def read_meta(path: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """The checkpoint's config.json."""
-    url = fsio.join(path, CONFIG)
+    """The checkpoint's config.json (``path``: the checkpoint folder or a file in it)."""
+    url = fsio.join(checkpoint_dir(path), CONFIG)
     try:
         meta = json.loads(_read(url, storage_options))
     except ValueError as err:
@@ -119,14 +119,15 @@ def read_meta(path: str, storage_options: dict | None = None) -> dict[str, Any]:
     return meta
 
 
-def _checkpoint_dir(path: str) -> str:
+def checkpoint_dir(path: str) -> str:
+    """The checkpoint folder of a path to it or to a file in it."""
     return path.rsplit("/", 1)[0] if path.endswith((".safetensors", ".json")) else path.rstrip("/")
 
 
 def load_checkpoint(path: str, storage_options: dict | None = None,
                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model with the checkpoint's weights, meta from config.json); checks weights against the config."""
-    path = _checkpoint_dir(path)
+    path = checkpoint_dir(path)
     meta = read_meta(path, storage_options)
     model = from_config(meta["model"])
     weights = read_weights(fsio.join(path, WEIGHTS), storage_options)
@@ -137,7 +138,7 @@ def load_checkpoint(path: str, storage_options: dict | None = None,
 
 def load_optimizer_state(path: str, optimizer: torch.optim.Optimizer, storage_options: dict | None = None) -> None:
     """Restore the optimizer state and the RNG states saved with a checkpoint."""
-    path = _checkpoint_dir(path)
+    path = checkpoint_dir(path)
     tensors = load_safetensors(_read(fsio.join(path, OPTIMIZER), storage_options))
     groups = json.loads(_read(fsio.join(path, OPTIMIZER_GROUPS), storage_options))
     # JSON turned tuples (e.g. Adam's betas) into lists; "params" is the only list.
@@ -165,4 +166,4 @@ def list_checkpoints(train_dir: str, storage_options: dict | None = None) -> lis
 
 def checkpoint_sha256(path: str, storage_options: dict | None = None) -> str:
     """sha256 (hex) of the checkpoint's model.safetensors."""
-    return hashlib.sha256(_read(fsio.join(_checkpoint_dir(path), WEIGHTS), storage_options)).hexdigest()
+    return hashlib.sha256(_read(fsio.join(checkpoint_dir(path), WEIGHTS), storage_options)).hexdigest()
