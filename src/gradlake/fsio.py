@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 
@@ -15,6 +16,14 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None):
     """(fs, path) for any fsspec URL or local path."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, path
+
+
+_PATH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_path_name(name: object) -> bool:
+    """Usable as one path component and as a partition value: letters, digits, '.', '_', '-'."""
+    return isinstance(name, str) and bool(_PATH_NAME.match(name))
 
 
 def join(url: str, *parts: str) -> str:

@@ -49,7 +49,6 @@ from gradlake.progress import progress
 PDEGYM_CLASSES = {"CE-RPUI": "rpui", "CE-CRP": "crp", "CE-RP": "rp",
                   "NS-Sines": "sines", "NS-Gauss": "gauss", "NS-BB": "bb"}
 _PDEGYM_NAME = re.compile(r"(?<![A-Za-z])(" + "|".join(PDEGYM_CLASSES) + r")(?![A-Za-z])", re.IGNORECASE)
-_CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 BLOCK_BYTES = 1 << 28  # float64 working set of one block of trajectories
 
 
@@ -95,7 +94,7 @@ def _dataset(f: h5py.File, path: str, name: str, rank: int, what: str) -> h5py.D
 
 
 def _check_class(path: str, class_name: str) -> str:
-    if not _CLASS_NAME.match(class_name):
+    if not fsio.is_path_name(class_name):
         raise InputError(f"--class: expected a name of letters, digits, '-', '_' or '.', got {class_name!r}")
     return class_name
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from gradlake import __version__
+from gradlake import __version__, fsio
 from gradlake.config import RayConfig, ReduceConfig
 from gradlake.distributed.cluster import ensure_ray
 from gradlake.errors import InputError
@@ -95,9 +95,7 @@ def _settings_hash(store, settings: ReduceConfig) -> str:
 
 def check_settings(store, settings: ReduceConfig) -> list[str]:
     """Everything about the settings that can be checked before work; the checkpoints."""
-    import re
-
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", settings.name):
+    if not fsio.is_path_name(settings.name):
         raise InputError(f"reduce.name: expected letters, digits, '.', '_' or '-', got {settings.name!r}")
     held = store.observables
     if settings.metric not in held:

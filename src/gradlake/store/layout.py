@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 
 import zarr
 
@@ -24,12 +23,9 @@ REDUCE = "reduce"
 FORMAT = "gradlake-store"
 FORMAT_VERSION = 1
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
 def check_name(name: str, source: str) -> str:
     """A checkpoint name usable in paths and partition keys, or InputError naming ``source``."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not fsio.is_path_name(name):
         raise InputError(f"{source}: checkpoint name {name!r} must be letters, digits, '.', '_' or '-'")
     return name
 
