@@ -162,3 +162,17 @@ def test_a_shard_that_keeps_failing_fails_the_stage_after_the_others(ray_session
     assert store.committed_shards() == {0, 1, 2, 4}
     status = store.provenance["stages"]["grads"]
     assert status["status"] == "failed" and "epoch-0001/shard-3" in status["errors"]
+
+
+def test_an_interrupted_driver_records_it(grads_inputs, tmp_path, monkeypatch):
+    import gradlake.distributed.cluster as cluster
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster, "ensure_ray", interrupted)
+    data, checkpoints = grads_inputs
+    url = str(tmp_path / "store")
+    with pytest.raises(KeyboardInterrupt):
+        run_grads(data, checkpoints[:1], url, SETTINGS)
+    assert GradientStore.open(url).provenance["stages"]["grads"]["status"] == "interrupted"

@@ -57,9 +57,13 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
     if plan.tasks:
         from gradlake.distributed.cluster import ensure_ray
 
-        ensure_ray(ray_settings.address, ray_settings.num_cpus)
-        worker = WorkerSettings(data_url, store_url, settings, options, fault)
-        outcome = _drive(plan.tasks, worker, settings, total, skipped)
+        try:
+            ensure_ray(ray_settings.address, ray_settings.num_cpus)
+            worker = WorkerSettings(data_url, store_url, settings, options, fault)
+            outcome = _drive(plan.tasks, worker, settings, total, skipped)
+        except BaseException as err:  # Ray down, Ctrl-C: say so; committed shards stay committed
+            set_stage_status(store, STAGE, {"status": "interrupted", "error": _first_line(err)})
+            raise
     seconds = time.monotonic() - started
     computed = [r for r in outcome.results if not r["skipped"]]  # skipped: committed meanwhile
     summary = {
