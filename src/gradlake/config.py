@@ -8,6 +8,7 @@ before any work starts, and a bad value is reported with its full key path:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import types
@@ -236,6 +237,13 @@ class JobConfig:
 
 
 STAGES = ("data", "train", "grads", "reduce", "report")
+
+
+def settings_hash(*parts: Any) -> str:
+    """A short, stable hash of settings (dataclasses or JSON values): what a result depends on."""
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _join(root: str, part: str) -> str:

@@ -9,24 +9,16 @@ so a record only saves time, never decides correctness.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from typing import Any, Callable
 
 from gradlake import fsio
-from gradlake.config import JobConfig
+from gradlake.config import JobConfig, settings_hash
 from gradlake.errors import InputError
 
 log = logging.getLogger(__name__)
 JOB_JSON = "job.json"
-
-
-def _settings_hash(*parts: Any) -> str:
-    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
-                      sort_keys=True, default=list)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class JobRecord:
@@ -118,11 +110,11 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
                              train_dir=job.train_dir, storage_options=so)
         return {"index": index}
 
-    data_h = _settings_hash(job.data, job.data_url)
-    train_h = _settings_hash(data_h, job.model, job.train)
-    grads_h = _settings_hash(train_h, job.grads, job.store_url)
-    reduce_h = _settings_hash(grads_h, job.reduce)
-    report_h = _settings_hash(reduce_h, job.report)
+    data_h = settings_hash(job.data, job.data_url)
+    train_h = settings_hash(data_h, job.model, job.train)
+    grads_h = settings_hash(train_h, job.grads, job.store_url)
+    reduce_h = settings_hash(grads_h, job.reduce)
+    report_h = settings_hash(reduce_h, job.report)
     return {
         "data": (data_h, data),
         "train": (train_h, train),

@@ -15,6 +15,8 @@ app = typer.Typer(
 Address = typer.Option("", "--address",
                        help="Ray cluster to join; default RAY_ADDRESS, else an embedded local Ray.")
 NumCpus = typer.Option(0, "--num-cpus", help="CPUs of the embedded local Ray; 0 = all.")
+Quiet = typer.Option(False, "--quiet", "-q",
+                     help="No progress bars: one JSON line per update (as when output is not a terminal).")
 EndpointUrl = typer.Option("", "--endpoint-url",
                            help="S3-compatible endpoint for s3:// URLs, e.g. http://127.0.0.1:9000.")
 Profile = typer.Option("", "--profile",

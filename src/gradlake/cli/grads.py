@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, app, names, storage_options
+from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, names, storage_options
 from gradlake.config import GradsConfig
 
 _DEFAULTS = GradsConfig()
@@ -45,7 +45,7 @@ def grads(
     num_cpus: int = NumCpus,
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar: one JSON line per shard."),
+    quiet: bool = Quiet,
 ):
     """Compute projected per-sample gradients of each checkpoint into a gradient store."""
     from gradlake import config, progress

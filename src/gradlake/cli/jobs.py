@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from gradlake import config
-from gradlake.cli.app import app
+from gradlake.cli.app import Quiet, app
 from gradlake.errors import InputError
 
 JobFile = typer.Argument(..., help="Job file (TOML).", exists=False)
@@ -30,7 +30,7 @@ def run(
     job: Path = JobFile,
     out: Optional[str] = typer.Option(None, help="Output root (local path or URL); overrides the job's `out`."),
     force: bool = typer.Option(False, help="Run every stage even if recorded as done."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; JSON log lines."),
+    quiet: bool = Quiet,
 ):
     """Run all stages of a job in order on the embedded local Ray (or RAY_ADDRESS); resumes."""
     from gradlake.pipeline import run_job

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, app, names, storage_options
+from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, names, storage_options
 
 
 @app.command()
@@ -34,7 +34,7 @@ def reduce(
     num_cpus: int = NumCpus,
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars: JSON lines."),
+    quiet: bool = Quiet,
 ):
     """Reduce stored projected gradients to the paper's influence quantities."""
     from gradlake import config, progress
@@ -78,7 +78,7 @@ def exact(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars: JSON lines."),
+    quiet: bool = Quiet,
 ):
     """The paper's exact minibatch influence (matrix-free Krylov) and its agreement with projections."""
     from gradlake import config, fsio, progress

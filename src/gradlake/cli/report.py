@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from gradlake.cli.app import EndpointUrl, Profile, app, names, storage_options
+from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, names, storage_options
 
 
 @app.command()
@@ -21,7 +21,7 @@ def report(
         None, "--train", help="Training directory (training curves; rollout tables next to checkpoints)."),
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar: JSON lines."),
+    quiet: bool = Quiet,
 ):
     """Draw the report of a store's reduce (heatmaps, lags, transfer, spectrum...); print index.html's path."""
     from gradlake import fsio, progress

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from gradlake.cli.app import EndpointUrl, Profile, app, storage_options
+from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, storage_options
 from gradlake.config import ModelConfig, TrainConfig, _build
 from gradlake.errors import InputError
 
@@ -69,7 +69,7 @@ def train(
                                        help="GPU: deterministic cuDNN kernels (bitwise resume) or autotuned ones."),
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; JSON log lines."),
+    quiet: bool = Quiet,
 ):
     """One-step teacher-forced training on the train split (AdamW, scaled MSE)."""
     from gradlake.models.checkpoint import read_meta
@@ -99,7 +99,7 @@ def rollout(
     device: str = typer.Option("auto", help="auto (GPU if there is one), cpu, or cuda[:n]."),
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; JSON log lines."),
+    quiet: bool = Quiet,
 ):
     """Autoregressive rollout error against ground truth versus horizon, per class."""
     from gradlake.progress import set_quiet

@@ -13,8 +13,6 @@ The exact minibatch mode runs as one Ray task (on a GPU when the cluster has one
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from typing import Any, Callable
 
@@ -24,7 +22,7 @@ import pyarrow.compute as pc
 import ray
 
 from gradlake import __version__, fsio
-from gradlake.config import RayConfig, ReduceConfig
+from gradlake.config import RayConfig, ReduceConfig, settings_hash
 from gradlake.distributed.cluster import ensure_ray
 from gradlake.errors import InputError
 from gradlake.progress import progress
@@ -87,10 +85,8 @@ def _run_all(refs, desc: str, unit: str) -> list:
 
 # --------------------------------------------------------------------------- checks
 def _settings_hash(store, settings: ReduceConfig) -> str:
-    blob = json.dumps([dataclasses.asdict(settings), store.spec.to_json(),
-                       {c: store.provenance["checkpoints"][c]["sha256"] for c in store.checkpoints}],
-                      sort_keys=True, default=list)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return settings_hash(settings, store.spec.to_json(),
+                         {c: store.provenance["checkpoints"][c]["sha256"] for c in store.checkpoints})
 
 
 def check_settings(store, settings: ReduceConfig) -> list[str]:
