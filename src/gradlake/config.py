@@ -120,19 +120,27 @@ class GradsConfig:
 
 @dataclass(frozen=True)
 class ExactConfig:
-    """The paper's exact minibatch influence (matrix-free Krylov), for validation."""
+    """The paper's exact minibatch influence over many minibatches (see gradlake.reduce.exact_run)."""
 
     enabled: bool = False
     checkpoint: str = ""  # empty -> last checkpoint
-    per_class: int = rule(positive, 16)  # transitions from one test trajectory of each class
+    per_class: int = rule(positive, 16)  # transitions per minibatch from one trajectory of each class
+    minibatches: int = rule(non_negative, 1)  # how many minibatches of the split; 0 -> every one
     rtol: float = rule(positive, 1e-6)
+    method: Literal["auto", "dense", "pcg"] = "auto"  # auto: dense when the Gram's side <= dense_max
+    space: Literal["auto", "output", "parameter"] = "auto"  # auto: the smaller of outputs and parameters
+    dense_max: int = rule(positive, 8192)
+    rank: int = rule(positive, 64)  # first Nyström rank of the PCG preconditioner (doubled as needed)
+    max_rank: int = rule(positive, 1024)
     ks: tuple[int, ...] = (4, 8, 16)  # k_in = k_out settings of the agreement report
-    split: str = "test"  # the batch's trajectories come from this split
-    classes: int = rule(positive, 3)  # how many classes (sorted by name) the batch takes
+    agreement: int = rule(non_negative, 1)  # minibatches (the first ones) with the agreement report
+    split: str = "test"  # the minibatches' trajectories come from this split
+    classes: int = rule(positive, 3)  # how many classes (sorted by name) a minibatch takes
     probes: int = rule(positive, 64)  # V probes of the projected estimate's metric
-    seed: int = 0  # projector seed of the agreement report
-    max_iter: int = rule(positive, 5000)  # CG iterations per right-hand side
-    block: int = rule(positive, 8)  # right-hand sides solved together (memory vs speed)
+    seed: int = 0  # projector and sketch seed
+    max_iter: int = rule(positive, 2000)  # PCG iterations per right-hand side
+    block: int = rule(positive, 8)  # vectors per vmapped JVP/VJP (memory vs speed)
+    cpus: int = rule(positive, 1)  # CPUs (torch threads) per minibatch task
     lanczos_steps: int = rule(positive, 40)
     dtype: Literal["float64", "float32"] = "float64"
     device: str = "auto"
