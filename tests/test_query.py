@@ -1,5 +1,6 @@
 """Queries against a real store: export and top-k, checked with plain zarr/pyarrow and dense numpy."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import zarr
 
 from gradlake import open_store
 from gradlake.errors import InputError
-from gradlake.query import export, topk
+from gradlake.query import description_of, export, topk
 from gradlake.store import ShardWriter, StoreSpec, create_store
 
 T, N_TRAJ, K, PROBES = 4, 6, 6, 2
@@ -57,6 +58,9 @@ def test_export_parquet_matches_plain_zarr(store_url, tmp_path):
     assert set(table.column("class").to_pylist()) == {"rp"}
     np.testing.assert_array_equal(np.stack(table.column("phi").to_numpy(zero_copy_only=False)),
                                   _plain(store_url, "C")[rows])
+    about = description_of(pq.read_schema(out))
+    assert about["checkpoint"] == "epoch-0001" and about["observable"] == "C"
+    assert about["where"] == "class == 'rp' and t < 3" and about["samples"] == 6
 
 
 def test_export_npy_streams_probes(store_url, tmp_path):
@@ -65,7 +69,11 @@ def test_export_npy_streams_probes(store_url, tmp_path):
     rows = np.load(tmp_path / "v.rows.npy")
     assert len(rows) == 2 * T
     np.testing.assert_array_equal(np.load(out), _plain(store_url, "V")[rows])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", "v.rows.npy"]  # no partial file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.meta.json", "v.npy", "v.rows.npy"]  # no partial file
+    about = json.loads((tmp_path / "v.meta.json").read_text())
+    assert about["checkpoint"] == "epoch-0001" and about["checkpoint_sha256"] == "1" * 64
+    assert about["observable"] == "V" and about["where"] == "split == 'test'"
+    assert about["shape"] == [2 * T, PROBES, K] and about["rows"] == "v.rows.npy"
 
 
 def test_topk_matches_dense_numpy(store_url):
@@ -105,3 +113,79 @@ def test_cli_info_query_and_bad_input(store_url, tmp_path):
     bad = subprocess.run(gradlake + ["query", store_url, "--where", "colour == 1", "--out", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "colour" in bad.stderr
+
+
+def run_cli(argv, capsys):
+    from gradlake.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_topk_names_checkpoint_pair_and_normalisation(store_url, tmp_path, capsys):
+    table = topk(open_store(store_url), "split == 'test' and t == 1", k=2, pair="CC")
+    about = description_of(table)
+    assert about["checkpoint"] == "epoch-0001" and about["checkpoint_sha256"] == "1" * 64
+    assert (about["pair"], about["response"], about["perturbation"]) == ("CC", "C", "C")
+    assert about["normalization"] == "none" and about["metric"] == "V" and about["damping"] == 1e-4
+    out = tmp_path / "top.parquet"
+    code, stdout, _ = run_cli(["topk", store_url, "--query-where", "split == 'test' and t == 1", "--k", "2",
+                               "--out", str(out)], capsys)
+    assert code == 0 and stdout.startswith("checkpoint epoch-0001 (sha256 111111111111), pair CC")
+    assert "normalisation none" in stdout.splitlines()[0]
+    assert description_of(pq.read_schema(out))["pair"] == "CC"
+
+
+def test_no_match_names_the_known_classes(store_url, tmp_path, capsys):
+    code, stdout, stderr = run_cli(["query", store_url, "--where", "class == 'RP'",
+                                    "--out", str(tmp_path / "e.parquet")], capsys)
+    assert code == 0 and stdout.startswith("0 samples")
+    assert "0 rows match \"class == 'RP'\"; known classes are crp, rp, rpui; splits are test, train" in stderr
+    code, _, stderr = run_cli(["topk", store_url, "--query-where", "class == 'RP'"], capsys)
+    assert code == 2 and "known classes are crp, rp, rpui" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("name", ["x.npy", "x.parquet"])
+def test_query_and_topk_write_to_s3(store_url, s3_bucket, tmp_path, monkeypatch, capsys, name):
+    import fsspec
+
+    bucket, options = s3_bucket
+    monkeypatch.chdir(tmp_path)
+    where = "t >= 2"
+    common = ["--endpoint-url", options["endpoint_url"]]
+    code, _, err = run_cli(["query", store_url, "--where", where, "--out", f"{bucket}/q/{name}", *common], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["topk", store_url, "--query-where", "t == 1", "--k", "2",
+                            "--out", f"{bucket}/q/top.parquet", *common], capsys)
+    assert code == 0, err
+    assert list(tmp_path.iterdir()) == []  # nothing local, no "s3:" folder
+    local = tmp_path.parent / f"local-{name}"
+    export(open_store(store_url), local, where)
+    fs, root = fsspec.core.url_to_fs(f"{bucket}/q", **options)
+    stem = name.split(".")[0]
+    if name.endswith(".npy"):
+        assert sorted(fs.ls(root, detail=False)) == sorted(
+            f"{root}/{n}" for n in (name, f"{stem}.rows.npy", f"{stem}.meta.json", "top.parquet"))
+        np.testing.assert_array_equal(np.load(fs.open(f"{root}/{name}")), np.load(local))
+        assert json.loads(fs.cat_file(f"{root}/{stem}.meta.json"))["where"] == where
+    else:
+        remote = pq.read_table(fs.open(f"{root}/{name}"))
+        assert remote.equals(pq.read_table(local)) and description_of(remote)["where"] == where
+    top = pq.read_table(fs.open(f"{root}/top.parquet"))
+    assert top.num_rows > 0 and description_of(top)["checkpoint"] == "epoch-0001"
+
+
+@pytest.mark.s3
+def test_out_to_a_missing_bucket_is_one_line(store_url, s3_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["query", store_url, "--out", "s3://no-such-bucket-x/x.parquet"],
+                 ["topk", store_url, "--query-where", "t == 1", "--out", "s3://no-such-bucket-x/t.parquet"]):
+        code, _, err = run_cli([*argv, "--endpoint-url", s3_server], capsys)
+        assert code == 2 and "bucket 'no-such-bucket-x' does not exist" in err
+        assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []

@@ -13,12 +13,14 @@ _DEFAULTS = GradsConfig()
 
 
 def expand_checkpoints(paths: list[str], options: dict[str, str]) -> list[str]:
-    """Checkpoint paths; a training directory stands for all of its checkpoints."""
+    """Checkpoint folders; a file in one (model.safetensors, ...) means its folder, and a
+    training directory stands for all of its checkpoints."""
     from gradlake.models.checkpoint import checkpoint_dir, list_checkpoints
 
     expanded = []
     for path in paths:
-        expanded += list_checkpoints(path, options or None) or [checkpoint_dir(path)]
+        folder = checkpoint_dir(path)
+        expanded += list_checkpoints(folder, options or None) or [folder]
     return expanded
 
 

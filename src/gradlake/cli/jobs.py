@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from gradlake import config
+from gradlake import config, fsio
 from gradlake.cli.app import Quiet, app
 from gradlake.errors import InputError
 
@@ -38,10 +38,20 @@ def run(
 
     set_quiet(quiet)
     settings = _load(job, out)
+    _check_access(settings)
     results = run_job(settings, force=force, echo=typer.echo)
     if "report" in results:
         typer.echo(f"report: {results['report'].get('index')}")
     typer.echo(f"outputs under {settings.out}")
+
+
+def _check_access(job: config.JobConfig) -> None:
+    """Before any work: every output and input location of the job is reachable (credentials, bucket)."""
+    options = job.store.storage_options or None
+    locations = {"out": job.out, "data.url": job.data.url, "store.url": job.store.url, "report.out": job.report.out}
+    for what, url in locations.items():
+        if url:
+            fsio.check_access(url, options, what)
 
 
 def _client(address: Optional[str]):
