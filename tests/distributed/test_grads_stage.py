@@ -88,7 +88,7 @@ def test_local_stage_with_two_workers(clean_run, grads_inputs):
     assert summary["samples_computed"] == 2 * N_SAMPLES and summary["shards_failed"] == 0
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     per_shard = [line for line in lines if line.get("stage") == "grads"]
-    assert len(per_shard) == 10 and per_shard[-1]["done"] == 10
+    assert 2 <= len(per_shard) <= 10 and per_shard[-1]["done"] == 10  # throttled: first, last, one per 5 s
     assert {"samples_s", "mb", "eta_s", "shard", "checkpoint"} <= set(per_shard[-1])
     assert_matches_reference(plain_check(url), data, checkpoints)
     store = GradientStore.open(url)
