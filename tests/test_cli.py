@@ -35,3 +35,79 @@ def test_run_to_s3_without_credentials_is_one_line_before_any_work(tmp_path, s3_
     assert "out s3://bucket/runs/x: no S3 credentials" in result.stderr
     assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in result.stderr
     assert "[data] running" not in result.stdout  # detected before any stage started
+
+
+def _commands():
+    """(path, click command) of every leaf command."""
+    import typer
+
+    from gradlake.cli import app
+
+    def walk(command, path):
+        if hasattr(command, "commands"):  # a group (typer vendors its own click)
+            for name, sub in command.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path), command
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def _options(command):
+    return {name: param for param in command.params if param.param_type_name == "option" for name in param.opts}
+
+
+def test_every_command_takes_quiet_and_out_is_any_url():
+    import typing
+
+    commands = _commands()
+    assert len(commands) >= 20
+    for path, command in commands:
+        options = _options(command)
+        assert "--quiet" in options, path
+        if "--out" in options:  # a string, not a Path: s3://... stays a URL
+            assert typing.get_type_hints(command.callback)["out"] in (str, typing.Optional[str]), path
+
+
+def test_one_meaning_per_flag():
+    having = {}
+    for path, command in _commands():
+        for name in _options(command):
+            having.setdefault(name, set()).add(path)
+    assert having["--splits"] == {"grads"}  # split names; generate/ingest take --split-fractions
+    assert having["--split-fractions"] == {"generate euler", "generate ns", "ingest pdegym", "ingest well"}
+    assert having["--classes"] == {"generate euler", "generate ns"}  # a list; exact takes --num-classes
+    assert having["--num-classes"] == {"exact"}
+    assert having["--address"] == {"grads", "reduce"}  # the Ray cluster; submit/jobs take --dashboard-url
+    assert having["--dashboard-url"] == {"submit", "jobs list", "jobs status", "jobs logs", "jobs stop"}
+
+
+def _run(argv, capsys):
+    from gradlake.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_validate_prints_resolved_settings_and_warns_about_an_empty_split(tmp_path, capsys):
+    import json
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    code, out, err = _run(["validate", os.path.join(root, "jobs", "quickstart.toml")], capsys)
+    settings = json.loads(out)
+    assert code == 0 and settings["paths"]["store"] == "runs/quickstart/store"
+    assert settings["paths"]["report"] == "runs/quickstart/report"
+    assert settings["grads"]["k_dense"] == 8 * 8 and settings["data"]["output_dt"] == 0.025
+    assert settings["data"]["trajectories_per_split"] == {"train": 9, "val": 0, "test": 3}
+    assert "warning: split 'val' will be empty" in err and "grads.splits holds it" in err
+    job = tmp_path / "job.toml"
+    job.write_text('out = "s3://bucket/x"\n[data]\ntrajectories = 20\n[grads]\nk_dense = 5\n')
+    code, out, err = _run(["validate", str(job)], capsys)
+    settings = json.loads(out)
+    assert code == 0 and err == "" and settings["paths"]["data"] == "s3://bucket/x/data"
+    assert settings["grads"]["k_dense"] == 5

@@ -50,11 +50,9 @@ def grads(
     quiet: bool = Quiet,
 ):
     """Compute projected per-sample gradients of each checkpoint into a gradient store."""
-    from gradlake import config, progress
+    from gradlake import config
     from gradlake.distributed.grads_stage import run_grads
 
-    if quiet:
-        progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["grads"], "reduce": {"pairs": []},
         "grads": {"observables": names(observables), "k_in": k_in, "k_out": k_out, "dtype": dtype,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from gradlake import fsio, progress
+from gradlake import fsio
 from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, storage_options
 
 StoreArg = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...).")
@@ -21,7 +21,7 @@ def _open(store: str, endpoint_url: str, profile: str):
 
 @app.command()
 def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile,
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."), quiet: bool = Quiet):
     """N, k, dtype, checkpoints, observables, shards done, bytes and provenance of a store."""
     summary = _open(store, endpoint_url, profile).summary()
     if as_json:
@@ -54,8 +54,6 @@ def query(
     """Selected samples with their φ rows, streamed to a Parquet or npy file."""
     from gradlake.query import export, known_values
 
-    if quiet:
-        progress.set_quiet(True)
     opened = _open(store, endpoint_url, profile)
     n = export(opened, out, where, observable, checkpoint,
                storage_options=storage_options(endpoint_url, profile) or None)
@@ -82,8 +80,6 @@ def topk(
     from gradlake.query import description_of, write_table
     from gradlake.query import topk as run_topk
 
-    if quiet:
-        progress.set_quiet(True)
     options = storage_options(endpoint_url, profile) or None
     if out:
         fsio.check_access(out, options, "--out")

@@ -37,11 +37,9 @@ def reduce(
     quiet: bool = Quiet,
 ):
     """Reduce stored projected gradients to the paper's influence quantities."""
-    from gradlake import config, progress
+    from gradlake import config
     from gradlake.reduce import run_reduce
 
-    if quiet:
-        progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["reduce"],
         "reduce": {"name": name, "metric": metric, "damping": damping,
@@ -66,7 +64,7 @@ def exact(
     damping: float = typer.Option(1e-4, "--lambda", help="Damping λ."),
     rtol: float = typer.Option(1e-6, "--rtol", help="Relative residual at which each Krylov solve stops."),
     per_class: int = typer.Option(16, "--per-class", help="Transitions of the trajectory of each class."),
-    classes: int = typer.Option(3, "--classes", help="Classes in the batch (sorted by name)."),
+    classes: int = typer.Option(3, "--num-classes", help="How many classes the batch takes (the first, sorted by name)."),
     split: str = typer.Option("test", "--split", help="Split the batch's trajectories come from."),
     ks: str = typer.Option("4,8,16", "--ks", help="k_in = k_out values of the agreement report, comma-separated."),
     probes: int = typer.Option(64, "--probes", help="V probes of the projected estimate's metric."),
@@ -81,11 +79,9 @@ def exact(
     quiet: bool = Quiet,
 ):
     """The paper's exact minibatch influence (matrix-free Krylov) and its agreement with projections."""
-    from gradlake import config, fsio, progress
+    from gradlake import config, fsio
     from gradlake.reduce import run_exact
 
-    if quiet:
-        progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["reduce"],
         "reduce": {"damping": damping, "pairs": names(pairs), "normalize": names(normalize),
