@@ -22,20 +22,19 @@ CLASSES = np.array(["rp", "crp", "rpui"] * 2)
 SPLITS = np.array(["train", "train", "train", "test", "train", "test"])
 
 
-@pytest.fixture(scope="module")
-def store_url(tmp_path_factory):
-    url = str(tmp_path_factory.mktemp("q") / "store")
+def write_store(url, storage_options=None):
+    """The test store (random φ, 3 shards of 8 rows) at any URL."""
     rows = np.arange(N)
     traj = rows // T
     spec = StoreSpec(dataset={"url": "mem://d", "fingerprint": "0" * 64}, model={"name": "unet"},
                      projector={"seed": 0}, observables=("C", "V"), probes=PROBES, probe_seed=0,
                      k=K, dtype="float32", n_rows=N, shard_rows=8, chunk_rows=4,
                      splits=("train", "val", "test"), n_samples=N, n_shards=N // 8)
-    create_store(url, spec, {"epoch-0001": {"sha256": "1" * 64}})
+    create_store(url, spec, {"epoch-0001": {"sha256": "1" * 64}}, storage_options)
     rng = np.random.default_rng(0)
     phi_c = rng.standard_normal((N, K)).astype(np.float32)
     phi_v = rng.standard_normal((N, PROBES, K)).astype(np.float32)
-    writer = ShardWriter(url)
+    writer = ShardWriter(url, storage_options)
     for shard in range(N // 8):
         r = rows[shard * 8:(shard + 1) * 8]
         index = pa.table({"row": r, "trajectory": traj[r], "t": (r % T).astype(np.int32),
@@ -43,6 +42,11 @@ def store_url(tmp_path_factory):
         writer.commit("epoch-0001", shard, index, np.ones(len(r), np.float32),
                       {"C": phi_c[r], "V": phi_v[r]})
     return url
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory):
+    return write_store(str(tmp_path_factory.mktemp("q") / "store"))
 
 
 def _plain(url, observable):
@@ -189,3 +193,36 @@ def test_out_to_a_missing_bucket_is_one_line(store_url, s3_server, tmp_path, mon
         code, _, err = run_cli([*argv, "--endpoint-url", s3_server], capsys)
         assert code == 2 and "bucket 'no-such-bucket-x' does not exist" in err
         assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.s3
+def test_query_and_topk_through_transient_s3_faults(store_url, s3_bucket, faulty_s3, tmp_path):
+    """503 SlowDown and 500 InternalError on every 13th request (~160 in all) while reading a
+    store on S3 and writing the results there: retried, and the results equal a clean run's."""
+    import fsspec
+
+    faulty_s3.every, faulty_s3.budget = 13, 12  # each fault costs a retry back-off (~0.5 s)
+    bucket, options = s3_bucket
+    url = write_store(f"{bucket}/store", options)  # written cleanly, straight to moto
+    faulty = {"endpoint_url": faulty_s3.endpoint}
+    store = open_store(url, faulty)
+    for name in ("q.parquet", "q.npy"):
+        n = export(store, f"{bucket}/out/{name}", "t >= 1", "V", block_rows=5, storage_options=faulty)
+        assert n == N_TRAJ * (T - 1)
+        export(open_store(store_url), tmp_path / name, "t >= 1", "V", block_rows=5)
+    faulty_top = topk(store, "split == 'test'", k=3, damping=1e-2)
+    clean_top = topk(open_store(store_url), "split == 'test'", k=3, damping=1e-2)
+    assert faulty_s3.injected >= 8 and set(faulty_s3.by_code) == {"SlowDown", "InternalError"}
+    fs, root = fsspec.core.url_to_fs(f"{bucket}/out", **options)
+    got = pq.read_table(fs.open(f"{root}/q.parquet"))
+    assert got.equals(pq.read_table(tmp_path / "q.parquet"))
+    np.testing.assert_array_equal(np.load(fs.open(f"{root}/q.npy")), np.load(tmp_path / "q.npy"))
+    np.testing.assert_array_equal(np.load(fs.open(f"{root}/q.rows.npy")), np.load(tmp_path / "q.rows.npy"))
+    assert faulty_top.select(["query_row", "kind", "rank", "row", "influence"]).equals(
+        clean_top.select(["query_row", "kind", "rank", "row", "influence"]))
+    # The faults are real: without botocore's retries the same query fails.
+    faulty_s3.every, faulty_s3.budget, faulty_s3.injected = 2, 4, 0
+    no_retries = {**faulty, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    with pytest.raises(OSError, match="Service Unavailable|Internal"):
+        export(open_store(url, no_retries), f"{bucket}/out/again.parquet", "t >= 1", "V",
+               storage_options=no_retries)
