@@ -57,7 +57,7 @@ def query(
     opened = _open(store, endpoint_url, profile)
     n = export(opened, out, where, observable, checkpoint,
                storage_options=storage_options(endpoint_url, profile) or None)
-    typer.echo(f"{n} samples -> {out}")
+    typer.echo(f"{n} samples (checkpoint {opened.checkpoint(checkpoint)}, observable {observable}) -> {out}")
     if n == 0:
         typer.secho(f"note: 0 rows match {where!r}; {known_values(opened, checkpoint)}", err=True, fg="yellow")
 
