@@ -35,6 +35,10 @@ def test_run_to_s3_without_credentials_is_one_line_before_any_work(tmp_path, s3_
     assert "out s3://bucket/runs/x: no S3 credentials" in result.stderr
     assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in result.stderr
     assert "[data] running" not in result.stdout  # detected before any stage started
+    # Any other command meeting the same: one line too (translated wherever it surfaces).
+    result = subprocess.run([sys.executable, "-m", "gradlake", "info", "s3://bucket/store", "--endpoint-url",
+                             s3_server], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no S3 credentials" in result.stderr
 
 
 def _commands():

@@ -90,7 +90,9 @@ def exact(
                              "max_iter": max_iter, "block": block, "dtype": dtype, "device": device}},
     }, source="gradlake exact")
     options = storage_options(endpoint_url, profile)
-    target = out or "exact-" + checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    from gradlake.models.checkpoint import checkpoint_dir
+
+    target = out or "exact-" + checkpoint_dir(checkpoint).rsplit("/", 1)[-1]
     fs, path = fsio.filesystem(target, options)
     if fs.exists(path.rstrip("/") + "/store.json"):
         from gradlake.store import GradientStore
