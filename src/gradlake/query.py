@@ -129,7 +129,6 @@ def write_table(table: pa.Table, out: str, storage_options: dict[str, Any] | Non
     """A table to a Parquet file at any fsspec URL (whole or not at all), metadata included."""
     if not out.endswith(".parquet"):
         raise InputError(f"--out: expected a .parquet file, got {out!r}")
-    fsio.check_access(out, storage_options, "--out")
     with fsio.open_output(out, storage_options) as f:
         pq.write_table(table, f)
 
