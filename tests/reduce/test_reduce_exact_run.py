@@ -157,7 +157,7 @@ def test_exact_cli_writes_into_a_folder(setup, tmp_path):
     ds, ckpt, _, _, _ = setup
     with pytest.raises(SystemExit) as exit_info:
         main(["exact", "--checkpoint", ckpt, "--data", ds.url, "--out", str(tmp_path / "x"), "--per-class", "1",
-              "--classes", "1", "--ks", "2", "--probes", "4", "--lambda", "0.1", "--pairs", "CC",
+              "--num-classes", "1", "--ks", "2", "--probes", "4", "--lambda", "0.1", "--pairs", "CC",
               "--normalize", "none", "--device", "cpu", "--quiet"])
     assert exit_info.value.code in (0, None)
     assert json.loads((tmp_path / "x" / "exact.json").read_text())["batch_size"] == 1

@@ -37,11 +37,9 @@ def reduce(
     quiet: bool = Quiet,
 ):
     """Reduce stored projected gradients to the paper's influence quantities."""
-    from gradlake import config, progress
+    from gradlake import config
     from gradlake.reduce import run_reduce
 
-    if quiet:
-        progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["reduce"],
         "reduce": {"name": name, "metric": metric, "damping": damping,
@@ -71,7 +69,7 @@ def exact(
     space: str = typer.Option("auto", "--space", help="auto, output or parameter."),
     agreement: int = typer.Option(1, "--agreement", help="Minibatches (the first ones) with the projected-vs-exact report."),
     cpus: int = typer.Option(1, "--cpus", help="CPUs (torch threads) per minibatch task."),
-    classes: int = typer.Option(3, "--classes", help="Classes in the batch (sorted by name)."),
+    classes: int = typer.Option(3, "--num-classes", help="How many classes a minibatch takes (the first, sorted by name)."),
     split: str = typer.Option("test", "--split", help="Split the batch's trajectories come from."),
     ks: str = typer.Option("4,8,16", "--ks", help="k_in = k_out values of the agreement report, comma-separated."),
     probes: int = typer.Option(64, "--probes", help="V probes of the projected estimate's metric."),
@@ -89,12 +87,10 @@ def exact(
 ):
     """The paper's exact minibatch influence on many minibatches (Ray tasks), its statistics, and its
     agreement with projections."""
-    from gradlake import config, fsio, progress
+    from gradlake import config, fsio
     from gradlake.distributed.cluster import ensure_ray
     from gradlake.distributed.exact_tasks import run_exact
 
-    if quiet:
-        progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["reduce"],
         "reduce": {"damping": damping, "pairs": names(pairs), "normalize": names(normalize),
@@ -105,7 +101,9 @@ def exact(
         "ray": {"address": address, "num_cpus": num_cpus},
     }, source="gradlake exact")
     options = storage_options(endpoint_url, profile)
-    target = out or "exact-" + checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    from gradlake.models.checkpoint import checkpoint_dir
+
+    target = out or "exact-" + checkpoint_dir(checkpoint).rsplit("/", 1)[-1]
     fs, path = fsio.filesystem(target, options)
     if fs.exists(path.rstrip("/") + "/store.json"):
         from gradlake.store import GradientStore
