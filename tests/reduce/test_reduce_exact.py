@@ -96,3 +96,26 @@ def test_agreement_metrics():
     assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
     h = rng.normal(size=(4, 4))
     np.testing.assert_allclose(normalize_matrix(h, "row-std").std(1), 1.0)
+
+
+class BatchMixing(nn.Module):
+    """Outputs that depend on the other samples of the batch (a batch-mean subtraction)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y - y.mean(0, keepdim=True)
+
+
+def test_dense_refuses_a_batch_dependent_model_pcg_still_solves():
+    torch.manual_seed(0)
+    x = 1 + 0.1 * torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    jac = BatchJacobian(BatchMixing(), x)
+    res = physics.residuals(jac.output, x, x + 0.01, ("C",), CHANNELS)
+    with pytest.raises(GradlakeError, match="depend on other samples"):
+        exact_influence(jac, res, ("CC",), LAM, SolverSettings(method="dense"))
+    h, info = exact_influence(jac, res, ("CC",), LAM, SolverSettings(method="pcg", rtol=1e-8, rank=4))
+    assert info["C"].converged and np.isfinite(h["CC"]).all()

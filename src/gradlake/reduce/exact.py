@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from gradlake.errors import GradlakeError, InputError
-from gradlake.reduce.krylov import NystromPreconditioner, SolveInfo, cholesky_factor, dense_gram, nystrom, pcg
+from gradlake.reduce.krylov import NystromPreconditioner, SolveInfo, cholesky_factor, nystrom, pcg
 
 
 class BatchJacobian:
@@ -44,6 +44,8 @@ class BatchJacobian:
 
         def forward(params):
             return functional_call(model, (params, buffers), (self.inputs,))
+
+        self._model, self._buffers, self._independent = model, buffers, False
 
         self._forward = forward
         self.output, self._vjp = vjp(forward, self.params)
@@ -67,6 +69,42 @@ class BatchJacobian:
     def gram(self, u: torch.Tensor) -> torch.Tensor:
         """K u = J Jᵀ u for columns u [columns, *output]."""
         return self.jvp(self.vjp(u))
+
+    def sample_jacobians(self, chunk: int = 256):
+        """Yield J_i [d, p] (columns in ``named_parameters`` order) sample by sample.
+
+        Each comes from reverse mode on that sample alone, N times cheaper than cotangents
+        pushed through the whole batch. That needs a batch-independent model (no batch
+        statistics), which is checked on the first call against one batch VJP.
+        """
+        names = list(self.params)
+
+        def single(i):
+            def f(params):
+                return functional_call(self._model, (params, self._buffers), (self.inputs[i:i + 1],))[0]
+            full = torch.func.jacrev(f, chunk_size=chunk)(self.params)
+            d = self.output[i].numel()
+            return torch.cat([full[n].reshape(d, -1) for n in names], 1)
+
+        if not self._independent:
+            u = torch.randn(self.output.shape, dtype=self.output.dtype, generator=torch.Generator().manual_seed(0))
+            u = u.to(self.output.device)
+            batch = torch.cat([self._vjp(u)[0][n].reshape(-1) for n in names])
+            jacobians = []
+            for i in range(self.output.shape[0]):
+                jacobians.append(single(i))
+                batch = batch - jacobians[-1].T @ u[i].reshape(-1)
+                yield jacobians[-1]
+                jacobians[-1] = None
+            scale = max(float(torch.linalg.vector_norm(torch.cat([self._vjp(u)[0][n].reshape(-1) for n in names]))),
+                        1e-300)
+            if float(torch.linalg.vector_norm(batch)) > 1e-6 * scale:
+                raise GradlakeError("exact: the model's outputs depend on other samples of the batch (batch "
+                                    "statistics?), so per-sample Jacobians do not apply; use method = \"pcg\"")
+            self._independent = True
+            return
+        for i in range(self.output.shape[0]):
+            yield single(i)
 
 
 def lanczos_top(apply, shape, damping: float, steps: int = 40, seed: int = 0, dtype=torch.float64,
@@ -117,7 +155,8 @@ class SolverSettings:
     rtol: float = 1e-6
     max_iter: int = 2000
     block: int = 8  # vectors per vmapped JVP/VJP call (memory vs speed)
-    dense_max: int = 8192  # auto: factor A directly when its side is at most this
+    dense_max: int = 8192  # auto: form and factor the Gram when its side is at most this
+    # (memory: 8 (n p + n²) bytes in output space, 8 (p² + d p) in parameter space, float64)
     rank: int = 64  # first Nyström rank; doubled until λ̂_ℓ <= 10 λ or max_rank
     max_rank: int = 1024
     seed: int = 0
@@ -131,6 +170,25 @@ def _choose(jac: BatchJacobian, s: SolverSettings) -> tuple[str, str]:
     if space == "parameter" and method == "pcg" and s.space == "auto":
         space = "output"  # PCG's stopping rule is sharpest in output space (see module docstring)
     return space, method
+
+
+def _dense_gram(jac: BatchJacobian, space: str, bar=None) -> torch.Tensor:
+    """K = J Jᵀ [n, n] (output space) or JᵀJ = Σ_i J_iᵀ J_i [p, p] (parameter space)."""
+    if space == "output":
+        rows = []
+        for jac_i in jac.sample_jacobians():
+            rows.append(jac_i)
+            if bar is not None:
+                bar.update(1)
+        full = torch.cat(rows)
+        del rows
+        return full @ full.T
+    gram = torch.zeros((jac.n_params, jac.n_params), dtype=jac.output.dtype, device=jac.output.device)
+    for jac_i in jac.sample_jacobians():
+        gram.addmm_(jac_i.T, jac_i)
+        if bar is not None:
+            bar.update(1)
+    return gram
 
 
 def exact_influence(jac: BatchJacobian, residuals: dict[str, torch.Tensor], pairs, damping: float,
@@ -181,8 +239,9 @@ def exact_influence(jac: BatchJacobian, residuals: dict[str, torch.Tensor], pair
     started = time.monotonic()
     factor, precondition, sketch = None, None, None
     if method == "dense":
-        bar = progress(side, f"exact: forming the {space}-space Gram", "column") if progress else None
-        factor = cholesky_factor(dense_gram(apply, side, dtype, device, block=max(solver.block, 1), progress=bar), damping)
+        bar = progress(n_batch, f"exact: the {space}-space Gram from per-sample Jacobians", "sample") \
+            if progress else None
+        factor = cholesky_factor(_dense_gram(jac, space, bar), damping)
         if bar is not None:
             bar.close()
     else:
@@ -206,9 +265,10 @@ def exact_influence(jac: BatchJacobian, residuals: dict[str, torch.Tensor], pair
         t0 = time.monotonic()
         if method == "dense":
             x = torch.cholesky_solve(rhs.T, factor).T
-            true = rhs - apply(x) - damping * x
+            true = rhs - apply(x) - damping * x  # checked with the matrix-free products
             rel = (torch.linalg.vector_norm(true, dim=1) / torch.linalg.vector_norm(rhs, dim=1).clamp_min(1e-300))
-            info = SolveInfo(0, rel.cpu().numpy(), bool((rel <= solver.rtol).all()), "dense", 0, side + rhs.shape[0])
+            info = SolveInfo(0, rel.cpu().numpy(), bool((rel <= 1.01 * torch.as_tensor(tol)).all()), "dense", 0,
+                             rhs.shape[0])
         else:
             bar = progress(solver.max_iter, f"exact: PCG on {obs_b}", "iteration") if progress else None
             x, info = pcg(apply, rhs, damping, tol, solver.max_iter, precondition, bar)

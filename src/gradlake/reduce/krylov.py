@@ -13,8 +13,8 @@ to A V. Three pieces, all pure functions of tensors:
 - :func:`pcg` — preconditioned conjugate gradients on all columns at once, each column
   stopping when its true residual ‖b − (A + μI)x‖ ≤ tol ‖b‖.
 
-:func:`dense_gram` forms A itself (n products) for problems small enough to factor, which
-is exact up to round-off and often faster than a Krylov solve of a badly conditioned A.
+:func:`cholesky_factor` serves problems small enough to form A and factor it, which is
+exact up to round-off and often faster than a Krylov solve of a badly conditioned A.
 """
 
 from __future__ import annotations
@@ -171,20 +171,6 @@ def pcg(apply: Apply, b: torch.Tensor, damping: float, tol: float | torch.Tensor
     products += b.shape[0]
     rel = (torch.linalg.vector_norm(true, dim=1) / torch.clamp(b_norm, min=torch.finfo(b.dtype).tiny)).cpu().numpy()
     return x, SolveInfo(it, rel, bool((rel <= tol.cpu().numpy() * 1.01).all()), "pcg", 0, products, history)
-
-
-def dense_gram(apply: Apply, n: int, dtype=torch.float64, device=None, block: int = 64,
-               progress=None) -> torch.Tensor:
-    """A itself [n, n], one product per column, symmetrised."""
-    out = torch.empty((n, n), dtype=dtype, device=device)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        eye = torch.zeros((stop - start, n), dtype=dtype, device=device)
-        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        out[start:stop] = apply(eye)
-        if progress is not None:
-            progress.update(stop - start)
-    return 0.5 * (out + out.T)
 
 
 def cholesky_factor(gram: torch.Tensor, damping: float) -> torch.Tensor:
