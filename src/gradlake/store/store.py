@@ -187,8 +187,8 @@ class GradientStore:
         return {obs: shards for obs, shards in missing.items() if shards}
 
     def is_complete(self, checkpoint: str | None = None) -> bool:
-        """Every shard committed (data presence: see :meth:`missing_data`)."""
-        return len(self.committed_shards(checkpoint)) == self.spec.n_shards
+        """Every shard committed, and its data in every array (see :meth:`missing_data`)."""
+        return len(self.committed_shards(checkpoint)) == self.spec.n_shards and not self.missing_data(checkpoint)
 
     # The samples table.
     def samples(self, checkpoint: str | None = None, where: str | pc.Expression | None = None,
