@@ -13,6 +13,7 @@ from reduce_helpers import make_dataset
 from gradlake import models, physics
 from gradlake.config import ExactConfig
 from gradlake.reduce import run_exact
+from gradlake.reduce.output import coordinates
 
 LAM = 0.1
 
@@ -55,7 +56,7 @@ def test_batch_and_exact_against_dense_jacobian(setup):
                       for i in range(4)]) for o, r in res.items()}
     eta = J.T @ J
     H = zarr.open_group(str(out / "results.zarr"), mode="r")["exact"]["exact"]
-    coords = H.attrs["coords"]
+    coords = coordinates(zarr.open_group(str(out / "results.zarr"), mode="r")["exact"], "exact")
     assert coords["pair"] == ["CC", "EC", "EE"]  # EE's diagonal serves cosine
     for p, pair in enumerate(coords["pair"]):
         want = g[pair[0]] @ np.linalg.solve(eta + LAM * np.eye(len(eta)), g[pair[1]].T)

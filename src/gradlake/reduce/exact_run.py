@@ -127,12 +127,12 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfi
 
     out = ReduceOutput(out_url, storage_options)
     out.remove(EXACT_JSON)
-    coords = {"pair": list(solve_pairs), "k": list(settings.ks), "sample": rows.tolist()}
+    coords = {"pair": list(solve_pairs), "response": rows.tolist(), "perturbation": rows.tolist()}
     out.write_array("exact/exact", np.stack([exact[p] for p in solve_pairs]), ("pair", "response", "perturbation"),
                     coords=coords, description="exact H_AB(i, j) on the batch (float64)")
     out.write_array("exact/projected", np.stack([np.stack([projected[k][p] for p in solve_pairs])
                                                  for k in settings.ks]),
-                    ("k", "pair", "response", "perturbation"), coords=coords,
+                    ("k", "pair", "response", "perturbation"), coords={"k": list(settings.ks), **coords},
                     description="projected estimate of H_AB on the batch, per k_in = k_out = k")
     out.write_table("exact_batch.parquet", batch)
     out.write_table("exact_agreement.parquet", pa.Table.from_pylist(agreement))
