@@ -28,6 +28,7 @@ from gradlake.errors import GradlakeError, InputError
 from gradlake.progress import progress
 from gradlake.store import GradientStore, Lease, StoreSpec, compact, create_store
 from gradlake.store.layout import StoreFiles, check_name, checkpoint_name
+from gradlake.store.store import read_metadata
 from gradlake.store.spec import chunk_rows_for, shard_rows_for
 from gradlake.store.writer import set_stage_status
 
@@ -124,7 +125,9 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
     held = dataset.index().select(splits=settings.splits)
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
-    spec = _store_spec(dataset, model_config, settings, held)
+    existing = read_metadata(StoreFiles(store_url, options))
+    spec = _store_spec(dataset, model_config, settings, held,
+                       existing["spec"]["shard_rows"] if existing and not settings.shard_rows else None)
     shards = plan_shards(held, spec.shard_rows)
     store = create_store(store_url, spec, provenance, options, index=dataset.index().table)
     tasks, skipped = [], 0
@@ -187,7 +190,9 @@ def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
     return metas[first]["model"], provenance
 
 
-def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, held: np.ndarray) -> StoreSpec:
+def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, held: np.ndarray,
+                store_shard_rows: int | None) -> StoreSpec:
+    """The run's store spec; shard_rows 0 takes an existing store's, else sizes them."""
     from gradlake.grads import Projector
     from gradlake.models import from_config
 
@@ -196,7 +201,7 @@ def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, he
     itemsize = np.dtype(settings.dtype).itemsize
     n_rows = len(dataset.index())
     widest = k * itemsize * (settings.probes if "V" in settings.observables else 1)
-    shard_rows = settings.shard_rows or shard_rows_for(n_rows, widest)
+    shard_rows = settings.shard_rows or store_shard_rows or shard_rows_for(n_rows, widest)
     return StoreSpec(
         dataset={"url": dataset.url, "fingerprint": dataset.fingerprint, "family": dataset.family,
                  "channels": list(dataset.channels), "n_trajectories": dataset.n_trajectories,
