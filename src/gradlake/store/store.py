@@ -265,8 +265,6 @@ class GradientStore:
         else:
             rows = np.asarray(rows, dtype=np.int64).reshape(-1)
             self._check_rows(name, rows)
-        if len(rows):
-            self._check_data(name, observable, rows)
         return name, self._files.open_array(name, observable), rows
 
     def _check_rows(self, name: str, rows: np.ndarray) -> None:
@@ -284,18 +282,23 @@ class GradientStore:
                 f"{len(missing)} shard(s) of the requested rows are missing; re-run `gradlake grads`"
             )
 
-    def _check_data(self, name: str, observable: str, rows: np.ndarray) -> None:
-        """GradlakeError when a committed shard of ``rows`` has no data object."""
+    def _unwritten(self, name: str, observable: str, rows: np.ndarray) -> GradlakeError:
+        """The error for rows read as fill (NaN): their shard's data object is missing
+        (GradlakeError naming it), or they are not held by the store (InputError)."""
         lost = np.setdiff1d(np.unique(self.spec.shard_of(rows)), sorted(self.stored_shards(name, observable)))
         if len(lost):
             shard = int(lost[0])
             start, stop = self.spec.shard_range(shard)
-            raise GradlakeError(
+            return GradlakeError(
                 f"store {self.url}, checkpoint {name}, array {layout.GRADS}/"
                 f"{layout.array_path(name, observable)}: the data of committed shard {shard} (rows "
                 f"{start}..{stop - 1}) is missing from storage ({len(lost)} shard(s) of the requested "
                 f"rows); the store is damaged, recompute it into a new store URL"
             )
+        return InputError(
+            f"rows {rows[:5].tolist()}{'...' if len(rows) > 5 else ''}: not held by store "
+            f"{self.url} (it holds splits {', '.join(self.spec.splits)})"
+        )
 
     def _read_rows(self, name: str, observable: str, array, rows: np.ndarray) -> np.ndarray:
         if len(rows) == 0:
@@ -318,12 +321,11 @@ class GradientStore:
         data = data.astype(np.float32)
         if inverse is not None:
             data = data[inverse]
-        if self.spec.n_samples < self.spec.n_rows and np.isnan(data).any():
-            bad = rows[np.isnan(data.reshape(len(rows), -1)).any(axis=1)]
-            raise InputError(
-                f"rows {bad[:5].tolist()}{'...' if len(bad) > 5 else ''}: not held by store "
-                f"{self.url} (it holds splits {', '.join(self.spec.splits)})"
-            )
+        # Written rows are finite (the writer refuses others), unwritten ones all fill (NaN):
+        # one value per row tells them apart.
+        unwritten = np.isnan(data.reshape(len(rows), -1)[:, 0])
+        if unwritten.any():
+            raise self._unwritten(name, observable, rows[unwritten]) from None
         return data
 
     def _corrupt_chunk(self, name, observable, array, rows, err) -> GradlakeError:
