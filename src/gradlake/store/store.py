@@ -167,13 +167,13 @@ class GradientStore:
         """Shards of an array whose zarr shard object exists (listed once per open or refresh)."""
         name, obs = self.checkpoint(checkpoint), self._observable(observable)
         if (name, obs) not in self._stored:
-            array = f"{layout.GRADS}/{layout.array_path(name, obs)}"
-            self._files.forget_listing(array)
+            chunks = f"{layout.GRADS}/{layout.array_path(name, obs)}/c"  # default chunk key encoding
+            self._files.forget_listing(chunks)
             try:
-                keys = self._files.fs.find(self._files.path(f"{array}/c"))
+                keys = self._files.fs.find(self._files.path(chunks))
             except FileNotFoundError:
                 keys = []
-            base = self._files.path(f"{array}/c") + "/"
+            base = self._files.path(chunks) + "/"
             self._stored[(name, obs)] = {
                 int(rel.split("/", 1)[0]) for rel in (k[len(base):] for k in keys if k.startswith(base))
                 if rel.split("/", 1)[0].isdigit() and not posixpath.basename(rel).startswith(".")}
