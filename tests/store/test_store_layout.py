@@ -139,6 +139,22 @@ def test_duckdb_and_xarray_read_the_store(tmp_path):
     np.testing.assert_array_equal(rp.values, phis["C"][CLASSES[traj] == "rp"].astype(np.float16))
 
 
+@pytest.mark.parametrize("chunk, shard", [(16, 32), (16, 1 << 20), (1 << 20, 1 << 24)])
+def test_coordinates_in_chunks_and_shards_of_any_size(tmp_path, monkeypatch, chunk, shard):
+    import zarr
+
+    import gradlake.store.writer as writer
+
+    monkeypatch.setattr(writer, "COORDINATE_CHUNK_ROWS", chunk)
+    monkeypatch.setattr(writer, "COORDINATE_SHARD_ROWS", shard)
+    url = str(tmp_path / "store")
+    spec, _ = make_spec()
+    create_store(url, spec, CKPT, index=index_table(np.arange(N)))
+    group = zarr.open_group(os.path.join(url, "grads.zarr", "epoch-1"), mode="r")
+    np.testing.assert_array_equal(group["trajectory"][:], np.arange(N) // STEPS)
+    assert group["split"][:].tolist() == SPLITS[np.arange(N) // STEPS].tolist()
+
+
 def test_a_deleted_shard_object_is_a_named_error(tmp_path):
     url = str(tmp_path / "store")
     spec, held = make_spec(shard_rows=16)

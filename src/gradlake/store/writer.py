@@ -89,13 +89,13 @@ def _require_arrays(group: zarr.Group, checkpoint: str, spec: StoreSpec, index: 
     sub = group.require_group(checkpoint)
     coordinates = index is not None
     if coordinates and not all(obs in sub for obs in spec.observables):
+        chunk = min(spec.n_rows, COORDINATE_CHUNK_ROWS)
+        chunks_per_shard = min(COORDINATE_SHARD_ROWS // COORDINATE_CHUNK_ROWS, -(-spec.n_rows // chunk))
         for name in layout.COORDINATES:
-            values = index.column(name).to_numpy(zero_copy_only=False)
-            dtype = str if values.dtype.kind in "OU" else values.dtype
-            array = sub.create_array(
-                name, shape=(spec.n_rows,), dtype=dtype, overwrite=True,
-                chunks=(min(spec.n_rows, COORDINATE_CHUNK_ROWS),),
-                shards=(min(spec.n_rows, COORDINATE_SHARD_ROWS),) if spec.n_rows > COORDINATE_CHUNK_ROWS else None,
+            values = _numpy(index.column(name))
+            array = sub.create_array(  # strings as zarr's variable-length "string" data type
+                name, shape=(spec.n_rows,), dtype=str if values.dtype.kind == "U" else values.dtype,
+                overwrite=True, chunks=(chunk,), shards=(chunk * chunks_per_shard,) if chunks_per_shard > 1 else None,
                 dimension_names=("sample",), attributes={"description": f"{name} of each sample row"})
             array[...] = values
     for obs in spec.observables:
@@ -119,6 +119,16 @@ def _require_arrays(group: zarr.Group, checkpoint: str, spec: StoreSpec, index: 
                         "description": f"projected per-sample gradient of observable {obs}"}
             | ({"coordinates": " ".join(layout.COORDINATES)} if coordinates else {}),
         )
+
+
+def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy; strings as unicode, through their few distinct labels (fast)."""
+    column = column.combine_chunks()
+    if pa.types.is_integer(column.type):
+        return column.to_numpy()
+    encoded = column if pa.types.is_dictionary(column.type) else column.dictionary_encode()
+    labels = np.asarray(encoded.dictionary.to_pylist(), dtype=str)
+    return labels[encoded.indices.to_numpy()]
 
 
 def set_stage_status(store: GradientStore, stage: str, status: dict[str, Any]) -> None:
