@@ -2,10 +2,12 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
@@ -199,18 +201,17 @@ def test_a_second_driver_is_refused_and_a_stale_lease_taken_over(tmp_path):
             second.renew()
 
 
-def test_a_dead_local_driver_leaves_no_lease_behind(tmp_path):
-    import subprocess
-    import sys
-
+def test_a_dead_local_drivers_lease_is_taken_over(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     files = StoreFiles(str(tmp_path / "store"))
-    import socket
-
     files.write_json("lease.json", {"owner": f"{socket.gethostname()}:{proc.stdout.strip()}:z",
                                     "expires": time.time() + 60})
     with Lease(files, "next", settle_s=0):
         pass
+    files.write_json("lease.json", {"owner": f"{socket.gethostname()}:{os.getpid()}:other",  # alive
+                                    "expires": time.time() + 60})
+    with pytest.raises(InputError, match="being written by"):
+        Lease(files, "next", settle_s=0).acquire()
 
 
 def test_the_grads_stage_refuses_a_store_another_driver_holds(tmp_path):
