@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from gradlake.progress import progress
 from gradlake.store import layout
 from gradlake.store.store import GradientStore, compacted_shards, read_metadata, shard_ranges
 
@@ -47,6 +48,7 @@ def compact(store: GradientStore, after_files: Callable[[], None] | None = None)
         new: dict[int, list[int]] = defaultdict(list)
         for shard in sorted(parts - held):
             new[shard // per_group].append(shard)
+        bar = progress(len(new), f"compact {name}", unit="file") if new else None
         for group, shards in sorted(new.items()):
             tables = []
             if groups.get(group):
@@ -60,6 +62,9 @@ def compact(store: GradientStore, after_files: Callable[[], None] | None = None)
             pq.write_table(table, buffer)
             files.write_bytes(layout.samples_file(name, group), buffer.getvalue())
             groups[group] = groups.get(group, set()) | set(shards)
+            bar.update(1)
+        if bar is not None:
+            bar.close()
         if after_files is not None:
             after_files()
         if new:
