@@ -229,3 +229,32 @@ def test_auto_shard_rows_give_large_objects_and_enough_shards():
     assert shard_rows_for(10_000_000, 64 * 1024) == 2048  # k = 16384, float16, 2 probes
     assert shard_rows_for(100_000, 1024) == 2048  # small data: at least 32 shards
     assert shard_rows_for(10, 1024) == 1
+
+
+@pytest.mark.s3
+def test_on_s3_compaction_damage_and_lease(s3_bucket):
+    import fsspec
+
+    url, options = s3_bucket[0] + "/runs/store", s3_bucket[1]
+    spec, held = make_spec(shard_rows=16)
+    create_store(url, spec, CKPT, storage_options=options, index=index_table(np.arange(N)))
+    fill(url, spec, held, shards=[0, 1, 2], storage_options=options)
+    assert compact(GradientStore.open(url, options)) == {"epoch-1": 3}
+    fill(url, spec, held, shards=[3], storage_options=options)
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    plain = pads.dataset(f"{root}/samples.parquet", filesystem=fs, partitioning="hive").to_table()
+    assert sorted(plain["row"].to_pylist()) == list(range(48))  # shard 3 not compacted yet
+    store = GradientStore.open(url, options)
+    assert store.rows().tolist() == list(range(N)) and store.is_complete()
+    fs.rm(f"{root}/grads.zarr/epoch-1/C/c/1/0")
+    store = GradientStore.open(url, options)
+    assert store.missing_data() == {"C": [1]} and not store.is_complete()
+    with pytest.raises(GradlakeError, match=r"array grads.zarr/epoch-1/C: the data of committed shard 1"):
+        store.read(None, "C", [20])
+    files = StoreFiles(url, options)
+    with Lease(files, "first", settle_s=0):
+        with pytest.raises(InputError, match="being written by"):
+            Lease(files, "second", settle_s=0).acquire()
+    fs.pipe_file(f"{root}/store.json", b'{"format": ')
+    with pytest.raises(InputError, match="not valid JSON"):
+        GradientStore.open(url, options)

@@ -90,7 +90,7 @@ class Lease:
                 self.renew()
             except GradlakeError:
                 return
-            except OSError:  # storage unreachable for a moment: try again next period
+            except Exception:  # noqa: BLE001 -- storage unreachable for a moment: retry next period
                 continue
 
     def _write(self, acquired: bool, previous: dict[str, Any] | None = None) -> None:
