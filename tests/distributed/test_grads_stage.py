@@ -176,3 +176,30 @@ def test_an_interrupted_driver_records_it(grads_inputs, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_grads(data, checkpoints[:1], url, SETTINGS)
     assert GradientStore.open(url).provenance["stages"]["grads"]["status"] == "interrupted"
+
+
+def test_groups_are_compacted_as_soon_as_their_shards_commit(ray_session, grads_inputs, tmp_path, monkeypatch):
+    """Plain readers see a group's rows while the stage still runs; the rest at its end."""
+    import pyarrow.dataset as pads
+
+    import gradlake.distributed.grads_stage as stage
+    import gradlake.store.layout as layout
+
+    data, checkpoints = grads_inputs
+    url = str(tmp_path / "store")
+    monkeypatch.setattr(layout, "GROUP_ROWS", 2 * SETTINGS.shard_rows)  # 2 shards per group
+    seen, compact = [], stage.compact
+
+    def spy(store, groups=None):  # what a plain reader sees after each compaction
+        done = compact(store, groups)
+        table = pads.dataset(f"{url}/samples.parquet", partitioning="hive").to_table()
+        seen.append((groups, sorted(set(table["shard"].to_pylist()))))
+        return done
+
+    monkeypatch.setattr(stage, "compact", spy)
+    summary = run_grads(data, checkpoints[:1], url, dataclasses.replace(SETTINGS, workers=1))
+    assert summary["shards_compacted"] == 5
+    assert seen[-1] == (None, [0, 1, 2, 3, 4])  # the final pass (nothing left for it)
+    mid_run = {group: shards for groups, shards in seen[:-1] for group in groups["epoch-0001"]}
+    assert sorted(mid_run) == [0, 1, 2] and set(mid_run[0]) >= {0, 1}
+    assert plain_check(url)

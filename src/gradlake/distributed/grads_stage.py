@@ -5,7 +5,8 @@ committed shards, hands one shard at a time to each actor (a ``ray.wait`` loop, 
 knows exactly which shard is where), retries failed shards with backoff on any actor,
 and reports a shard that keeps failing once the others are done (GradlakeError). It holds
 the store's lease from before it writes anything until the end, and compacts the committed
-shards' sample rows into samples.parquet when the shards are done (also after failures).
+shards' sample rows into samples.parquet: each compaction group as soon as its shards are
+all committed, the rest when the shards are done (also after failures).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,7 @@ from gradlake.distributed.shard_work import FAULT_ENV, Fault, WorkerSettings
 from gradlake.errors import GradlakeError, InputError
 from gradlake.progress import progress
 from gradlake.store import GradientStore, Lease, StoreSpec, compact, create_store
-from gradlake.store.layout import StoreFiles, check_name, checkpoint_name
+from gradlake.store.layout import StoreFiles, check_name, checkpoint_name, group_shards
 from gradlake.store.store import read_metadata
 from gradlake.store.spec import chunk_rows_for, shard_rows_for
 from gradlake.store.writer import set_stage_status
@@ -63,17 +65,20 @@ def _run(data_url, checkpoints, store_url, settings: GradsConfig, ray_settings: 
                                     "shards_total": total})
     started = time.monotonic()
     outcome = _Outcome()
+    compacted: Counter = Counter()  # checkpoint -> shards compacted by this run
     if plan.tasks:
         from gradlake.distributed.cluster import ensure_ray
 
         try:
             ensure_ray(ray_settings.address, ray_settings.num_cpus)
             worker = WorkerSettings(data_url, store_url, settings, options, fault)
-            outcome = _drive(plan.tasks, worker, settings, total, skipped, lease)
+            outcome = _drive(plan.tasks, worker, settings, total, skipped, lease,
+                             group_shards(store.spec.shard_rows),
+                             lambda checkpoint, group: compacted.update(compact(store, {checkpoint: {group}})))
         except BaseException as err:  # Ray down, Ctrl-C: say so; committed shards stay committed
             set_stage_status(store, STAGE, {"status": "interrupted", "error": _first_line(err)})
             raise
-    compacted = compact(store)
+    compacted.update(compact(store))
     seconds = time.monotonic() - started
     computed = [r for r in outcome.results if not r["skipped"]]  # skipped: committed meanwhile
     summary = {
@@ -257,7 +262,9 @@ def _actor_plan(settings: GradsConfig, n_tasks: int) -> tuple[int, dict[str, Any
 
 
 def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig, total: int,
-           skipped: int, lease: Lease) -> _Outcome:
+           skipped: int, lease: Lease, per_group: int, group_done: Callable[[str, int], Any]) -> _Outcome:
+    """Run the tasks on a pool of actors; ``group_done(checkpoint, group)`` is called once the
+    last task of a compaction group (``per_group`` shards) has committed."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -279,6 +286,7 @@ def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig
         bar.update(skipped)
     started = time.monotonic()
     samples = written = 0
+    pending = Counter((t.checkpoint, t.shard // per_group) for t in tasks)
 
     def retry(task: ShardTask, attempt: int, error: str) -> None:
         if attempt < settings.retries:
@@ -333,6 +341,10 @@ def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig
                                 samples_s=round(samples / elapsed, 1), mb=round(written / 1e6, 2),
                                 eta_s=round(remaining * elapsed / len(outcome.results), 1))
                 bar.update(1)
+                group = (task.checkpoint, task.shard // per_group)
+                pending[group] -= 1
+                if not pending[group]:
+                    group_done(*group)
     finally:
         bar.close()
         for slot in slots:

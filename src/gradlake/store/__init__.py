@@ -13,7 +13,8 @@ Layout (plain zarr, pyarrow, DuckDB and xarray read it; no gradlake needed)::
                              one row per committed sample: row, trajectory, t, class, split,
                              shard, loss, norm_<obs> (the L2 norm of phi per observable, from
                              float32); one file per group of shards (about 4M rows), written
-                             by compaction after each grads run. ``checkpoint`` (string) is a
+                             by compaction (a group once its shards all committed, the rest
+                             at the end of each grads run). ``checkpoint`` (string) is a
                              hive partition key: ``pyarrow.dataset.dataset(..., partitioning=
                              "hive")``, DuckDB ``read_parquet('.../*/*.parquet', hive_partitioning=true)``.
     <root>/commits/<name>/shard-<s>.parquet
