@@ -93,6 +93,12 @@ def test_local_stage_with_two_workers(clean_run, grads_inputs):
     assert_matches_reference(plain_check(url), data, checkpoints)
     store = GradientStore.open(url)
     assert store.provenance["stages"]["grads"]["status"] == "complete"
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(f"{url}/grads.zarr", group="epoch-0002", consolidated=True)
+    assert ds["V"].dims == ("sample", "probe", "proj") and set(ds.coords) == {"trajectory", "t", "class", "split"}
+    table = store.samples("epoch-0002")
+    for name in ("trajectory", "t", "class", "split"):
+        assert ds[name].values[table["row"].to_numpy()].tolist() == table[name].to_pylist()
     # Re-running the same command recomputes nothing.
     again = run_grads(data, checkpoints, url, SETTINGS)
     assert again["shards_skipped"] == 10 and again["shards_computed"] == 0
