@@ -108,7 +108,7 @@ class GradsConfig:
     dtype: Literal["float16", "float32"] = "float16"
     splits: tuple[str, ...] = ("train", "val", "test")
     batch_size: int = rule(positive, 16)
-    shard_rows: int = rule(positive, 512)  # one zarr shard, one writer; a few MB per shard write fast
+    shard_rows: int = rule(non_negative, 0)  # rows per shard (one zarr shard, one writer); 0 -> sized by the store (64-128 MiB objects)
     workers: int = rule(non_negative, 0)  # 0 -> one per GPU, else one per CPU slot
     threads_per_worker: int = rule(positive, 1)
     device: str = "auto"

@@ -150,3 +150,17 @@ def test_checkpoints_given_as_names_to_paths(grads_inputs, tmp_path):
     assert {t.checkpoint_path for t in plan.tasks if t.checkpoint == "seed-8-epoch-0001"} == {checkpoints[1]}
     with pytest.raises(InputError, match="checkpoint name 'a/b' must be letters"):
         prepare(data, {"a/b": checkpoints[0]}, str(tmp_path / "other"), SETTINGS, {})
+
+
+def test_shard_rows_0_sizes_a_new_store_and_keeps_an_existing_stores(grads_inputs, tmp_path):
+    from gradlake.store.spec import shard_rows_for
+
+    data, checkpoints = grads_inputs
+    auto = dataclasses.replace(SETTINGS, shard_rows=0)
+    fresh = prepare(data, checkpoints[:1], str(tmp_path / "fresh"), auto, {}).store.spec
+    widest = fresh.k * 2 * SETTINGS.probes  # float16 V rows
+    assert fresh.shard_rows == shard_rows_for(fresh.n_rows, widest) < 8  # small data: at least 32 shards
+    url = str(tmp_path / "store")
+    prepare(data, checkpoints[:1], url, SETTINGS, {})  # 8-row shards
+    resumed = prepare(data, checkpoints, url, auto, {})
+    assert resumed.store.spec.shard_rows == 8 and len(resumed.tasks) == 2 * 5

@@ -11,6 +11,7 @@ from reduce_helpers import dense_h, eta_from_probes, make_dataset, make_store, s
 
 from gradlake.config import RayConfig, ReduceConfig
 from gradlake.errors import InputError
+from gradlake.reduce.output import coordinates
 
 LAM = 1e-3
 RTOL = 1e-6
@@ -46,7 +47,7 @@ def test_aggregates_and_spectrum_match_dense(reduced, norm):
     out = zarr.open_group(store.reduce_url(settings.name) + "/results.zarr", mode="r")
     for ckpt in store.checkpoints:
         group = out[ckpt]
-        coords = group["twotime"].attrs["coords"]
+        coords = coordinates(group, "twotime")
         cols, H, eta = _ckpt_dense(store, ckpt, "MC", norm)
         p, n = coords["pair"].index("MC"), coords["normalization"].index(norm)
         classes = coords["class"]
@@ -139,7 +140,7 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
     # Other settings under the same name: the old results are replaced whole.
     changed = dataclasses.replace(settings, pairs=("CC",), lambdas=(), topk=0, distance_pairs=0, tile_max=0)
     third = run_reduce(store.url, changed, RayConfig())
-    coords = zarr.open_group(url + "/results.zarr", mode="r")[store.checkpoints[0]]["twotime"].attrs["coords"]
+    coords = coordinates(zarr.open_group(url + "/results.zarr", mode="r")[store.checkpoints[0]], "twotime")
     assert coords["pair"] == ["CC"] and coords["lambda"] == [LAM]
     assert third["checkpoints"][store.checkpoints[0]]["topk"] == {"skipped": "reduce.topk = 0"}
     # The command line runs the same stage.

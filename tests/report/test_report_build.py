@@ -16,6 +16,7 @@ import zarr
 
 from gradlake.config import ExactConfig, ModelConfig, RayConfig, ReduceConfig, TrainConfig
 from gradlake.errors import InputError
+from gradlake.reduce.output import coordinates
 from gradlake.report import build_report
 
 pytestmark = pytest.mark.slow  # one module fixture: train, store, reduce on Ray, exact mode (~10 s)
@@ -190,7 +191,7 @@ def test_figures_show_the_damping_slice(inputs, tmp_path, monkeypatch):
 
     results = zarr.open_group(f"{store_url}/reduce/default/results.zarr", mode="r")
     ckpt, pair = CHECKPOINTS[-1], "MC"
-    coords = results[ckpt]["twotime"].attrs["coords"]
+    coords = coordinates(results[ckpt], "twotime")
     assert coords["lambda"] == [DAMPING, SWEEP]
     p, n = coords["pair"].index(pair), coords["normalization"].index("none")
     want_transfer = results[ckpt]["transfer"][0, p, n]

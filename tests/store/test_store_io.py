@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from gradlake.errors import GradlakeError, InputError
-from gradlake.store import GradientStore, ShardWriter, StoreSpec, create_store
+from gradlake.store import GradientStore, ShardWriter, StoreSpec, compact, create_store
 from gradlake.store.spec import chunk_rows_for
 
 N_TRAJ, STEPS = 10, 5  # 5 samples per trajectory -> 50 rows
@@ -55,12 +55,14 @@ def fill(url, spec, held, checkpoint="epoch-1", shards=None, storage_options=Non
 CKPT = {"epoch-1": {"sha256": "a" * 64, "path": "/ck/epoch-1"}}
 
 
-@pytest.fixture()
-def full_store(tmp_path):
+@pytest.fixture(params=["committed", "compacted"])
+def full_store(tmp_path, request):
     url = str(tmp_path / "store")
     spec, held = make_spec()
     create_store(url, spec, CKPT)
     fill(url, spec, held)
+    if request.param == "compacted":
+        compact(GradientStore.open(url))
     return url, spec, held
 
 
@@ -117,6 +119,7 @@ def test_plain_zarr_and_pyarrow_read_the_store(full_store):
     import zarr
 
     url, _, _ = full_store
+    compact(GradientStore.open(url))
     table = pads.dataset(os.path.join(url, "samples.parquet"), partitioning="hive").to_table()
     assert sorted(table["row"].to_pylist()) == list(range(N))
     array = zarr.open_array(os.path.join(url, "grads.zarr", "epoch-1", "C"), mode="r")

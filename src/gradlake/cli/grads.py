@@ -38,7 +38,7 @@ def grads(
     probes: int = typer.Option(_DEFAULTS.probes, "--probes", help="Random cotangents per sample for V."),
     seed: int = typer.Option(_DEFAULTS.seed, "--seed", help="Seed of the projection and of the V probes."),
     splits: str = typer.Option("train,val,test", "--splits", help="Splits whose samples the store holds."),
-    shard_rows: int = typer.Option(_DEFAULTS.shard_rows, "--shard-rows", help="Rows per shard (the unit of work and of commits)."),
+    shard_rows: int = typer.Option(_DEFAULTS.shard_rows, "--shard-rows", help="Rows per shard (the unit of work and of commits); 0 = sized by the store (64-128 MiB objects)."),
     batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", help="Samples per gradient batch."),
     threads: int = typer.Option(1, "--threads", help="Torch threads per CPU worker."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),

@@ -35,6 +35,9 @@ def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = 
     for name, ck in summary["checkpoints"].items():
         state = "complete" if ck["complete"] else "INCOMPLETE"
         typer.echo(f"checkpoint   {name}: shards {ck['shards_done']}/{ck['shards_total']} {state}  sha256 {ck['sha256'][:12]}")
+        for obs, shards in ck["missing_data"].items():
+            typer.echo(f"             DAMAGED: grads.zarr/{name}/{obs} has no data for committed shard(s) "
+                       f"{', '.join(map(str, shards[:10]))}{' ...' if len(shards) > 10 else ''}")
     prov = summary["provenance"]
     typer.echo(f"dataset      {prov['dataset']}")
     typer.echo(f"model        {json.dumps(prov['model'], default=str)[:200]}")

@@ -3,7 +3,10 @@
 The driver checks every input and the store's compatibility before any work, skips
 committed shards, hands one shard at a time to each actor (a ``ray.wait`` loop, so it
 knows exactly which shard is where), retries failed shards with backoff on any actor,
-and reports a shard that keeps failing once the others are done (GradlakeError).
+and reports a shard that keeps failing once the others are done (GradlakeError). It holds
+the store's lease from before it writes anything until the end, and compacts the committed
+shards' sample rows into samples.parquet: each compaction group as soon as its shards are
+all committed, the rest when the shards are done (also after failures).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +28,10 @@ from gradlake.distributed.plan import ShardTask, plan_shards
 from gradlake.distributed.shard_work import FAULT_ENV, Fault, WorkerSettings
 from gradlake.errors import GradlakeError, InputError
 from gradlake.progress import progress
-from gradlake.store import GradientStore, StoreSpec, create_store
-from gradlake.store.layout import check_name, checkpoint_name
-from gradlake.store.spec import chunk_rows_for
+from gradlake.store import GradientStore, Lease, StoreSpec, compact, create_store
+from gradlake.store.layout import StoreFiles, check_name, checkpoint_name, group_shards
+from gradlake.store.store import read_metadata
+from gradlake.store.spec import chunk_rows_for, shard_rows_for
 from gradlake.store.writer import set_stage_status
 
 STAGE = "grads"
@@ -47,6 +52,12 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
     options = dict(storage_options or {})
     fault = os.environ.get(FAULT_ENV, "")
     Fault.parse(fault)
+    with Lease(StoreFiles(store_url, options or None), f"grads stage {STAGE!r}") as lease:
+        return _run(data_url, checkpoints, store_url, settings, ray_settings, options, fault, lease)
+
+
+def _run(data_url, checkpoints, store_url, settings: GradsConfig, ray_settings: RayConfig,
+         options: dict[str, Any], fault: str, lease: Lease) -> dict[str, Any]:
     plan = prepare(data_url, checkpoints, store_url, settings, options)
     store, skipped = plan.store, plan.skipped
     total = store.spec.n_shards * len(plan.names)
@@ -54,16 +65,20 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
                                     "shards_total": total})
     started = time.monotonic()
     outcome = _Outcome()
+    compacted: Counter = Counter()  # checkpoint -> shards compacted by this run
     if plan.tasks:
         from gradlake.distributed.cluster import ensure_ray
 
         try:
             ensure_ray(ray_settings.address, ray_settings.num_cpus)
             worker = WorkerSettings(data_url, store_url, settings, options, fault)
-            outcome = _drive(plan.tasks, worker, settings, total, skipped)
+            outcome = _drive(plan.tasks, worker, settings, total, skipped, lease,
+                             group_shards(store.spec.shard_rows),
+                             lambda checkpoint, group: compacted.update(compact(store, {checkpoint: {group}})))
         except BaseException as err:  # Ray down, Ctrl-C: say so; committed shards stay committed
             set_stage_status(store, STAGE, {"status": "interrupted", "error": _first_line(err)})
             raise
+    compacted.update(compact(store))
     seconds = time.monotonic() - started
     computed = [r for r in outcome.results if not r["skipped"]]  # skipped: committed meanwhile
     summary = {
@@ -79,6 +94,7 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
         "workers": outcome.workers,
         "samples_per_s": round(sum(r["samples"] for r in outcome.results) / max(seconds, 1e-9), 2),
         "worker_peak_rss_mb": max((r["peak_rss_mb"] for r in outcome.results), default=0.0),
+        "shards_compacted": int(sum(compacted.values())),
     }
     if outcome.failures:
         errors = {f"{t.checkpoint}/shard-{t.shard}": msg for t, msg in outcome.failures}
@@ -114,9 +130,11 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
     held = dataset.index().select(splits=settings.splits)
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
-    shards = plan_shards(held, settings.shard_rows)
-    spec = _store_spec(dataset, model_config, settings, n_samples=len(held), n_shards=len(shards))
-    store = create_store(store_url, spec, provenance, options)
+    existing = read_metadata(StoreFiles(store_url, options))
+    spec = _store_spec(dataset, model_config, settings, held,
+                       existing["spec"]["shard_rows"] if existing and not settings.shard_rows else None)
+    shards = plan_shards(held, spec.shard_rows)
+    store = create_store(store_url, spec, provenance, options, index=dataset.index().table)
     tasks, skipped = [], 0
     for name, path in zip(names, checkpoints):
         committed = store.committed_shards(name)
@@ -177,22 +195,27 @@ def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
     return metas[first]["model"], provenance
 
 
-def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, n_samples: int,
-                n_shards: int) -> StoreSpec:
+def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, held: np.ndarray,
+                store_shard_rows: int | None) -> StoreSpec:
+    """The run's store spec; shard_rows 0 takes an existing store's, else sizes them."""
     from gradlake.grads import Projector
     from gradlake.models import from_config
 
     projector = Projector.from_config(settings).spec(from_config(model_config))
     k = int(projector["k"])
+    itemsize = np.dtype(settings.dtype).itemsize
+    n_rows = len(dataset.index())
+    widest = k * itemsize * (settings.probes if "V" in settings.observables else 1)
+    shard_rows = settings.shard_rows or store_shard_rows or shard_rows_for(n_rows, widest)
     return StoreSpec(
         dataset={"url": dataset.url, "fingerprint": dataset.fingerprint, "family": dataset.family,
                  "channels": list(dataset.channels), "n_trajectories": dataset.n_trajectories,
                  "n_times": dataset.n_times},
         model=model_config, projector=projector, observables=tuple(settings.observables),
         probes=settings.probes, probe_seed=settings.seed, k=k, dtype=settings.dtype,
-        n_rows=len(dataset.index()), shard_rows=settings.shard_rows,
-        chunk_rows=chunk_rows_for(settings.shard_rows, k * np.dtype(settings.dtype).itemsize),
-        splits=tuple(settings.splits), n_samples=n_samples, n_shards=n_shards,
+        n_rows=n_rows, shard_rows=shard_rows, chunk_rows=chunk_rows_for(shard_rows, k * itemsize),
+        splits=tuple(settings.splits), n_samples=len(held),
+        n_shards=len(np.unique(np.asarray(held, dtype=np.int64) // shard_rows)),
     )
 
 
@@ -239,7 +262,9 @@ def _actor_plan(settings: GradsConfig, n_tasks: int) -> tuple[int, dict[str, Any
 
 
 def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig, total: int,
-           skipped: int) -> _Outcome:
+           skipped: int, lease: Lease, per_group: int, group_done: Callable[[str, int], Any]) -> _Outcome:
+    """Run the tasks on a pool of actors; ``group_done(checkpoint, group)`` is called once the
+    last task of a compaction group (``per_group`` shards) has committed."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -261,6 +286,7 @@ def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig
         bar.update(skipped)
     started = time.monotonic()
     samples = written = 0
+    pending = Counter((t.checkpoint, t.shard // per_group) for t in tasks)
 
     def retry(task: ShardTask, attempt: int, error: str) -> None:
         if attempt < settings.retries:
@@ -274,6 +300,8 @@ def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig
 
     try:
         while queue or inflight:
+            if lease.lost:
+                raise GradlakeError(f"grads: {lease.lost}; stopping (committed shards stay committed)")
             now = time.monotonic()
             while idle and queue and queue[0][0] <= now:
                 _, _, task, attempt = heapq.heappop(queue)
@@ -313,6 +341,10 @@ def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig
                                 samples_s=round(samples / elapsed, 1), mb=round(written / 1e6, 2),
                                 eta_s=round(remaining * elapsed / len(outcome.results), 1))
                 bar.update(1)
+                group = (task.checkpoint, task.shard // per_group)
+                pending[group] -= 1
+                if not pending[group]:
+                    group_done(*group)
     finally:
         bar.close()
         for slot in slots:

@@ -161,8 +161,10 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
                                                     f"part-{i:06d}", classes),
                       blocks, f"reduce {name}: response pass", window)
     arrays = work.finalize_variants(reducer, resp, pert)
-    coords = {"lambda": list(lambdas), "pair": list(settings.pairs), "normalization": list(settings.normalize),
-              "relation": list(RELATIONS), "class": list(classes), "t": list(range(n_times))}
+    labels = {"lambda": list(lambdas), "pair": list(settings.pairs), "normalization": list(settings.normalize),
+              "relation": list(RELATIONS), "class": list(classes), "response_class": list(classes),
+              "perturbation_class": list(classes), "t_response": list(range(n_times)),
+              "t_perturbation": list(range(n_times))}
     dims = {
         "twotime": ("lambda", "pair", "normalization", "relation", "class", "t_response", "t_perturbation"),
         "twotime_pairs": ("pair", "relation", "class", "t_response", "t_perturbation"),
@@ -173,7 +175,7 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
         "transfer_pairs": ("pair", "response_class", "perturbation_class"),
     }
     for key, value in arrays.items():
-        out.write_array(f"{name}/{key}", value, dims[key], coords=coords)
+        out.write_array(f"{name}/{key}", value, dims[key], coords={d: labels[d] for d in dims[key]})
     out.write_array(f"{name}/metric", metric.eta, ("proj", "proj_"), observable=settings.metric,
                     reference_split=settings.reference_split, reference_samples=mom[settings.metric].count,
                     description="η̃ = (1/probes) Σ_ref Σ_v φ_V φ_Vᵀ (or Σ φ_C φ_Cᵀ), float64")

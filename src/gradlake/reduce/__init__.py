@@ -10,10 +10,13 @@ store rows), output (writing results). Ray orchestration: gradlake.distributed.r
 Results: ``<store>/reduce/<name>/`` — plain zarr v3 and Parquet, readable without gradlake.
 Parquet folders are hive-partitioned by ``checkpoint=<name>`` (read them with
 ``pyarrow.dataset.dataset(path, partitioning="hive")``). Every zarr array has
-``dimension_names`` and an attribute ``coords`` with the labels of its axes:
-lambda (the damping first, then the sweep), pair ("CC", "MC", "EC": response A,
-perturbation B), normalization ("none", "row-std", "cosine"), relation
-("same_trajectory", "same_class", "other_class"), class (sorted names), t (0..T-1).
+``dimension_names``; a labelled dimension has a 1-d coordinate array of the same name
+beside it in its group (``xarray.open_zarr(results.zarr, group=<checkpoint>)`` shows them as
+coordinates; ``reduce.output.coordinates`` reads them): lambda (the damping first, then the
+sweep), pair ("CC", "MC", "EC": response A, perturbation B), normalization ("none",
+"row-std", "cosine"), relation ("same_trajectory", "same_class", "other_class"), class,
+response_class, perturbation_class (sorted names), t_response, t_perturbation (0..T-1);
+in exact/: pair, k, response and perturbation (the batch's sample rows).
 
     summary.json              written LAST: {"complete": true, settings, per-checkpoint
                               summaries (sample counts, metric top eigenvalue, ...), exact}

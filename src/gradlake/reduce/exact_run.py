@@ -149,15 +149,16 @@ def prepare(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, d
                     "exact_lags.parquet"):
             out.remove(rel)
         done = {}
-        coords = {"pair": list(solved), "k": list(settings.ks)}
+        out.write_array("exact/solved_pair", np.array(solved), ("solved_pair",))
         out.create_array(H_ARRAY, (len(batches), len(solved), size, size), (1, len(solved), size, size), "float64",
-                         ("minibatch", "pair", "response", "perturbation"), coords=coords,
+                         ("minibatch", "solved_pair", "response", "perturbation"),
                          description="exact H_AB(i, j) per minibatch (rows of exact_batches.parquet)")
         agreement = min(settings.agreement, len(batches))
         if agreement:
+            out.write_array("exact/k", np.array(settings.ks), ("k",))
             out.create_array(PROJECTED_ARRAY, (agreement, len(settings.ks), len(solved), size, size),
                              (1, len(settings.ks), len(solved), size, size), "float64",
-                             ("minibatch", "k", "pair", "response", "perturbation"), coords=coords,
+                             ("minibatch", "k", "solved_pair", "response", "perturbation"),
                              description="projected estimate of H_AB per agreement minibatch and k_in = k_out = k")
         table = pa.concat_tables([b.append_column("minibatch", pa.array(np.full(b.num_rows, m, np.int32)))
                                   for m, b in enumerate(batches)])
@@ -187,7 +188,8 @@ def finish(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, da
     out.write_array("exact/twotime", twotime, ("pair", "normalization", "relation", "class", "t_response",
                                                "t_perturbation"),
                     coords={"pair": list(pairs), "normalization": list(normalize),
-                            "relation": list(minibatch.RELATIONS), "class": classes, "t": list(range(n_t))},
+                            "relation": list(minibatch.RELATIONS), "class": classes,
+                            "t_response": list(range(n_t)), "t_perturbation": list(range(n_t))},
                     description="mean exact H over minibatches, per relation, class and time pair")
     out.write_table("exact_lags.parquet", pa.Table.from_pylist(lags))
     agreement = [{"minibatch": r["minibatch"], **row} for r in records for row in r["agreement"]]

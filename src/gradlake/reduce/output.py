@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -51,13 +52,24 @@ class ReduceOutput(fsio.Folder):
         root = zarr.open_group(store=self.zarr_store(), mode="a")
         return root.require_group(path) if path else root
 
-    def write_array(self, path: str, values: np.ndarray, dims: tuple[str, ...], **attrs) -> None:
-        """A whole array (replaced if present) with dimension names and attributes."""
+    def write_array(self, path: str, values: np.ndarray, dims: tuple[str, ...],
+                    coords: dict[str, Sequence] | None = None, **attrs) -> None:
+        """A whole array (replaced if present) with dimension names and attributes, and beside
+        it, for each dimension in ``coords``, a 1-d array of that name holding the labels
+        (xarray opens the group with them as coordinates; read them with :func:`coordinates`)."""
         values = np.asarray(values)
         if len(dims) != values.ndim:
             raise ValueError(f"{path}: {len(dims)} dimension names for a {values.ndim}-d array")
         parent, name = posixpath.split(path)
         group = self.group(parent)
+        for dim, labels in (coords or {}).items():
+            labels = np.asarray(labels)
+            if dim not in dims or labels.shape != (values.shape[dims.index(dim)],):
+                raise ValueError(f"{path}: {len(labels)} labels for dimension {dim!r} of {dims} {values.shape}")
+            coordinate = group.create_array(dim, shape=labels.shape, overwrite=True, dimension_names=(dim,),
+                                            dtype=str if labels.dtype.kind in "OU" else labels.dtype,
+                                            fill_value="" if labels.dtype.kind in "OU" else _fill(labels.dtype))
+            coordinate[...] = labels
         array = group.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True,
                                    dimension_names=dims, attributes=_jsonable(attrs),
                                    fill_value=_fill(values.dtype))
@@ -72,6 +84,14 @@ class ReduceOutput(fsio.Folder):
 
     def open_array(self, path: str) -> zarr.Array:
         return zarr.open_array(store=self.zarr_store(), path=path, mode="r+")
+
+
+def coordinates(group: zarr.Group, name: str) -> dict[str, list]:
+    """Dimension name -> labels of array ``name`` in ``group``, from the coordinate arrays
+    beside it (dimensions without one are left out)."""
+    dims = group[name].metadata.dimension_names or ()
+    return {dim: group[dim][...].tolist() for dim in dims
+            if dim in group and isinstance(group[dim], zarr.Array) and group[dim].ndim == 1}
 
 
 def _fill(dtype):

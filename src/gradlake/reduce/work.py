@@ -269,10 +269,15 @@ def topk_table(queries: np.ndarray, results: dict[str, dict[str, np.ndarray]], i
 
 
 def check_complete(store, checkpoint: str) -> None:
-    if not store.is_complete(checkpoint):
-        done = len(store.committed_shards(checkpoint))
+    done = len(store.committed_shards(checkpoint))
+    if done < store.spec.n_shards:
         raise GradlakeError(f"store {store.url}, checkpoint {checkpoint}: only {done} of "
                             f"{store.spec.n_shards} shards are committed; finish `gradlake grads` first")
+    for observable, shards in store.missing_data(checkpoint).items():
+        start, stop = store.spec.shard_range(shards[0])
+        raise GradlakeError(f"store {store.url}, checkpoint {checkpoint}, array grads.zarr/{checkpoint}/"
+                            f"{observable}: the data of committed shard {shards[0]} (rows {start}..{stop - 1}) "
+                            f"is missing from storage ({len(shards)} shard(s)); the store is damaged")
 
 
 # --------------------------------------------------------------------------- influence vs distance

@@ -256,7 +256,7 @@ def _twotime(plan: Plan, results: ReduceResults) -> None:
     for ckpt in results.checkpoints:
         twotime, coords = results.array(ckpt, "twotime")
         class_twotime, ccoords = results.array(ckpt, "class_twotime")
-        classes, relations, t = coords["class"], coords["relation"], np.asarray(coords["t"])
+        classes, relations, t = coords["class"], coords["relation"], np.asarray(coords["t_response"])
         for p, pair, n, norm in _variants(plan, coords):
             panels = [(f"{cls} · {RELATION_NAMES.get(rel, rel)}", twotime[0, p, n, r, c])
                       for r, rel in enumerate(relations) for c, cls in enumerate(classes)]
@@ -269,13 +269,14 @@ def _twotime(plan: Plan, results: ReduceResults) -> None:
                         title=f"{pair_title(pair)} per class\n{norm_label(norm)}, checkpoint {ckpt}, "
                               f"λ = {results.damping:g}")
             panels = [(f"{rc} ← {pc_}", class_twotime[0, p, n, i, j])
-                      for i, rc in enumerate(ccoords["class"]) for j, pc_ in enumerate(ccoords["class"])]
+                      for i, rc in enumerate(ccoords["response_class"])
+                      for j, pc_ in enumerate(ccoords["perturbation_class"])]
             plan.figure(inter, f"inter-{ckpt}-{pair}-{norm}",
                         f"{pair_title(pair)}, {norm}, checkpoint {ckpt}: panel 'r ← c' (row r, column c) shows how "
                         "perturbing samples of class c moves the responding class r, so off-diagonal panels "
                         "show transfer between classes.",
                         figures.two_time_heatmaps, group=f"checkpoint {ckpt}", panels=panels,
-                        ncols=len(ccoords["class"]), t_response=t, t_perturbation=t,
+                        ncols=len(ccoords["perturbation_class"]), t_response=t, t_perturbation=t,
                         colorbar_label=norm_label(norm),
                         title=f"{pair_title(pair)} across classes (responding ← perturbed)\n"
                               f"{norm_label(norm)}, checkpoint {ckpt}, λ = {results.damping:g}")
@@ -365,7 +366,7 @@ def _transfer(plan: Plan, results: ReduceResults) -> None:
                         "samples of class c moves the response of class r, averaged over time; a strong "
                         "diagonal with a weak off-diagonal means little transfer between classes.",
                         figures.transfer_matrix, group=f"checkpoint {ckpt}", matrix=transfer[0, p, n],
-                        response_labels=coords["class"], perturbation_labels=coords["class"],
+                        response_labels=coords["response_class"], perturbation_labels=coords["perturbation_class"],
                         colorbar_label=norm_label(norm),
                         title=f"Class transfer {pair_title(pair)}\n{norm_label(norm)}, checkpoint {ckpt}")
 

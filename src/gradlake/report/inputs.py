@@ -7,6 +7,7 @@ and gradlake.train (checkpoints' config.json, rollout.parquet).
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import pyarrow.compute as pc
 
 from gradlake import fsio
 from gradlake.errors import InputError
-from gradlake.reduce.output import RESULTS, SUMMARY, ReduceOutput
+from gradlake.reduce.output import RESULTS, SUMMARY, ReduceOutput, coordinates
 
 EXACT_JSON = "exact.json"
 ROLLOUT, ROLLOUT_JSON = "rollout.parquet", "rollout.json"
@@ -61,7 +62,7 @@ class ReduceResults:
         return float(self.settings.get("damping", 0.0))
 
     def array(self, checkpoint: str, name: str) -> tuple[np.ndarray, dict[str, list]]:
-        """(values, coords) of ``results.zarr/<checkpoint>/<name>``."""
+        """(values, labels per dimension) of ``results.zarr/<checkpoint>/<name>``."""
         import zarr
 
         if self._group is None:
@@ -71,7 +72,8 @@ class ReduceResults:
         except KeyError:
             where = fsio.join(self.url, RESULTS, checkpoint, name)
             raise InputError(f"{where}: missing from the reduce results") from None
-        return np.asarray(array[...]), dict(array.attrs.get("coords", {}))
+        parent, leaf = posixpath.split(f"{checkpoint}/{name}")
+        return np.asarray(array[...]), coordinates(self._group[parent], leaf)
 
     def has(self, rel: str) -> bool:
         return self._out.exists(rel)

@@ -1,14 +1,16 @@
 """Where each part of a gradient store lives, and the raw I/O on it (any fsspec URL).
 
-    <root>/store.json                         provenance and stage status (driver only)
-    <root>/samples.parquet/checkpoint=<c>/shard=<s>/part-0.parquet
+    <root>/store.json                         provenance, stage status, compacted parts (driver only)
+    <root>/lease.json                         the writing driver's lease
     <root>/grads.zarr/<c>/<observable>        zarr v3 arrays, one zarr shard per gradlake shard
-    <root>/commits/<c>/shard-<s>.json          completion record, written last
+    <root>/grads.zarr/<c>/<coordinate>        trajectory, t, class, split of every row
+    <root>/commits/<c>/shard-<s>.parquet      a shard's sample rows, written last: its commit
+    <root>/samples.parquet/checkpoint=<c>/part-<g>.parquet
+                                              compacted sample rows of shard group g
     <root>/reduce/<name>/                     reduce outputs
 """
 
 from __future__ import annotations
-
 
 import zarr
 
@@ -20,8 +22,11 @@ SAMPLES = "samples.parquet"
 GRADS = "grads.zarr"
 COMMITS = "commits"
 REDUCE = "reduce"
+LEASE = "lease.json"
 FORMAT = "gradlake-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one Parquet partition and one JSON commit record per shard
+COORDINATES = ("trajectory", "t", "class", "split")  # of dimension "sample", in every checkpoint group
+GROUP_ROWS = 1 << 22  # rows of one compacted Parquet file (about 100 MB)
 
 def check_name(name: str, source: str) -> str:
     """A checkpoint name usable in paths and partition keys, or InputError naming ``source``."""
@@ -40,26 +45,43 @@ def array_path(checkpoint: str, observable: str) -> str:
     return f"{checkpoint}/{observable}"
 
 
-def samples_part(checkpoint: str, shard: int) -> str:
-    """The one Parquet file of a shard's partition (hive keys: checkpoint, shard)."""
-    return f"{SAMPLES}/checkpoint={checkpoint}/shard={shard}/part-0.parquet"
+def samples_dir(checkpoint: str) -> str:
+    """The hive partition of a checkpoint's compacted sample rows."""
+    return f"{SAMPLES}/checkpoint={checkpoint}"
+
+
+def samples_file(checkpoint: str, group: int) -> str:
+    """The compacted Parquet file of shard group ``group`` (of ``group_shards`` shards)."""
+    return f"{samples_dir(checkpoint)}/part-{group:06d}.parquet"
+
+
+def group_shards(shard_rows: int) -> int:
+    """Shards per compaction group: about GROUP_ROWS rows per compacted file."""
+    return max(1, GROUP_ROWS // shard_rows)
 
 
 def commit_dir(checkpoint: str) -> str:
     return f"{COMMITS}/{checkpoint}"
 
 
-def commit_record(checkpoint: str, shard: int) -> str:
-    return f"{commit_dir(checkpoint)}/shard-{shard:06d}.json"
+def commit_part(checkpoint: str, shard: int) -> str:
+    """A shard's sample rows; writing this file commits the shard."""
+    return f"{commit_dir(checkpoint)}/shard-{shard:06d}.parquet"
+
+
+def shard_of_part(name: str) -> int | None:
+    """The shard of a commit file name, None for anything else (temporary files)."""
+    if name.startswith("shard-") and name.endswith(".parquet") and name[6:-8].isdigit():
+        return int(name[6:-8])
+    return None
 
 
 class StoreFiles(fsio.Folder):
     """A store root: its filesystem and the small reads and writes on it."""
 
-    def committed_shards(self, checkpoint: str) -> set[int]:
-        """Shards of a checkpoint that have a completion record (listing not cached)."""
-        return {int(name[len("shard-"):-len(".json")]) for name in self.ls(commit_dir(checkpoint))
-                if name.startswith("shard-") and name.endswith(".json")}
+    def committed_parts(self, checkpoint: str) -> set[int]:
+        """Shards of a checkpoint with a commit file not yet compacted away (one listing)."""
+        return {s for s in map(shard_of_part, self.ls(commit_dir(checkpoint))) if s is not None}
 
     def zarr_store(self, rel: str = GRADS, read_only: bool = False):
         """The zarr store of grads.zarr unless ``rel`` names another."""

@@ -11,7 +11,9 @@ import numpy as np
 from gradlake.errors import InputError
 
 DTYPES = ("float16", "float32")
-CHUNK_BYTES = 256 * 1024  # target size of one chunk (whole rows) inside a zarr shard
+CHUNK_BYTES = 1024 * 1024  # target size of one chunk (whole rows) inside a zarr shard
+SHARD_BYTES = 128 * 1024 * 1024  # most bytes of one zarr shard of the widest array (auto shard_rows)
+MIN_SHARDS = 32  # auto shard_rows keeps at least this many shards (parallel work on small data)
 _UNCHECKED = ("dataset.url",)  # a dataset may move; its fingerprint may not change
 
 
@@ -85,6 +87,14 @@ class StoreSpec:
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(rows, dtype=np.int64) // self.shard_rows
+
+
+def shard_rows_for(n_rows: int, widest_row_bytes: int) -> int:
+    """Rows per shard when the settings leave it to the store: the largest power of two whose
+    zarr shard of the widest array stays within SHARD_BYTES (64-128 MiB objects at scale)
+    and that still cuts ``n_rows`` into at least MIN_SHARDS shards."""
+    limit = max(1, min(SHARD_BYTES // max(1, widest_row_bytes), -(-n_rows // MIN_SHARDS)))
+    return 1 << (limit.bit_length() - 1)
 
 
 def chunk_rows_for(shard_rows: int, row_bytes: int, target: int = CHUNK_BYTES) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import posixpath
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
 from gradlake import fsio
 from gradlake.errors import GradlakeError, InputError
@@ -17,16 +20,15 @@ from gradlake.store import filters, layout
 from gradlake.store.spec import StoreSpec
 
 INDEX_COLUMNS = ("row", "trajectory", "t", "class", "split")
-PARTITIONING = pads.partitioning(
-    pa.schema([("checkpoint", pa.string()), ("shard", pa.int32())]), flavor="hive"
-)
+COMMIT_KEY = b"gradlake.commit"  # Parquet key-value metadata of a commit file: its record (JSON)
 
 
 def samples_schema(observables) -> pa.Schema:
-    """Columns of a shard's Parquet file (checkpoint and shard are its hive partition keys)."""
+    """Columns of the sample Parquet files (``checkpoint`` is the hive partition key of
+    samples.parquet/)."""
     return pa.schema(
         [("row", pa.int64()), ("trajectory", pa.int64()), ("t", pa.int32()),
-         ("class", pa.string()), ("split", pa.string()), ("loss", pa.float32())]
+         ("class", pa.string()), ("split", pa.string()), ("shard", pa.int32()), ("loss", pa.float32())]
         + [(f"norm_{obs}", pa.float32()) for obs in observables]
     )
 
@@ -35,15 +37,40 @@ def read_metadata(files: layout.StoreFiles) -> dict[str, Any] | None:
     """store.json of a store, None when there is none yet; InputError if it is not ours."""
     if not files.exists(layout.STORE_JSON):
         return None
-    meta = files.read_json(layout.STORE_JSON)
-    if meta.get("format") != layout.FORMAT:
-        raise InputError(f"{files.join_url(layout.STORE_JSON)}: not a gradlake store manifest")
-    if meta.get("format_version", 0) > layout.FORMAT_VERSION:
+    where = files.join_url(layout.STORE_JSON)
+    try:
+        meta = json.loads(files.read_bytes(layout.STORE_JSON))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise InputError(f"{where}: not valid JSON (empty or truncated?): {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != layout.FORMAT:
+        raise InputError(f"{where}: not a gradlake store manifest")
+    version = meta.get("format_version", 0)
+    if version > layout.FORMAT_VERSION:
         raise InputError(
-            f"{files.url}: store format {meta['format_version']} is newer than this gradlake "
+            f"{files.url}: store format {version} is newer than this gradlake "
             f"understands ({layout.FORMAT_VERSION}); upgrade gradlake"
         )
+    if version < layout.FORMAT_VERSION:
+        raise InputError(f"{files.url}: store format {version} was written by an older gradlake; "
+                         "recompute it into a new store URL (`gradlake grads --out ...`)")
     return meta
+
+
+def compacted_shards(meta: dict[str, Any], checkpoint: str) -> dict[int, set[int]]:
+    """Compaction group -> the shards whose sample rows its samples.parquet file holds."""
+    groups = meta["checkpoints"].get(checkpoint, {}).get("compacted", {})
+    return {int(g): {s for lo, hi in ranges for s in range(lo, hi + 1)} for g, ranges in groups.items()}
+
+
+def shard_ranges(shards) -> list[list[int]]:
+    """Sorted shards as inclusive [first, last] runs (how store.json records them)."""
+    runs: list[list[int]] = []
+    for s in sorted(shards):
+        if runs and runs[-1][1] == s - 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return runs
 
 
 class GradientStore:
@@ -53,7 +80,8 @@ class GradientStore:
         self._files = files
         self._meta = meta
         self.spec = StoreSpec.from_json(meta["spec"])
-        self._committed: dict[str, set[int]] = {}
+        self._parts: dict[str, set[int]] = {}  # checkpoint -> shards in commits/ (one listing)
+        self._stored: dict[tuple[str, str], set[int]] = {}  # (checkpoint, obs) -> shards with data
 
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> GradientStore:
@@ -68,7 +96,8 @@ class GradientStore:
         """Forget cached shard listings and reread store.json (after other writers)."""
         meta = read_metadata(self._files)
         self._meta = meta if meta is not None else self._meta
-        self._committed.clear()
+        self._parts.clear()
+        self._stored.clear()
 
     # Description.
     @property
@@ -123,13 +152,43 @@ class GradientStore:
         return observable
 
     def committed_shards(self, checkpoint: str | None = None) -> set[int]:
+        """Shards whose rows are committed: compacted into samples.parquet or in commits/."""
         name = self.checkpoint(checkpoint)
-        if name not in self._committed:
-            self._committed[name] = self._files.committed_shards(name)
-        return set(self._committed[name])
+        return self._uncompacted(name) | set().union(*compacted_shards(self._meta, name).values())
+
+    def _uncompacted(self, name: str) -> set[int]:
+        """Committed shards still in commits/ (listed once per open or refresh)."""
+        if name not in self._parts:
+            compacted = set().union(*compacted_shards(self._meta, name).values())
+            self._parts[name] = self._files.committed_parts(name) - compacted
+        return set(self._parts[name])
+
+    def stored_shards(self, checkpoint: str | None, observable: str) -> set[int]:
+        """Shards of an array whose zarr shard object exists (listed once per open or refresh)."""
+        name, obs = self.checkpoint(checkpoint), self._observable(observable)
+        if (name, obs) not in self._stored:
+            chunks = f"{layout.GRADS}/{layout.array_path(name, obs)}/c"  # default chunk key encoding
+            self._files.forget_listing(chunks)
+            try:
+                keys = self._files.fs.find(self._files.path(chunks))
+            except FileNotFoundError:
+                keys = []
+            base = self._files.path(chunks) + "/"
+            self._stored[(name, obs)] = {
+                int(rel.split("/", 1)[0]) for rel in (k[len(base):] for k in keys if k.startswith(base))
+                if rel.split("/", 1)[0].isdigit() and not posixpath.basename(rel).startswith(".")}
+        return set(self._stored[(name, obs)])
+
+    def missing_data(self, checkpoint: str | None = None) -> dict[str, list[int]]:
+        """Observable -> committed shards whose gradient data is not in grads.zarr (deleted)."""
+        name = self.checkpoint(checkpoint)
+        committed = self.committed_shards(name)
+        missing = {obs: sorted(committed - self.stored_shards(name, obs)) for obs in self.observables}
+        return {obs: shards for obs, shards in missing.items() if shards}
 
     def is_complete(self, checkpoint: str | None = None) -> bool:
-        return len(self.committed_shards(checkpoint)) == self.spec.n_shards
+        """Every shard committed, and its data in every array (see :meth:`missing_data`)."""
+        return len(self.committed_shards(checkpoint)) == self.spec.n_shards and not self.missing_data(checkpoint)
 
     # The samples table.
     def samples(self, checkpoint: str | None = None, where: str | pc.Expression | None = None,
@@ -141,32 +200,37 @@ class GradientStore:
         ``where`` is a pyarrow expression or a string in the language of store.filters.
         """
         name = self.checkpoint(checkpoint)
-        shards = sorted(self.committed_shards(name))
         schema = self._samples_dataset_schema()
         if isinstance(where, str):
             where = filters.parse_where(where, schema)
         expr = filters.combine(
             where, filters.select(classes, splits, trajectories, t_min, t_max)
         )
-        if not shards:
-            table = schema.empty_table()
-        else:
-            paths = [self._files.path(layout.samples_part(name, s)) for s in shards]
-            dataset = pads.dataset(
-                paths, schema=schema, format="parquet", filesystem=self._files.fs,
-                partitioning=PARTITIONING, partition_base_dir=self._files.path(layout.SAMPLES),
-            )
-            table = dataset.to_table(filter=expr)
-            table = table.sort_by("row")
-        if not shards and expr is not None:
+        groups = compacted_shards(self._meta, name)
+        compacted = set().union(*groups.values())
+        parts = sorted(self._uncompacted(name))
+        tables = []
+        if groups:  # a file may hold shards its record does not list yet (compaction cut short)
+            paths = [layout.samples_file(name, g) for g in sorted(groups)]
+            tables.append(self._parquet(paths, name).to_table(
+                filter=filters.combine(expr, pc.field("shard").isin(sorted(compacted)))))
+        if parts:
+            paths = [layout.commit_part(name, s) for s in parts]
+            tables.append(self._parquet(paths, name).to_table(filter=expr))
+        table = pa.concat_tables(tables).sort_by("row") if tables else schema.empty_table()
+        if not tables and expr is not None:
             table = table.filter(expr)
         return table.select(columns or schema.names)
 
+    def _parquet(self, rel_paths: list[str], checkpoint: str) -> pads.Dataset:
+        """Parquet files of one checkpoint as a dataset with its ``checkpoint`` column."""
+        return pads.FileSystemDataset.from_paths(
+            [self._files.path(p) for p in rel_paths], schema=self._samples_dataset_schema(),
+            format=pads.ParquetFileFormat(), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(self._files.fs)),
+            partitions=[pc.field("checkpoint") == checkpoint] * len(rel_paths))
+
     def _samples_dataset_schema(self) -> pa.Schema:
-        base = samples_schema(self.spec.observables)
-        fields = [base.field(n) for n in INDEX_COLUMNS] + [pa.field("shard", pa.int32())]
-        fields += [f for f in base if f.name not in INDEX_COLUMNS]
-        return pa.schema(fields + [pa.field("checkpoint", pa.string())])
+        return samples_schema(self.spec.observables).append(pa.field("checkpoint", pa.string()))
 
     def rows(self, checkpoint: str | None = None, where: str | pc.Expression | None = None,
              **selection) -> np.ndarray:
@@ -209,13 +273,32 @@ class GradientStore:
         if rows.min() < 0 or rows.max() >= self.spec.n_rows:
             bad = rows[(rows < 0) | (rows >= self.spec.n_rows)][0]
             raise InputError(f"row {bad}: out of range; store {self.url} has rows 0..{self.spec.n_rows - 1}")
-        missing = np.setdiff1d(np.unique(self.spec.shard_of(rows)), sorted(self.committed_shards(name)))
+        shards = np.unique(self.spec.shard_of(rows))
+        missing = np.setdiff1d(shards, sorted(self.committed_shards(name)))
         if len(missing):
             raise GradlakeError(
                 f"store {self.url}, checkpoint {name}: shard {missing[0]} (rows "
                 f"{'..'.join(map(str, self.spec.shard_range(int(missing[0]))))}) is not committed; "
                 f"{len(missing)} shard(s) of the requested rows are missing; re-run `gradlake grads`"
             )
+
+    def _unwritten(self, name: str, observable: str, rows: np.ndarray) -> GradlakeError:
+        """The error for rows read as fill (NaN): their shard's data object is missing
+        (GradlakeError naming it), or they are not held by the store (InputError)."""
+        lost = np.setdiff1d(np.unique(self.spec.shard_of(rows)), sorted(self.stored_shards(name, observable)))
+        if len(lost):
+            shard = int(lost[0])
+            start, stop = self.spec.shard_range(shard)
+            return GradlakeError(
+                f"store {self.url}, checkpoint {name}, array {layout.GRADS}/"
+                f"{layout.array_path(name, observable)}: the data of committed shard {shard} (rows "
+                f"{start}..{stop - 1}) is missing from storage ({len(lost)} shard(s) of the requested "
+                f"rows); the store is damaged, recompute it into a new store URL"
+            )
+        return InputError(
+            f"rows {rows[:5].tolist()}{'...' if len(rows) > 5 else ''}: not held by store "
+            f"{self.url} (it holds splits {', '.join(self.spec.splits)})"
+        )
 
     def _read_rows(self, name: str, observable: str, array, rows: np.ndarray) -> np.ndarray:
         if len(rows) == 0:
@@ -238,12 +321,11 @@ class GradientStore:
         data = data.astype(np.float32)
         if inverse is not None:
             data = data[inverse]
-        if self.spec.n_samples < self.spec.n_rows and np.isnan(data).any():
-            bad = rows[np.isnan(data.reshape(len(rows), -1)).any(axis=1)]
-            raise InputError(
-                f"rows {bad[:5].tolist()}{'...' if len(bad) > 5 else ''}: not held by store "
-                f"{self.url} (it holds splits {', '.join(self.spec.splits)})"
-            )
+        # Written rows are finite (the writer refuses others), unwritten ones all fill (NaN):
+        # one value per row tells them apart.
+        unwritten = np.isnan(data.reshape(len(rows), -1)[:, 0])
+        if unwritten.any():
+            raise self._unwritten(name, observable, rows[unwritten]) from None
         return data
 
     def _corrupt_chunk(self, name, observable, array, rows, err) -> GradlakeError:
@@ -265,8 +347,10 @@ class GradientStore:
         checkpoints = {}
         for name, info in self._meta["checkpoints"].items():
             done = len(self.committed_shards(name))
+            missing = self.missing_data(name)
             checkpoints[name] = {"shards_done": done, "shards_total": self.spec.n_shards,
-                                 "complete": done == self.spec.n_shards, "sha256": info["sha256"]}
+                                 "complete": done == self.spec.n_shards and not missing,
+                                 "missing_data": missing, "sha256": info["sha256"]}
         return {
             "url": self.url,
             "n_rows": self.spec.n_rows,

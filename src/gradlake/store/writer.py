@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +21,12 @@ from gradlake import __version__
 from gradlake.errors import GradlakeError, InputError
 from gradlake.store import layout
 from gradlake.store.spec import StoreSpec
-from gradlake.store.zarr_shard import check_array, encode_shard, shard_key
-from gradlake.store.store import GradientStore, read_metadata, samples_schema
+from gradlake.store.store import (COMMIT_KEY, INDEX_COLUMNS, GradientStore, compacted_shards,
+                                  read_metadata, samples_schema)
+from gradlake.store.zarr_shard import ShardEncoder
+
+COORDINATE_CHUNK_ROWS = 1 << 20  # rows per chunk of a coordinate array
+COORDINATE_SHARD_ROWS = 1 << 24  # rows per object of a coordinate array
 
 
 def _now() -> str:
@@ -28,12 +34,17 @@ def _now() -> str:
 
 
 def create_store(url: str, spec: StoreSpec, checkpoints: dict[str, dict[str, Any]],
-                 storage_options: dict[str, Any] | None = None) -> GradientStore:
+                 storage_options: dict[str, Any] | None = None, index: pa.Table | None = None
+                 ) -> GradientStore:
     """Create a store, or add checkpoints to an existing one bound to the same spec.
 
-    ``checkpoints`` maps name -> provenance (at least "sha256"). Everything is checked
-    before anything is written: a store of a different dataset, model, projector or
-    layout, or a checkpoint name already taken by different weights, is refused.
+    ``checkpoints`` maps name -> provenance (at least "sha256"). ``index`` is the dataset's
+    sample index (row, trajectory, t, class, split for every one of ``spec.n_rows`` rows):
+    written as coordinate arrays of dimension ``sample`` beside each checkpoint's gradient
+    arrays (xarray shows them as coordinates). Everything is checked before anything is
+    written: a store of a different dataset, model, projector or layout, or a checkpoint
+    name already taken by different weights, is refused. grads.zarr's metadata is
+    consolidated in its root zarr.json.
     """
     files = layout.StoreFiles(url, storage_options)
     meta = read_metadata(files)
@@ -56,17 +67,37 @@ def create_store(url: str, spec: StoreSpec, checkpoints: dict[str, dict[str, Any
         meta = {"format": layout.FORMAT, "format_version": layout.FORMAT_VERSION,
                 "gradlake_version": __version__, "created": _now(),
                 "spec": spec.to_json(), "checkpoints": {}, "stages": {}}
-    group = zarr.open_group(store=files.zarr_store(read_only=False), mode="a")
+    if index is not None and (index.num_rows != spec.n_rows or
+                              not (index.column("row").to_numpy() == np.arange(spec.n_rows)).all()):
+        raise GradlakeError(f"{url}: the sample index must hold rows 0..{spec.n_rows - 1} in order")
+    zarr_store = files.zarr_store(read_only=False)
+    group = zarr.open_group(store=zarr_store, mode="a")
     for name in checkpoints:
-        _require_arrays(group, name, spec)
+        _require_arrays(group, name, spec, index)
+    with warnings.catch_warnings():  # "not part of the v3 spec": zarr and xarray read it
+        warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(zarr_store)
     for name, info in checkpoints.items():
         meta["checkpoints"].setdefault(name, {**info, "added": _now()})
     files.write_json(layout.STORE_JSON, meta)
     return GradientStore(files, meta)
 
 
-def _require_arrays(group: zarr.Group, checkpoint: str, spec: StoreSpec) -> None:
+def _require_arrays(group: zarr.Group, checkpoint: str, spec: StoreSpec, index: pa.Table | None) -> None:
+    """The checkpoint's gradient arrays; coordinates first, so an existing gradient array
+    means they are complete."""
     sub = group.require_group(checkpoint)
+    coordinates = index is not None
+    if coordinates and not all(obs in sub for obs in spec.observables):
+        chunk = min(spec.n_rows, COORDINATE_CHUNK_ROWS)
+        chunks_per_shard = min(COORDINATE_SHARD_ROWS // COORDINATE_CHUNK_ROWS, -(-spec.n_rows // chunk))
+        for name in layout.COORDINATES:
+            values = _numpy(index.column(name))
+            array = sub.create_array(  # strings as zarr's variable-length "string" data type
+                name, shape=(spec.n_rows,), dtype=str if values.dtype.kind == "U" else values.dtype,
+                overwrite=True, chunks=(chunk,), shards=(chunk * chunks_per_shard,) if chunks_per_shard > 1 else None,
+                dimension_names=("sample",), attributes={"description": f"{name} of each sample row"})
+            array[...] = values
     for obs in spec.observables:
         shape = (spec.n_rows, *spec.row_shape(obs))
         if obs in sub:
@@ -85,8 +116,19 @@ def _require_arrays(group: zarr.Group, checkpoint: str, spec: StoreSpec) -> None
             fill_value=np.nan,
             dimension_names=spec.dimension_names(obs),
             attributes={"checkpoint": checkpoint, "observable": obs,
-                        "description": f"projected per-sample gradient of observable {obs}"},
+                        "description": f"projected per-sample gradient of observable {obs}"}
+            | ({"coordinates": " ".join(layout.COORDINATES)} if coordinates else {}),
         )
+
+
+def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy; strings as unicode, through their few distinct labels (fast)."""
+    column = column.combine_chunks()
+    if pa.types.is_integer(column.type):
+        return column.to_numpy()
+    encoded = column if pa.types.is_dictionary(column.type) else column.dictionary_encode()
+    labels = np.asarray(encoded.dictionary.to_pylist(), dtype=str)
+    return labels[encoded.indices.to_numpy()]
 
 
 def set_stage_status(store: GradientStore, stage: str, status: dict[str, Any]) -> None:
@@ -99,7 +141,7 @@ def set_stage_status(store: GradientStore, stage: str, status: dict[str, Any]) -
 
 
 class ShardWriter:
-    """Commits shards of an existing store: gradient rows, then Parquet, then the record."""
+    """Commits shards of an existing store: gradient rows, then the commit file."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.files = layout.StoreFiles(url, storage_options)
@@ -108,19 +150,24 @@ class ShardWriter:
             raise GradlakeError(f"{url}: no store.json; the driver creates the store first")
         self.spec = StoreSpec.from_json(meta["spec"])
         self.schema = samples_schema(self.spec.observables)
-        self._checked: set[tuple[str, str]] = set()
+        self._compacted = {name: set().union(*compacted_shards(meta, name).values())
+                           for name in meta["checkpoints"]}
+        self._encoders: dict[tuple[str, str], ShardEncoder] = {}
 
     def is_committed(self, checkpoint: str, shard: int) -> bool:
-        return self.files.exists(layout.commit_record(checkpoint, shard))
+        return (shard in self._compacted.get(checkpoint, ())
+                or self.files.exists(layout.commit_part(checkpoint, shard)))
 
     def commit(self, checkpoint: str, shard: int, index: pa.Table, loss: np.ndarray,
                phis: dict[str, np.ndarray], before_record: Callable[[], None] | None = None
                ) -> dict[str, Any]:
-        """Write one shard and commit it; returns its completion record.
+        """Write one shard and commit it; returns its commit record.
 
         ``index`` holds the shard's samples (row, trajectory, t, class, split) sorted by row;
         ``loss`` [n] and ``phis`` {obs: [n, ...]} follow its order. Non-finite values fail
-        the shard before anything is written. Rewriting a shard replaces it whole.
+        the shard before anything is written. Each array's zarr shard is one object, written
+        whole; the commit file (the shard's sample rows, its record in the Parquet metadata)
+        is written last. Rewriting a shard replaces it whole.
         """
         started = time.monotonic()
         where = f"checkpoint {checkpoint}, shard {shard}"
@@ -155,35 +202,36 @@ class ShardWriter:
             if not full:
                 stored_rows, stored = stored, np.full((stop - start, *expected[1:]), np.nan, self.spec.dtype)
                 stored[rows - start] = stored_rows
-            blocks[obs] = encode_shard(stored, self.spec.chunk_rows, self.spec.shard_rows)
+            blocks[obs] = self._encoder(checkpoint, obs).encode(stored)
             norms[f"norm_{obs}"] = norm
-        table = pa.table({**{c: index.column(c) for c in ("row", "trajectory", "t", "class", "split")},
+        table = pa.table({**{c: index.column(c) for c in INDEX_COLUMNS},
+                          "shard": np.full(len(rows), shard, np.int32),
                           "loss": np.asarray(loss, dtype=np.float32), **norms}).cast(self.schema)
         written = 0
         for obs, data in blocks.items():
-            self.files.write_bytes(self._shard_path(checkpoint, obs, shard), data)
-            written += sum(len(part) for part in data)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        self.files.write_bytes(layout.samples_part(checkpoint, shard), buffer.getvalue())
-        written += buffer.tell()
+            encoder = self._encoder(checkpoint, obs)
+            self.files.write_bytes(f"{layout.GRADS}/{layout.array_path(checkpoint, obs)}/{encoder.key(shard)}", data)
+            written += data.nbytes
         if before_record is not None:
             before_record()
         record = {"checkpoint": checkpoint, "shard": shard, "start": start, "stop": stop,
-                  "samples": len(rows), "bytes": written,
-                  "seconds": round(time.monotonic() - started, 3),
+                  "samples": len(rows), "seconds": round(time.monotonic() - started, 3),
                   "host": socket.gethostname(), "committed": _now()}
-        self.files.write_json(layout.commit_record(checkpoint, shard), record)
-        return record
+        buffer = io.BytesIO()
+        pq.write_table(table.replace_schema_metadata({COMMIT_KEY: json.dumps(record).encode()}), buffer)
+        self.files.write_bytes(layout.commit_part(checkpoint, shard), buffer.getvalue())
+        return {**record, "bytes": written + buffer.tell()}
 
-    def _shard_path(self, checkpoint: str, obs: str, shard: int) -> str:
-        """Where shard ``shard`` of an array lives; its encoding is checked once per array."""
-        array = f"{layout.GRADS}/{layout.array_path(checkpoint, obs)}"
-        if (checkpoint, obs) not in self._checked:
-            chunk_shape = (self.spec.chunk_rows, *self.spec.row_shape(obs))
-            check_array(self.files.read_json(f"{array}/zarr.json"), chunk_shape, array)
-            self._checked.add((checkpoint, obs))
-        return f"{array}/{shard_key(shard, 1 + len(self.spec.row_shape(obs)))}"
+    def _encoder(self, checkpoint: str, obs: str) -> ShardEncoder:
+        """The shard encoder of one array (its zarr.json read once)."""
+        if (checkpoint, obs) not in self._encoders:
+            where = f"{layout.GRADS}/{layout.array_path(checkpoint, obs)}"
+            encoder = ShardEncoder(self.files.open_array(checkpoint, obs), where)
+            if encoder.shard_rows != self.spec.shard_rows:
+                raise GradlakeError(f"{where}: zarr shards of {encoder.shard_rows} rows, but the store's "
+                                    f"shards hold {self.spec.shard_rows}")
+            self._encoders[(checkpoint, obs)] = encoder
+        return self._encoders[(checkpoint, obs)]
 
 
 def _check_finite(what: str, values: np.ndarray, rows: np.ndarray) -> None:
