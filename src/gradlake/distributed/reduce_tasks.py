@@ -13,6 +13,7 @@ The exact minibatch mode runs as one Ray task (on a GPU when the cluster has one
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, Callable
 
@@ -29,7 +30,7 @@ from gradlake.progress import progress
 from gradlake.reduce import work
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.reduce.exact_run import EXACT_JSON, run_exact
-from gradlake.reduce.metric import Metric
+from gradlake.reduce.metric import Metric, metric_warnings, numerical_rank
 from gradlake.reduce.output import SUMMARY, ReduceOutput
 from gradlake.reduce.pairwise import sample_pairs
 
@@ -185,7 +186,12 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
                "perturbation_samples": int(perturbation.sum()), "reference_samples": mom[settings.metric].count,
                "classes": list(classes), "n_times": n_times, "lambdas": list(lambdas),
                "metric_top_eigenvalue": float(metric.eigenvalues[0]), "metric_clipped": metric.clipped,
+               "metric_vectors": mom[settings.metric].vectors, "metric_rank": numerical_rank(metric.eigenvalues),
+               "warnings": metric_warnings(metric, mom[settings.metric].count, mom[settings.metric].vectors),
                "skipped_nonfinite": {o: m.skipped for o, m in mom.items()}}
+    for warning in summary["warnings"]:
+        print(f"warning: reduce, checkpoint {name}: {warning['message']}. Remedy: {warning['remedy']}.",
+              file=sys.stderr, flush=True)
     inverse = metric.inverse(settings.damping)
     summary["tiles"] = _tiles(store, name, src, settings, inverse, out)
     summary["topk"] = _topk_lists(store, name, src, settings, inverse, ref_rows, index, out)
@@ -329,6 +335,7 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
         "complete": True, "name": settings.name, "store": store.url, "settings_hash": settings_hash,
         "gradlake_version": __version__, "settings": dataclasses.asdict(settings),
         "checkpoints": checkpoints, "exact": exact,
+        "warnings": [{"checkpoint": name, **w} for name, info in checkpoints.items() for w in info.get("warnings", [])],
         "seconds": round(time.monotonic() - started, 2), "url": out.url,
     }
     out.write_json(SUMMARY, summary)

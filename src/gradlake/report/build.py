@@ -132,7 +132,9 @@ def provenance_rows(summary: dict[str, Any], results: ReduceResults | None, redu
         state = ("complete" if info.get("complete")
                  else f"{info.get('shards_done')}/{info.get('shards_total')} shards")
         rows.append((f"checkpoint {name}", f"sha256 {info.get('sha256', '?')} ({state})"))
-    proj_keys = [k for k in ("kind", "seed", "k_in", "k_out", "k_dense") if k in proj]
+    proj_keys = [k for k in ("kind", "seed", "allocation", "k_total") if k in proj]
+    if proj.get("allocation", "uniform") == "uniform":
+        proj_keys += [k for k in ("k_in", "k_out", "k_dense") if k in proj]
     rows.append(("projector", f"k = {summary.get('k')}" + "".join(f", {k} = {proj[k]}" for k in proj_keys)))
     rows.append(("observables", f"{', '.join(summary.get('observables', []))} (probes for V: "
                                 f"{summary.get('probes', '?')}; stored as {summary.get('dtype', '?')})"))
@@ -225,6 +227,14 @@ def _spectrum(plan: Plan, results: ReduceResults) -> None:
                 "are regularised away in (η̃ + λI)⁻¹.",
                 figures.metric_spectrum, spectra=spectra, damping=results.damping,
                 title="Spectrum of η̃ (k-space NTK metric)")
+    section.notes.extend(metric_notes(results.summary))
+
+
+def metric_notes(summary: dict[str, Any]) -> list[str]:
+    """One note per warning the reduce recorded about its metric (see gradlake.reduce.metric)."""
+    return [f"Warning, checkpoint {w.get('checkpoint', '?')}: {w['message']}. The projected H of this reduce "
+            f"is then not the influence under the k-space NTK metric. Remedy: {w['remedy']}."
+            for w in summary.get("warnings", [])]
 
 
 def _variants(plan: Plan, coords: dict[str, list]) -> list[tuple[int, str, int, str]]:
