@@ -59,7 +59,7 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
 
         try:
             ensure_ray(ray_settings.address, ray_settings.num_cpus)
-            worker = WorkerSettings(data_url, store_url, settings, options, fault)
+            worker = WorkerSettings(data_url, store_url, settings, options, fault, store.spec.projector)
             outcome = _drive(plan.tasks, worker, settings, total, skipped)
         except BaseException as err:  # Ray down, Ctrl-C: say so; committed shards stay committed
             set_stage_status(store, STAGE, {"status": "interrupted", "error": _first_line(err)})
@@ -115,7 +115,8 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
     shards = plan_shards(held, settings.shard_rows)
-    spec = _store_spec(dataset, model_config, settings, n_samples=len(held), n_shards=len(shards))
+    projector = _projector_spec(store_url, options, dataset, held, model_config, checkpoints[-1], settings)
+    spec = _store_spec(dataset, model_config, projector, settings, n_samples=len(held), n_shards=len(shards))
     store = create_store(store_url, spec, provenance, options)
     tasks, skipped = [], 0
     for name, path in zip(names, checkpoints):
@@ -177,12 +178,40 @@ def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
     return metas[first]["model"], provenance
 
 
-def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, n_samples: int,
-                n_shards: int) -> StoreSpec:
+def _projector_spec(store_url: str, options, dataset, held: np.ndarray, model_config: dict[str, Any],
+                    checkpoint: str, settings: GradsConfig) -> dict[str, Any]:
+    """The projector's spec; an energy allocation is calibrated once, on ``checkpoint`` (the run's
+    last) and ``calibration_samples`` held rows evenly spaced over the train split (else all held
+    rows), and an existing store's calibration is kept when its settings are these."""
     from gradlake.grads import Projector
+    from gradlake.grads.allocation import calibrate
     from gradlake.models import from_config
+    from gradlake.models.checkpoint import load_checkpoint
+    from gradlake.store.layout import StoreFiles
+    from gradlake.store.store import read_metadata
 
-    projector = Projector.from_config(settings).spec(from_config(model_config))
+    uniform = Projector.from_config(settings)
+    if settings.allocation == "uniform":
+        return uniform.spec(from_config(model_config))
+    k_total = settings.k_total or uniform.k(from_config(model_config))
+    meta = read_metadata(StoreFiles(store_url, options))
+    stored = (meta or {}).get("spec", {}).get("projector", {})
+    wanted = {"allocation": "energy", "k_total": k_total, "seed": settings.seed, "kind": settings.projection}
+    if all(stored.get(key) == value for key, value in wanted.items()) and \
+            (stored.get("calibration") or {}).get("samples") == settings.calibration_samples:
+        return stored
+    train = dataset.index().select(splits=["train"])
+    pool = np.intersect1d(held, train) if len(np.intersect1d(held, train)) else held
+    rows = pool[np.unique(np.linspace(0, len(pool) - 1, min(settings.calibration_samples, len(pool))).round()
+                          .astype(np.int64))]
+    model, _ = load_checkpoint(checkpoint, options, device="cpu")
+    inputs, targets = dataset.samples(rows)
+    return calibrate(model, inputs, targets, k_total, seed=settings.seed, kind=settings.projection,
+                     observables=settings.observables, channels=dataset.channels, rows=rows.tolist()).spec(model)
+
+
+def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any], settings: GradsConfig,
+                n_samples: int, n_shards: int) -> StoreSpec:
     k = int(projector["k"])
     return StoreSpec(
         dataset={"url": dataset.url, "fingerprint": dataset.fingerprint, "family": dataset.family,
