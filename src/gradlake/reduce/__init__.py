@@ -16,7 +16,11 @@ perturbation B), normalization ("none", "row-std", "cosine"), relation
 ("same_trajectory", "same_class", "other_class"), class (sorted names), t (0..T-1).
 
     summary.json              written LAST: {"complete": true, settings, per-checkpoint
-                              summaries (sample counts, metric top eigenvalue, ...), exact}
+                              summaries (sample counts, metric top eigenvalue, metric_rank,
+                              metric_vectors = reference samples × probes, warnings), exact,
+                              warnings: [{checkpoint, kind ("undersampled": samples × probes
+                              < k; "cliff": the spectrum drops 1e6× within 4 indices),
+                              message, remedy, numbers}] (also on stderr and in the report)}
     done/<checkpoint>.json    a checkpoint's completion record (settings hash + summary)
     results.zarr/<checkpoint>/
       twotime             [lambda, pair, normalization, relation, class, t_response, t_perturbation]
