@@ -1,6 +1,6 @@
 """How well η̃ from reference samples × probes stands in for the k-space metric P η Pᵀ, and what helps.
 
-    python benchmarks/bench_metric.py                  # tiny UNet, 16², 12 reference samples
+    python benchmarks/bench_metric.py                  # tiny UNet, 8², 12 reference samples (d = 256 outputs each)
     python benchmarks/bench_metric.py --quick
 
 The exact k-space metric of the reference set, η̃* = Σ_i (P J_iᵀ)(P J_iᵀ)ᵀ, is formed from
@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="unet", choices=list(models.MODELS))
-    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=8)
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--k", type=int, default=4, help="k_in = k_out")
     parser.add_argument("--probes", type=int, nargs="+", default=[1, 8, 64, 256])
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.quick:
-        args.resolution, args.samples, args.probes, args.lambdas, args.repeats = 8, 4, [1, 16], [1e-4], 1
+        args.resolution, args.samples, args.probes, args.lambdas, args.repeats = 8, 2, [1, 16], [1e-4], 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = models.build(args.model, "tiny", channels=4, resolution=args.resolution)

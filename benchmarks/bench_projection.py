@@ -3,6 +3,7 @@
     python benchmarks/bench_projection.py                 # small UNet and ViT, 32², 16 samples
     python benchmarks/bench_projection.py --quick         # tiny models, a smoke run
     python benchmarks/bench_projection.py --resolution 64 --repeats 5
+    python benchmarks/bench_projection.py --threads 1 --clock cpu   # CPU seconds: steadier on a busy machine
 
 Methods, at one total k (that of the uniform k_in = k_out = --k projector):
   uniform   gradlake.grads.compute, Projector(k_in = k_out = k): the same rows for every layer
@@ -93,9 +94,9 @@ def run(args, name: str) -> None:
             fn = method(m, r)
             if m != "dense":
                 fn()  # this seed's factors generated outside the timing (they are cached in a run)
-            start = time.perf_counter()
+            start = args.timer()
             phi = fn()
-            times[m].append(time.perf_counter() - start)
+            times[m].append(args.timer() - start)
             accuracy[m].append(gram_agreement(phi, gram))
     t = {m: statistics.median(v) for m, v in times.items()}
     print(f"\n## {name} {args.preset}, {args.resolution}², {args.samples} samples: p = {p:,}, k = {k:,} "
@@ -123,12 +124,16 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8, help="k_in = k_out of the uniform projector; sets the total k")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall: perf_counter; cpu: process CPU time (all threads; use with --threads 1)")
     args = parser.parse_args()
+    args.timer = {"wall": time.perf_counter, "cpu": time.process_time}[args.clock]
     if args.quick:
         args.preset, args.resolution, args.samples, args.repeats, args.k = "tiny", 16, 8, 2, 4
     torch.set_num_threads(args.threads)
     os.environ.setdefault("GRADLAKE_QUIET", "1")
-    print(f"# projected vs exact Gram of per-example scaled-MSE gradients; {args.threads} threads, "
+    print(f"# projected vs exact Gram of per-example scaled-MSE gradients; "
+          f"{args.threads} threads, {args.clock} clock, "
           f"medians of {args.repeats} seeds (timings interleaved); corr = off-diagonal entries")
     for name in args.models:
         run(args, name)
