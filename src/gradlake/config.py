@@ -147,6 +147,9 @@ class ExactConfig:
 class ReduceConfig:
     name: str = "default"
     metric: Literal["V", "C"] = "V"
+    # "probes": η̃ = Σ probe outer products; "shrink": its Ledoit–Wolf shrinkage towards (tr/k) I,
+    # for reference samples × probes < k (gradlake.reduce.metric; benchmarks/bench_metric.py)
+    metric_estimator: Literal["probes", "shrink"] = "probes"
     damping: float = rule(positive, 1e-4)  # lambda
     lambdas: tuple[float, ...] = ()  # optional lambda sweep
     reference_split: str = "train"

@@ -208,3 +208,11 @@ def test_an_undersampled_metric_warns_in_the_summary_and_the_report(tmp_path, ra
     text = open(out / "index.html").read()
     assert "Warning, checkpoint epoch-0001: the metric η̃ is a sum of 24 reference samples × 1 probe = 24" in text
     assert "store at least 2 V probes per sample" in text
+    # The shrinkage estimator: a full-rank metric; the warnings still describe the probe estimate.
+    shrunk = run_reduce(store.url, dataclasses.replace(settings, name="shrunk", metric_estimator="shrink"),
+                        RayConfig())
+    info = shrunk["checkpoints"]["epoch-0001"]
+    assert 0 < info["metric_shrinkage"] < 1 and {w["kind"] for w in shrunk["warnings"]} == {"undersampled", "cliff"}
+    eigenvalues = zarr.open_group(store.reduce_url("shrunk") + "/results.zarr", mode="r")["epoch-0001"][
+        "metric_eigenvalues"][:]
+    assert eigenvalues[-1] > 1e-6 * eigenvalues[0]

@@ -141,7 +141,10 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
 
     mom = _blockwise(lambda i, r: _moments.remote(src, r, tuple(sorted({settings.metric, *perturbation_obs}))),
                      work.row_blocks(ref_rows, settings.block_rows), f"reduce {name}: metric", window)
-    metric = Metric.from_moments(mom[settings.metric], f"checkpoint {name}: metric {settings.metric}")
+    source = f"checkpoint {name}: metric {settings.metric}"
+    probe_metric = Metric.from_moments(mom[settings.metric], source)
+    metric = probe_metric if settings.metric_estimator == "probes" else \
+        Metric.from_moments(mom[settings.metric], source, settings.metric_estimator)
     reducer = AggregateReducer({lam: metric.whitener(lam) for lam in lambdas},
                                {o: mom[o] for o in perturbation_obs}, settings.pairs, settings.normalize,
                                len(classes))
@@ -176,6 +179,7 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
         out.write_array(f"{name}/{key}", value, dims[key], coords=coords)
     out.write_array(f"{name}/metric", metric.eta, ("proj", "proj_"), observable=settings.metric,
                     reference_split=settings.reference_split, reference_samples=mom[settings.metric].count,
+                    estimator=settings.metric_estimator, shrinkage=metric.shrink,
                     description="η̃ = (1/probes) Σ_ref Σ_v φ_V φ_Vᵀ (or Σ φ_C φ_Cᵀ), float64")
     out.write_array(f"{name}/metric_eigenvalues", metric.eigenvalues, ("eigen",),
                     description="eigenvalues of η̃, descending (the k-space NTK spectrum)")
@@ -186,8 +190,9 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
                "perturbation_samples": int(perturbation.sum()), "reference_samples": mom[settings.metric].count,
                "classes": list(classes), "n_times": n_times, "lambdas": list(lambdas),
                "metric_top_eigenvalue": float(metric.eigenvalues[0]), "metric_clipped": metric.clipped,
-               "metric_vectors": mom[settings.metric].vectors, "metric_rank": numerical_rank(metric.eigenvalues),
-               "warnings": metric_warnings(metric, mom[settings.metric].count, mom[settings.metric].vectors),
+               "metric_vectors": mom[settings.metric].vectors,
+               "metric_rank": numerical_rank(probe_metric.eigenvalues), "metric_shrinkage": metric.shrink,
+               "warnings": metric_warnings(probe_metric, mom[settings.metric].count, mom[settings.metric].vectors),
                "skipped_nonfinite": {o: m.skipped for o, m in mom.items()}}
     for warning in summary["warnings"]:
         print(f"warning: reduce, checkpoint {name}: {warning['message']}. Remedy: {warning['remedy']}.",

@@ -27,7 +27,7 @@ class Moments:
     ``outer`` = Σ_rows φφᵀ (a row with probes contributes the mean over its probes),
     ``total`` = Σ_rows φ (probe-mean), ``count`` rows used, ``skipped`` rows with a
     non-finite value (left out of every sum), ``vectors`` the rank-one terms of ``outer``
-    (rows × probes).
+    (rows × probes), ``fourth`` = Σ_vectors ‖φ‖⁴ (for the shrinkage estimator).
     """
 
     k: int
@@ -36,6 +36,7 @@ class Moments:
     count: int = 0
     skipped: int = 0
     vectors: int = 0
+    fourth: float = 0.0
 
     def __post_init__(self):
         if self.outer is None:
@@ -59,11 +60,13 @@ class Moments:
         self.total += phi.mean(axis=1).sum(axis=0)
         self.count += phi.shape[0]
         self.vectors += phi.shape[0] * probes
+        self.fourth += float(((flat * flat).sum(axis=1) ** 2).sum())
         return self
 
     def merge(self, other: "Moments") -> "Moments":
         return Moments(self.k, self.outer + other.outer, self.total + other.total,
-                       self.count + other.count, self.skipped + other.skipped, self.vectors + other.vectors)
+                       self.count + other.count, self.skipped + other.skipped, self.vectors + other.vectors,
+                       self.fourth + other.fourth)
 
     @property
     def mean(self) -> np.ndarray:
@@ -85,16 +88,38 @@ def tree_merge(parts: list[Moments]) -> Moments:
     return parts[0]
 
 
-class Metric:
-    """η̃ (symmetrised) and its eigendecomposition, with guards against bad input."""
+ESTIMATORS = ("probes", "shrink")
 
-    def __init__(self, eta: np.ndarray, source: str = "metric"):
+
+def shrinkage(moments: Moments) -> float:
+    """Ledoit–Wolf weight α of (trace / k) I in (1 − α) η̃ + α (tr η̃ / k) I, from the vectors'
+    second moment S = η̃ / rows and Σ‖φ‖⁴ (Ledoit & Wolf, J. Multivariate Anal. 2004)."""
+    n, k = moments.vectors, moments.k
+    if n == 0 or moments.count == 0:
+        return 0.0
+    second = moments.outer / moments.count  # Σ_vectors φφᵀ / vectors
+    mu = np.trace(second) / k
+    delta = float(np.sum((second - mu * np.eye(k)) ** 2))
+    beta = max(moments.fourth - n * float(np.sum(second**2)), 0.0) / n**2
+    return min(beta, delta) / delta if delta > 0 else 0.0
+
+
+class Metric:
+    """η̃ (symmetrised) and its eigendecomposition, with guards against bad input.
+
+    ``shrink`` = α: the estimator is (1 − α) η̃ + α (tr η̃ / k) I (0: η̃ itself).
+    """
+
+    def __init__(self, eta: np.ndarray, source: str = "metric", shrink: float = 0.0):
         eta = np.asarray(eta, dtype=np.float64)
         if eta.ndim != 2 or eta.shape[0] != eta.shape[1]:
             raise InputError(f"{source}: expected a square matrix, got shape {eta.shape}")
         if not np.isfinite(eta).all():
             raise GradlakeError(f"{source}: the metric has non-finite entries")
         self.eta = 0.5 * (eta + eta.T)
+        self.shrink = float(shrink)
+        if self.shrink:
+            self.eta = (1 - self.shrink) * self.eta + self.shrink * np.trace(self.eta) / len(eta) * np.eye(len(eta))
         values, vectors = np.linalg.eigh(self.eta)
         order = np.argsort(values)[::-1]
         # η̃ is PSD by construction; negative eigenvalues are round-off and are clipped.
@@ -103,8 +128,11 @@ class Metric:
         self.eigenvectors = vectors[:, order]
 
     @classmethod
-    def from_moments(cls, moments: Moments, source: str = "metric") -> "Metric":
-        return cls(moments.outer, source)
+    def from_moments(cls, moments: Moments, source: str = "metric", estimator: str = "probes") -> "Metric":
+        """η̃ = Σ probe outer products ("probes"), or its Ledoit–Wolf shrinkage ("shrink")."""
+        if estimator not in ESTIMATORS:
+            raise InputError(f"reduce.metric_estimator: expected one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+        return cls(moments.outer, source, shrinkage(moments) if estimator == "shrink" else 0.0)
 
     @property
     def k(self) -> int:
@@ -151,7 +179,8 @@ def spectrum_cliff(eigenvalues: np.ndarray) -> int | None:
 def metric_warnings(metric: Metric, samples: int, vectors: int) -> list[dict]:
     """Warnings about η̃ as the metric of H: each {"kind", "message", "remedy", numbers}.
 
-    ``samples``: reference samples; ``vectors``: rank-one terms of η̃ (samples × probes).
+    ``metric``: the probe estimate η̃ itself (not shrunk); ``samples``: reference samples;
+    ``vectors``: rank-one terms of η̃ (samples × probes).
     "undersampled" when vectors < k; "cliff" when the spectrum drops by CLIFF_RATIO within
     CLIFF_SPAN indices (at its numerical rank, or where the NTK spectrum itself falls off).
     """
@@ -159,8 +188,9 @@ def metric_warnings(metric: Metric, samples: int, vectors: int) -> list[dict]:
     rank = numerical_rank(metric.eigenvalues)
     need = -(-k // max(samples, 1))
     remedy = (f"store at least {need} V probes per sample (grads.probes; reference samples × probes >= k = {k}), "
-              "use a larger reference split, or a smaller k; the exact minibatch mode (reduce.exact) "
-              "computes H without a sketched metric")
+              "use a larger reference split, or a smaller k; reduce.metric_estimator = 'shrink' brings the raw "
+              "magnitudes of H closer but not its row-std structure (benchmarks/bench_metric.py); the exact "
+              "minibatch mode (reduce.exact) computes H without a sketched metric")
     out = []
     if vectors < k:
         out.append({"kind": "undersampled", "k": k, "reference_samples": samples, "probes": probes,
