@@ -25,6 +25,7 @@ import torch
 from gradlake import models, physics
 from gradlake.grads import Projector
 from gradlake.grads.capture import projected_grads
+from gradlake.reduce.metric import Metric, Moments
 
 
 def basis_phis(model, x, y, projector):
@@ -56,23 +57,12 @@ def rel(a, b):
 
 def estimators(vectors: np.ndarray, samples: int, probes: int, lam: float) -> dict[str, np.ndarray]:
     """(η̃ + λI)⁻¹ of each estimator from probe vectors [samples * probes, k]."""
-    k = vectors.shape[1]
-    eta = vectors.T @ vectors / probes
-    values, basis = np.linalg.eigh(eta)
-    values = np.maximum(values, 0)
-    out = {"probes": (basis / (values + lam)) @ basis.T}
-    kept = values > 1e-12 * values.max()
-    out["span"] = (basis[:, kept] / (values[kept] + lam)) @ basis[:, kept].T
-    # Ledoit–Wolf on the per-vector second moment S = η̃ / samples (n = samples * probes vectors).
-    n = len(vectors)
-    second = vectors.T @ vectors / n
-    mu = np.trace(second) / k
-    delta = np.linalg.norm(second - mu * np.eye(k)) ** 2
-    beta = (np.sum(np.sum(vectors**2, axis=1) ** 2) - n * np.linalg.norm(second) ** 2) / n**2
-    alpha = min(beta, delta) / delta
-    shrunk = samples * ((1 - alpha) * second + alpha * mu * np.eye(k))
-    out["shrink"] = np.linalg.inv(shrunk + lam * np.eye(k))
-    return out
+    moments = Moments(vectors.shape[1]).add(vectors.reshape(samples, probes, -1))
+    plain = Metric.from_moments(moments)
+    kept = plain.eigenvalues > 1e-12 * plain.eigenvalues[0]
+    span = plain.eigenvectors[:, kept]
+    return {"probes": plain.inverse(lam), "span": (span / (plain.eigenvalues[kept] + lam)) @ span.T,
+            "shrink": Metric.from_moments(moments, estimator="shrink").inverse(lam)}
 
 
 def main() -> None:

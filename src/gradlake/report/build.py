@@ -147,7 +147,9 @@ def provenance_rows(summary: dict[str, Any], results: ReduceResults | None, redu
         rows.append(("reduce", f"{reduce_name} ({results.url})"))
         rows.append(("lambda (damping)", f"{results.damping:g}" + (
             f"; sweep {', '.join(f'{x:g}' for x in s.get('lambdas', []))}" if s.get("lambdas") else "")))
-        rows.append(("metric", f"η̃ from φ_{s.get('metric', '?')} over the {s.get('reference_split', '?')} split"))
+        estimator = s.get("metric_estimator", "probes")
+        rows.append(("metric", f"η̃ from φ_{s.get('metric', '?')} over the {s.get('reference_split', '?')} split"
+                               + ("" if estimator == "probes" else f" ({estimator} estimator)")))
         rows.append(("pairs, normalisations", f"{', '.join(s.get('pairs', []))}; "
                                               f"{', '.join(s.get('normalize', []))}"))
         rows.append(("reduced checkpoints", ", ".join(results.checkpoints)))
