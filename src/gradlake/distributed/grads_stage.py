@@ -200,10 +200,10 @@ def _projector_spec(store_url: str, options, dataset, held: np.ndarray, model_co
     if all(stored.get(key) == value for key, value in wanted.items()) and \
             (stored.get("calibration") or {}).get("samples") == settings.calibration_samples:
         return stored
-    train = dataset.index().select(splits=["train"])
-    pool = np.intersect1d(held, train) if len(np.intersect1d(held, train)) else held
-    rows = pool[np.unique(np.linspace(0, len(pool) - 1, min(settings.calibration_samples, len(pool))).round()
-                          .astype(np.int64))]
+    pool = np.intersect1d(held, dataset.index().select(splits=["train"]))
+    pool = pool if len(pool) else held
+    count = min(settings.calibration_samples, len(pool))
+    rows = pool[np.unique(np.linspace(0, len(pool) - 1, count).round().astype(np.int64))]
     model, _ = load_checkpoint(checkpoint, options, device="cpu")
     inputs, targets = dataset.samples(rows)
     return calibrate(model, inputs, targets, k_total, seed=settings.seed, kind=settings.projection,

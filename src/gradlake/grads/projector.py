@@ -117,7 +117,8 @@ class Projector:
         return "Projector(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"
 
     def settings(self) -> dict[str, Any]:
-        """The constructor's arguments (JSON-able); the uniform allocation's are those of gradlake 0.x."""
+        """The constructor's arguments (JSON-able); a uniform allocation adds no field, so specs of
+        stores written before allocations existed still match."""
         out = {"seed": self.seed, "k_in": self.k_in, "k_out": self.k_out, "kind": self.kind,
                "k_dense": self.k_dense, "conv": self.conv, "k_space": self.k_space}
         if self.allocation != "uniform":
