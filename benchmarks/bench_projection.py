@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--calibration", type=int, default=4, help="calibration samples (a different batch)")
     parser.add_argument("--k", type=int, default=8, help="k_in = k_out of the uniform projector; sets the total k")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall: perf_counter; cpu: process CPU time (all threads; use with --threads 1)")
