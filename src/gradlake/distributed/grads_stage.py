@@ -204,10 +204,14 @@ def _projector_spec(store_url: str, options, dataset, held: np.ndarray, model_co
     pool = pool if len(pool) else held
     count = min(settings.calibration_samples, len(pool))
     rows = pool[np.unique(np.linspace(0, len(pool) - 1, count).round().astype(np.int64))]
+    bar = progress(1, f"grads: energy allocation of k = {k_total} on {len(rows)} samples", unit="calibration")
     model, _ = load_checkpoint(checkpoint, options, device="cpu")
     inputs, targets = dataset.samples(rows)
-    return calibrate(model, inputs, targets, k_total, seed=settings.seed, kind=settings.projection,
+    spec = calibrate(model, inputs, targets, k_total, seed=settings.seed, kind=settings.projection,
                      observables=settings.observables, channels=dataset.channels, rows=rows.tolist()).spec(model)
+    bar.update(1)
+    bar.close()
+    return spec
 
 
 def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any], settings: GradsConfig,
