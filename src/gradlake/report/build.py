@@ -233,10 +233,14 @@ def _spectrum(plan: Plan, results: ReduceResults) -> None:
 
 
 def metric_notes(summary: dict[str, Any]) -> list[str]:
-    """One note per warning the reduce recorded about its metric (see gradlake.reduce.metric)."""
-    return [f"Warning, checkpoint {w.get('checkpoint', '?')}: {w['message']}. The projected H of this reduce "
-            f"is then not the influence under the k-space NTK metric. Remedy: {w['remedy']}."
-            for w in summary.get("warnings", [])]
+    """One note per checkpoint with warnings the reduce recorded about its metric (gradlake.reduce.metric)."""
+    by_checkpoint: dict[str, list[dict]] = {}
+    for w in summary.get("warnings", []):
+        by_checkpoint.setdefault(w.get("checkpoint", "?"), []).append(w)
+    return [f"Warning, checkpoint {name}: {'; '.join(w['message'] for w in found)}. The projected H of this "
+            "reduce is then not the influence under the k-space NTK metric. Remedy: "
+            f"{'; '.join(dict.fromkeys(w['remedy'] for w in found))}."
+            for name, found in by_checkpoint.items()]
 
 
 def _variants(plan: Plan, coords: dict[str, list]) -> list[tuple[int, str, int, str]]:
