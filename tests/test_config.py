@@ -26,6 +26,9 @@ def test_quickstart_job_parses():
          "store.storage_options.client_kwargs.aws_secret_access_key: credentials never"),
         ({"store": {"storage_options": {"account_key": "x"}}}, "account_key: credentials never"),
         ({"reduce": {"exact": {"rtol": 0}}}, "reduce.exact.rtol: expected float > 0"),
+        ({"grads": {"allocation": "greedy"}}, "grads.allocation: expected one of 'uniform', 'energy'"),
+        ({"grads": {"calibration_samples": 0}}, "grads.calibration_samples: expected int > 0"),
+        ({"reduce": {"metric_estimator": "x"}}, "reduce.metric_estimator: expected one of 'probes', 'shrink'"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):

@@ -116,6 +116,11 @@ class GradsConfig:
     k_dense: int = rule(non_negative, 0)  # per parameter outside Linear/Conv; 0 -> k_in * k_out
     precision: Literal["float32", "bfloat16"] = "float32"  # autocast on GPUs (no float16: cotangents underflow)
     retries: int = rule(non_negative, 3)  # attempts per shard after the first
+    # Rows of the projection per layer: "uniform" (k_in x k_out everywhere) or "energy" (by the
+    # per-example gradient energy of calibration_samples held samples; see gradlake.grads.allocation).
+    allocation: Literal["uniform", "energy"] = "uniform"
+    k_total: int = rule(non_negative, 0)  # energy: total k; 0 -> the uniform projector's k
+    calibration_samples: int = rule(positive, 8)
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,9 @@ class ExactConfig:
 class ReduceConfig:
     name: str = "default"
     metric: Literal["V", "C"] = "V"
+    # "probes": η̃ = Σ probe outer products; "shrink": its Ledoit–Wolf shrinkage towards (tr/k) I,
+    # for reference samples × probes < k (gradlake.reduce.metric; benchmarks/bench_metric.py)
+    metric_estimator: Literal["probes", "shrink"] = "probes"
     damping: float = rule(positive, 1e-4)  # lambda
     lambdas: tuple[float, ...] = ()  # optional lambda sweep
     reference_split: str = "train"

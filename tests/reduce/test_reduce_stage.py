@@ -134,6 +134,9 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
     url = store.reduce_url(settings.name)
     on_disk = json.loads(open(url + "/summary.json").read())
     assert on_disk["complete"] and set(on_disk["checkpoints"]) == set(store.checkpoints)
+    # 24 reference samples x 2 probes >= k = 6: a full-rank metric, no warning.
+    assert on_disk["warnings"] == []
+    assert all(c["metric_rank"] == 6 and c["metric_vectors"] == 48 for c in on_disk["checkpoints"].values())
     # Same settings: every checkpoint is reused from its completion record.
     again = run_reduce(store.url, settings, RayConfig())
     assert again["checkpoints"] == summary["checkpoints"]
@@ -183,3 +186,34 @@ def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, ray_ses
     assert summary["exact"]["batch_size"] == 2 and summary["exact"]["damping"] == 0.1
     exact = zarr.open_group(store.reduce_url("default") + "/results.zarr", mode="r")["exact"]["H"]
     assert exact.shape == (1, 1, 2, 2) and np.isfinite(exact[:]).all()
+
+
+def test_an_undersampled_metric_warns_in_the_summary_and_the_report(tmp_path, ray_session):
+    from gradlake.reduce import run_reduce
+    from gradlake.report import build_report
+
+    ds = make_dataset(str(tmp_path / "data"))
+    store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",), k=40, probes=1)
+    settings = ReduceConfig(damping=LAM, pairs=("CC",), normalize=("row-std",), topk=0, tile_max=0,
+                            distance_pairs=0)
+    summary = run_reduce(store.url, settings, RayConfig())
+    on_disk = json.loads(open(store.reduce_url(settings.name) + "/summary.json").read())
+    kinds = {w["kind"]: w for w in on_disk["warnings"]}
+    assert set(kinds) == {"undersampled", "cliff"} and summary["warnings"] == on_disk["warnings"]
+    assert kinds["undersampled"]["checkpoint"] == "epoch-0001"
+    assert (kinds["undersampled"]["vectors"], kinds["undersampled"]["rank"]) == (24, 24)  # 24 train samples
+    assert kinds["cliff"]["index"] == 23
+    assert on_disk["checkpoints"]["epoch-0001"]["metric_rank"] == 24
+    out = tmp_path / "report"
+    build_report(store.url, str(out))
+    text = open(out / "index.html").read()
+    assert "Warning, checkpoint epoch-0001: the metric η̃ is a sum of 24 reference samples × 1 probe = 24" in text
+    assert "store at least 2 V probes per sample" in text
+    # The shrinkage estimator: a full-rank metric; the warnings still describe the probe estimate.
+    shrunk = run_reduce(store.url, dataclasses.replace(settings, name="shrunk", metric_estimator="shrink"),
+                        RayConfig())
+    info = shrunk["checkpoints"]["epoch-0001"]
+    assert 0 < info["metric_shrinkage"] < 1 and {w["kind"] for w in shrunk["warnings"]} == {"undersampled", "cliff"}
+    eigenvalues = zarr.open_group(store.reduce_url("shrunk") + "/results.zarr", mode="r")["epoch-0001"][
+        "metric_eigenvalues"][:]
+    assert eigenvalues[-1] > 1e-6 * eigenvalues[0]

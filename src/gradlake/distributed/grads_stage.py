@@ -71,7 +71,7 @@ def _run(data_url, checkpoints, store_url, settings: GradsConfig, ray_settings: 
 
         try:
             ensure_ray(ray_settings.address, ray_settings.num_cpus)
-            worker = WorkerSettings(data_url, store_url, settings, options, fault)
+            worker = WorkerSettings(data_url, store_url, settings, options, fault, store.spec.projector)
             outcome = _drive(plan.tasks, worker, settings, total, skipped, lease,
                              group_shards(store.spec.shard_rows),
                              lambda checkpoint, group: compacted.update(compact(store, {checkpoint: {group}})))
@@ -131,7 +131,8 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
     existing = read_metadata(StoreFiles(store_url, options))
-    spec = _store_spec(dataset, model_config, settings, held,
+    projector = _projector_spec(existing, dataset, held, model_config, checkpoints[-1], settings, options)
+    spec = _store_spec(dataset, model_config, projector, settings, held,
                        existing["spec"]["shard_rows"] if existing and not settings.shard_rows else None)
     shards = plan_shards(held, spec.shard_rows)
     store = create_store(store_url, spec, provenance, options, index=dataset.index().table)
@@ -195,13 +196,42 @@ def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
     return metas[first]["model"], provenance
 
 
-def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, held: np.ndarray,
-                store_shard_rows: int | None) -> StoreSpec:
-    """The run's store spec; shard_rows 0 takes an existing store's, else sizes them."""
+def _projector_spec(existing: dict[str, Any] | None, dataset, held: np.ndarray, model_config: dict[str, Any],
+                    checkpoint: str, settings: GradsConfig, options) -> dict[str, Any]:
+    """The projector's spec; an energy allocation is calibrated once, on ``checkpoint`` (the run's
+    last) and ``calibration_samples`` held rows evenly spaced over the train split (else all held
+    rows), and an existing store's calibration is kept when its settings are these."""
     from gradlake.grads import Projector
+    from gradlake.grads.allocation import calibrate
     from gradlake.models import from_config
+    from gradlake.models.checkpoint import load_checkpoint
 
-    projector = Projector.from_config(settings).spec(from_config(model_config))
+    uniform = Projector.from_config(settings)
+    if settings.allocation == "uniform":
+        return uniform.spec(from_config(model_config))
+    k_total = settings.k_total or uniform.k(from_config(model_config))
+    stored = (existing or {}).get("spec", {}).get("projector", {})
+    wanted = {"allocation": "energy", "k_total": k_total, "seed": settings.seed, "kind": settings.projection}
+    if all(stored.get(key) == value for key, value in wanted.items()) and \
+            (stored.get("calibration") or {}).get("samples") == settings.calibration_samples:
+        return stored
+    pool = np.intersect1d(held, dataset.index().select(splits=["train"]))
+    pool = pool if len(pool) else held
+    count = min(settings.calibration_samples, len(pool))
+    rows = pool[np.unique(np.linspace(0, len(pool) - 1, count).round().astype(np.int64))]
+    bar = progress(1, f"grads: energy allocation of k = {k_total} on {len(rows)} samples", unit="calibration")
+    model, _ = load_checkpoint(checkpoint, options, device="cpu")
+    inputs, targets = dataset.samples(rows)
+    spec = calibrate(model, inputs, targets, k_total, seed=settings.seed, kind=settings.projection,
+                     observables=settings.observables, channels=dataset.channels, rows=rows.tolist()).spec(model)
+    bar.update(1)
+    bar.close()
+    return spec
+
+
+def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any], settings: GradsConfig,
+                held: np.ndarray, store_shard_rows: int | None) -> StoreSpec:
+    """The run's store spec; shard_rows 0 takes an existing store's, else sizes them."""
     k = int(projector["k"])
     itemsize = np.dtype(settings.dtype).itemsize
     n_rows = len(dataset.index())

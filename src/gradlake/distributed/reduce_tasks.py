@@ -13,6 +13,7 @@ The exact minibatch mode runs one Ray task per minibatch (distributed/exact_task
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ from gradlake.reduce import work
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.distributed.exact_tasks import run_exact
 from gradlake.reduce.exact_run import EXACT_JSON
-from gradlake.reduce.metric import Metric
+from gradlake.reduce.metric import Metric, metric_warnings, numerical_rank
 from gradlake.reduce.output import SUMMARY, ReduceOutput
 from gradlake.reduce.pairwise import sample_pairs
 
@@ -141,7 +142,10 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
 
     mom = _blockwise(lambda i, r: _moments.remote(src, r, tuple(sorted({settings.metric, *perturbation_obs}))),
                      work.row_blocks(ref_rows, settings.block_rows), f"reduce {name}: metric", window)
-    metric = Metric.from_moments(mom[settings.metric], f"checkpoint {name}: metric {settings.metric}")
+    source = f"checkpoint {name}: metric {settings.metric}"
+    probe_metric = Metric.from_moments(mom[settings.metric], source)
+    metric = probe_metric if settings.metric_estimator == "probes" else \
+        Metric.from_moments(mom[settings.metric], source, settings.metric_estimator)
     reducer = AggregateReducer({lam: metric.whitener(lam) for lam in lambdas},
                                {o: mom[o] for o in perturbation_obs}, settings.pairs, settings.normalize,
                                len(classes))
@@ -178,6 +182,7 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
         out.write_array(f"{name}/{key}", value, dims[key], coords={d: labels[d] for d in dims[key]})
     out.write_array(f"{name}/metric", metric.eta, ("proj", "proj_"), observable=settings.metric,
                     reference_split=settings.reference_split, reference_samples=mom[settings.metric].count,
+                    estimator=settings.metric_estimator, shrinkage=metric.shrink,
                     description="η̃ = (1/probes) Σ_ref Σ_v φ_V φ_Vᵀ (or Σ φ_C φ_Cᵀ), float64")
     out.write_array(f"{name}/metric_eigenvalues", metric.eigenvalues, ("eigen",),
                     description="eigenvalues of η̃, descending (the k-space NTK spectrum)")
@@ -188,7 +193,13 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
                "perturbation_samples": int(perturbation.sum()), "reference_samples": mom[settings.metric].count,
                "classes": list(classes), "n_times": n_times, "lambdas": list(lambdas),
                "metric_top_eigenvalue": float(metric.eigenvalues[0]), "metric_clipped": metric.clipped,
+               "metric_vectors": mom[settings.metric].vectors,
+               "metric_rank": numerical_rank(probe_metric.eigenvalues), "metric_shrinkage": metric.shrink,
+               "warnings": metric_warnings(probe_metric, mom[settings.metric].count, mom[settings.metric].vectors),
                "skipped_nonfinite": {o: m.skipped for o, m in mom.items()}}
+    for warning in summary["warnings"]:
+        print(f"warning: reduce, checkpoint {name}: {warning['message']}. Remedy: {warning['remedy']}.",
+              file=sys.stderr, flush=True)
     inverse = metric.inverse(settings.damping)
     summary["tiles"] = _tiles(store, name, src, settings, inverse, out)
     summary["topk"] = _topk_lists(store, name, src, settings, inverse, ref_rows, index, out)
@@ -332,6 +343,7 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
         "complete": True, "name": settings.name, "store": store.url, "settings_hash": settings_hash,
         "gradlake_version": __version__, "settings": dataclasses.asdict(settings),
         "checkpoints": checkpoints, "exact": exact,
+        "warnings": [{"checkpoint": name, **w} for name, info in checkpoints.items() for w in info.get("warnings", [])],
         "seconds": round(time.monotonic() - started, 2), "url": out.url,
     }
     out.write_json(SUMMARY, summary)

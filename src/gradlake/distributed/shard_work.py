@@ -70,17 +70,19 @@ class WorkerSettings:
     grads: GradsConfig
     storage_options: dict[str, Any] = field(default_factory=dict)
     fault: str = ""
+    projector: dict[str, Any] | None = None  # the store's projector spec (default: from ``grads``)
 
 
 class Capture:
     """Projected per-sample gradients and losses of a batch (the real components)."""
 
-    def __init__(self, grads: GradsConfig, channels: tuple[str, ...], storage_options: dict[str, Any]):
+    def __init__(self, grads: GradsConfig, channels: tuple[str, ...], storage_options: dict[str, Any],
+                 projector: dict[str, Any] | None = None):
         from gradlake.grads import Projector
         from gradlake.train import resolve_device
 
         self.grads, self.channels, self.storage_options = grads, channels, storage_options
-        self.projector = Projector.from_config(grads)
+        self.projector = Projector.from_spec(projector) if projector else Projector.from_config(grads)
         self.device = resolve_device(grads.device)
 
     def load(self, checkpoint_path: str):
@@ -112,7 +114,7 @@ class ShardWorker:
         self.index = self.dataset.index().table
         self.writer = ShardWriter(settings.store_url, settings.storage_options or None)
         self.capture = capture or Capture(settings.grads, self.dataset.channels,
-                                          settings.storage_options or None)
+                                          settings.storage_options or None, settings.projector)
         self.fault = Fault.parse(settings.fault)
         self._model_path: str | None = None
         self._model = None

@@ -44,7 +44,7 @@ class Layer:
         if not self.conv_dims or projector is None:
             return None
         c_in = self.module.weight.shape[1]
-        return projector.conv_split(c_in, self.d_in // c_in)
+        return projector.conv_split(c_in, self.d_in // c_in, self.name)
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,13 @@ class Plan:
         """Blocks of φ for ``projector`` (None: identity everywhere, the exact gradient)."""
         owner: dict[str, tuple[str, str, dict[str, Any]]] = {}
         for layer in self.layers:
-            k_out = projector.rows("out", layer.d_out) if projector else layer.d_out
+            k_out = projector.rows("out", layer.d_out, layer.name) if projector else layer.d_out
             dims = {"d_out": layer.d_out, "d_in": layer.d_in, "k_out": k_out, "k_in": layer.d_in}
             split = layer.input_split(projector)
             if split:
                 dims.update(k_in=split[0] * split[1], k_channel=split[0], k_space=split[1])
             elif projector:
-                dims["k_in"] = projector.rows("in", layer.d_in)
+                dims["k_in"] = projector.rows("in", layer.d_in, layer.name)
             owner[layer.weight] = ("kron", layer.name, dims)
             if layer.bias:
                 owner[layer.bias] = ("kron-bias", layer.name, {"d_out": layer.d_out, "k_out": k_out})
@@ -126,7 +126,7 @@ class Plan:
                 numel = 1
                 for s in shape:
                     numel *= s
-                k = projector.rows("dense", numel) if projector else numel
+                k = projector.rows("dense", numel, name) if projector else numel
                 factors = {"numel": numel, "k_dense": k}
             blocks.append(Block(name, shape, path, module, offset, k, factors))
             offset += k

@@ -18,6 +18,11 @@ How each parameter is covered (see :mod:`gradlake.grads.coverage`):
 - ``kron-bias``: that layer's bias, projected by the same P_out (k_out' coordinates);
 - ``exact``: any other parameter, whose per-example gradient is computed exactly and
   projected by a dense matrix (min(k_dense, numel) coordinates).
+
+Allocation: "uniform" gives every layer the same k_in x k_out and every other parameter
+k_dense; "energy" gives each layer and parameter its own rows (``dims``), chosen by
+:func:`gradlake.grads.allocation.calibrate` from the per-example gradient energy of a few
+calibration samples, and recorded in the spec, so a store opened later projects identically.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ SPEC_FORMAT = "gradlake.projector/1"
 GENERATOR = "philox4x64-sha256/1"
 KINDS = ("rademacher", "gaussian")
 CONV_FORMS = ("separable", "full")
+ALLOCATIONS = ("uniform", "energy")
 
 
 def random_factor(seed: int, name: str, shape: tuple[int, ...], role: str, kind: str,
@@ -74,10 +80,16 @@ class Projector:
     single-channel conv — several times cheaper on thin layers, but a nearly rank-one
     block's inner products then carry relative variance ≈ 1/k_c' + 1/k_space' instead of
     ≈ 1/k_in (see benchmarks/bench_grads.py --study).
+    ``allocation``: "uniform", or "energy" with ``dims`` = {"layers": {layer: [k_out, k_in]},
+    "dense": {parameter: k_dense}} for every layer and every parameter outside layers
+    (k_in, k_out and k_dense then unused), made within a total of ``k_total`` by
+    :func:`gradlake.grads.allocation.calibrate`; ``calibration`` is its JSON-able record.
     """
 
     def __init__(self, seed: int = 0, k_in: int = 16, k_out: int = 16, kind: str = "rademacher",
-                 k_dense: int | None = None, conv: str = "full", k_space: int = 4):
+                 k_dense: int | None = None, conv: str = "full", k_space: int = 4,
+                 allocation: str = "uniform", k_total: int | None = None, dims: dict[str, Any] | None = None,
+                 calibration: dict[str, Any] | None = None):
         for field, value in (("k_in", k_in), ("k_out", k_out), ("k_dense", k_dense), ("k_space", k_space)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise InputError(f"projector {field}: expected int > 0, got {value!r}")
@@ -87,17 +99,32 @@ class Projector:
             raise InputError(f"projector kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         if conv not in CONV_FORMS:
             raise InputError(f"projector conv: expected one of {', '.join(CONV_FORMS)}, got {conv!r}")
+        if allocation not in ALLOCATIONS:
+            raise InputError(f"projector allocation: expected one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        if allocation == "energy":
+            if isinstance(k_total, bool) or not isinstance(k_total, int) or k_total <= 0:
+                raise InputError(f"projector k_total: expected int > 0 with allocation 'energy', got {k_total!r}")
+            dims = _check_dims(dims)
+        elif dims is not None or k_total is not None:
+            raise InputError("projector dims / k_total: only with allocation 'energy'")
         self.seed, self.k_in, self.k_out, self.kind = seed, k_in, k_out, kind
         self.k_dense = k_in * k_out if k_dense is None else k_dense
         self.conv, self.k_space = conv, k_space
+        self.allocation, self.k_total, self.dims, self.calibration = allocation, k_total, dims, calibration
         self._factors: dict[tuple, torch.Tensor | None] = {}
 
     def __repr__(self) -> str:
         return "Projector(" + ", ".join(f"{k}={v!r}" for k, v in self.settings().items()) + ")"
 
     def settings(self) -> dict[str, Any]:
-        return {"seed": self.seed, "k_in": self.k_in, "k_out": self.k_out, "kind": self.kind,
-                "k_dense": self.k_dense, "conv": self.conv, "k_space": self.k_space}
+        """The constructor's arguments (JSON-able); a uniform allocation adds no field, so specs of
+        stores written before allocations existed still match."""
+        out = {"seed": self.seed, "k_in": self.k_in, "k_out": self.k_out, "kind": self.kind,
+               "k_dense": self.k_dense, "conv": self.conv, "k_space": self.k_space}
+        if self.allocation != "uniform":
+            out.update(allocation=self.allocation, k_total=self.k_total, dims=self.dims,
+                       calibration=self.calibration)
+        return out
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Projector:
@@ -112,12 +139,15 @@ class Projector:
         missing = [f for f in fields if f not in spec]
         if missing:
             raise InputError(f"projector spec: missing field {missing[0]!r}")
-        return cls(**{f: spec[f] for f in fields})
+        optional = ("allocation", "k_total", "dims", "calibration")
+        return cls(**{f: spec[f] for f in fields}, **{f: spec[f] for f in optional if f in spec})
 
     @classmethod
     def from_config(cls, settings) -> Projector:
-        """The projector of a :class:`gradlake.config.GradsConfig`."""
-        return cls(seed=settings.seed, k_in=settings.k_in, k_out=settings.k_out)
+        """The uniform projector of a :class:`gradlake.config.GradsConfig` (an energy allocation
+        also needs a model and calibration samples: :func:`gradlake.grads.allocation.calibrate`)."""
+        return cls(seed=settings.seed, k_in=settings.k_in, k_out=settings.k_out, kind=settings.projection,
+                   k_dense=settings.k_dense or None)
 
     def spec(self, model: nn.Module) -> dict[str, Any]:
         """JSON-able description: settings, generator, total k, every parameter and its block."""
@@ -178,18 +208,32 @@ class Projector:
                              f"parameters), got {grads.shape[1]}")
         return torch.cat(out, dim=1).reshape(*lead, -1)
 
-    def rows(self, role: str, dim: int) -> int:
-        """Rows of a factor acting on ``dim`` coordinates (role: "in", "out" or "dense")."""
-        k = {"in": self.k_in, "out": self.k_out, "dense": self.k_dense}[role]
-        return min(k, dim)
+    def rows(self, role: str, dim: int, name: str | None = None) -> int:
+        """Rows of a factor acting on ``dim`` coordinates (role: "in", "out" or "dense") of
+        ``name`` (a layer for "in" / "out", a parameter for "dense"; needed with ``dims``)."""
+        return min(self._requested(role, name), dim)
 
-    def conv_split(self, c_in: int, taps: int) -> tuple[int, int] | None:
+    def _requested(self, role: str, name: str | None) -> int:
+        if self.dims is None:
+            return {"in": self.k_in, "out": self.k_out, "dense": self.k_dense}[role]
+        if role == "dense":
+            k = self.dims["dense"].get(name)
+        else:
+            pair = self.dims["layers"].get(name)
+            k = None if pair is None else pair[0 if role == "out" else 1]
+        if k is None:
+            raise InputError(f"projector dims: no rows allocated to {'parameter' if role == 'dense' else 'layer'} "
+                             f"{name!r} (the allocation was calibrated on another model)")
+        return k
+
+    def conv_split(self, c_in: int, taps: int, name: str | None = None) -> tuple[int, int] | None:
         """(channel rows, spatial rows) of a conv's separable input factor; None for "full"."""
         if self.conv == "full":
             return None
+        k_in = self._requested("in", name)
         space = min(self.k_space, taps)
-        channel = min(c_in, -(-self.k_in // space))
-        return channel, min(taps, self.k_in // channel)
+        channel = min(c_in, -(-k_in // space))
+        return channel, min(taps, k_in // channel)
 
     def factor(self, name: str, shape: tuple[int, ...], role: str, dim: int,
                device: torch.device, dtype: torch.dtype, rows: int | None = None) -> torch.Tensor | None:
@@ -198,7 +242,7 @@ class Projector:
         ``rows`` defaults to :meth:`rows` (roles "in", "out", "dense"); the separable conv
         factors (roles "in-channel", "in-space") pass theirs from :meth:`conv_split`.
         """
-        rows = self.rows(role, dim) if rows is None else rows
+        rows = self.rows(role, dim, name) if rows is None else rows
         key = (name, tuple(shape), role, rows, dim, str(device), dtype)
         if key not in self._factors:
             if rows >= dim:
@@ -207,3 +251,23 @@ class Projector:
                 matrix = random_factor(self.seed, name, tuple(shape), role, self.kind, rows, dim)
                 self._factors[key] = torch.from_numpy(matrix).to(device=device, dtype=dtype)
         return self._factors[key]
+
+
+def _check_dims(dims) -> dict[str, Any]:
+    """``dims`` as {"layers": {name: [k_out, k_in]}, "dense": {name: k}}, ints > 0; else InputError."""
+    if not isinstance(dims, dict) or set(dims) != {"layers", "dense"}:
+        raise InputError(f"projector dims: expected {{'layers': ..., 'dense': ...}}, got {str(dims)[:80]!r}")
+
+    def positive(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    layers, dense = dims["layers"], dims["dense"]
+    if not isinstance(layers, dict) or not isinstance(dense, dict):
+        raise InputError("projector dims: 'layers' and 'dense' must be mappings")
+    for name, pair in layers.items():
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(positive(v) for v in pair):
+            raise InputError(f"projector dims: layer {name!r}: expected [k_out, k_in] > 0, got {pair!r}")
+    for name, k in dense.items():
+        if not positive(k):
+            raise InputError(f"projector dims: parameter {name!r}: expected k > 0, got {k!r}")
+    return {"layers": {n: [int(a), int(b)] for n, (a, b) in layers.items()}, "dense": dict(dense)}

@@ -19,7 +19,11 @@ response_class, perturbation_class (sorted names), t_response, t_perturbation (0
 in exact/: pair, k, response and perturbation (the batch's sample rows).
 
     summary.json              written LAST: {"complete": true, settings, per-checkpoint
-                              summaries (sample counts, metric top eigenvalue, ...), exact}
+                              summaries (sample counts, metric top eigenvalue, metric_rank,
+                              metric_vectors = reference samples × probes, warnings), exact,
+                              warnings: [{checkpoint, kind ("undersampled": samples × probes
+                              < k; "cliff": the spectrum drops 1e6× within 4 indices),
+                              message, remedy, numbers}] (also on stderr and in the report)}
     done/<checkpoint>.json    a checkpoint's completion record (settings hash + summary)
     results.zarr/<checkpoint>/
       twotime             [lambda, pair, normalization, relation, class, t_response, t_perturbation]

@@ -133,7 +133,9 @@ def provenance_rows(summary: dict[str, Any], results: ReduceResults | None, redu
         state = ("complete" if info.get("complete")
                  else f"{info.get('shards_done')}/{info.get('shards_total')} shards")
         rows.append((f"checkpoint {name}", f"sha256 {info.get('sha256', '?')} ({state})"))
-    proj_keys = [k for k in ("kind", "seed", "k_in", "k_out", "k_dense") if k in proj]
+    proj_keys = [k for k in ("kind", "seed", "allocation", "k_total") if k in proj]
+    if proj.get("allocation", "uniform") == "uniform":
+        proj_keys += [k for k in ("k_in", "k_out", "k_dense") if k in proj]
     rows.append(("projector", f"k = {summary.get('k')}" + "".join(f", {k} = {proj[k]}" for k in proj_keys)))
     rows.append(("observables", f"{', '.join(summary.get('observables', []))} (probes for V: "
                                 f"{summary.get('probes', '?')}; stored as {summary.get('dtype', '?')})"))
@@ -146,7 +148,9 @@ def provenance_rows(summary: dict[str, Any], results: ReduceResults | None, redu
         rows.append(("reduce", f"{reduce_name} ({results.url})"))
         rows.append(("lambda (damping)", f"{results.damping:g}" + (
             f"; sweep {', '.join(f'{x:g}' for x in s.get('lambdas', []))}" if s.get("lambdas") else "")))
-        rows.append(("metric", f"η̃ from φ_{s.get('metric', '?')} over the {s.get('reference_split', '?')} split"))
+        estimator = s.get("metric_estimator", "probes")
+        rows.append(("metric", f"η̃ from φ_{s.get('metric', '?')} over the {s.get('reference_split', '?')} split"
+                               + ("" if estimator == "probes" else f" ({estimator} estimator)")))
         rows.append(("pairs, normalisations", f"{', '.join(s.get('pairs', []))}; "
                                               f"{', '.join(s.get('normalize', []))}"))
         rows.append(("reduced checkpoints", ", ".join(results.checkpoints)))
@@ -226,6 +230,18 @@ def _spectrum(plan: Plan, results: ReduceResults) -> None:
                 "are regularised away in (η̃ + λI)⁻¹.",
                 figures.metric_spectrum, spectra=spectra, damping=results.damping,
                 title="Spectrum of η̃ (k-space NTK metric)")
+    section.notes.extend(metric_notes(results.summary))
+
+
+def metric_notes(summary: dict[str, Any]) -> list[str]:
+    """One note per checkpoint with warnings the reduce recorded about its metric (gradlake.reduce.metric)."""
+    by_checkpoint: dict[str, list[dict]] = {}
+    for w in summary.get("warnings", []):
+        by_checkpoint.setdefault(w.get("checkpoint", "?"), []).append(w)
+    return [f"Warning, checkpoint {name}: {'; '.join(w['message'] for w in found)}. The projected H of this "
+            "reduce is then not the influence under the k-space NTK metric. Remedy: "
+            f"{'; '.join(dict.fromkeys(w['remedy'] for w in found))}."
+            for name, found in by_checkpoint.items()]
 
 
 def _variants(plan: Plan, coords: dict[str, list]) -> list[tuple[int, str, int, str]]:
