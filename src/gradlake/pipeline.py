@@ -89,14 +89,14 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
         paths = []
         for seed, run_dir in training_runs(job):
             settings = dataclasses.replace(job.train, seed=seed)
-            paths += run_train(job.data_url, job.model, settings, run_dir, storage_options=so)
+            paths += run_train(job.data_url, job.model, settings, run_dir, storage_options=so, task=job.task)
         return {"checkpoints": paths}
 
     def grads():
         from gradlake.distributed.grads_stage import run_grads
 
         return run_grads(job.data_url, checkpoints(job), job.store_url, job.grads, job.ray,
-                         storage_options=so)
+                         storage_options=so, task=job.task, python_path=job.python_path)
 
     def reduce():
         from gradlake.reduce import run_reduce
@@ -111,7 +111,7 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
         return {"index": index}
 
     data_h = settings_hash(job.data, job.data_url)
-    train_h = settings_hash(data_h, job.model, job.train)
+    train_h = settings_hash(data_h, job.model, job.train, job.task)
     grads_h = settings_hash(train_h, job.grads, job.store_url)
     reduce_h = settings_hash(grads_h, job.reduce)
     report_h = settings_hash(reduce_h, job.report)
@@ -126,6 +126,9 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
 
 def run_job(job: JobConfig, force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the job's stages in order; returns each stage's summary."""
+    from gradlake.plugins import use_paths
+
+    use_paths(job.python_path)
     record = JobRecord(job)
     plan = _stage_plan(job)
     results: dict[str, Any] = {}

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlake.config import GradsConfig, RayConfig
+from gradlake.config import GradsConfig, RayConfig, TaskConfig
 from gradlake.data.index import SPLIT_NAMES
 from gradlake.distributed.plan import ShardTask, plan_shards
 from gradlake.distributed.shard_work import FAULT_ENV, Fault, WorkerSettings
@@ -34,12 +34,14 @@ BACKOFF_S, BACKOFF_MAX_S = 0.5, 30.0
 
 
 def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
-              ray: RayConfig | None = None, storage_options: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+              ray: RayConfig | None = None, storage_options: dict[str, Any] | None = None,
+              task: TaskConfig | None = None, python_path: tuple[str, ...] = ()) -> dict[str, Any]:
     """Projected gradients of every held sample for each checkpoint, into the store at ``store_url``.
 
     ``checkpoints`` maps store names to checkpoint paths, or is a list of paths named by
-    their directory names. Resumes: committed shards are never recomputed. Returns a
+    their directory names. ``task`` names the loss and observables (default: the paper's);
+    ``python_path`` lists folders the workers import user models and tasks from. Resumes:
+    committed shards are never recomputed. Returns a
     JSON-able summary; raises InputError for bad input (before any work) and
     GradlakeError when shards keep failing.
     """
@@ -47,7 +49,8 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
     options = dict(storage_options or {})
     fault = os.environ.get(FAULT_ENV, "")
     Fault.parse(fault)
-    plan = prepare(data_url, checkpoints, store_url, settings, options)
+    task = task or TaskConfig()
+    plan = prepare(data_url, checkpoints, store_url, settings, options, task)
     store, skipped = plan.store, plan.skipped
     total = store.spec.n_shards * len(plan.names)
     set_stage_status(store, STAGE, {"status": "running", "checkpoints": plan.names,
@@ -59,7 +62,7 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
 
         try:
             ensure_ray(ray_settings.address, ray_settings.num_cpus)
-            worker = WorkerSettings(data_url, store_url, settings, options, fault)
+            worker = WorkerSettings(data_url, store_url, settings, options, fault, task, tuple(python_path))
             outcome = _drive(plan.tasks, worker, settings, total, skipped)
         except BaseException as err:  # Ray down, Ctrl-C: say so; committed shards stay committed
             set_stage_status(store, STAGE, {"status": "interrupted", "error": _first_line(err)})
@@ -101,21 +104,22 @@ class StagePlan:
 
 
 def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
-            storage_options: dict[str, Any]) -> StagePlan:
+            storage_options: dict[str, Any], task: TaskConfig | None = None) -> StagePlan:
     """Check every input, then create (or extend) the store and list the uncommitted shards."""
     from gradlake.data import Dataset
 
+    task = task or TaskConfig()
     _check_settings(settings)
     options = storage_options or None
     names, checkpoints = _checkpoint_names(checkpoints)
     dataset = Dataset.open(data_url, options)
-    _check_dataset(dataset, settings)
-    model_config, provenance = _describe_checkpoints(names, checkpoints, dataset, options)
     held = dataset.index().select(splits=settings.splits)
+    _check_dataset(dataset, settings, task, held)
+    model_config, provenance = _describe_checkpoints(names, checkpoints, dataset, options)
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
     shards = plan_shards(held, settings.shard_rows)
-    spec = _store_spec(dataset, model_config, settings, n_samples=len(held), n_shards=len(shards))
+    spec = _store_spec(dataset, model_config, settings, n_samples=len(held), n_shards=len(shards), task=task)
     store = create_store(store_url, spec, provenance, options)
     tasks, skipped = [], 0
     for name, path in zip(names, checkpoints):
@@ -141,14 +145,21 @@ def _checkpoint_names(checkpoints: Mapping[str, str] | list[str]) -> tuple[list[
     return names, list(checkpoints)
 
 
-def _check_dataset(dataset, settings: GradsConfig) -> None:
-    from gradlake.physics import available_observables
+def _check_dataset(dataset, settings: GradsConfig, task_config: TaskConfig, held: np.ndarray) -> None:
+    """The task's observables exist for the dataset's channels and work on two of its samples."""
+    from gradlake.physics import available_observables, check_task, load_task
 
-    available = available_observables(dataset.channels)
+    task = load_task(task_config.path, task_config.kwargs)
+    available = available_observables(dataset.channels, task)
     missing = [o for o in settings.observables if o not in available]
     if missing:
         raise InputError(f"grads.observables: {missing[0]!r} is not defined for channels "
-                         f"{list(dataset.channels)} of {dataset.url}; available: {', '.join(available)}")
+                         f"{list(dataset.channels)} of {dataset.url} by task "
+                         f"{task_config.path or 'default'}; available: {', '.join(available)}")
+    if len(held):
+        inputs, targets = dataset.samples(held[:2])
+        check_task(task, dataset.channels, settings.observables, inputs, targets,
+                   source=f"task {task_config.path or 'default'}")
     present = set(dataset.splits.tolist())
     unknown = sorted(set(settings.splits) - present - set(SPLIT_NAMES))
     if unknown:  # a standard split may be empty in a small dataset; another name is a typo
@@ -172,13 +183,14 @@ def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
                              "one store holds the checkpoints of one training run")
     provenance = {name: {"sha256": checkpoint_sha256(path, options), "path": path,
                          "epoch": metas[name].get("epoch"),
-                         "trained_on": (metas[name].get("dataset") or {}).get("fingerprint")}
+                         "trained_on": (metas[name].get("dataset") or {}).get("fingerprint"),
+                         **({"source": metas[name]["source"]} if metas[name].get("source") else {})}
                   for name, path in zip(names, paths)}
     return metas[first]["model"], provenance
 
 
 def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, n_samples: int,
-                n_shards: int) -> StoreSpec:
+                n_shards: int, task: TaskConfig) -> StoreSpec:
     from gradlake.grads import Projector
     from gradlake.models import from_config
 
@@ -193,6 +205,7 @@ def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, n_
         n_rows=len(dataset.index()), shard_rows=settings.shard_rows,
         chunk_rows=chunk_rows_for(settings.shard_rows, k * np.dtype(settings.dtype).itemsize),
         splits=tuple(settings.splits), n_samples=n_samples, n_shards=n_shards,
+        task={"path": task.path, "kwargs": dict(task.kwargs)} if task.path else {},
     )
 
 
