@@ -88,7 +88,7 @@ class _Bad(physics.Task):
     ("nan", "not finite"),
     ("fails", "failed on samples of shape"),
     ("V", "reserved"),
-    ("a/b", "names must be letters"),
+    ("a-b", "names must be a letter then"),
 ])
 def test_a_bad_observable_is_refused_before_work_naming_it(kind, message):
     x, y = _batch(b=2)
@@ -118,7 +118,9 @@ def test_job_settings_of_models_and_tasks_are_checked():
                             ({"model": {"kwargs": {"width": 2}}}, "only for a model named by model.path"),
                             ({"train": {"epochs": 0}}, "0 only with model.checkpoint"),
                             ({"task": {"path": "nocolon"}}, "task.path: expected an import path"),
-                            ({"grads": {"observables": ["C", "a b"]}}, "not an observable name")):
+                            ({"grads": {"observables": ["C", "a-b"]}}, "not an observable name"),
+                            ({"task": {"path": TASK_PATH}, "reduce": {"exact": {"enabled": True}}},
+                             "exact minibatch mode supports the preset models and the default task only")):
         with pytest.raises(InputError, match=message):
             parse_job(values)
     job = parse_job({"model": {"path": MODEL_PATH, "checkpoint": "w.safetensors"}, "train": {"epochs": 0},

@@ -364,14 +364,14 @@ def _build(cls, values: dict[str, Any], prefix: str):
 
 def _validate(job: JobConfig) -> JobConfig:
     """Checks that span several settings."""
-    from gradlake.fsio import is_path_name
+    from gradlake.fsio import is_identifier
 
     for stage in job.stages:
         if stage not in STAGES:
             raise InputError(f"stages: unknown stage {stage!r}; expected some of {', '.join(STAGES)}")
     for obs in job.grads.observables:  # which ones the task defines is checked when it is loaded
-        if not is_path_name(obs):
-            raise InputError(f"grads.observables: {obs!r} is not an observable name (letters, digits, '.', '_', '-'); "
+        if not is_identifier(obs):
+            raise InputError(f"grads.observables: {obs!r} is not an observable name (a letter, then letters, digits, '_'); "
                              f"the default task has {', '.join(OBSERVABLES)}")
     if job.model.path and ":" not in job.model.path:
         raise InputError(f"model.path: expected an import path 'package.module:Name', got {job.model.path!r}")
@@ -379,6 +379,9 @@ def _validate(job: JobConfig) -> JobConfig:
         raise InputError("model.overrides: preset overrides do not apply to model.path; use model.kwargs")
     if job.model.kwargs and not job.model.path:
         raise InputError("model.kwargs: only for a model named by model.path; presets take model.overrides")
+    if job.reduce.exact.enabled and "reduce" in job.stages and (job.task.path or job.model.path):
+        raise InputError("reduce.exact.enabled: the exact minibatch mode supports the preset models and the "
+                         "default task only (not model.path or task.path) so far")
     if job.train.epochs == 0 and not job.model.checkpoint:
         raise InputError("train.epochs: expected int > 0 (0 only with model.checkpoint: analyse those weights as they are)")
     if job.task.path and ":" not in job.task.path:

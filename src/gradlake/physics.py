@@ -136,9 +136,9 @@ def task_observables(task: Task, channels: Sequence[str]) -> dict[str, Scalar]:
     for name, fn in named.items():
         if name in (LOSS, PROBES):
             raise InputError(f"task observable {name!r}: reserved ('C' is the task's loss, 'V' the random probes)")
-        if not fsio.is_path_name(name):
-            raise InputError(f"task observable {name!r}: names must be letters, digits, '.', '_' or '-' "
-                             "(they name store arrays)")
+        if not fsio.is_identifier(name):
+            raise InputError(f"task observable {name!r}: names must be a letter then letters, digits or '_' "
+                             "(they name store arrays and --where columns norm_<name>)")
         if not callable(fn):
             raise InputError(f"task observable {name!r}: expected a function (pred, inputs, targets) -> [batch]")
     return {LOSS: task.loss, **named}
