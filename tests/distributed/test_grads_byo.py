@@ -49,3 +49,25 @@ def test_a_1d_well_dataset_flows_through_training_and_the_shard_work(tmp_path):
     for name in SETTINGS.observables:
         np.testing.assert_allclose(store.read(None, name), expected[name].numpy(), rtol=1e-4,
                                    atol=1e-5 * float(expected[name].abs().max()))
+
+
+def test_the_store_records_where_imported_weights_came_from(tmp_path):
+    from safetensors.torch import save_file
+
+    from gradlake.models.checkpoint import file_sha256
+    from gradlake.store import GradientStore
+    from gradlake.train import train
+
+    use_paths([EXAMPLES])
+    path, _ = write_well(tmp_path / "toy.hdf5", d=1, n=3, steps=3)
+    from byo_surrogate.model import ResidualConvNet
+
+    weights = str(tmp_path / "pretrained.safetensors")
+    save_file(ResidualConvNet(3, width=4, dims=1).state_dict(), weights)
+    model = ModelConfig(path="byo_surrogate.model:ResidualConvNet", kwargs={"channels": 3, "width": 4, "dims": 1},
+                        checkpoint=weights)
+    checkpoints = train(path, model, TrainConfig(epochs=0), str(tmp_path / "run"))
+    prepare(path, checkpoints, str(tmp_path / "store"), SETTINGS, {}, TASK)
+    record = GradientStore.open(str(tmp_path / "store")).provenance["checkpoints"]["epoch-0000"]
+    assert record["source"] == {"url": weights, "sha256": file_sha256(weights)}
+    assert record["sha256"] == file_sha256(f"{checkpoints[0]}/model.safetensors")
