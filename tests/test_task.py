@@ -160,3 +160,18 @@ def test_user_weights_become_epoch_zero_with_their_sha256(tmp_path):
     bad = ModelConfig(path=MODEL_PATH, kwargs={"channels": 4, "width": 8}, checkpoint=weights)
     with pytest.raises(InputError, match="mine.safetensors: tensor 'lift.weight' is torch.float32 \\[4, 4, 1, 1\\]"):
         train(ds.url, bad, TrainConfig(epochs=0), str(tmp_path / "run3"))
+
+
+def test_a_task_or_a_user_model_reruns_training_and_what_follows():
+    from gradlake.pipeline import _stage_plan
+
+    def hashes(**values):
+        return {stage: h for stage, (h, _) in _stage_plan(parse_job({"out": "/tmp/x", **values})).items()}
+
+    base = hashes()
+    for values in ({"task": {"path": TASK_PATH}}, {"model": {"path": MODEL_PATH}},
+                   {"model": {"checkpoint": "w.safetensors"}}):
+        changed = hashes(**values)
+        assert changed["data"] == base["data"]
+        assert all(changed[s] != base[s] for s in ("train", "grads", "reduce", "report"))
+    assert hashes(task={"path": TASK_PATH, "kwargs": {"eps": 1.0}})["train"] != hashes(task={"path": TASK_PATH})["train"]

@@ -68,6 +68,17 @@ def checkpoints(job: JobConfig) -> dict[str, str]:
     return found
 
 
+def _settings(section: Any, added: tuple[str, ...]) -> dict[str, Any]:
+    """A section's settings for a hash; fields added later count only when set, so the
+    hashes of jobs that do not use them stay what they were."""
+    values = dataclasses.asdict(section)
+    default = type(section)()
+    for name in added:
+        if getattr(section, name) == getattr(default, name):
+            values.pop(name)
+    return values
+
+
 def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, Any]]]]:
     """Each stage: (hash of everything its output depends on, the call that runs it)."""
     so = job.store.storage_options or None
@@ -111,7 +122,8 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
         return {"index": index}
 
     data_h = settings_hash(job.data, job.data_url)
-    train_h = settings_hash(data_h, job.model, job.train, job.task)
+    train_h = settings_hash(data_h, _settings(job.model, ("path", "kwargs", "checkpoint")), job.train,
+                            *([job.task] if job.task != type(job.task)() else []))
     grads_h = settings_hash(train_h, job.grads, job.store_url)
     reduce_h = settings_hash(grads_h, job.reduce)
     report_h = settings_hash(reduce_h, job.report)
