@@ -15,17 +15,14 @@ from well_helpers import write_well
 
 
 def _expected(fields, trajectory, d, steps):
-    """[T, C, *grid] built channel by channel, spatial axes reversed to (z, y, x)."""
-    def flip(a):  # [T, *spatial(x, y, z)] -> [T, (z), y, x]
-        return np.transpose(a, (0, *range(a.ndim - 1, 0, -1)))
-
+    """[T, C, *grid] built channel by channel, grid in the file's order."""
     channels = [fields["t0_fields/density"][trajectory], fields["t0_fields/energy"][trajectory]]
     if "t0_fields/obstacle" in fields:
         channels.append(np.broadcast_to(fields["t0_fields/obstacle"], (steps, *fields["t0_fields/obstacle"].shape)))
     channels += [fields["t1_fields/momentum"][trajectory][..., a] for a in range(d)]
     if "t2_fields/stress" in fields:
         channels += [fields["t2_fields/stress"][trajectory][..., a, b] for a in range(d) for b in range(d)]
-    return np.stack([flip(np.asarray(c, dtype=np.float32)) for c in channels], axis=1)
+    return np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=1)
 
 
 @pytest.mark.parametrize("d", [1, 2, 3])
@@ -37,8 +34,8 @@ def test_a_well_file_is_read_in_place_in_any_dimension(tmp_path, d):
     axes = "xyz"[:d]
     assert ds.channels == ("rho", "E", *[f"rho_v{a}" for a in axes], *[f"stress_{a}{b}" for a in axes for b in axes])
     grid = fields["t0_fields/density"].shape[2:]
-    assert ds.resolution == tuple(reversed(grid)) and ds.n_times == 4 and ds.n_trajectories == 3
-    assert ds.manifest["dimension_names"][3:] == list(reversed(axes))
+    assert ds.resolution == tuple(grid) and ds.n_times == 4 and ds.n_trajectories == 3
+    assert ds.manifest["dimension_names"][3:] == list(axes)
     np.testing.assert_allclose(ds.times, np.linspace(0, 1, 4), rtol=1e-6)
     data = ds.read([2, 0])
     for i, n in enumerate([2, 0]):
@@ -53,9 +50,10 @@ def test_in_place_equals_the_ingested_copy_channel_by_channel(tmp_path):
     path, _ = write_well(tmp_path / "toy.hdf5", d=2)
     in_place = Dataset.open(path)
     copied = ingest_well([path], str(tmp_path / "copy"))  # (rho, rho_vx, rho_vy, E), [y, x]
-    a, b = in_place.read([0, 1, 2]), copied.read([0, 1, 2])
+    a, b = in_place.read([0, 1, 2]), copied.read([0, 1, 2])  # in place: [x, y]
     for name in copied.channels:
-        np.testing.assert_array_equal(a[:, :, in_place.channels.index(name)], b[:, :, copied.channels.index(name)])
+        np.testing.assert_array_equal(np.swapaxes(a[:, :, in_place.channels.index(name)], -1, -2),
+                                      b[:, :, copied.channels.index(name)])
 
 
 def test_split_folders_constant_fields_and_an_fsspec_url(tmp_path):

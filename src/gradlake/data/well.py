@@ -16,9 +16,10 @@ that axis and is repeated along it. ``boundary_conditions/`` and ``scalars/`` ar
 Channels, in order: t0 fields, then each t1 field's components ``<name>_<dim>``, then each t2
 field's ``<name>_<dim><dim>`` (within a group in the ``field_names`` attribute's order, else
 by name). Well-known names take the names the built-in task expects: density -> "rho",
-energy -> "E", momentum_<d> -> "rho_v<d>", velocity_<d> -> "v<d>". With spatial dims named
-x, y(, z) the grid is stored as [(z,) y, x], like the project's format; other names keep the
-file's order. Every file must have the same channels, steps and grid.
+energy -> "E", momentum_<d> -> "rho_v<d>", velocity_<d> -> "v<d>". The grid keeps the file's
+axis order (``spatial_dims``, usually x, y(, z); ``dimension_names`` says so), so reading costs
+one copy per field; `gradlake ingest well` transposes 2-D data to the project's (y, x).
+Every file must have the same channels, steps and grid.
 
 The fingerprint covers each file's name, size and field shapes and the bytes of its first
 snapshot, and the channels: it changes when files are added, removed, renamed or resized.
@@ -37,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from gradlake import fsio
-from gradlake.data.format import FORMAT_VERSION, TABLE_SCHEMA, Dataset, dimension_names
+from gradlake.data.format import FORMAT_VERSION, TABLE_SCHEMA, Dataset
 from gradlake.data.index import split_trajectories
 from gradlake.errors import InputError
 
@@ -97,9 +98,9 @@ class _File:
 class WellDataset(Dataset):
     """HDF5 files of The Well read in place, with :class:`Dataset`'s interface (read-only)."""
 
-    def __init__(self, url, manifest, files, fields, transpose, trajectories, storage_options):
+    def __init__(self, url, manifest, files, fields, trajectories, storage_options):
         super().__init__(url, manifest, None, trajectories, storage_options)
-        self._files, self._fields, self._transpose = files, fields, transpose
+        self._files, self._fields = files, fields
         starts = np.cumsum([0] + [f.n for f in files])
         self._starts = starts
         self._handles: dict[int, tuple[Any, h5py.File]] = {}
@@ -129,7 +130,6 @@ class WellDataset(Dataset):
                                  "holds files of one layout")
             files.append(entry)
         fields, grid, times, dims = reference
-        transpose = list(dims) == list("xyz"[:len(dims)])
         channels = _channels(fields, dims)
         if len(set(channels)) != len(channels):
             raise InputError(f"{url}: channel names {channels} are not unique")
@@ -144,21 +144,19 @@ class WellDataset(Dataset):
             "params": [json.dumps(f.params, sort_keys=True, default=str) for f in files for _ in range(f.n)],
             "checksum": [""] * len(classes),
         }, schema=TABLE_SCHEMA)
-        shape_grid = tuple(reversed(grid)) if transpose else tuple(grid)
-        shape = [len(classes), len(times), len(channels), *shape_grid]
+        shape = [len(classes), len(times), len(channels), *grid]
         counts = lambda column: {k: int(v) for k, v in zip(*np.unique(np.asarray(column, dtype=str), return_counts=True))}  # noqa: E731
         payload = json.dumps({"channels": channels, "files": [
             {"name": posixpath.basename(f.url), "split": f.split, "size": f.size, "shapes": f.shapes,
              "head": f.head} for f in files]}, sort_keys=True)
         manifest = {
             "format": "the-well-hdf5", "format_version": FORMAT_VERSION, "family": FAMILY,
-            "shape": shape, "dimension_names": list(dimension_names(len(grid))) if transpose
-            else ["trajectory", "time", "channel", *dims],
+            "shape": shape, "dimension_names": ["trajectory", "time", "channel", *dims],
             "channels": channels, "times": times, "classes": counts(classes), "splits": counts(splits),
             "provenance": {"read_in_place": [f.url for f in files]},
             "fingerprint": hashlib.sha256(payload.encode()).hexdigest(),
         }
-        return cls(url, manifest, files, fields, transpose, table, storage_options)
+        return cls(url, manifest, files, fields, table, storage_options)
 
     def _handle(self, index: int) -> h5py.File:
         if index not in self._handles:
@@ -176,25 +174,21 @@ class WellDataset(Dataset):
         out = np.empty((len(ids), *self.manifest["shape"][1:]), dtype=np.float32)
         for i, trajectory in enumerate(ids.tolist()):
             index = int(np.searchsorted(self._starts, trajectory, side="right") - 1)
-            out[i] = self._trajectory(index, trajectory - int(self._starts[index]))
+            self._fill(out[i], index, trajectory - int(self._starts[index]))
         return out
 
-    def _trajectory(self, index: int, local: int) -> np.ndarray:
+    def _fill(self, out: np.ndarray, index: int, local: int) -> None:
+        """One trajectory into ``out`` [T, C, *grid]: each field read once, copied once."""
         f = self._handle(index)
-        steps, grid_axes = self.n_times, len(self.resolution)
-        parts = []
+        steps, grid = out.shape[0], out.shape[2:]
+        channel = 0
         for field in self._fields:
             data = f[field.group][field.name]
             block = np.asarray(data[local] if field.sample_varying else data[()], dtype=np.float32)
-            if not field.time_varying:
-                block = np.broadcast_to(block, (steps, *block.shape))
-            # [T, *spatial, *components] -> [T, components, *spatial]
-            block = block.reshape(steps, *block.shape[1:1 + grid_axes], field.components)
-            block = np.moveaxis(block, -1, 1)
-            if self._transpose:
-                block = np.transpose(block, (0, 1, *range(1 + grid_axes, 1, -1)))
-            parts.append(block)
-        return np.concatenate(parts, axis=1)
+            # [(T,) *grid, *components] -> [T, components, *grid]
+            block = block.reshape(steps if field.time_varying else 1, *grid, field.components)
+            out[:, channel:channel + field.components] = np.moveaxis(block, -1, 1)
+            channel += field.components
 
     def verify(self) -> None:
         raise InputError(f"{self.url}: read in place from The Well's HDF5 files, which carry no "
