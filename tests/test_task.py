@@ -1,9 +1,7 @@
 """User tasks (loss + named observables) and user models by import path, against autograd."""
 
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
