@@ -88,6 +88,14 @@ class Task:
         return {}
 
 
+def _channel_drift(c: int) -> Scalar:
+    """½ (relative drift of channel c's total)², per sample."""
+    def drift(p, x, y):
+        return 0.5 * _drift(_sum_grid(p[:, c]), _sum_grid(x[:, c])).pow(2)
+
+    return drift
+
+
 class PDETask(Task):
     """The paper's task: scaled MSE, relative mass drift "M" and energy drift "E"."""
 
@@ -98,9 +106,9 @@ class PDETask(Task):
         channels = tuple(channels)
         out: dict[str, Scalar] = {}
         if "rho" in channels:
-            out["M"] = lambda p, x, y, c=channels.index("rho"): 0.5 * _drift(_sum_grid(p[:, c]), _sum_grid(x[:, c])).pow(2)
+            out["M"] = _channel_drift(channels.index("rho"))
         if "E" in channels:
-            out["E"] = lambda p, x, y, c=channels.index("E"): 0.5 * _drift(_sum_grid(p[:, c]), _sum_grid(x[:, c])).pow(2)
+            out["E"] = _channel_drift(channels.index("E"))
         elif set(NS_CHANNELS) <= set(channels):
             v = [channels.index(n) for n in NS_CHANNELS]
 
@@ -232,8 +240,9 @@ def residuals(pred: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, o
                 continue
             p = pred.clone().requires_grad_(True)
             value = _per_sample(name, scalars[name](p, inputs, targets), pred.shape[0])
-            grad = torch.autograd.grad(value.sum(), p, allow_unused=True)[0] if value.requires_grad else None
-            out[name] = torch.zeros_like(pred) if grad is None else grad.detach()
+            if not value.requires_grad:
+                raise InputError(f"observable {name!r}: does not depend differentiably on the prediction")
+            out[name] = torch.autograd.grad(value.sum(), p)[0].detach()
     return out
 
 
