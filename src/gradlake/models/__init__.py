@@ -103,9 +103,13 @@ IMPORT = "import"
 
 
 def import_config(path: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON config of a user model named by import path, checked by building it once."""
+    """The JSON config of a user model named by import path, checked by building it once
+    (without touching torch's global RNG)."""
+    import torch
+
     cfg = {"name": IMPORT, "path": str(path), "kwargs": copy.deepcopy(dict(kwargs or {}))}
-    from_config(cfg)
+    with torch.random.fork_rng(devices=[]):
+        from_config(cfg)
     return cfg
 
 
