@@ -32,8 +32,9 @@ def test_a_1d_well_dataset_flows_through_training_and_the_shard_work(tmp_path):
     checkpoint = train(path, model, TrainConfig(epochs=1, batch_size=4), str(tmp_path / "run"), task=TASK)[-1]
 
     url = str(tmp_path / "store")
-    plan = prepare(path, [checkpoint], url, SETTINGS, {}, TASK)
-    worker = ShardWorker(WorkerSettings(path, url, SETTINGS, task=TASK, python_path=(EXAMPLES,)))
+    plan = prepare(path, [checkpoint], url, SETTINGS, {})  # no task given: the one it was trained with
+    assert plan.task == TASK
+    worker = ShardWorker(WorkerSettings(path, url, SETTINGS, task=plan.task, python_path=(EXAMPLES,)))
     for task in plan.tasks:
         worker.run(task)
     store = GradientStore.open(url)

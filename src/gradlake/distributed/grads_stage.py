@@ -39,7 +39,8 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
     """Projected gradients of every held sample for each checkpoint, into the store at ``store_url``.
 
     ``checkpoints`` maps store names to checkpoint paths, or is a list of paths named by
-    their directory names. ``task`` names the loss and observables (default: the paper's);
+    their directory names. ``task`` names the loss and observables (default: the task the
+    checkpoints were trained with, else the paper's);
     ``python_path`` lists folders the workers import user models and tasks from. Resumes:
     committed shards are never recomputed. Returns a
     JSON-able summary; raises InputError for bad input (before any work) and
@@ -49,7 +50,6 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
     options = dict(storage_options or {})
     fault = os.environ.get(FAULT_ENV, "")
     Fault.parse(fault)
-    task = task or TaskConfig()
     plan = prepare(data_url, checkpoints, store_url, settings, options, task)
     store, skipped = plan.store, plan.skipped
     total = store.spec.n_shards * len(plan.names)
@@ -62,7 +62,7 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
 
         try:
             ensure_ray(ray_settings.address, ray_settings.num_cpus)
-            worker = WorkerSettings(data_url, store_url, settings, options, fault, task, tuple(python_path))
+            worker = WorkerSettings(data_url, store_url, settings, options, fault, plan.task, tuple(python_path))
             outcome = _drive(plan.tasks, worker, settings, total, skipped)
         except BaseException as err:  # Ray down, Ctrl-C: say so; committed shards stay committed
             set_stage_status(store, STAGE, {"status": "interrupted", "error": _first_line(err)})
@@ -101,6 +101,7 @@ class StagePlan:
     names: list[str]  # the run's checkpoint names, in order
     tasks: list[ShardTask]  # uncommitted shards
     skipped: int  # committed shards
+    task: TaskConfig  # the loss and observables
 
 
 def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
@@ -108,14 +109,14 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
     """Check every input, then create (or extend) the store and list the uncommitted shards."""
     from gradlake.data import Dataset
 
-    task = task or TaskConfig()
     _check_settings(settings)
     options = storage_options or None
     names, checkpoints = _checkpoint_names(checkpoints)
     dataset = Dataset.open(data_url, options)
     held = dataset.index().select(splits=settings.splits)
+    model_config, provenance, trained_task = _describe_checkpoints(names, checkpoints, dataset, options)
+    task = task or TaskConfig(**trained_task)
     _check_dataset(dataset, settings, task, held)
-    model_config, provenance = _describe_checkpoints(names, checkpoints, dataset, options)
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
     shards = plan_shards(held, settings.shard_rows)
@@ -127,7 +128,7 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
         skipped += len(committed & set(shards))
         tasks += [ShardTask(name, path, shard, rows) for shard, rows in shards.items()
                   if shard not in committed]
-    return StagePlan(store, names, tasks, skipped)
+    return StagePlan(store, names, tasks, skipped, task)
 
 
 def _checkpoint_names(checkpoints: Mapping[str, str] | list[str]) -> tuple[list[str], list[str]]:
@@ -168,8 +169,9 @@ def _check_dataset(dataset, settings: GradsConfig, task_config: TaskConfig, held
 
 
 def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
-                          ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(the shared model config, provenance per checkpoint); InputError if they do not fit."""
+                          ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(the shared model config, provenance per checkpoint, the task they were trained with:
+    {"path", "kwargs"} or {}); InputError if they do not fit."""
     from gradlake.models.checkpoint import checkpoint_sha256, read_meta
 
     metas = {name: read_meta(path, options) for name, path in zip(names, paths)}
@@ -178,15 +180,15 @@ def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
         if list(meta.get("channels", dataset.channels)) != list(dataset.channels):
             raise InputError(f"checkpoint {name}: trained on channels {meta['channels']}, "
                              f"but {dataset.url} has {list(dataset.channels)}")
-        if meta["model"] != metas[first]["model"]:
-            raise InputError(f"checkpoints {first} and {name} have different model configs; "
+        if meta["model"] != metas[first]["model"] or meta.get("task", {}) != metas[first].get("task", {}):
+            raise InputError(f"checkpoints {first} and {name} have different model configs or tasks; "
                              "one store holds the checkpoints of one training run")
     provenance = {name: {"sha256": checkpoint_sha256(path, options), "path": path,
                          "epoch": metas[name].get("epoch"),
                          "trained_on": (metas[name].get("dataset") or {}).get("fingerprint"),
                          **({"source": metas[name]["source"]} if metas[name].get("source") else {})}
                   for name, path in zip(names, paths)}
-    return metas[first]["model"], provenance
+    return metas[first]["model"], provenance, dict(metas[first].get("task", {}))
 
 
 def _store_spec(dataset, model_config: dict[str, Any], settings: GradsConfig, n_samples: int,
