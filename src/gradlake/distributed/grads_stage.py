@@ -62,7 +62,8 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
 
         try:
             ensure_ray(ray_settings.address, ray_settings.num_cpus)
-            worker = WorkerSettings(data_url, store_url, settings, options, fault, plan.task, tuple(python_path))
+            worker = WorkerSettings(data_url, store_url, settings, options, fault,
+                                    task=plan.task, python_path=tuple(python_path))
             outcome = _drive(plan.tasks, worker, settings, total, skipped)
         except BaseException as err:  # Ray down, Ctrl-C: say so; committed shards stay committed
             set_stage_status(store, STAGE, {"status": "interrupted", "error": _first_line(err)})
