@@ -152,6 +152,9 @@ def test_user_weights_become_epoch_zero_with_their_sha256(tmp_path):
     # fine-tuning continues from them; other weights in the same folder are refused
     paths = train(ds.url, model, TrainConfig(epochs=1, batch_size=4), str(tmp_path / "run2"), task=TaskConfig(TASK_PATH))
     assert load_checkpoint(paths[-1])[1]["source"]["sha256"] == file_sha256(weights)
+    from gradlake.report.inputs import training_runs
+
+    assert training_runs(str(tmp_path / "run2"))[0].task == TASK_PATH  # the report names the loss
     save_file(ResidualConvNet(4, width=4, depth=1).state_dict(), weights)
     with pytest.raises(InputError, match="started from other weights"):
         train(ds.url, model, TrainConfig(epochs=1, batch_size=4), str(tmp_path / "run2"), task=TaskConfig(TASK_PATH))
