@@ -176,3 +176,14 @@ def test_a_task_or_a_user_model_reruns_training_and_what_follows():
         assert changed["data"] == base["data"]
         assert all(changed[s] != base[s] for s in ("train", "grads", "reduce", "report"))
     assert hashes(task={"path": TASK_PATH, "kwargs": {"eps": 1.0}})["train"] != hashes(task={"path": TASK_PATH})["train"]
+
+
+def test_a_job_naming_missing_user_code_fails_before_any_stage(tmp_path):
+    from gradlake.pipeline import run_job
+
+    lines = []
+    for values, message in (({"task": {"path": "byo_surrogate.task:Missing"}}, "task.path: module .* has no attribute"),
+                            ({"model": {"path": "nowhere.models:Net"}}, "model.path: cannot import 'nowhere.models'")):
+        with pytest.raises(InputError, match=message):
+            run_job(parse_job({"out": str(tmp_path / "run"), **values}), echo=lines.append)
+    assert lines == [] and not (tmp_path / "run").exists()

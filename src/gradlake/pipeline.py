@@ -138,9 +138,13 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
 
 def run_job(job: JobConfig, force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the job's stages in order; returns each stage's summary."""
-    from gradlake.plugins import use_paths
+    from gradlake.physics import load_task
+    from gradlake.plugins import import_object, use_paths
 
     use_paths(job.python_path)
+    load_task(job.task.path, job.task.kwargs)  # user code is found before any stage runs
+    if job.model.path:
+        import_object(job.model.path, "model.path")
     record = JobRecord(job)
     plan = _stage_plan(job)
     results: dict[str, Any] = {}
