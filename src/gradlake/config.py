@@ -371,8 +371,8 @@ def _validate(job: JobConfig) -> JobConfig:
             raise InputError(f"stages: unknown stage {stage!r}; expected some of {', '.join(STAGES)}")
     for obs in job.grads.observables:  # which ones the task defines is checked when it is loaded
         if not is_identifier(obs):
-            raise InputError(f"grads.observables: {obs!r} is not an observable name (a letter, then letters, digits, '_'); "
-                             f"the default task has {', '.join(OBSERVABLES)}")
+            raise InputError(f"grads.observables: {obs!r} is not an observable name (a letter, then letters, "
+                             f"digits, '_'); the default task has {', '.join(OBSERVABLES)}")
     if job.model.path and ":" not in job.model.path:
         raise InputError(f"model.path: expected an import path 'package.module:Name', got {job.model.path!r}")
     if job.model.path and job.model.overrides:
@@ -383,13 +383,13 @@ def _validate(job: JobConfig) -> JobConfig:
         raise InputError("reduce.exact.enabled: the exact minibatch mode supports the preset models and the "
                          "default task only (not model.path or task.path) so far")
     if job.train.epochs == 0 and not job.model.checkpoint:
-        raise InputError("train.epochs: expected int > 0 (0 only with model.checkpoint: analyse those weights as they are)")
+        raise InputError("train.epochs: expected int > 0 (0 only with model.checkpoint: "
+                         "analyse those weights as they are)")
     if job.task.path and ":" not in job.task.path:
         raise InputError(f"task.path: expected an import path 'package.module:Name', got {job.task.path!r}")
     for pair in job.reduce.pairs:
-        if len(pair) != 2 or any(o == "V" for o in pair):
-            raise InputError(f"reduce.pairs: expected two one-letter observable names like 'CC' or 'MC' "
-                             f"(not 'V'), got {pair!r}")
+        if len(pair) != 2:
+            raise InputError(f"reduce.pairs: expected two one-letter observable names like 'CC' or 'MC', got {pair!r}")
         missing = [o for o in pair if o not in job.grads.observables]
         if missing and "grads" in job.stages:
             raise InputError(f"reduce.pairs: {pair!r} needs observable {missing[0]!r}, which grads.observables does not compute")

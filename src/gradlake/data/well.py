@@ -145,14 +145,13 @@ class WellDataset(Dataset):
             "checksum": [""] * len(classes),
         }, schema=TABLE_SCHEMA)
         shape = [len(classes), len(times), len(channels), *grid]
-        counts = lambda column: {k: int(v) for k, v in zip(*np.unique(np.asarray(column, dtype=str), return_counts=True))}  # noqa: E731
         payload = json.dumps({"channels": channels, "files": [
             {"name": posixpath.basename(f.url), "split": f.split, "size": f.size, "shapes": f.shapes,
              "head": f.head} for f in files]}, sort_keys=True)
         manifest = {
             "format": "the-well-hdf5", "format_version": FORMAT_VERSION, "family": FAMILY,
             "shape": shape, "dimension_names": ["trajectory", "time", "channel", *dims],
-            "channels": channels, "times": times, "classes": counts(classes), "splits": counts(splits),
+            "channels": channels, "times": times, "classes": _counts(classes), "splits": _counts(splits),
             "provenance": {"read_in_place": [f.url for f in files]},
             "fingerprint": hashlib.sha256(payload.encode()).hexdigest(),
         }
@@ -193,6 +192,11 @@ class WellDataset(Dataset):
     def verify(self) -> None:
         raise InputError(f"{self.url}: read in place from The Well's HDF5 files, which carry no "
                          "checksums; `gradlake ingest well` copies them into a verifiable dataset")
+
+
+def _counts(values: list[str]) -> dict[str, int]:
+    names, counts = np.unique(np.asarray(values, dtype=str), return_counts=True)
+    return {str(k): int(v) for k, v in zip(names, counts)}
 
 
 def _inspect(url: str, split: str | None, storage_options) -> tuple:
@@ -236,9 +240,8 @@ def _inspect_open(f: h5py.File, url: str, split: str | None, size: int) -> tuple
             lead = int(sample) + int(varying)
             expected = lead + d + rank
             if data.ndim != expected or any(c != d for c in data.shape[lead + d:]):
-                raise InputError(f"{url}: {group}/{name} has shape {list(data.shape)}; expected "
-                                 f"{'[trajectory, ' if sample else '['}{'time, ' if varying else ''}"
-                                 f"{d} spatial axes{', ' + str(d) if rank else ''}{', ' + str(d) if rank == 2 else ''}]")
+                axes = ["trajectory"] * sample + ["time"] * varying + [f"{d} spatial axes"] + [str(d)] * rank
+                raise InputError(f"{url}: {group}/{name} has shape {list(data.shape)}; expected [{', '.join(axes)}]")
             if sample:
                 n = n or data.shape[0]
                 if data.shape[0] != n:
