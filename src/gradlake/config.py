@@ -72,15 +72,30 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """The loss and the named observables (see :mod:`gradlake.physics`)."""
+
+    path: str = ""  # import path "package.module:Name"; empty -> the paper's (gradlake.physics:PDETask)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # arguments of Name (a class or factory)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: Literal["unet", "vit"] = "unet"
     preset: Literal["tiny", "small", "paper"] = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    # A user model instead of a preset: "package.module:Name", an nn.Module class or factory
+    # called with kwargs, mapping [batch, C, *grid] to the same shape.
+    path: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Initial weights (.safetensors, or weights-only .pt) at any fsspec URL: training starts
+    # from them; with train.epochs = 0 they are the one checkpoint analysed (epoch-0000).
+    checkpoint: str = ""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = rule(positive, 2)
+    epochs: int = rule(non_negative, 2)  # 0: only with model.checkpoint (analyse it as is)
     batch_size: int = rule(positive, 48)
     lr: float = rule(positive, 5e-4)
     weight_decay: float = rule(non_negative, 1e-4)
@@ -222,7 +237,11 @@ class JobConfig:
     name: str = "job"
     out: str = "runs/job"  # root of the job's outputs (local path or fsspec URL)
     stages: tuple[str, ...] = ("data", "train", "grads", "reduce", "report")
+    # Folders put first on sys.path (driver and workers) so that model.path and task.path
+    # import without installing; relative ones are resolved against the job file's folder.
+    python_path: tuple[str, ...] = ()
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     grads: GradsConfig = field(default_factory=GradsConfig)
@@ -361,15 +380,32 @@ def _build(cls, values: dict[str, Any], prefix: str):
 
 def _validate(job: JobConfig) -> JobConfig:
     """Checks that span several settings."""
+    from gradlake.fsio import is_identifier
+
     for stage in job.stages:
         if stage not in STAGES:
             raise InputError(f"stages: unknown stage {stage!r}; expected some of {', '.join(STAGES)}")
-    for obs in job.grads.observables:
-        if obs not in OBSERVABLES:
-            raise InputError(f"grads.observables: unknown observable {obs!r}; expected some of {', '.join(OBSERVABLES)}")
+    for obs in job.grads.observables:  # which ones the task defines is checked when it is loaded
+        if not is_identifier(obs):
+            raise InputError(f"grads.observables: {obs!r} is not an observable name (a letter, then letters, "
+                             f"digits, '_'); the default task has {', '.join(OBSERVABLES)}")
+    if job.model.path and ":" not in job.model.path:
+        raise InputError(f"model.path: expected an import path 'package.module:Name', got {job.model.path!r}")
+    if job.model.path and job.model.overrides:
+        raise InputError("model.overrides: preset overrides do not apply to model.path; use model.kwargs")
+    if job.model.kwargs and not job.model.path:
+        raise InputError("model.kwargs: only for a model named by model.path; presets take model.overrides")
+    if job.reduce.exact.enabled and "reduce" in job.stages and (job.task.path or job.model.path):
+        raise InputError("reduce.exact.enabled: the exact minibatch mode supports the preset models and the "
+                         "default task only (not model.path or task.path) so far")
+    if job.train.epochs == 0 and not job.model.checkpoint:
+        raise InputError("train.epochs: expected int > 0 (0 only with model.checkpoint: "
+                         "analyse those weights as they are)")
+    if job.task.path and ":" not in job.task.path:
+        raise InputError(f"task.path: expected an import path 'package.module:Name', got {job.task.path!r}")
     for pair in job.reduce.pairs:
-        if len(pair) != 2 or any(o not in OBSERVABLES for o in pair):
-            raise InputError(f"reduce.pairs: expected two observable letters like 'CC' or 'MC', got {pair!r}")
+        if len(pair) != 2:
+            raise InputError(f"reduce.pairs: expected two one-letter observable names like 'CC' or 'MC', got {pair!r}")
         missing = [o for o in pair if o not in job.grads.observables]
         if missing and "grads" in job.stages:
             raise InputError(f"reduce.pairs: {pair!r} needs observable {missing[0]!r}, which grads.observables does not compute")
@@ -409,6 +445,9 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path}: not valid TOML: {err}") from None
     values.update(overrides or {})
+    if isinstance(values.get("python_path"), list):
+        values["python_path"] = [str((path.parent / p).resolve()) if isinstance(p, str) else p
+                                 for p in values["python_path"]]
     return parse_job(values, str(path))
 
 

@@ -30,6 +30,15 @@ def is_path_name(name: object) -> bool:
     return isinstance(name, str) and bool(_PATH_NAME.match(name))
 
 
+_IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def is_identifier(name: object) -> bool:
+    """A path name that is also a column name of the --where language: a letter, then letters,
+    digits or '_' (observable names: store arrays and columns norm_<name>)."""
+    return isinstance(name, str) and bool(_IDENTIFIER.match(name))
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL or local path, keeping the protocol."""
     if "://" in url:

@@ -68,6 +68,17 @@ def checkpoints(job: JobConfig) -> dict[str, str]:
     return found
 
 
+def _settings(section: Any, added: tuple[str, ...]) -> dict[str, Any]:
+    """A section's settings for a hash; fields added later count only when set, so the
+    hashes of jobs that do not use them stay what they were."""
+    values = dataclasses.asdict(section)
+    default = type(section)()
+    for name in added:
+        if getattr(section, name) == getattr(default, name):
+            values.pop(name)
+    return values
+
+
 def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, Any]]]]:
     """Each stage: (hash of everything its output depends on, the call that runs it)."""
     so = job.store.storage_options or None
@@ -89,14 +100,14 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
         paths = []
         for seed, run_dir in training_runs(job):
             settings = dataclasses.replace(job.train, seed=seed)
-            paths += run_train(job.data_url, job.model, settings, run_dir, storage_options=so)
+            paths += run_train(job.data_url, job.model, settings, run_dir, storage_options=so, task=job.task)
         return {"checkpoints": paths}
 
     def grads():
         from gradlake.distributed.grads_stage import run_grads
 
         return run_grads(job.data_url, checkpoints(job), job.store_url, job.grads, job.ray,
-                         storage_options=so)
+                         storage_options=so, task=job.task, python_path=job.python_path)
 
     def reduce():
         from gradlake.reduce import run_reduce
@@ -111,7 +122,8 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
         return {"index": index}
 
     data_h = settings_hash(job.data, job.data_url)
-    train_h = settings_hash(data_h, job.model, job.train)
+    train_h = settings_hash(data_h, _settings(job.model, ("path", "kwargs", "checkpoint")), job.train,
+                            *([job.task] if job.task != type(job.task)() else []))
     grads_h = settings_hash(train_h, job.grads, job.store_url)
     reduce_h = settings_hash(grads_h, job.reduce)
     report_h = settings_hash(reduce_h, job.report)
@@ -126,6 +138,13 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
 
 def run_job(job: JobConfig, force: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the job's stages in order; returns each stage's summary."""
+    from gradlake.physics import load_task
+    from gradlake.plugins import import_object, use_paths
+
+    use_paths(job.python_path)
+    load_task(job.task.path, job.task.kwargs)  # user code is found before any stage runs
+    if job.model.path:
+        import_object(job.model.path, "model.path")
     record = JobRecord(job)
     plan = _stage_plan(job)
     results: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """One-step teacher-forced training, checkpoints, and autoregressive rollout.
 
-Training minimises the mean over a batch of the per-sample scaled MSE
-(:func:`gradlake.physics.scaled_mse`) of ŷ(s_{n,t}) against s_{n,t+1}, with AdamW.
+Training minimises the mean over a batch of the task's per-sample loss (default: the paper's
+scaled MSE, :func:`gradlake.physics.scaled_mse`) of ŷ(s_{n,t}) against s_{n,t+1}, with AdamW.
+The metrics keep the names ``train_smse``/``val_smse`` whatever the task's loss is.
 
 Data order and memory: an epoch's order is a pure function of (seed, epoch, the training
 trajectories, the window): trajectories are shuffled, cut into windows of trajectories that
@@ -33,13 +34,16 @@ import torch
 from torch import nn
 
 from gradlake import fsio, models, physics
-from gradlake.config import ModelConfig, TrainConfig
+from gradlake.config import ModelConfig, TaskConfig, TrainConfig
 from gradlake.errors import InputError
 from gradlake.models.checkpoint import (
+    check_weights,
     checkpoint_name,
+    file_sha256,
     list_checkpoints,
     load_checkpoint,
     load_optimizer_state,
+    read_weights,
     save_checkpoint,
 )
 from gradlake.progress import progress
@@ -128,24 +132,27 @@ def _tensors(cache: TrajectoryCache, rows: np.ndarray, device: torch.device) -> 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cache: TrajectoryCache, rows: np.ndarray, batch_size: int,
-             device: torch.device) -> float:
-    """Mean per-sample scaled MSE of one-step predictions over ``rows`` (in row order)."""
+             device: torch.device, task: physics.Task | None = None) -> float:
+    """Mean per-sample loss (default: scaled MSE) of one-step predictions over ``rows`` (in row order)."""
+    task = task or physics.PDETask()
     model.eval()
     total = 0.0
     for batch in batches(np.sort(rows), batch_size):
         inputs, targets = _tensors(cache, batch, device)
-        total += physics.scaled_mse(model(inputs), targets).sum().item()
+        total += task.loss(model(inputs), inputs, targets).sum().item()
     return total / max(len(rows), 1)
 
 
 def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, cache: TrajectoryCache, order: np.ndarray,
-                batch_size: int, device: torch.device, bar, epoch: int) -> tuple[float, float]:
-    """One pass over ``order`` in batches; returns (mean training SMSE, seconds)."""
+                batch_size: int, device: torch.device, bar, epoch: int,
+                task: physics.Task | None = None) -> tuple[float, float]:
+    """One pass over ``order`` in batches; returns (mean training loss, seconds)."""
+    task = task or physics.PDETask()
     net.train()
     began, loss_sum, done = time.perf_counter(), 0.0, 0
     for rows in batches(order, batch_size):
         inputs, targets = _tensors(cache, rows, device)
-        loss = physics.scaled_mse(net(inputs), targets).mean()
+        loss = task.loss(net(inputs), inputs, targets).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -164,15 +171,39 @@ def describe(metrics: dict[str, Any]) -> str:
 
 
 def _model_config(model: ModelConfig, dataset) -> dict[str, Any]:
-    height, width = dataset.resolution
-    if height != width:
-        raise InputError(f"{dataset.url}: the surrogates expect a square grid, got {height}x{width}")
-    return models.config(model.name, model.preset, channels=len(dataset.channels), resolution=height,
+    if model.path:
+        return models.import_config(model.path, model.kwargs)
+    grid = tuple(dataset.resolution)
+    if len(grid) != 2 or grid[0] != grid[1]:
+        raise InputError(f"{dataset.url}: the preset surrogates expect a square 2-D grid, got "
+                         f"{'x'.join(map(str, grid))}; name your own model with model.path")
+    return models.config(model.name, model.preset, channels=len(dataset.channels), resolution=grid[0],
                          **model.overrides)
 
 
-def _check_resume(meta: dict[str, Any], path: str, cfg: dict[str, Any], dataset, settings: TrainConfig) -> None:
+def _import_weights(url: str, cfg: dict[str, Any], meta: dict[str, Any], out_dir: str,
+                    storage_options: dict | None) -> str:
+    """Checkpoint epoch-0000 of a run: the weights at ``url`` (model.checkpoint), checked against ``cfg``."""
+    net = models.from_config(cfg)
+    weights = read_weights(url, storage_options)
+    check_weights(weights, net, url)
+    net.load_state_dict(weights)
+    meta = {**meta, "epoch": 0, "metrics": None, "history": [],
+            "source": {"url": url, "sha256": file_sha256(url, storage_options)}}
+    return save_checkpoint(fsio.join(out_dir, "checkpoints", checkpoint_name(0)), net, cfg, meta,
+                           storage_options=storage_options)
+
+
+def _check_resume(meta: dict[str, Any], path: str, cfg: dict[str, Any], dataset, settings: TrainConfig,
+                  task: dict[str, Any], source_sha256: str | None) -> None:
     where = fsio.join(path, "config.json")
+    if (meta.get("source") or {}).get("sha256") != source_sha256:
+        raise InputError(f"{where}: the run started from other weights than model.checkpoint "
+                         f"(sha256 {str((meta.get('source') or {}).get('sha256'))[:12]}, "
+                         f"this one {str(source_sha256)[:12]}); choose another output directory")
+    if meta.get("task", {}) != task:
+        raise InputError(f"{where}: the run was trained with task {meta.get('task') or 'default'}, not "
+                         f"{task or 'default'}; choose another output directory")
     if meta["model"] != cfg:
         raise InputError(f"{where}: the run was trained with model {meta['model']}, not the requested {cfg}; "
                          "choose another output directory")
@@ -192,8 +223,13 @@ def _open_dataset(url: str, storage_options: dict | None):
 
 
 def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: str,
-          storage_options: dict | None = None) -> list[str]:
-    """Train (or resume) a run in ``out_dir``; returns every checkpoint path of the run, oldest first."""
+          storage_options: dict | None = None, task: TaskConfig | None = None) -> list[str]:
+    """Train (or resume) a run in ``out_dir``; returns every checkpoint path of the run, oldest first.
+
+    ``task`` names the loss (default: the paper's scaled MSE)."""
+    task_config = task or TaskConfig()
+    task_meta = {"path": task_config.path, "kwargs": dict(task_config.kwargs)} if task_config.path else {}
+    loss_task = physics.load_task(task_config.path, task_config.kwargs)
     dataset = _open_dataset(dataset_url, storage_options)
     cfg = _model_config(model, dataset)
     device = resolve_device(settings.device)
@@ -201,23 +237,34 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
     train_rows = index.select(splits=["train"])
     if len(train_rows) == 0:
         raise InputError(f"{dataset_url}: the train split has no samples")
+    physics.check_task(loss_task, dataset.channels, (physics.LOSS,), *dataset.samples(train_rows[:2]),
+                       source=f"task {task_config.path or 'default'}")
     val_split = next((split for split in ("val", "test") if len(index.select(splits=[split]))), None)
     val_rows = index.select(splits=[val_split]) if val_split else np.zeros(0, dtype=np.int64)
     train_trajectories = np.unique(index.locate(train_rows)[0])
     window = window_trajectories(dataset, settings.window_mb)
     cache = TrajectoryCache(dataset, 2 * window)
 
+    meta = {"dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint},
+            "channels": list(dataset.channels), "train": dataclasses.asdict(settings),
+            **({"task": task_meta} if task_meta else {})}
+    source = model.checkpoint and file_sha256(model.checkpoint, storage_options)
     existing = list_checkpoints(out_dir, storage_options)
+    if not existing and model.checkpoint:
+        existing = [_import_weights(model.checkpoint, cfg, meta, out_dir, storage_options)]
     if existing:
-        net, meta = load_checkpoint(existing[-1], storage_options, device)
-        _check_resume(meta, existing[-1], cfg, dataset, settings)
-        start, history = int(meta["epoch"]), list(meta["history"])
+        net, last = load_checkpoint(existing[-1], storage_options, device)
+        _check_resume(last, existing[-1], cfg, dataset, settings, task_meta, source or None)
+        start, history = int(last["epoch"]), list(last["history"])
     else:
         torch.manual_seed(settings.seed)
         net, start, history = models.from_config(cfg).to(device), 0, []
+    models.check_output(net, dataset.samples(train_rows[:1])[0], f"model {model.path or model.name}")
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    if existing:
+    if start > 0:
         load_optimizer_state(existing[-1], optimizer, storage_options)
+    elif existing:  # from imported weights: the RNG as a fresh run's
+        torch.manual_seed(settings.seed)
     if start >= settings.epochs:
         return existing
 
@@ -228,17 +275,18 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
     with kernels(device, settings.deterministic):
         for epoch in range(start + 1, settings.epochs + 1):
             order = epoch_order(train_trajectories, index.steps, settings.seed, epoch, window)
-            train_smse, seconds = train_epoch(net, optimizer, cache, order, settings.batch_size, device, bar, epoch)
+            train_smse, seconds = train_epoch(net, optimizer, cache, order, settings.batch_size, device, bar, epoch,
+                                              loss_task)
             metrics = {"epoch": epoch, "train_smse": train_smse,
-                       "val_smse": evaluate(net, cache, val_rows, settings.batch_size, device) if val_split else None,
+                       "val_smse": evaluate(net, cache, val_rows, settings.batch_size, device, loss_task)
+                       if val_split else None,
                        "val_split": val_split, "samples_per_s": len(train_rows) / seconds, "seconds": seconds}
             history.append(metrics)
             bar.write(f"epoch {epoch}: {describe(metrics)}")
             if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
-                meta = {"epoch": epoch, "metrics": metrics, "history": history,
-                        "dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint},
-                        "channels": list(dataset.channels), "train": dataclasses.asdict(settings)}
-                save_checkpoint(fsio.join(out_dir, "checkpoints", checkpoint_name(epoch)), net, cfg, meta,
+                save_checkpoint(fsio.join(out_dir, "checkpoints", checkpoint_name(epoch)), net, cfg,
+                                {**meta, "epoch": epoch, "metrics": metrics, "history": history,
+                                 **({"source": last["source"]} if existing and "source" in last else {})},
                                 optimizer, storage_options)
     bar.close()
     return list_checkpoints(out_dir, storage_options)

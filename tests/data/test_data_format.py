@@ -57,6 +57,26 @@ def test_round_trip_plain_readers(tmp_path):
     ds.verify()
 
 
+@pytest.mark.parametrize("grid,names", [((7,), ("x",)), ((3, 4, 5), ("z", "y", "x"))])
+def test_one_and_three_dimensional_grids_round_trip(tmp_path, grid, names):
+    rng = np.random.default_rng(2)
+    data = rng.standard_normal((2, 3, 2, *grid)).astype(np.float32)
+    writer = DatasetWriter(str(tmp_path / "ds"), n_trajectories=2, times=[0, 1, 2], channels=("u", "v"),
+                           resolution=grid, family="test")
+    writer.write(0, data)
+    ds = writer.finish(["a", "b"], ["train", "test"], ["src"] * 2, [{}] * 2, {})
+    array = zarr.open_group(str(tmp_path / "ds" / "fields.zarr"), mode="r")["fields"]
+    assert tuple(array.metadata.dimension_names) == ("trajectory", "time", "channel", *names)
+    assert ds.resolution == grid and ds.manifest["dimension_names"][3:] == list(names)
+    inputs, targets = ds.samples([3])  # trajectory 1, t = 1
+    np.testing.assert_array_equal(inputs[0], data[1, 1])
+    np.testing.assert_array_equal(targets[0], data[1, 2])
+    ds.verify()
+    with pytest.raises(InputError, match="1, 2 or 3 axes"):
+        DatasetWriter(str(tmp_path / "4d"), n_trajectories=1, times=[0, 1], channels=("u",),
+                      resolution=(2, 2, 2, 2), family="test")
+
+
 def test_fingerprint_deterministic_and_content_sensitive(tmp_path):
     a, _ = write_random(str(tmp_path / "a"))
     b, _ = write_random(str(tmp_path / "b"), block=3)

@@ -133,7 +133,7 @@ def test_cli_bad_settings_exit_2_before_any_work(grads_inputs, tmp_path, capsys)
     out = tmp_path / "store"
     for args, message in ((["--dtype", "float8"], "grads.dtype: expected one of 'float16', 'float32'"),
                           (["--k-in", "0"], "grads.k_in: expected int > 0"),
-                          (["--observables", "C,X"], "unknown observable 'X'")):
+                          (["--observables", "C,X"], "'X' is not defined for channels")):
         with pytest.raises(SystemExit) as exit_info:
             main(["grads", "--data", data, "--checkpoint", checkpoints[0], "--out", str(out), *args])
         assert exit_info.value.code == 2

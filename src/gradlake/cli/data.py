@@ -35,9 +35,9 @@ def _split_fractions(text: str) -> tuple[float, float, float]:
 def _summary(ds, verb: str, seconds: float) -> str:
     classes = ", ".join(f"{c} {n}" for c, n in ds.manifest["classes"].items())
     splits = ", ".join(f"{s} {n}" for s, n in sorted(ds.manifest["splits"].items()))
-    height, width = ds.resolution
+    grid = "x".join(str(n) for n in ds.resolution)
     return (f"{verb} {ds.family} dataset {ds.url}: {ds.n_trajectories} trajectories x {ds.n_times} steps "
-            f"x {len(ds.channels)} channels at {height}x{width} ({classes}; {splits}); "
+            f"x {len(ds.channels)} channels at {grid} ({classes}; {splits}); "
             f"fingerprint {ds.fingerprint[:12]} in {seconds:.1f} s")
 
 

@@ -1,7 +1,8 @@
 """The project's trajectory dataset format, at any fsspec URL.
 
     <url>/fields.zarr            Zarr v3 group; array "fields" float32
-                                 [trajectory, time, channel, y, x], one chunk per trajectory,
+                                 [trajectory, time, channel, *grid] with 1, 2 or 3 grid axes
+                                 ("x"; "y", "x"; "z", "y", "x"), one chunk per trajectory,
                                  dimension_names set; attributes: channels, family, times, ...
     <url>/trajectories.parquet   trajectory int64, class, split, source, params (JSON), checksum
     <url>/dataset.json           manifest, written LAST: its presence marks the dataset complete
@@ -31,7 +32,14 @@ FORMAT = "gradlake-dataset"
 FORMAT_VERSION = 1
 FIELDS, TABLE, MANIFEST = "fields.zarr", "trajectories.parquet", "dataset.json"
 ARRAY = "fields"
-DIMENSIONS = ("trajectory", "time", "channel", "y", "x")
+GRID_AXES = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
+
+
+def dimension_names(grid_axes: int) -> tuple[str, ...]:
+    """The fields array's dimension names for 1-, 2- or 3-D grids."""
+    if grid_axes not in GRID_AXES:
+        raise InputError(f"a dataset grid has 1, 2 or 3 axes, got {grid_axes}")
+    return ("trajectory", "time", "channel", *GRID_AXES[grid_axes])
 TABLE_SCHEMA = pa.schema([
     ("trajectory", pa.int64()),
     ("class", pa.string()),
@@ -75,20 +83,21 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> di
 class DatasetWriter:
     """Writes a dataset in blocks of trajectories; memory does not grow with the dataset.
 
-    ``write`` stores a block [n, T, C, H, W] at trajectory ``start``; ``finish`` writes the
+    ``write`` stores a block [n, T, C, *grid] at trajectory ``start``; ``finish`` writes the
     table, then the manifest. Until ``finish`` the URL holds no dataset (no manifest), and
     a later writer replaces whatever was left there.
     """
 
     def __init__(self, url: str, *, n_trajectories: int, times: Sequence[float],
-                 channels: Sequence[str], resolution: tuple[int, int], family: str,
+                 channels: Sequence[str], resolution: Sequence[int], family: str,
                  attributes: dict[str, Any] | None = None,
                  storage_options: dict[str, Any] | None = None):
         self.url, self.storage_options = url, storage_options
         self.family, self.channels = family, tuple(channels)
         self.times = [float(t) for t in times]
-        height, width = resolution
-        self.shape = (int(n_trajectories), len(self.times), len(self.channels), int(height), int(width))
+        grid = tuple(int(n) for n in resolution)
+        self.dimensions = dimension_names(len(grid))
+        self.shape = (int(n_trajectories), len(self.times), len(self.channels), *grid)
         if min(self.shape) < 1:
             raise InputError(f"{url}: cannot write a dataset of shape {self.shape}")
         self.files = fsio.Folder(url, storage_options)
@@ -100,7 +109,7 @@ class DatasetWriter:
         group.attrs.update(attrs)
         self.array = group.create_array(
             ARRAY, shape=self.shape, chunks=(1, *self.shape[1:]), dtype="float32",
-            dimension_names=DIMENSIONS, attributes=attrs, fill_value=np.nan)
+            dimension_names=self.dimensions, attributes=attrs, fill_value=np.nan)
         self.checksums: list[str | None] = [None] * self.shape[0]
 
     def _clear_leftovers(self) -> None:
@@ -124,7 +133,7 @@ class DatasetWriter:
     def write(self, start: int, block: np.ndarray) -> None:
         """Store trajectories ``start .. start + len(block) - 1``."""
         block = np.asarray(block, dtype=np.float32)
-        if block.ndim != 5 or block.shape[1:] != self.shape[1:] or start < 0 \
+        if block.ndim != len(self.shape) or block.shape[1:] != self.shape[1:] or start < 0 \
                 or start + block.shape[0] > self.shape[0]:
             raise GradlakeError(f"block of shape {block.shape} at {start} does not fit dataset "
                                 f"shape {self.shape}")
@@ -154,7 +163,7 @@ class DatasetWriter:
         counts = lambda column: {k: int(v) for k, v in zip(*np.unique(np.asarray(column, dtype=str), return_counts=True))}  # noqa: E731
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "gradlake_version": __version__,
-            "family": self.family, "shape": list(self.shape), "dimension_names": list(DIMENSIONS),
+            "family": self.family, "shape": list(self.shape), "dimension_names": list(self.dimensions),
             "channels": list(self.channels), "times": self.times,
             "classes": counts(classes), "splits": counts(splits),
             "provenance": provenance,
@@ -176,11 +185,16 @@ class Dataset:
 
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> Dataset:
-        """Open the dataset at ``url``; InputError when there is none or it is incomplete."""
+        """Open the dataset at ``url``: a gradlake dataset, or HDF5 files in The Well's layout
+        (read in place, see :mod:`gradlake.data.well`); InputError when there is none."""
         manifest = read_manifest(url, storage_options)
         if manifest is None:
-            raise InputError(f"{url}: no complete gradlake dataset here ({MANIFEST} missing; "
-                             "generate or ingest one first)")
+            from gradlake.data.well import WellDataset, well_files
+
+            if well_files(url, storage_options):
+                return WellDataset.open(url, storage_options)
+            raise InputError(f"{url}: no complete gradlake dataset here ({MANIFEST} missing) and no "
+                             "HDF5 files of The Well; generate or ingest one first")
         files = fsio.Folder(url, storage_options)
         try:
             group = zarr.open_group(store=files.zarr_store(FIELDS, read_only=True), mode="r")
@@ -208,8 +222,9 @@ class Dataset:
         return tuple(self.manifest["channels"])
 
     @property
-    def resolution(self) -> tuple[int, int]:
-        return int(self.manifest["shape"][3]), int(self.manifest["shape"][4])
+    def resolution(self) -> tuple[int, ...]:
+        """The grid's shape: (x,), (y, x) or (z, y, x)."""
+        return tuple(int(n) for n in self.manifest["shape"][3:])
 
     @property
     def family(self) -> str:
@@ -239,7 +254,7 @@ class Dataset:
 
     # -- reading -------------------------------------------------------------------------
     def read(self, trajectory_ids) -> np.ndarray:
-        """Whole trajectories as float32 [n, T, C, H, W], in the order asked for."""
+        """Whole trajectories as float32 [n, T, C, *grid], in the order asked for."""
         ids = np.asarray(trajectory_ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_trajectories):
             raise InputError(f"{self.url}: trajectory ids must lie in 0..{self.n_trajectories - 1}, "
@@ -259,7 +274,7 @@ class Dataset:
         return self._index
 
     def samples(self, rows) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets) float32 [n, C, H, W]: states at t and t + 1 of each sample row."""
+        """(inputs, targets) float32 [n, C, *grid]: states at t and t + 1 of each sample row."""
         trajectory, t = self.index().locate(rows)
         unique, inverse = np.unique(trajectory, return_inverse=True)
         data = self.read(unique)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlake.config import GradsConfig, RayConfig
+from gradlake.config import GradsConfig, RayConfig, TaskConfig
 from gradlake.data.index import SPLIT_NAMES
 from gradlake.distributed.plan import ShardTask, plan_shards
 from gradlake.distributed.shard_work import FAULT_ENV, Fault, WorkerSettings
@@ -39,12 +39,15 @@ BACKOFF_S, BACKOFF_MAX_S = 0.5, 30.0
 
 
 def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
-              ray: RayConfig | None = None, storage_options: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+              ray: RayConfig | None = None, storage_options: dict[str, Any] | None = None,
+              task: TaskConfig | None = None, python_path: tuple[str, ...] = ()) -> dict[str, Any]:
     """Projected gradients of every held sample for each checkpoint, into the store at ``store_url``.
 
     ``checkpoints`` maps store names to checkpoint paths, or is a list of paths named by
-    their directory names. Resumes: committed shards are never recomputed. Returns a
+    their directory names. ``task`` names the loss and observables (default: the task the
+    checkpoints were trained with, else the paper's);
+    ``python_path`` lists folders the workers import user models and tasks from. Resumes:
+    committed shards are never recomputed. Returns a
     JSON-able summary; raises InputError for bad input (before any work) and
     GradlakeError when shards keep failing.
     """
@@ -53,12 +56,14 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
     fault = os.environ.get(FAULT_ENV, "")
     Fault.parse(fault)
     with Lease(StoreFiles(store_url, options or None), f"grads stage {STAGE!r}") as lease:
-        return _run(data_url, checkpoints, store_url, settings, ray_settings, options, fault, lease)
+        return _run(data_url, checkpoints, store_url, settings, ray_settings, options, fault, lease, task,
+                    python_path)
 
 
 def _run(data_url, checkpoints, store_url, settings: GradsConfig, ray_settings: RayConfig,
-         options: dict[str, Any], fault: str, lease: Lease) -> dict[str, Any]:
-    plan = prepare(data_url, checkpoints, store_url, settings, options)
+         options: dict[str, Any], fault: str, lease: Lease, task: TaskConfig | None,
+         python_path: tuple[str, ...]) -> dict[str, Any]:
+    plan = prepare(data_url, checkpoints, store_url, settings, options, task)
     store, skipped = plan.store, plan.skipped
     total = store.spec.n_shards * len(plan.names)
     set_stage_status(store, STAGE, {"status": "running", "checkpoints": plan.names,
@@ -71,7 +76,8 @@ def _run(data_url, checkpoints, store_url, settings: GradsConfig, ray_settings: 
 
         try:
             ensure_ray(ray_settings.address, ray_settings.num_cpus)
-            worker = WorkerSettings(data_url, store_url, settings, options, fault, store.spec.projector)
+            worker = WorkerSettings(data_url, store_url, settings, options, fault, store.spec.projector,
+                                    task=plan.task, python_path=tuple(python_path))
             outcome = _drive(plan.tasks, worker, settings, total, skipped, lease,
                              group_shards(store.spec.shard_rows),
                              lambda checkpoint, group: compacted.update(compact(store, {checkpoint: {group}})))
@@ -114,10 +120,11 @@ class StagePlan:
     names: list[str]  # the run's checkpoint names, in order
     tasks: list[ShardTask]  # uncommitted shards
     skipped: int  # committed shards
+    task: TaskConfig  # the loss and observables
 
 
 def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
-            storage_options: dict[str, Any]) -> StagePlan:
+            storage_options: dict[str, Any], task: TaskConfig | None = None) -> StagePlan:
     """Check every input, then create (or extend) the store and list the uncommitted shards."""
     from gradlake.data import Dataset
 
@@ -125,15 +132,16 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
     options = storage_options or None
     names, checkpoints = _checkpoint_names(checkpoints)
     dataset = Dataset.open(data_url, options)
-    _check_dataset(dataset, settings)
-    model_config, provenance = _describe_checkpoints(names, checkpoints, dataset, options)
     held = dataset.index().select(splits=settings.splits)
+    model_config, provenance, trained_task = _describe_checkpoints(names, checkpoints, dataset, options)
+    task = task or TaskConfig(**trained_task)
+    _check_dataset(dataset, settings, task, held)
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
     existing = read_metadata(StoreFiles(store_url, options))
-    projector = _projector_spec(existing, dataset, held, model_config, checkpoints[-1], settings, options)
+    projector = _projector_spec(existing, dataset, held, model_config, checkpoints[-1], settings, options, task)
     spec = _store_spec(dataset, model_config, projector, settings, held,
-                       existing["spec"]["shard_rows"] if existing and not settings.shard_rows else None)
+                       existing["spec"]["shard_rows"] if existing and not settings.shard_rows else None, task)
     shards = plan_shards(held, spec.shard_rows)
     store = create_store(store_url, spec, provenance, options, index=dataset.index().table)
     tasks, skipped = [], 0
@@ -142,7 +150,7 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
         skipped += len(committed & set(shards))
         tasks += [ShardTask(name, path, shard, rows) for shard, rows in shards.items()
                   if shard not in committed]
-    return StagePlan(store, names, tasks, skipped)
+    return StagePlan(store, names, tasks, skipped, task)
 
 
 def _checkpoint_names(checkpoints: Mapping[str, str] | list[str]) -> tuple[list[str], list[str]]:
@@ -160,14 +168,21 @@ def _checkpoint_names(checkpoints: Mapping[str, str] | list[str]) -> tuple[list[
     return names, list(checkpoints)
 
 
-def _check_dataset(dataset, settings: GradsConfig) -> None:
-    from gradlake.physics import available_observables
+def _check_dataset(dataset, settings: GradsConfig, task_config: TaskConfig, held: np.ndarray) -> None:
+    """The task's observables exist for the dataset's channels and work on two of its samples."""
+    from gradlake.physics import available_observables, check_task, load_task
 
-    available = available_observables(dataset.channels)
+    task = load_task(task_config.path, task_config.kwargs)
+    available = available_observables(dataset.channels, task)
     missing = [o for o in settings.observables if o not in available]
     if missing:
         raise InputError(f"grads.observables: {missing[0]!r} is not defined for channels "
-                         f"{list(dataset.channels)} of {dataset.url}; available: {', '.join(available)}")
+                         f"{list(dataset.channels)} of {dataset.url} by task "
+                         f"{task_config.path or 'default'}; available: {', '.join(available)}")
+    if len(held):
+        inputs, targets = dataset.samples(held[:2])
+        check_task(task, dataset.channels, settings.observables, inputs, targets,
+                   source=f"task {task_config.path or 'default'}")
     present = set(dataset.splits.tolist())
     unknown = sorted(set(settings.splits) - present - set(SPLIT_NAMES))
     if unknown:  # a standard split may be empty in a small dataset; another name is a typo
@@ -176,8 +191,9 @@ def _check_dataset(dataset, settings: GradsConfig) -> None:
 
 
 def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
-                          ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(the shared model config, provenance per checkpoint); InputError if they do not fit."""
+                          ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(the shared model config, provenance per checkpoint, the task they were trained with:
+    {"path", "kwargs"} or {}); InputError if they do not fit."""
     from gradlake.models.checkpoint import checkpoint_sha256, read_meta
 
     metas = {name: read_meta(path, options) for name, path in zip(names, paths)}
@@ -186,18 +202,19 @@ def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
         if list(meta.get("channels", dataset.channels)) != list(dataset.channels):
             raise InputError(f"checkpoint {name}: trained on channels {meta['channels']}, "
                              f"but {dataset.url} has {list(dataset.channels)}")
-        if meta["model"] != metas[first]["model"]:
-            raise InputError(f"checkpoints {first} and {name} have different model configs; "
+        if meta["model"] != metas[first]["model"] or meta.get("task", {}) != metas[first].get("task", {}):
+            raise InputError(f"checkpoints {first} and {name} have different model configs or tasks; "
                              "one store holds the checkpoints of one training run")
     provenance = {name: {"sha256": checkpoint_sha256(path, options), "path": path,
                          "epoch": metas[name].get("epoch"),
-                         "trained_on": (metas[name].get("dataset") or {}).get("fingerprint")}
+                         "trained_on": (metas[name].get("dataset") or {}).get("fingerprint"),
+                         **({"source": metas[name]["source"]} if metas[name].get("source") else {})}
                   for name, path in zip(names, paths)}
-    return metas[first]["model"], provenance
+    return metas[first]["model"], provenance, dict(metas[first].get("task", {}))
 
 
 def _projector_spec(existing: dict[str, Any] | None, dataset, held: np.ndarray, model_config: dict[str, Any],
-                    checkpoint: str, settings: GradsConfig, options) -> dict[str, Any]:
+                    checkpoint: str, settings: GradsConfig, options, task: TaskConfig) -> dict[str, Any]:
     """The projector's spec; an energy allocation is calibrated once, on ``checkpoint`` (the run's
     last) and ``calibration_samples`` held rows evenly spaced over the train split (else all held
     rows), and an existing store's calibration is kept when its settings are these."""
@@ -205,6 +222,7 @@ def _projector_spec(existing: dict[str, Any] | None, dataset, held: np.ndarray, 
     from gradlake.grads.allocation import calibrate
     from gradlake.models import from_config
     from gradlake.models.checkpoint import load_checkpoint
+    from gradlake.physics import load_task
 
     uniform = Projector.from_config(settings)
     if settings.allocation == "uniform":
@@ -223,14 +241,15 @@ def _projector_spec(existing: dict[str, Any] | None, dataset, held: np.ndarray, 
     model, _ = load_checkpoint(checkpoint, options, device="cpu")
     inputs, targets = dataset.samples(rows)
     spec = calibrate(model, inputs, targets, k_total, seed=settings.seed, kind=settings.projection,
-                     observables=settings.observables, channels=dataset.channels, rows=rows.tolist()).spec(model)
+                     observables=settings.observables, channels=dataset.channels, rows=rows.tolist(),
+                     task=load_task(task.path, task.kwargs)).spec(model)
     bar.update(1)
     bar.close()
     return spec
 
 
 def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any], settings: GradsConfig,
-                held: np.ndarray, store_shard_rows: int | None) -> StoreSpec:
+                held: np.ndarray, store_shard_rows: int | None, task: TaskConfig) -> StoreSpec:
     """The run's store spec; shard_rows 0 takes an existing store's, else sizes them."""
     k = int(projector["k"])
     itemsize = np.dtype(settings.dtype).itemsize
@@ -246,6 +265,7 @@ def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any]
         n_rows=n_rows, shard_rows=shard_rows, chunk_rows=chunk_rows_for(shard_rows, k * itemsize),
         splits=tuple(settings.splits), n_samples=len(held),
         n_shards=len(np.unique(np.asarray(held, dtype=np.int64) // shard_rows)),
+        task={"path": task.path, "kwargs": dict(task.kwargs)} if task.path else {},
     )
 
 

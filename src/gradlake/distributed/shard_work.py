@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlake.config import GradsConfig
+from gradlake.config import GradsConfig, TaskConfig
 from gradlake.distributed.plan import ShardTask
 from gradlake.errors import InputError
 from gradlake.store import ShardWriter
@@ -71,17 +71,22 @@ class WorkerSettings:
     storage_options: dict[str, Any] = field(default_factory=dict)
     fault: str = ""
     projector: dict[str, Any] | None = None  # the store's projector spec (default: from ``grads``)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    python_path: tuple[str, ...] = ()  # folders of user models and tasks
 
 
 class Capture:
     """Projected per-sample gradients and losses of a batch (the real components)."""
 
     def __init__(self, grads: GradsConfig, channels: tuple[str, ...], storage_options: dict[str, Any],
-                 projector: dict[str, Any] | None = None):
+                 projector: dict[str, Any] | None = None, task: TaskConfig | None = None):
         from gradlake.grads import Projector
+        from gradlake.physics import load_task
         from gradlake.train import resolve_device
 
         self.grads, self.channels, self.storage_options = grads, channels, storage_options
+        task = task or TaskConfig()
+        self.task = load_task(task.path, task.kwargs)
         self.projector = Projector.from_spec(projector) if projector else Projector.from_config(grads)
         self.device = resolve_device(grads.device)
 
@@ -98,7 +103,7 @@ class Capture:
         g = self.grads
         phis, loss = compute(model, inputs, targets, observables=g.observables, projector=self.projector,
                              channels=self.channels, sample_ids=rows, probes=g.probes,
-                             probe_seed=g.seed, return_loss=True, precision=g.precision)
+                             probe_seed=g.seed, return_loss=True, precision=g.precision, task=self.task)
         return ({obs: phi.detach().float().cpu().numpy() for obs, phi in phis.items()},
                 loss.detach().float().cpu().numpy())
 
@@ -108,13 +113,15 @@ class ShardWorker:
 
     def __init__(self, settings: WorkerSettings, capture: Capture | None = None):
         from gradlake.data import Dataset
+        from gradlake.plugins import use_paths
 
+        use_paths(settings.python_path)
         self.settings = settings
         self.dataset = Dataset.open(settings.data_url, settings.storage_options or None)
         self.index = self.dataset.index().table
         self.writer = ShardWriter(settings.store_url, settings.storage_options or None)
         self.capture = capture or Capture(settings.grads, self.dataset.channels,
-                                          settings.storage_options or None, settings.projector)
+                                          settings.storage_options or None, settings.projector, settings.task)
         self.fault = Fault.parse(settings.fault)
         self._model_path: str | None = None
         self._model = None

@@ -177,13 +177,14 @@ def allocate(model_plan: Plan, statistics: dict[str, Any], k_total: int) -> dict
 
 def calibrate(model: nn.Module, inputs, targets, k_total: int, seed: int = 0, kind: str = "rademacher",
               observables: Sequence[str] = ("C",), channels: Sequence[str] | None = None,
-              conv: str = "full", batch: int = 4, rows: Sequence[int] | None = None) -> Projector:
+              conv: str = "full", batch: int = 4, rows: Sequence[int] | None = None, task=None) -> Projector:
     """An energy-allocated :class:`Projector` of ``k_total`` coordinates, calibrated on ``inputs``.
 
     Exact per-example gradients of ``observables`` (probes of "V": 4 per sample, seed 0) on
     the calibration samples, ``batch`` at a time; each observable's rows scaled to unit mean
     squared norm, so every observable counts alike. ``rows`` (dataset rows of the samples)
-    go into the record. Small and mid-sized models: a batch's full gradients are formed.
+    go into the record. ``task``: the loss and observables (default: the paper's, physics.Task).
+    Small and mid-sized models: a batch's full gradients are formed.
     """
     from gradlake.grads.api import compute
 
@@ -195,7 +196,7 @@ def calibrate(model: nn.Module, inputs, targets, k_total: int, seed: int = 0, ki
     for start in range(0, len(x), batch):
         ids = None if rows is None else list(rows[start:start + batch])
         phi = compute(model, x[start:start + batch].to(device), y[start:start + batch].to(device),
-                      observables, None, channels=channels, sample_ids=ids, probes=4)
+                      observables, None, channels=channels, sample_ids=ids, probes=4, task=task)
         for obs, g in phi.items():
             per_obs.setdefault(obs, []).append(g.reshape(-1, g.shape[-1]).double().cpu())
     scaled = []

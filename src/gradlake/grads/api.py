@@ -36,24 +36,26 @@ def _tensor(value, name: str, device: torch.device) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise InputError(f"grads {name}: expected a float tensor or array [batch, C, H, W], got {type(value).__name__}")
+        raise InputError(f"grads {name}: expected a float tensor or array [batch, C, *grid], got {type(value).__name__}")
     return value.to(device=device, dtype=torch.float32)
 
 
 def compute(model: nn.Module, inputs, targets, observables: Sequence[str] = ("C",),
             projector: Projector | None = None, channels: Sequence[str] | None = None,
             sample_ids: Sequence[int] | np.ndarray | None = None, probes: int = 1, probe_seed: int = 0,
-            return_loss: bool = False, precision: str = "float32"):
+            return_loss: bool = False, precision: str = "float32", task: physics.Task | None = None):
     """φ_A = P J_iᵀ r_{A,i} for each observable A and sample i of one batch.
 
     Returns {A: float32 [B, k]} ("V": [B, probes, k]) on the model's device, with
     k = ``projector.k(model)``; ``projector=None`` gives the exact gradient [B, p] (small
-    models only). φ_C is the projected gradient of the sample's own scaled-MSE loss. The
-    cotangents r_A come from :func:`gradlake.physics.residuals`; ``channels`` names the
+    models only). φ_C is the projected gradient of the sample's own loss. The cotangents
+    r_A come from :func:`gradlake.physics.residuals` of ``task`` (default: the paper's scaled
+    MSE and M/E drifts, :class:`gradlake.physics.PDETask`); inputs are [B, C, *grid] with any
+    number of grid dimensions; ``channels`` names the
     channels (default ``c0, c1, ...``: enough for "C" and "V"); ``sample_ids`` (dataset
     rows) key the "V" probes. ``precision`` "bfloat16" runs the forward, backward
     and projections under autocast (for GPUs); φ is float32 either way. With
-    ``return_loss=True`` returns (that dict, scaled-MSE loss [B]).
+    ``return_loss=True`` returns (that dict, the task's loss [B]).
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"grads model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -69,9 +71,9 @@ def compute(model: nn.Module, inputs, targets, observables: Sequence[str] = ("C"
         raise InputError("grads model: the model has no parameters")
     x = _tensor(inputs, "inputs", first.device)
     y = _tensor(targets, "targets", first.device)
-    if x.dim() != 4 or x.shape != y.shape:
-        raise InputError(f"grads inputs/targets: expected two [batch, C, H, W] arrays of one shape, "
-                         f"got {list(x.shape)} and {list(y.shape)}")
+    if not 3 <= x.dim() <= 5 or x.shape != y.shape:
+        raise InputError(f"grads inputs/targets: expected two [batch, C, X], [batch, C, X, Y] or "
+                         f"[batch, C, X, Y, Z] arrays of one shape, got {list(x.shape)} and {list(y.shape)}")
     channels = tuple(channels) if channels is not None else tuple(f"c{i}" for i in range(x.shape[1]))
     if len(channels) != x.shape[1]:
         raise InputError(f"grads channels: expected {x.shape[1]} names (one per channel), got {list(channels)}")
@@ -79,11 +81,12 @@ def compute(model: nn.Module, inputs, targets, observables: Sequence[str] = ("C"
         raise InputError(f"grads sample_ids: expected {x.shape[0]} ids (one per sample), got {len(sample_ids)}")
     # Every setting is checked (by the observables' owner) before any work starts.
     physics.residuals(x[:1], x[:1], y[:1], observables, channels,
-                      sample_ids=None if sample_ids is None else sample_ids[:1], probes=probes, seed=probe_seed)
+                      sample_ids=None if sample_ids is None else sample_ids[:1], probes=probes, seed=probe_seed,
+                      task=task)
 
     def cotangents(pred: torch.Tensor) -> dict[str, torch.Tensor]:
         return physics.residuals(pred, x, y, observables, channels, sample_ids=sample_ids,
-                                 probes=probes, seed=probe_seed)
+                                 probes=probes, seed=probe_seed, task=task)
 
     with evaluating(model):
         if projector is None:
@@ -91,5 +94,5 @@ def compute(model: nn.Module, inputs, targets, observables: Sequence[str] = ("C"
         else:
             phi, pred = projected_grads(model, x, cotangents, projector, PRECISIONS[precision])
     if return_loss:
-        return phi, physics.scaled_mse(pred.float(), y)
+        return phi, physics.observable(physics.LOSS, pred.float(), x, y, channels, task).detach()
     return phi

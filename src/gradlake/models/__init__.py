@@ -4,7 +4,10 @@
     model = from_config(cfg)          # == build("unet", "tiny", 4, 64, width=8)
 
 A config is ``{"name", "preset", "channels", "resolution", "params": {...}}``; ``params``
-is the preset's hyper-parameters with the overrides applied. Weights travel separately
+is the preset's hyper-parameters with the overrides applied. A user's model (any
+architecture) is ``{"name": "import", "path": "package.module:Name", "kwargs": {...}}``
+(:func:`import_config`): ``Name`` is an ``nn.Module`` class or a factory returning one, called
+with ``kwargs``; it maps [batch, C, *grid] to the same shape. Weights travel separately
 (safetensors, see :mod:`gradlake.models.checkpoint`).
 
 Presets: ``tiny`` (CPU tests), ``small`` (a laptop, ~0.5-2M parameters), ``paper`` (the
@@ -19,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from gradlake.errors import InputError
+from gradlake.plugins import import_object
 from gradlake.models.unet import UNet
 from gradlake.models.vit import ViT
 
@@ -95,8 +99,62 @@ def _jsonable(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+IMPORT = "import"
+
+
+def import_config(path: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON config of a user model named by import path, checked by building it once
+    (without touching torch's global RNG)."""
+    import torch
+
+    cfg = {"name": IMPORT, "path": str(path), "kwargs": copy.deepcopy(dict(kwargs or {}))}
+    with torch.random.fork_rng(devices=[]):
+        from_config(cfg)
+    return cfg
+
+
+def check_output(model: nn.Module, sample, source: str) -> None:
+    """InputError unless ``model`` maps one sample [1, C, *grid] to a float tensor of its shape."""
+    import torch
+
+    x = torch.as_tensor(sample, dtype=torch.float32)
+    first = next(model.parameters(), None)
+    if first is None:
+        raise InputError(f"{source}: the model has no parameters")
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(x.to(first.device))
+    except Exception as err:  # noqa: BLE001 -- the user's model failed on real data
+        raise InputError(f"{source}: the model fails on a sample of shape {list(x.shape)}: "
+                         f"{type(err).__name__}: {err}") from None
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape) or not out.is_floating_point():
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"{source}: the model must map [batch, C, *grid] to the same shape "
+                         f"(the next state); {list(x.shape)} gave {got}")
+
+
+def _from_import(cfg: dict[str, Any]) -> nn.Module:
+    if set(cfg) != {"name", "path", "kwargs"} or not isinstance(cfg["kwargs"], dict):
+        raise InputError(f"model config: expected keys name, path, kwargs (a table); got {cfg!r}")
+    factory = import_object(cfg["path"], "model.path")
+    try:
+        model = factory(**cfg["kwargs"])
+    except TypeError as err:
+        raise InputError(f"model.kwargs: {cfg['path']} does not accept {cfg['kwargs']}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model.path: {cfg['path']}(**kwargs) returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def from_config(cfg: dict[str, Any]) -> nn.Module:
-    """Build a model (freshly initialised from torch's RNG) from a config made by :func:`config`."""
+    """Build a model (freshly initialised from torch's RNG) from a config made by :func:`config`
+    or :func:`import_config`."""
+    if isinstance(cfg, dict) and cfg.get("name") == IMPORT:
+        return _from_import(cfg)
     if not isinstance(cfg, dict) or not {"name", "preset", "channels", "resolution", "params"} <= set(cfg):
         raise InputError(f"model config: expected keys name, preset, channels, resolution, params; got {cfg!r}")
     checked = config(cfg["name"], cfg["preset"], cfg["channels"], cfg["resolution"], **cfg["params"])

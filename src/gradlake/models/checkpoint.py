@@ -164,6 +164,11 @@ def list_checkpoints(train_dir: str, storage_options: dict | None = None) -> lis
             if n.startswith("epoch-") and files.exists(f"{n}/{CONFIG}")]
 
 
+def file_sha256(url: str, storage_options: dict | None = None) -> str:
+    """sha256 (hex) of a file's bytes."""
+    return hashlib.sha256(_read(url, storage_options)).hexdigest()
+
+
 def checkpoint_sha256(path: str, storage_options: dict | None = None) -> str:
     """sha256 (hex) of the checkpoint's model.safetensors."""
-    return hashlib.sha256(_read(fsio.join(checkpoint_dir(path), WEIGHTS), storage_options)).hexdigest()
+    return file_sha256(fsio.join(checkpoint_dir(path), WEIGHTS), storage_options)

@@ -177,8 +177,10 @@ def _training(plan: Plan, train_dir: str | None, storage_options) -> list:
         series[prefix + "train"] = (epochs, np.array([m.get("train_smse", np.nan) for m in run.history], float))
         val_split = run.history[-1].get("val_split", "val") if run.history else "val"
         series[prefix + val_split] = (epochs, np.array([m.get("val_smse", np.nan) for m in run.history], float))
+    tasks = sorted({run.task for run in runs if run.task})
+    loss = f"The loss of task {', '.join(tasks)}" if tasks else "Scaled MSE"
     plan.figure(section, "training-curves",
-                "Scaled MSE of one-step predictions per epoch, on the training split and on the held-out "
+                f"{loss} of one-step predictions per epoch, on the training split and on the held-out "
                 "split; a widening gap between the lines means the model starts to memorise.",
                 figures.training_curves, series=series, title=f"Training curves ({train_dir})")
     return runs

@@ -113,6 +113,7 @@ class TrainingRun:
     run_dir: str
     history: list[dict[str, Any]]
     checkpoints: list[str]
+    task: str = ""  # import path of the task it was trained with; empty: the paper's scaled MSE
 
 
 def training_runs(train_dir: str, storage_options: dict[str, Any] | None = None) -> list[TrainingRun]:
@@ -138,7 +139,8 @@ def training_runs(train_dir: str, storage_options: dict[str, Any] | None = None)
             continue
         metas = [read_meta(p, storage_options) for p in paths]
         history = metas[-1].get("history") or [m["metrics"] for m in metas if m.get("metrics")]
-        runs.append(TrainingRun(name, run_dir, sorted(history, key=lambda m: m.get("epoch", 0)), paths))
+        runs.append(TrainingRun(name, run_dir, sorted(history, key=lambda m: m.get("epoch", 0)), paths,
+                                (metas[-1].get("task") or {}).get("path", "")))
     return runs
 
 

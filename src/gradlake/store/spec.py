@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ class StoreSpec:
     splits: tuple[str, ...]
     n_samples: int  # rows the store holds (those of its splits)
     n_shards: int  # shards holding at least one of them
+    task: dict[str, Any] = field(default_factory=dict)  # {"path", "kwargs"}; empty: the paper's task
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
