@@ -69,9 +69,9 @@ def compute(model: nn.Module, inputs, targets, observables: Sequence[str] = ("C"
         raise InputError("grads model: the model has no parameters")
     x = _tensor(inputs, "inputs", first.device)
     y = _tensor(targets, "targets", first.device)
-    if x.dim() != 4 or x.shape != y.shape:
-        raise InputError(f"grads inputs/targets: expected two [batch, C, H, W] arrays of one shape, "
-                         f"got {list(x.shape)} and {list(y.shape)}")
+    if not 3 <= x.dim() <= 5 or x.shape != y.shape:
+        raise InputError(f"grads inputs/targets: expected two [batch, C, X], [batch, C, X, Y] or "
+                         f"[batch, C, X, Y, Z] arrays of one shape, got {list(x.shape)} and {list(y.shape)}")
     channels = tuple(channels) if channels is not None else tuple(f"c{i}" for i in range(x.shape[1]))
     if len(channels) != x.shape[1]:
         raise InputError(f"grads channels: expected {x.shape[1]} names (one per channel), got {list(channels)}")

@@ -13,7 +13,13 @@ Parameters are frozen while capturing, so backward propagates activation gradien
   verified rules of :mod:`gradlake.grads.modules`, then a dense projection. An affine
   module (a norm: output = base ⊙ weight + bias) keeps its output (which the next op
   usually saves anyway) and gets them from it without an extra forward; other modules
-  keep their input for the rule.
+  keep their input for the rule. A module returning a tuple is followed through each of
+  its tensor outputs (the contributions add up: the gradient is linear in δ).
+
+Before the first batch of a model (and input shape), a dry run (:func:`routes`) records
+which modules are called on batched inputs: a parameter whose module is never called that
+way (a factorised weight held in a submodule, a layer applied to a parameter) is covered
+by the rule of its nearest ancestor that is, and projected by its block's own factors.
 
 A module output that does not require grad (the first layer's: inputs never require grad)
 is replaced by (a copy of) a fresh leaf and backward stops there, so no gradient w.r.t.
@@ -23,7 +29,9 @@ the model input is ever computed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -36,20 +44,119 @@ from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
 from gradlake.grads.modules import Affine, ModuleGrads
 from gradlake.grads.projector import Projector
 
+log = logging.getLogger(__name__)
+
 Cotangents = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 @contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Parameters do not require grad inside the block (restored after)."""
+def frozen(model: nn.Module, requires_grad: bool = False) -> Iterator[None]:
+    """Parameters do not require grad (or all do) inside the block (restored after); no fused
+    attention fast paths, which skip the submodules of nn.MultiheadAttention and nn.Transformer*."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         for p, _ in saved:
-            p.requires_grad_(False)
+            p.requires_grad_(requires_grad)
         yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for p, flag in saved:
             p.requires_grad_(flag)
+
+
+DRY_BATCH = 7  # samples in the dry run: a size unlikely to be any other dimension of a layer's input
+
+
+@dataclass(frozen=True)
+class Routes:
+    """How the hooks cover a model's parameters for one input shape (module names only)."""
+
+    reached: frozenset[str]  # planned modules whose hooks capture their own parameters
+    claims: tuple[tuple[str, tuple[str, ...]], ...]  # (ancestor, qualified parameter names it covers)
+
+    def exact(self, model_plan: Plan, model: nn.Module) -> tuple[ExactModule, ...]:
+        """The exact modules of the plan that were reached, with the claimed parameters added."""
+        claims = dict(self.claims)
+        entries = []
+        for entry in model_plan.exact:
+            if entry.name in self.reached:
+                extra = claims.pop(entry.name, ())
+                entries.append(ExactModule(entry.name, entry.module, entry.params + _local(entry.name, extra)))
+        for name, params in claims.items():
+            entries.append(ExactModule(name, model.get_submodule(name), _local(name, params)))
+        return tuple(entries)
+
+
+def _local(ancestor: str, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((q, q[len(ancestor) + 1:] if ancestor else q) for q in names)
+
+
+_ROUTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Routes]] = weakref.WeakKeyDictionary()
+
+
+def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor) -> Routes:
+    """Which planned modules are called on batched inputs, from one dry run on copies of sample 0
+    (forward and backward, cached per model and input shape); parameters of the others that
+    the output depends on are claimed by their nearest such ancestor."""
+    key = (tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), tuple(n for n, _ in model_plan.parameters))
+    cached = _ROUTES.setdefault(model, {})
+    if key in cached:
+        return cached[key]
+    called: set[str] = set()
+    unbatched: set[str] = set()
+
+    def record(name, module, args, kwargs, output):
+        called.add(name)
+        leaves = [*args, *kwargs.values()]
+        outputs = list(output) if isinstance(output, (tuple, list)) else [output]
+        if (not any(_batched(a, DRY_BATCH) for a in leaves)
+                or not all(o is None or _batched(o, DRY_BATCH) for o in outputs)):
+            unbatched.add(name)
+
+    handles = [m.register_forward_hook(partial(record, n), with_kwargs=True) for n, m in model.named_modules()]
+    params = dict(model.named_parameters())
+    try:
+        with frozen(model, requires_grad=True), torch.enable_grad():
+            pred = model(inputs[:1].expand(DRY_BATCH, *inputs.shape[1:]).clone())
+            if not isinstance(pred, torch.Tensor) or not pred.requires_grad:
+                raise InputError("grads model: the model output must be one tensor that depends on its parameters")
+            try:
+                grads = torch.autograd.grad(pred, list(params.values()), torch.ones_like(pred), allow_unused=True)
+            except RuntimeError as exc:
+                raise InputError(f"grads model: backward through the model fails, as it would in a training "
+                                 f"step: {str(exc).splitlines()[0][:200]}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    used = {n for n, g in zip(params, grads) if g is not None}
+    reached = called - unbatched
+    entries = [(layer.name, (layer.weight, layer.bias)) for layer in model_plan.layers]
+    entries += [(entry.name, tuple(q for q, _ in entry.params)) for entry in model_plan.exact]
+    claims: dict[str, list[str]] = {}
+    for name, qualified in entries:
+        missing = [q for q in qualified if q in used]
+        if name in reached or not missing:
+            continue
+        parts = name.split(".") if name else []
+        ancestor = next(".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1) if ".".join(parts[:i]) in reached)
+        claims.setdefault(ancestor, []).extend(missing)
+    for ancestor in claims:
+        if any(layer.name == ancestor for layer in model_plan.layers):
+            raise InputError(f"model module {ancestor!r}: a Linear/Conv layer whose forward uses parameters "
+                             f"of its submodules ({', '.join(claims[ancestor])}) is not supported")
+    result = Routes(frozenset(n for n, _ in entries if n in reached),
+                    tuple((a, tuple(q)) for a, q in claims.items()))
+    for ancestor, qualified in result.claims:
+        log.info("grads: module %r covers %s (their own modules are not called on batched inputs)",
+                 ancestor or "<model>", ", ".join(qualified))
+    cached[key] = result
+    return result
+
+
+def _batched(value, batch: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
 
 
 def slots_of(cotangents: dict[str, torch.Tensor], pred: torch.Tensor) -> list[tuple[str, int | None, torch.Tensor]]:
@@ -79,10 +186,14 @@ def gather(phi: torch.Tensor, slots: list[tuple[str, int | None, torch.Tensor]])
 class _Capture:
     """Hooks for one batch: projected inputs in forward, per-example blocks in backward."""
 
-    def __init__(self, model_plan: Plan, projector: Projector, batch: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, model_plan: Plan, exact: tuple[ExactModule, ...], reached: frozenset[str],
+                 projector: Projector, batch: int, device: torch.device, dtype: torch.dtype):
         self.plan, self.projector, self.batch, self.device, self.dtype = model_plan, projector, batch, device, dtype
+        self.layers = tuple(layer for layer in model_plan.layers if layer.name in reached)
+        self.exact = exact
+        self.layer_of = {n: layer for layer in model_plan.layers for n in (layer.weight, layer.bias) if n}
         layout = model_plan.layout(projector)
+        self.blocks = {block.name: block for block in layout.blocks}
         self.offsets = layout.offsets()
         factors = {block.name: block.factors for block in layout.blocks}
         self.rows_in = {layer.name: factors[layer.weight]["k_in"] for layer in model_plan.layers}
@@ -98,9 +209,9 @@ class _Capture:
     def hooks(self) -> Iterator[None]:
         handles = []
         try:
-            for layer in self.plan.layers:
+            for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
-            for entry in self.plan.exact:
+            for entry in self.exact:
                 handles.append(entry.module.register_forward_hook(partial(self._exact_forward, entry),
                                                                   with_kwargs=True))
             yield
@@ -224,58 +335,100 @@ class _Capture:
     def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
         if not self.active:
             return None
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not tensors:
-            raise GradlakeError(f"module {entry.name!r} was called without a tensor input")
-        self._check_batch(entry.name, tensors[0])
-        out = self._track(entry.name, output)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         grads = _module_grads(entry)
+        held = {"args": args, "kwargs": kwargs, "versions": [t._version for t in tensors]}
+        outputs = [output] if isinstance(output, torch.Tensor) else list(output)
+        followed = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)
+                    and (o.is_floating_point() or o.is_complex())]
+        single = isinstance(output, torch.Tensor)
         self.active = False  # the rule's own runs of the module (once per output shape) stay unhooked
         try:
-            rule = grads.rule(args, kwargs, tuple(output.shape))
+            rules = {i: grads.rule(args, kwargs, outputs[i], None if single else i) for i in followed}
         finally:
             self.active = True
-        held = {"args": args, "kwargs": kwargs}
-        if isinstance(rule, Affine) and rule.invertible(grads.params()):
-            held.update(affine=rule, output=output, version=output._version)
-        out.register_hook(partial(self._exact_backward, entry, held))
-        return out
+        if single and isinstance(rules[0], Affine) and rules[0].invertible(grads.params()):
+            held.update(affine=rules[0], output=output, version=output._version)
+        for i in followed:
+            outputs[i] = self._track(entry.name, outputs[i])
+            outputs[i].register_hook(partial(self._exact_backward, entry, held, None if single else i))
+        if single:
+            return outputs[0]
+        return type(output)(*outputs) if hasattr(output, "_fields") else type(output)(outputs)
 
-    def _exact_backward(self, entry: ExactModule, held: dict, delta: torch.Tensor) -> None:
+    def _exact_backward(self, entry: ExactModule, held: dict, index: int | None, delta: torch.Tensor) -> None:
         output = held.get("output")
+        last = index is None and self.slot == self.slots - 1  # (tuple outputs share what is held)
         if output is not None and output._version == held["version"]:  # (else changed in place since)
             params = _module_grads(entry).params()
-            per_sample = held["affine"].from_output(output.detach(), delta.float(), params)
-            if self.slot == self.slots - 1:
+            per_sample = held["affine"].from_output(output.detach(), _full(delta), params)
+            if last:
                 held.clear()
             self._add_exact(entry, per_sample)
             return
-        args = tuple(a.detach().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                     for a in held["args"])
-        kwargs = held["kwargs"]
+        args, kwargs = held["args"], held["kwargs"]
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if [t._version for t in tensors] != held["versions"]:
+            raise GradlakeError(f"an input of module {entry.name!r} was modified in place after the module "
+                                "used it; gradlake.grads needs it unchanged until backward")
+        args = tuple(_full(a.detach()) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: _full(v.detach()) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         self.active = False  # the module's own (and its children's) hooks stay quiet
         try:
-            per_sample = _module_grads(entry)(args, kwargs, delta.float())
+            per_sample = _module_grads(entry)(args, kwargs, _full(delta), index)
         finally:
             self.active = True
+        if last:
+            held.clear()
         self._add_exact(entry, per_sample)
 
     def _add_exact(self, entry: ExactModule, per_sample: dict[str, torch.Tensor]) -> None:
-        """Dense projection of each parameter's [B, numel] per-sample gradient into φ."""
+        """Projection of each parameter's exact [B, numel] per-sample gradient into φ, by its block's factors."""
         for qualified, local in entry.params:
-            g = per_sample[local]
-            factor = self.projector.factor(qualified, tuple(getattr(entry.module, local).shape), "dense",
-                                           g.shape[1], self.device, torch.float32)
-            self._add(qualified, g if factor is None else g @ factor.T)
+            g = per_sample[local].float()
+            block = self.blocks[qualified]
+            if block.path == "exact":
+                factor = self.projector.factor(qualified, block.shape, "dense", g.shape[1], self.device,
+                                               torch.float32)
+                self._add(qualified, g if factor is None else g @ factor.T)
+                continue
+            layer = self.layer_of[qualified]  # a layer not called on batched inputs: project here
+            shape = tuple(layer.module.weight.shape)
+            p_out = self.projector.factor(layer.name, shape, "out", layer.d_out, self.device, torch.float32)
+            g = g if p_out is None else (g.reshape(self.batch, layer.d_out, -1).transpose(1, 2) @ p_out.T
+                                         ).transpose(1, 2).reshape(self.batch, -1)
+            if block.path == "kron":
+                g = g.reshape(self.batch, -1, layer.d_in)
+                split = layer.input_split(self.projector)
+                if split:
+                    c_in = shape[1]
+                    p_in = torch.kron(self._full_factor(layer, "in-channel", c_in, split[0]),
+                                      self._full_factor(layer, "in-space", layer.d_in // c_in, split[1]))
+                else:
+                    p_in = self._full_factor(layer, "in", layer.d_in)
+                g = g @ p_in.T
+            self._add(qualified, g)
+
+    def _full_factor(self, layer: Layer, role: str, dim: int, rows: int | None = None) -> torch.Tensor:
+        f = self.projector.factor(layer.name, tuple(layer.module.weight.shape), role, dim, self.device,
+                                  torch.float32, rows)
+        return torch.eye(dim, device=self.device) if f is None else f
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors (autocast); any other dtype (complex included) as it is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 _MODULE_GRADS: weakref.WeakKeyDictionary[nn.Module, ModuleGrads] = weakref.WeakKeyDictionary()
 
 
 def _module_grads(entry: ExactModule) -> ModuleGrads:
-    if entry.module not in _MODULE_GRADS:
-        _MODULE_GRADS[entry.module] = ModuleGrads(entry.module, tuple(local for _, local in entry.params))
-    return _MODULE_GRADS[entry.module]
+    names = tuple(local for _, local in entry.params)
+    found = _MODULE_GRADS.get(entry.module)
+    if found is None or found.names != names:
+        found = _MODULE_GRADS[entry.module] = ModuleGrads(entry.module, names, entry.name)
+    return found
 
 
 def _pointwise(module: nn.Module, padding) -> bool:
@@ -301,7 +454,9 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
     if dtype not in (torch.float32, torch.bfloat16):
         raise InputError(f"grads precision: expected float32 or bfloat16, got {dtype}")
     model_plan = plan(model)
-    capture = _Capture(model_plan, projector, inputs.shape[0], inputs.device, dtype)
+    covered = routes(model, model_plan, inputs)
+    capture = _Capture(model_plan, covered.exact(model_plan, model), covered.reached, projector,
+                       inputs.shape[0], inputs.device, dtype)
     autocast = torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with frozen(model), torch.enable_grad(), capture.hooks(), autocast:
         pred = model(inputs)
