@@ -470,3 +470,32 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
             torch.autograd.grad(pred, capture.roots, cot.to(pred.dtype), retain_graph=i + 1 < len(slots),
                                 allow_unused=True)
     return gather(capture.phi, slots), pred.detach()
+
+
+def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None = None) -> list[dict]:
+    """How each module's parameters are captured, from one capture of ``inputs[:2]``.
+
+    One row per module that captures parameters: {"module", "type", "path", "parameters"},
+    path "kron" (factorised Linear/Conv), "affine", "additive", "vmap" (exact per-sample
+    rules of :mod:`gradlake.grads.modules`) or "loop" (the per-sample autograd fallback, with
+    "reason"). A module that covers parameters of submodules it does not call lists them
+    all. Unsupported structures raise :class:`gradlake.errors.InputError` naming the module.
+    """
+    projector = projector or Projector(k_in=4, k_out=4, k_dense=16)
+    with torch.no_grad():
+        x = inputs[:2]
+    projected_grads(model, x, lambda pred: {"C": torch.zeros_like(pred)}, projector)
+    model_plan = plan(model)
+    covered = routes(model, model_plan, x)
+    rows = [{"module": layer.name, "type": type(layer.module).__name__, "path": "kron",
+             "parameters": [n for n in (layer.weight, layer.bias) if n]}
+            for layer in model_plan.layers if layer.name in covered.reached]
+    for entry in covered.exact(model_plan, model):
+        grads = _module_grads(entry)
+        row = {"module": entry.name, "type": type(entry.module).__name__, "path": grads.path() or "unused",
+               "parameters": [q for q, _ in entry.params]}
+        if grads.fallback:
+            row["reason"] = grads.fallback
+        rows.append(row)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(rows, key=lambda row: order[row["module"]])
