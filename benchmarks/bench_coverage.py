@@ -117,7 +117,7 @@ def main() -> None:
     names = args.models or list(table)
     print(f"batch {args.batch}, resolution {args.resolution}, k_in = k_out = {args.k}, {args.threads} threads, "
           f"{args.clock} clock, median of {args.repeats} interleaved repeats")
-    print(f"{'model':<24}{'params':>9}{'train s':>10}{'capture s':>11}{'ratio':>8}  modules on slower paths")
+    print(f"{'model':<24}{'params':>9}{'train s':>10}{'capture s':>11}{'ratio':>8}  modules on slower paths (ratio: capture time ÷ train time)")
     for name in names:
         factory, shape = table[name]
         try:
