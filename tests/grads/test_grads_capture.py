@@ -184,6 +184,8 @@ def test_norm_grads_from_the_output_or_an_extra_forward(cls, shape, bias_ratio, 
     """Affine norms: from the output where |bias| <= 16 |weight|, else from an extra forward; exact either way."""
     model, x = _model(cls, shape)
     _set_norms(model, bias_ratio, zero_weight)
+    cotangents = fixed_cotangents(probes=2)
+    projected_grads(model, x, cotangents, IDENTITY)  # the first call's dry run and check, not counted
     calls = {"output": 0, "forward": 0}
     for name, key in (("from_output", "output"), ("from_base", "forward")):
         original = getattr(Affine, name)
@@ -219,3 +221,55 @@ def test_a_norm_output_changed_in_place_falls_back_to_the_extra_forward():
     cotangents = fixed_cotangents()
     phi, _ = projected_grads(model, x, cotangents, IDENTITY)
     _assert_blocks_close(model, IDENTITY, phi["C"], loop_grads(model, x, cotangents(model(x).detach())["C"]))
+
+
+class _WeightUsedOutside(nn.Module):
+    """fc is called, and its weight is also read directly (F.linear): hooks on fc see only part."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)) + nn.functional.linear(x, self.fc.weight))
+
+
+class _LayerOnAParameter(nn.Module):
+    """A Linear applied to a learned code (no batch dimension): covered by the model's own rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.code = nn.Parameter(torch.randn(1, 3))
+        self.hyper = nn.Linear(3, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * self.hyper(self.code)
+
+
+class _MixesSamples(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) + self.fc(x).flip(0)
+
+
+def test_a_weight_used_outside_its_module_or_samples_mixed_are_refused_not_wrong():
+    for cls, match in ((_WeightUsedOutside, r"fc\.weight \(relative error"), (_MixesSamples, "fc.weight")):
+        model, x = _model(cls, (3, 4))
+        with pytest.raises(InputError, match=match):
+            projected_grads(model, x, fixed_cotangents(), Projector(k_in=8, k_out=8))
+
+
+def test_a_layer_applied_to_a_parameter_is_covered_by_its_caller():
+    model, x = _model(_LayerOnAParameter, (3, 4))
+    cotangents = fixed_cotangents()
+    phi, _ = projected_grads(model, x, cotangents, IDENTITY)
+    _assert_blocks_close(model, IDENTITY, phi["C"], loop_grads(model, x, cotangents(model(x).detach())["C"]))
+    projector = Projector(seed=2, k_in=2, k_out=2, k_dense=2)
+    phi, _ = projected_grads(model, x, cotangents, projector)
+    ref = projector.apply(model, loop_grads(model, x, cotangents(model(x).detach())["C"]))
+    _assert_blocks_close(model, projector, phi["C"], ref)
