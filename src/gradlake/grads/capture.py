@@ -37,11 +37,12 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from gradlake.errors import GradlakeError, InputError
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
-from gradlake.grads.modules import Affine, ModuleGrads
+from gradlake.grads.modules import Affine, ModuleGrads, flat, inner
 from gradlake.grads.projector import Projector
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,15 @@ class Routes:
 
     reached: frozenset[str]  # planned modules whose hooks capture their own parameters
     claims: tuple[tuple[str, tuple[str, ...]], ...]  # (ancestor, qualified parameter names it covers)
+    expanded: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (container, its parameters given per-sample copies)
 
     def exact(self, model_plan: Plan, model: nn.Module) -> tuple[ExactModule, ...]:
         """The exact modules of the plan that were reached, with the claimed parameters added."""
         claims = dict(self.claims)
+        expanded = dict(self.expanded)
         entries = []
         for entry in model_plan.exact:
-            if entry.name in self.reached:
+            if entry.name in self.reached and entry.name not in expanded:
                 extra = claims.pop(entry.name, ())
                 entries.append(ExactModule(entry.name, entry.module, entry.params + _local(entry.name, extra)))
         for name, params in claims.items():
@@ -146,8 +149,9 @@ def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor) -> Routes:
         if any(layer.name == ancestor for layer in model_plan.layers):
             raise InputError(f"model module {ancestor!r}: a Linear/Conv layer whose forward uses parameters "
                              f"of its submodules ({', '.join(claims[ancestor])}) is not supported")
+    expanded = _expandable(model, model_plan, reached, claims, inputs)
     result = Routes(frozenset(n for n, _ in entries if n in reached),
-                    tuple((a, tuple(q)) for a, q in claims.items()))
+                    tuple((a, tuple(q)) for a, q in claims.items()), expanded)
     for ancestor, qualified in result.claims:
         log.info("grads: module %r covers %s (their own modules are not called on batched inputs)",
                  ancestor or "<model>", ", ".join(qualified))
@@ -157,6 +161,58 @@ def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor) -> Routes:
 
 def _batched(value, batch: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
+def _pair(inputs: torch.Tensor) -> torch.Tensor:
+    """Two samples for the checks: the batch's first two, or the first and a variation of it."""
+    return inputs[:2] if inputs.shape[0] >= 2 else torch.cat([inputs, 1.5 * inputs.roll(1, -1) - 0.1])
+
+
+def _copies(model: nn.Module, names, batch: int) -> dict[str, torch.Tensor]:
+    """A per-sample copy [batch, ...] of each [1, ...] parameter, a leaf that requires grad."""
+    return {q: model.get_parameter(q).detach().expand(batch, *model.get_parameter(q).shape[1:]).clone()
+            .requires_grad_() for q in names}
+
+
+def _expandable(model: nn.Module, model_plan: Plan, reached, claims, inputs) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Containers (class tokens, positional embeddings on a model or encoder) whose own parameters
+    all have a leading 1 that broadcasts over the batch: their per-sample gradients come from the
+    batched backward through per-sample copies [B, ...] of them, instead of a vmap over the whole
+    container. Used where, on two samples, the copies give the same output and the same per-sample
+    gradients as autograd one sample at a time."""
+    found = []
+    for entry in model_plan.exact:
+        params = [entry.module.get_parameter(local) for _, local in entry.params]
+        if (entry.name in reached and entry.name not in claims and any(True for _ in entry.module.children())
+                and all("." not in local for _, local in entry.params)
+                and all(p.dim() >= 1 and p.shape[0] == 1 for p in params)):
+            found.append((entry.name, tuple(q for q, _ in entry.params)))
+    if not found:
+        return ()
+    names = [q for _, qs in found for q in qs]
+    x = _pair(inputs)
+    with torch.no_grad(), frozen(model):
+        plain = model(x)
+    cot = torch.randn(plain.shape, generator=torch.Generator().manual_seed(0)).to(plain)
+    copies = _copies(model, names, 2)
+    try:
+        with frozen(model), torch.enable_grad():
+            out = functional_call(model, copies, (x,))
+            if out.shape != plain.shape or not torch.allclose(out, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max())):
+                return ()
+            got = torch.autograd.grad(inner(out, cot), list(copies.values()), allow_unused=True)
+    except RuntimeError:  # the parameters are not used in a way that broadcasts over the batch
+        return ()
+    params = [model.get_parameter(q) for q in names]
+    with frozen(model, requires_grad=True), torch.enable_grad():
+        for b in range(2):
+            want = torch.autograd.grad(inner(model(x[b:b + 1]), cot[b:b + 1]), params, allow_unused=True)
+            for g, w, p in zip(got, want, params):
+                g = torch.zeros(2, *p.shape[1:], dtype=p.dtype) if g is None else g
+                w = torch.zeros_like(p) if w is None else w
+                if not torch.allclose(g[b:b + 1], w, rtol=1e-4, atol=1e-6 * max(float(w.abs().max()), 1e-30)):
+                    return ()
+    return tuple(found)
 
 
 def slots_of(cotangents: dict[str, torch.Tensor], pred: torch.Tensor) -> list[tuple[str, int | None, torch.Tensor]]:
@@ -388,9 +444,7 @@ class _Capture:
             g = per_sample[local].float()
             block = self.blocks[qualified]
             if block.path == "exact":
-                factor = self.projector.factor(qualified, block.shape, "dense", g.shape[1], self.device,
-                                               torch.float32)
-                self._add(qualified, g if factor is None else g @ factor.T)
+                self.add_dense(qualified, g)
                 continue
             layer = self.layer_of[qualified]  # a layer not called on batched inputs: project here
             shape = tuple(layer.module.weight.shape)
@@ -408,6 +462,12 @@ class _Capture:
                     p_in = self._full_factor(layer, "in", layer.d_in)
                 g = g @ p_in.T
             self._add(qualified, g)
+
+    def add_dense(self, qualified: str, g: torch.Tensor) -> None:
+        """Dense projection of an exact [B, numel] per-sample gradient into φ."""
+        factor = self.projector.factor(qualified, self.blocks[qualified].shape, "dense", g.shape[1], self.device,
+                                       torch.float32)
+        self._add(qualified, g if factor is None else g @ factor.T)
 
     def _full_factor(self, layer: Layer, role: str, dim: int, rows: int | None = None) -> torch.Tensor:
         f = self.projector.factor(layer.name, tuple(layer.module.weight.shape), role, dim, self.device,
@@ -449,17 +509,30 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
     ``cotangents`` maps the (detached) batched prediction to {name: [B, *out]} or
     {name: [B, m, *out]}; the result has {name: float32 [B, k]} or [B, m, k].
     ``dtype``: the precision of the projections and outer products (float32, or bfloat16
-    on GPUs); φ is accumulated and returned in float32.
+    on GPUs); φ is accumulated and returned in float32. The first call for a model and
+    input shape also checks the capture against autograd on two samples (:func:`verify`).
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise InputError(f"grads precision: expected float32 or bfloat16, got {dtype}")
     model_plan = plan(model)
     covered = routes(model, model_plan, inputs)
+    if covered not in _VERIFIED.setdefault(model, set()):
+        verify(model, model_plan, covered, inputs, projector)
+        _VERIFIED[model].add(covered)
+    return _capture(model, model_plan, covered, inputs, cotangents, projector, dtype)
+
+
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, set[Routes]] = weakref.WeakKeyDictionary()
+VERIFY_TOLERANCE = 1e-3  # relative, per parameter block (float32 summation order differs)
+
+
+def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
     capture = _Capture(model_plan, covered.exact(model_plan, model), covered.reached, projector,
                        inputs.shape[0], inputs.device, dtype)
     autocast = torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    copies = _copies(model, [q for _, qs in covered.expanded for q in qs], inputs.shape[0])
     with frozen(model), torch.enable_grad(), capture.hooks(), autocast:
-        pred = model(inputs)
+        pred = functional_call(model, copies, (inputs,)) if copies else model(inputs)
         if not pred.requires_grad:
             raise GradlakeError("the model output does not depend on any of its parameters")
         slots = slots_of(cotangents(pred.detach()), pred)
@@ -467,9 +540,44 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
         capture.slots = len(slots)
         for i, (_, _, cot) in enumerate(slots):
             capture.slot = i
-            torch.autograd.grad(pred, capture.roots, cot.to(pred.dtype), retain_graph=i + 1 < len(slots),
-                                allow_unused=True)
+            grads = torch.autograd.grad(pred, [*capture.roots, *copies.values()], cot.to(pred.dtype),
+                                        retain_graph=i + 1 < len(slots), allow_unused=True)
+            for name, g in zip(copies, grads[len(capture.roots):]):
+                if g is not None:
+                    capture.add_dense(name, flat(g.float() if g.dtype == torch.bfloat16 else g, inputs.shape[0]))
     return gather(capture.phi, slots), pred.detach()
+
+
+def verify(model: nn.Module, model_plan: Plan, covered: Routes, inputs: torch.Tensor, projector: Projector) -> None:
+    """The capture of two samples (float32, a random cotangent) against ``projector.apply`` of
+    their gradients by plain autograd, one sample at a time; InputError naming every parameter
+    whose block differs (a parameter used outside its module's forward, a layer whose input
+    mixes samples, ...), so such a model is refused before any batch instead of given wrong numbers."""
+    x = _pair(inputs)
+    with torch.no_grad(), frozen(model):
+        out = model(x)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out)
+    phi, _ = _capture(model, model_plan, covered, x, lambda pred: {"C": cot}, projector, torch.float32)
+    params = list(model.parameters())
+    rows = []
+    with frozen(model, requires_grad=True), torch.enable_grad():
+        for b in range(2):
+            grads = torch.autograd.grad(inner(model(x[b:b + 1]), cot[b:b + 1]), params, allow_unused=True)
+            rows.append(torch.cat([flat(torch.zeros_like(p) if g is None else g.detach(), 1)[0]
+                                   for p, g in zip(params, grads)]))
+    expected = projector.apply(model, torch.stack(rows))
+    scale = float(expected.norm())
+    wrong = []
+    for block in model_plan.layout(projector).blocks:
+        got, want = (t[:, block.offset:block.offset + block.k] for t in (phi["C"], expected))
+        error = float((got - want).norm())
+        if error > VERIFY_TOLERANCE * float(want.norm()) + 1e-6 * scale:
+            wrong.append(f"{block.name} (relative error {error / max(float(want.norm()), 1e-30):.2g})")
+    if wrong:
+        raise InputError("grads model: the captured gradients of these parameters differ from autograd's, "
+                         "so gradlake.grads cannot capture this model (is a parameter used outside its "
+                         "module's forward, or does a layer mix samples?): " + ", ".join(wrong[:8])
+                         + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
 
 
 def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None = None) -> list[dict]:
@@ -482,8 +590,7 @@ def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None
     all. Unsupported structures raise :class:`gradlake.errors.InputError` naming the module.
     """
     projector = projector or Projector(k_in=4, k_out=4, k_dense=16)
-    with torch.no_grad():
-        x = inputs[:2]
+    x = inputs[:2]
     projected_grads(model, x, lambda pred: {"C": torch.zeros_like(pred)}, projector)
     model_plan = plan(model)
     covered = routes(model, model_plan, x)
@@ -497,5 +604,8 @@ def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None
         if grads.fallback:
             row["reason"] = grads.fallback
         rows.append(row)
+    for name, qualified in covered.expanded:
+        rows.append({"module": name, "type": type(model.get_submodule(name)).__name__, "path": "expand",
+                     "parameters": list(qualified)})
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(rows, key=lambda row: order[row["module"]])
