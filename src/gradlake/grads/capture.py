@@ -99,14 +99,30 @@ def _local(ancestor: str, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]
 _ROUTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Routes]] = weakref.WeakKeyDictionary()
 
 
-def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor) -> Routes:
-    """Which planned modules are called on batched inputs, from one dry run on copies of sample 0
-    (forward and backward, cached per model and input shape); parameters of the others that
-    the output depends on are claimed by their nearest such ancestor."""
+def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor, projector: Projector | None = None) -> Routes:
+    """How the capture covers ``model`` for inputs shaped like ``inputs`` (cached per model and shape).
+
+    Plain autograd on two samples, one at a time, gives reference per-sample gradients (and
+    the parameters the output depends on); a forward on copies of sample 0 (no grad) records
+    which planned modules are called on batched inputs: parameters of the others are claimed
+    by their nearest such ancestor. With ``projector``, the capture of the two samples is then
+    checked against the projected reference (:func:`verify`).
+    """
     key = (tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), tuple(n for n, _ in model_plan.parameters))
     cached = _ROUTES.setdefault(model, {})
     if key in cached:
         return cached[key]
+    x = _pair(inputs)
+    with torch.no_grad(), frozen(model):
+        out = model(x)
+    if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
+        raise InputError("grads model: the model must return one tensor with the batch on dimension 0")
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
+    params = dict(model.named_parameters())
+    reference = [_sample_grads(model, list(params.values()), x[b:b + 1], cot[b:b + 1]) for b in range(2)]
+    used = {n for i, n in enumerate(params) if any(g[i] is not None for g in reference)}
+    if not used:
+        raise InputError("grads model: the model output does not depend on any of its parameters")
     called: set[str] = set()
     unbatched: set[str] = set()
 
@@ -119,21 +135,12 @@ def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor) -> Routes:
             unbatched.add(name)
 
     handles = [m.register_forward_hook(partial(record, n), with_kwargs=True) for n, m in model.named_modules()]
-    params = dict(model.named_parameters())
     try:
-        with frozen(model, requires_grad=True), torch.enable_grad():
-            pred = model(inputs[:1].expand(DRY_BATCH, *inputs.shape[1:]).clone())
-            if not isinstance(pred, torch.Tensor) or not pred.requires_grad:
-                raise InputError("grads model: the model output must be one tensor that depends on its parameters")
-            try:
-                grads = torch.autograd.grad(pred, list(params.values()), torch.ones_like(pred), allow_unused=True)
-            except RuntimeError as exc:
-                raise InputError(f"grads model: backward through the model fails, as it would in a training "
-                                 f"step: {str(exc).splitlines()[0][:200]}") from exc
+        with torch.no_grad(), frozen(model):
+            model(inputs[:1].expand(DRY_BATCH, *inputs.shape[1:]).clone())
     finally:
         for handle in handles:
             handle.remove()
-    used = {n for n, g in zip(params, grads) if g is not None}
     reached = called - unbatched
     entries = [(layer.name, (layer.weight, layer.bias)) for layer in model_plan.layers]
     entries += [(entry.name, tuple(q for q, _ in entry.params)) for entry in model_plan.exact]
@@ -149,14 +156,32 @@ def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor) -> Routes:
         if any(layer.name == ancestor for layer in model_plan.layers):
             raise InputError(f"model module {ancestor!r}: a Linear/Conv layer whose forward uses parameters "
                              f"of its submodules ({', '.join(claims[ancestor])}) is not supported")
-    expanded = _expandable(model, model_plan, reached, claims, inputs)
+    expandable = _expandable(model, model_plan, reached, claims, x, cot, dict(zip(params, zip(*reference))))
     result = Routes(frozenset(n for n, _ in entries if n in reached),
-                    tuple((a, tuple(q)) for a, q in claims.items()), expanded)
+                    tuple((a, tuple(q)) for a, q in claims.items()), expandable)
     for ancestor, qualified in result.claims:
         log.info("grads: module %r covers %s (their own modules are not called on batched inputs)",
                  ancestor or "<model>", ", ".join(qualified))
+    if projector is not None:
+        rows = torch.stack([torch.cat([flat(torch.zeros_like(p) if g is None else g, 1)[0]
+                                       for p, g in zip(params.values(), grads)]) for grads in reference])
+        verify(model, model_plan, result, x, cot, rows, projector)
     cached[key] = result
     return result
+
+
+def _sample_grads(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, cot: torch.Tensor) -> tuple:
+    """Gradients of ⟨model(x), cot⟩ w.r.t. ``params`` by plain autograd (None: not used)."""
+    with frozen(model, requires_grad=True), torch.enable_grad():
+        out = model(x)
+        if not out.requires_grad:
+            raise InputError("grads model: the model output does not depend on any of its parameters")
+        try:
+            grads = torch.autograd.grad(inner(out, cot), params, allow_unused=True)
+        except RuntimeError as exc:
+            raise InputError(f"grads model: backward through the model fails, as it would in a training "
+                             f"step: {str(exc).splitlines()[0][:200]}") from exc
+    return tuple(None if g is None else g.detach() for g in grads)
 
 
 def _batched(value, batch: int) -> bool:
@@ -174,12 +199,13 @@ def _copies(model: nn.Module, names, batch: int) -> dict[str, torch.Tensor]:
             .requires_grad_() for q in names}
 
 
-def _expandable(model: nn.Module, model_plan: Plan, reached, claims, inputs) -> tuple[tuple[str, tuple[str, ...]], ...]:
+def _expandable(model: nn.Module, model_plan: Plan, reached, claims, x: torch.Tensor, cot: torch.Tensor,
+                reference: dict[str, tuple]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Containers (class tokens, positional embeddings on a model or encoder) whose own parameters
     all have a leading 1 that broadcasts over the batch: their per-sample gradients come from the
     batched backward through per-sample copies [B, ...] of them, instead of a vmap over the whole
-    container. Used where, on two samples, the copies give the same output and the same per-sample
-    gradients as autograd one sample at a time."""
+    container. Used where, on the two samples ``x``, the copies give the same output and the same
+    per-sample gradients as the ``reference`` (autograd, one sample at a time)."""
     found = []
     for entry in model_plan.exact:
         params = [entry.module.get_parameter(local) for _, local in entry.params]
@@ -190,28 +216,26 @@ def _expandable(model: nn.Module, model_plan: Plan, reached, claims, inputs) -> 
     if not found:
         return ()
     names = [q for _, qs in found for q in qs]
-    x = _pair(inputs)
     with torch.no_grad(), frozen(model):
         plain = model(x)
-    cot = torch.randn(plain.shape, generator=torch.Generator().manual_seed(0)).to(plain)
     copies = _copies(model, names, 2)
     try:
         with frozen(model), torch.enable_grad():
             out = functional_call(model, copies, (x,))
-            if out.shape != plain.shape or not torch.allclose(out, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max())):
+            if out.shape != plain.shape or not torch.allclose(out, plain, rtol=1e-5,
+                                                               atol=1e-6 * float(plain.abs().max())):
                 return ()
             got = torch.autograd.grad(inner(out, cot), list(copies.values()), allow_unused=True)
     except RuntimeError:  # the parameters are not used in a way that broadcasts over the batch
         return ()
-    params = [model.get_parameter(q) for q in names]
-    with frozen(model, requires_grad=True), torch.enable_grad():
+    for name, g in zip(names, got):
+        p = model.get_parameter(name)
         for b in range(2):
-            want = torch.autograd.grad(inner(model(x[b:b + 1]), cot[b:b + 1]), params, allow_unused=True)
-            for g, w, p in zip(got, want, params):
-                g = torch.zeros(2, *p.shape[1:], dtype=p.dtype) if g is None else g
-                w = torch.zeros_like(p) if w is None else w
-                if not torch.allclose(g[b:b + 1], w, rtol=1e-4, atol=1e-6 * max(float(w.abs().max()), 1e-30)):
-                    return ()
+            want = reference[name][b]
+            want = torch.zeros_like(p) if want is None else want
+            have = torch.zeros_like(p) if g is None else g[b:b + 1]
+            if not torch.allclose(have, want, rtol=1e-4, atol=1e-6 * max(float(want.abs().max()), 1e-30)):
+                return ()
     return tuple(found)
 
 
@@ -510,19 +534,15 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
     {name: [B, m, *out]}; the result has {name: float32 [B, k]} or [B, m, k].
     ``dtype``: the precision of the projections and outer products (float32, or bfloat16
     on GPUs); φ is accumulated and returned in float32. The first call for a model and
-    input shape also checks the capture against autograd on two samples (:func:`verify`).
+    input shape prepares and checks the capture against autograd on two samples (:func:`routes`).
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise InputError(f"grads precision: expected float32 or bfloat16, got {dtype}")
     model_plan = plan(model)
-    covered = routes(model, model_plan, inputs)
-    if covered not in _VERIFIED.setdefault(model, set()):
-        verify(model, model_plan, covered, inputs, projector)
-        _VERIFIED[model].add(covered)
+    covered = routes(model, model_plan, inputs, projector)
     return _capture(model, model_plan, covered, inputs, cotangents, projector, dtype)
 
 
-_VERIFIED: weakref.WeakKeyDictionary[nn.Module, set[Routes]] = weakref.WeakKeyDictionary()
 VERIFY_TOLERANCE = 1e-3  # relative, per parameter block (float32 summation order differs)
 
 
@@ -548,24 +568,14 @@ def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
     return gather(capture.phi, slots), pred.detach()
 
 
-def verify(model: nn.Module, model_plan: Plan, covered: Routes, inputs: torch.Tensor, projector: Projector) -> None:
-    """The capture of two samples (float32, a random cotangent) against ``projector.apply`` of
-    their gradients by plain autograd, one sample at a time; InputError naming every parameter
+def verify(model: nn.Module, model_plan: Plan, covered: Routes, x: torch.Tensor, cot: torch.Tensor,
+           grads: torch.Tensor, projector: Projector) -> None:
+    """The capture of samples ``x`` (float32, cotangent ``cot``) against ``projector.apply`` of
+    their per-sample gradients ``grads`` [B, p] by plain autograd; InputError naming every parameter
     whose block differs (a parameter used outside its module's forward, a layer whose input
     mixes samples, ...), so such a model is refused before any batch instead of given wrong numbers."""
-    x = _pair(inputs)
-    with torch.no_grad(), frozen(model):
-        out = model(x)
-    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out)
     phi, _ = _capture(model, model_plan, covered, x, lambda pred: {"C": cot}, projector, torch.float32)
-    params = list(model.parameters())
-    rows = []
-    with frozen(model, requires_grad=True), torch.enable_grad():
-        for b in range(2):
-            grads = torch.autograd.grad(inner(model(x[b:b + 1]), cot[b:b + 1]), params, allow_unused=True)
-            rows.append(torch.cat([flat(torch.zeros_like(p) if g is None else g.detach(), 1)[0]
-                                   for p, g in zip(params, grads)]))
-    expected = projector.apply(model, torch.stack(rows))
+    expected = projector.apply(model, grads)
     scale = float(expected.norm())
     wrong = []
     for block in model_plan.layout(projector).blocks:
