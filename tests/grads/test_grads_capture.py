@@ -8,7 +8,7 @@ from grads_helpers import IDENTITY, ConvNet1d, ConvNet2d, TokenBlock, fixed_cota
 from torch import nn
 
 from gradlake.errors import GradlakeError, InputError
-from gradlake.grads import Projector
+from gradlake.grads import Projector, describe
 from gradlake.grads.capture import projected_grads
 from gradlake.grads.coverage import plan
 from gradlake.grads.modules import Affine
@@ -273,3 +273,39 @@ def test_a_layer_applied_to_a_parameter_is_covered_by_its_caller():
     phi, _ = projected_grads(model, x, cotangents, projector)
     ref = projector.apply(model, loop_grads(model, x, cotangents(model(x).detach())["C"]))
     _assert_blocks_close(model, projector, phi["C"], ref)
+
+
+class _Attention(nn.Module):
+    """nn.MultiheadAttention as cross-attention (query from one Linear, key/value from another),
+    optionally with a causal mask and a per-sample key padding mask (those calls take vmap)."""
+
+    def __init__(self, masked: bool):
+        super().__init__()
+        self.masked = masked
+        self.q, self.kv = nn.Linear(3, 8), nn.Linear(3, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):  # [B, T, 3]
+        kwargs = {}
+        if self.masked:
+            t = x.shape[1]
+            kwargs = {"attn_mask": torch.triu(torch.ones(t, t, dtype=torch.bool), 1),
+                      "key_padding_mask": x[..., 0] > 1.5}
+        out, _ = self.mha(self.q(x), self.kv(x), self.kv(x).flip(1), need_weights=False, **kwargs)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("masked,path", [(False, "attention"), (True, "vmap")])
+def test_multihead_attention_per_sample_gradients(masked, path):
+    model, x = _model(lambda: _Attention(masked), (4, 5, 3))
+    model.eval()
+    rows = {row["module"]: row["path"] for row in describe(model, x)}
+    assert rows["mha"] == path
+    cotangents = fixed_cotangents()
+    ref = loop_grads(model, x, cotangents(model(x).detach())["C"])
+    phi, _ = projected_grads(model, x, cotangents, IDENTITY)
+    _assert_blocks_close(model, IDENTITY, phi["C"], ref)
+    projector = Projector(seed=4, k_in=3, k_out=3, k_dense=7)
+    phi, _ = projected_grads(model, x, cotangents, projector)
+    _assert_blocks_close(model, projector, phi["C"], projector.apply(model, ref))

@@ -1,6 +1,6 @@
 """Exact per-example gradients of one module's own parameters, from its input and output gradient.
 
-Used for every parameter outside Linear/Conv layers. Four rules, the first that holds:
+Used for every parameter outside Linear/Conv layers. Five rules, the first that holds:
 
 - *affine* (norms, layer scales): output = base(x) ⊙ weight + bias, with weight and bias
   of one shape S broadcast along some output axes (bias optional; any parameter names);
@@ -11,6 +11,8 @@ Used for every parameter outside Linear/Conv layers. Four rules, the first that 
   otherwise base comes from one extra forward;
 - *additive* (a learned embedding added to its input): output = base(x) + p, per-sample
   grad Σ δ over the axes p is broadcast along (no extra forward);
+- *attention* (``nn.MultiheadAttention``, batch first, no masks): the module recomputed once
+  for the batch with per-sample copies of its weights (batched matmuls, fused attention);
 - *vmap*: ``torch.func`` vmap over samples of grad of ⟨module(x_b), δ_b⟩ (any module that
   vmap can run);
 - *loop*: the same gradient by plain autograd, one sample at a time (modules vmap cannot
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
 
 from gradlake.errors import InputError
 
@@ -149,7 +152,7 @@ class ModuleGrads:
 
     def path(self) -> str:
         """The rules in use: "affine", "additive", "vmap" and/or "loop"."""
-        names = {"_vmap": "vmap", "_loop": "loop", "_add": "additive"}
+        names = {"_vmap": "vmap", "_loop": "loop", "_add": "additive", "_attention": "attention"}
         found = {"affine" if isinstance(r, Affine) else names.get(getattr(r, "__name__", ""), "additive")
                  for r in self._rules.values()}
         return "+".join(sorted(found))
@@ -168,6 +171,13 @@ class ModuleGrads:
             if simple is not None:
                 return simple
         probe = torch.zeros((1, *out[1:]), dtype=output.dtype, device=output.device)
+        if index in (None, 0) and _attention_supported(self.module, args, kwargs):
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            delta = torch.randn(probe.shape, generator=gen).to(probe)
+            want = self._vmap(params, one, one_kwargs, delta, index)
+            got = self._attention(params, one, one_kwargs, delta, index)
+            if all(_close(got[n], want[n]) for n in want):
+                return self._attention
         try:
             self._vmap(params, one, one_kwargs, probe, index)
             return self._vmap
@@ -230,6 +240,27 @@ class ModuleGrads:
         grads = vmap(grad(response), in_dims=(None, 0, dims))(params, delta, leaves)
         return {n: flat(g, batch) for n, g in grads.items()}
 
+    def _attention(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
+        """nn.MultiheadAttention recomputed once for the batch with per-sample copies of its weights
+        (batched matmuls, fused attention): their gradients are the per-sample gradients."""
+        module, batch = self.module, delta.shape[0]
+        query, key, value = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
+        copies = {n: p.expand(batch, *p.shape).clone().requires_grad_() for n, p in params.items()}
+        heads, dim = module.num_heads, module.embed_dim
+        with torch.enable_grad():
+            weights = copies["in_proj_weight"].chunk(3, dim=1)
+            biases = copies["in_proj_bias"].chunk(3, dim=1) if "in_proj_bias" in copies else (None,) * 3
+            projected = []
+            for x, w, b in zip((query, key, value), weights, biases):
+                y = x @ w.transpose(1, 2) + (0 if b is None else b[:, None, :])
+                projected.append(y.view(batch, -1, heads, dim // heads).transpose(1, 2))
+            attended = F.scaled_dot_product_attention(*projected).transpose(1, 2).reshape(batch, -1, dim)
+            out = attended @ copies["out_proj.weight"].transpose(1, 2)
+            if "out_proj.bias" in copies:
+                out = out + copies["out_proj.bias"][:, None, :]
+            grads = torch.autograd.grad(inner(out, delta), list(copies.values()), allow_unused=True)
+        return {n: flat(torch.zeros_like(c) if g is None else g, batch) for (n, c), g in zip(copies.items(), grads)}
+
     def _loop(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         batch = delta.shape[0]
         rows: dict[str, list[torch.Tensor]] = {n: [] for n in params}
@@ -245,6 +276,19 @@ class ModuleGrads:
                 for (n, p), g in zip(leaves.items(), grads):
                     rows[n].append(torch.zeros_like(p) if g is None else g)
         return {n: flat(torch.stack(r), batch) for n, r in rows.items()}
+
+
+def _attention_supported(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """An nn.MultiheadAttention call that :meth:`ModuleGrads._attention` reproduces: batch first,
+    one embedding size, no masks, no extra key/value biases, no dropout in use."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return False
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return (module.batch_first and module._qkv_same_embed_dim and module.bias_k is None
+            and not module.add_zero_attn and not (module.training and module.dropout > 0)
+            and len(args) + sum(n in kwargs for n in ("query", "key", "value")) == 3 and len(tensors) == len(args)
+            and all(kwargs.get(n) is None for n in ("key_padding_mask", "attn_mask"))
+            and not kwargs.get("is_causal", False) and not any(t.is_complex() for t in tensors))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
