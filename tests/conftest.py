@@ -48,3 +48,13 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     yield f"s3://{name}", {"endpoint_url": s3_server}
+
+
+@pytest.fixture()
+def faulty_s3(s3_server):
+    """A proxy on 127.0.0.1 in front of moto that fails every 5th request with 503 SlowDown or
+    500 InternalError (bounded); use ``faulty_s3.endpoint`` as the endpoint_url (tests/s3_faults.py)."""
+    from s3_faults import FaultyS3
+
+    with FaultyS3(s3_server) as proxy:
+        yield proxy

@@ -97,3 +97,19 @@ def test_zarr_store_round_trip(url_and_options):
     with pytest.raises(ValueError):
         array[0, 0] = 1.0
     assert folder.exists("data.zarr/v/zarr.json")
+
+
+def test_open_output_appears_whole_or_not_at_all(url_and_options):
+    url, options = url_and_options
+    folder = fsio.Folder(url, options)
+    with pytest.raises(RuntimeError):
+        with fsio.open_output(folder.join_url("out.bin"), options) as f:
+            f.write(b"half")
+            raise RuntimeError("interrupted")
+    assert not folder.exists("out.bin") and folder.ls() in ([], ["."])
+    big = os.urandom(6 << 20)  # more than one S3 multipart part
+    with fsio.open_output(folder.join_url("out.bin"), options) as f:
+        f.write(big[:1000])
+        assert not folder.exists("out.bin")
+        f.write(big[1000:])
+    assert folder.read_bytes("out.bin") == big and folder.ls() == ["out.bin"]

@@ -66,7 +66,7 @@ def _wait_for_dashboard(address, env, head, timeout=120.0):
     while time.monotonic() < deadline:
         if head.poll() is not None:
             raise RuntimeError(f"ray start --head exited with {head.returncode}")
-        if _gradlake("jobs", "list", "--address", address, env=env).returncode == 0:
+        if _gradlake("jobs", "list", "--dashboard-url", address, env=env).returncode == 0:
             return
         time.sleep(1.0)
     raise TimeoutError(f"the Ray dashboard at {address} did not answer within {timeout} s")
@@ -76,13 +76,13 @@ def _wait_for_dashboard(address, env, head, timeout=120.0):
 def test_submit_quickstart_succeeds(ray_head, tmp_path):
     address, env = ray_head
     out = tmp_path / "run"
-    submitted = _gradlake("submit", str(ROOT / "jobs" / "quickstart.toml"), "--address", address,
+    submitted = _gradlake("submit", str(ROOT / "jobs" / "quickstart.toml"), "--dashboard-url", address,
                           "--out", str(out), "--wait", "--timeout", "900", env=env, timeout=960)
     submission_id = submitted.stdout.split()[0] if submitted.stdout else ""
-    logs = _gradlake("jobs", "logs", submission_id, "--address", address, env=env).stdout
+    logs = _gradlake("jobs", "logs", submission_id, "--dashboard-url", address, env=env).stdout
     assert submitted.returncode == 0, f"{submitted.stdout}\n{submitted.stderr}\n{logs[-4000:]}"
     assert "SUCCEEDED" in submitted.stdout
-    listed = _gradlake("jobs", "list", "--address", address, env=env)
+    listed = _gradlake("jobs", "list", "--dashboard-url", address, env=env)
     assert submission_id in listed.stdout
     assert (out / "report" / "index.html").is_file()
     assert (out / "store" / "store.json").is_file()
@@ -90,21 +90,21 @@ def test_submit_quickstart_succeeds(ray_head, tmp_path):
 
 def test_a_client_without_the_token_is_refused(ray_head):
     address, env = ray_head
-    assert _gradlake("jobs", "list", "--address", address, env=env).returncode == 0
-    result = _gradlake("jobs", "list", "--address", address,
+    assert _gradlake("jobs", "list", "--dashboard-url", address, env=env).returncode == 0
+    result = _gradlake("jobs", "list", "--dashboard-url", address,
                        env={**env, "RAY_AUTH_TOKEN": "not-the-token"})
     assert result.returncode != 0
 
 
 def test_submit_refuses_a_relative_output_root(ray_head):
     address, env = ray_head
-    result = _gradlake("submit", str(ROOT / "jobs" / "quickstart.toml"), "--address", address,
+    result = _gradlake("submit", str(ROOT / "jobs" / "quickstart.toml"), "--dashboard-url", address,
                        "--out", "runs/relative", env=env)
     assert result.returncode == 2
     assert "relative" in result.stderr
 
 
 def test_jobs_without_an_address_is_a_usage_error():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     result = _gradlake("jobs", "list", env=env)
-    assert result.returncode == 2 and "--address" in result.stderr
+    assert result.returncode == 2 and "--dashboard-url" in result.stderr

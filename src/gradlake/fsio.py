@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import re
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import fsspec
+
+from gradlake.errors import InputError
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):
@@ -36,6 +40,87 @@ def join(url: str, *parts: str) -> str:
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
+
+
+@contextlib.contextmanager
+def _local_replace(path: str) -> Iterator[IO[bytes]]:
+    """A new file next to ``path``, renamed onto it when the block completes, removed if it fails."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "xb") as f:  # permissions as for any new file (umask), unlike mkstemp's 0600
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def open_output(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[IO[bytes]]:
+    """A binary file to write at any fsspec URL; it appears whole when the block completes.
+
+    Local disk: a temporary file renamed into place. Elsewhere: an fsspec transaction (on S3
+    a multipart upload completed at the end, aborted if the block fails), so a failed or
+    interrupted export never leaves a truncated file under the final name.
+    """
+    fs, path = filesystem(url, storage_options)
+    if is_local(url):
+        with _local_replace(path) as f:
+            yield f
+        return
+    with fs.transaction, fs.open(path, "wb") as f:
+        yield f
+
+
+def storage_access_error(err: BaseException, url: str = "") -> InputError | None:
+    """The user's fix for a storage failure that is theirs to fix (missing or refused
+    credentials), as one line; None for any other failure."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:  # pragma: no cover -- s3fs brings botocore
+        return None
+    where = f"{url}: " if url else ""
+    seen = set()
+    while err is not None and id(err) not in seen:  # the cause may be wrapped (Ray task errors, s3fs)
+        seen.add(id(err))
+        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            found = "incomplete S3 credentials" if isinstance(err, PartialCredentialsError) else "no S3 credentials"
+            return InputError(
+                f"{where}{found} ({err}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(plus AWS_SESSION_TOKEN for temporary ones) in the environment, or name a profile "
+                "(AWS_PROFILE or --profile), or run where an instance or pod role provides them")
+        if isinstance(err, PermissionError):
+            return InputError(f"{where}access refused by the storage ({err}); check the credentials "
+                              "and their permissions on this bucket and prefix")
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
+
+
+def check_access(url: str, storage_options: dict[str, Any] | None = None, what: str = "") -> None:
+    """Fail early, with one line, if ``url`` cannot be reached: no credentials, access refused,
+    or (object stores) no such bucket."""
+    if is_local(url):
+        return
+    fs, path = filesystem(url, storage_options)
+    name = f"{what} {url}".strip()
+    bucket = path.split("/", 1)[0] if url.split("://", 1)[0] in _BUCKET_PROTOCOLS else ""
+    try:
+        fs.exists(path)
+        if bucket and not fs.exists(bucket):
+            raise InputError(f"{name}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- only the user's failures are translated
+        translated = storage_access_error(err, name)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+_BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
 
 
 class Folder:
@@ -72,11 +157,11 @@ class Folder:
         return self.fs.exists(path)
 
     def ls(self, rel: str = "") -> list[str]:
-        """Names of the entries of subfolder ``rel``, listed afresh ([] when it does not exist)."""
+        """Names of the entries of subfolder ``rel``, listed afresh ([] when it is no folder)."""
         self.forget_listing(rel)
         try:
             entries = self.fs.ls(self.path(rel), detail=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         return [posixpath.basename(entry.rstrip("/")) for entry in entries]
 
@@ -96,17 +181,8 @@ class Folder:
         if not self.local:
             self.fs.pipe_file(path, b"".join(parts))
             return
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "xb") as f:  # permissions as for any new file (umask), unlike mkstemp's 0600
-                f.writelines(parts)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with _local_replace(path) as f:
+            f.writelines(parts)
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write_bytes(rel, json.dumps(value, indent=2, default=str).encode())

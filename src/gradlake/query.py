@@ -5,15 +5,19 @@ Both stream over the store in blocks of rows, so any store size works in bounded
 
 from __future__ import annotations
 
-import os
+import json
+import posixpath
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from gradlake import fsio
 from gradlake.errors import InputError
+from gradlake.progress import progress
 from gradlake.reduce.metric import Metric, Moments
 from gradlake.reduce.pairwise import TopK, whiten
 from gradlake.store import GradientStore
@@ -26,44 +30,107 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Gradi
     return GradientStore.open(url, storage_options=storage_options)
 
 
+OUTPUT_FORMAT = "gradlake-query/1"
+METADATA_KEY = b"gradlake"  # Parquet schema metadata: what the table holds (JSON)
+
+
+def describe(store: GradientStore, checkpoint: str | None, **settings: Any) -> dict[str, Any]:
+    """What an output was computed from: the store, its checkpoint (name and weights sha256),
+    gradlake's version, and ``settings`` (observable, filters, pair, ...)."""
+    from gradlake import __version__
+
+    name = store.checkpoint(checkpoint)
+    return {"format": OUTPUT_FORMAT, "store": store.url, "checkpoint": name,
+            "checkpoint_sha256": store.provenance["checkpoints"][name].get("sha256", ""),
+            **settings, "gradlake_version": __version__}
+
+
+def with_description(table: pa.Table, description: dict[str, Any]) -> pa.Table:
+    """``table`` with ``description`` as its schema metadata (key ``gradlake``, JSON)."""
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(description).encode()})
+
+
+def description_of(table_or_schema: pa.Table | pa.Schema) -> dict[str, Any]:
+    """The description a query or top-k table carries ({} when it has none)."""
+    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def known_values(store: GradientStore, checkpoint: str | None = None) -> str:
+    """The classes and splits a checkpoint's samples have, for a note on an empty selection."""
+    table = store.samples(checkpoint, columns=["class", "split"])
+    if table.num_rows == 0:
+        return f"checkpoint {store.checkpoint(checkpoint)} has no committed samples yet"
+    classes = sorted(pc.unique(table["class"]).to_pylist())
+    splits = sorted(pc.unique(table["split"]).to_pylist())
+    return f"known classes are {', '.join(classes)}; splits are {', '.join(splits)}"
+
+
+def _sibling(url: str, suffix: str) -> str:
+    """``x.npy`` -> ``x<suffix>`` at the same place (any fsspec URL)."""
+    return posixpath.splitext(url)[0] + suffix
+
+
 def export(store: GradientStore, out: str | Path, where: str | None = None, observable: str = "C",
-           checkpoint: str | None = None, block_rows: int = 4096) -> int:
-    """Write the selected samples and their φ rows to ``out`` (.parquet or .npy); returns N.
+           checkpoint: str | None = None, block_rows: int = 4096,
+           storage_options: dict[str, Any] | None = None) -> int:
+    """Write the selected samples and their φ rows to ``out`` (.parquet or .npy, any fsspec URL);
+    returns N.
 
     Parquet: the samples columns plus ``phi`` (fixed-size list of float32, [k] or
-    [probes * k] for V). npy: the φ array alone, float32 [N, k] (or [N, probes, k]), in
-    row order, with the rows in ``<out>.rows.npy``.
+    [probes * k] for V); the schema metadata ``gradlake`` (JSON, :func:`description_of`) names
+    the store, checkpoint (and its sha256), observable and filter. npy: the φ array alone,
+    float32 [N, k] (or [N, probes, k]), in row order, with the rows in ``<x>.rows.npy`` and the
+    same description in ``<x>.meta.json``. Each file appears whole or not at all; the φ file
+    is written last.
     """
-    out = Path(out)
-    if out.suffix not in (".parquet", ".npy"):
-        raise InputError(f"--out: expected a .parquet or .npy file, got {str(out)!r}")
+    out = str(out)
+    suffix = posixpath.splitext(out)[1]
+    if suffix not in (".parquet", ".npy"):
+        raise InputError(f"--out: expected a .parquet or .npy file, got {out!r}")
+    fsio.check_access(out, storage_options, "--out")
     samples = store.samples(checkpoint, where)
     rows = samples.column("row").to_numpy().astype(np.int64)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")  # renamed into place when complete
-    if out.suffix == ".npy":
+    description = describe(store, checkpoint, observable=observable, where=where or "",
+                           samples=len(rows))
+    blocks = store.iter_blocks(checkpoint, observable, rows, block_rows)
+    bar = progress(total=len(rows), desc="query", unit="sample")
+    if suffix == ".npy":
         shape = (len(rows), *store.spec.row_shape(observable))
-        target = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
-        for start, (_, phi) in zip(range(0, len(rows), block_rows),
-                                   store.iter_blocks(checkpoint, observable, rows, block_rows)):
-            target[start:start + len(phi)] = phi
-        target.flush()
-        del target
-        np.save(out.with_suffix(".rows.npy"), rows)
-        os.replace(partial, out)
+        with fsio.open_output(_sibling(out, ".rows.npy"), storage_options) as f:
+            np.save(f, rows)
+        with fsio.open_output(_sibling(out, ".meta.json"), storage_options) as f:
+            f.write(json.dumps({**description, "array": posixpath.basename(out), "shape": list(shape),
+                                "dtype": "float32", "rows": posixpath.basename(_sibling(out, ".rows.npy"))},
+                               indent=2).encode())
+        with fsio.open_output(out, storage_options) as f, bar:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                     "fortran_order": False, "shape": shape})
+            for _, phi in blocks:
+                f.write(np.ascontiguousarray(phi, dtype=np.float32).tobytes())
+                bar.update(len(phi))
         return len(rows)
     width = int(np.prod(store.spec.row_shape(observable)))
     schema = samples.select(SAMPLE_COLUMNS).schema.append(
         pa.field("phi", pa.list_(pa.float32(), width)))
-    with pq.ParquetWriter(partial, schema) as writer:
-        for start, (_, phi) in zip(range(0, len(rows), block_rows),
-                                   store.iter_blocks(checkpoint, observable, rows, block_rows)):
+    schema = schema.with_metadata({METADATA_KEY: json.dumps(description).encode()})
+    with fsio.open_output(out, storage_options) as f, pq.ParquetWriter(f, schema) as writer, bar:
+        for start, (_, phi) in zip(range(0, len(rows), block_rows), blocks):
             part = samples.slice(start, len(phi)).select(SAMPLE_COLUMNS)
             values = pa.array(phi.reshape(len(phi), -1).ravel(), pa.float32())
             part = part.append_column("phi", pa.FixedSizeListArray.from_arrays(values, width))
             writer.write_table(part.cast(schema))
-    os.replace(partial, out)
+            bar.update(len(phi))
     return len(rows)
+
+
+def write_table(table: pa.Table, out: str, storage_options: dict[str, Any] | None = None) -> None:
+    """A table to a Parquet file at any fsspec URL (whole or not at all), metadata included."""
+    if not out.endswith(".parquet"):
+        raise InputError(f"--out: expected a .parquet file, got {out!r}")
+    with fsio.open_output(out, storage_options) as f:
+        pq.write_table(table, f)
 
 
 def metric_of(store: GradientStore, rows: np.ndarray, observable: str = "V",
@@ -84,7 +151,9 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
 
     H(i, j) = φ_{A,i}ᵀ (η̃ + λI)⁻¹ φ_{B,j} with pair = "AB" (response A on the query i,
     perturbation B on the training sample j); η̃ from the ``metric`` φ's of the training
-    selection. One row per (query, kind, rank), with both samples' trajectory, t and class.
+    selection. One row per (query, kind, rank), with both samples' trajectory, t and class;
+    the schema metadata (:func:`description_of`) names the checkpoint, the pair, the
+    normalisation (none: raw H) and the metric and λ.
     """
     if len(pair) != 2:
         raise InputError(f"--pair: expected two observable letters like 'CC', got {pair!r}")
@@ -92,9 +161,9 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     queries = store.samples(checkpoint, query_where, columns=SAMPLE_COLUMNS)
     train = store.samples(checkpoint, train_where, columns=SAMPLE_COLUMNS)
     if queries.num_rows == 0:
-        raise InputError(f"--query-where {query_where!r} selects no sample")
+        raise InputError(f"--query-where {query_where!r} selects no sample; {known_values(store, checkpoint)}")
     if train.num_rows == 0:
-        raise InputError(f"--train-where {train_where!r} selects no sample")
+        raise InputError(f"--train-where {train_where!r} selects no sample; {known_values(store, checkpoint)}")
     query_rows = queries.column("row").to_numpy().astype(np.int64)
     train_rows = train.column("row").to_numpy().astype(np.int64)
 
@@ -103,7 +172,10 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     best = TopK(query_rows, k)
     for rows, phi in store.iter_blocks(checkpoint, perturbation, train_rows, block_rows):
         best.update(psi_q @ whiten(phi, whitener).T, rows)
-    return _topk_table(best.result(), queries, train, k)
+    description = describe(store, checkpoint, kind="topk", pair=pair, response=response,
+                           perturbation=perturbation, normalization="none", metric=metric,
+                           damping=damping, query_where=query_where, train_where=train_where, k=k)
+    return with_description(_topk_table(best.result(), queries, train, k), description)
 
 
 def _topk_table(result: dict[str, np.ndarray], queries: pa.Table, train: pa.Table, k: int) -> pa.Table:

@@ -51,7 +51,7 @@ def test_generate_ns(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["generate", "euler", "--classes", "rp,kh"], "'kh' is not a euler class"),
     (["generate", "ns", "--trajectories", "0"], "trajectories: expected int > 0"),
-    (["generate", "euler", "--splits", "0.5,0.5"], "--splits"),
+    (["generate", "euler", "--split-fractions", "0.5,0.5"], "--split-fractions"),
 ])
 def test_generate_bad_settings(tmp_path, capsys, argv, message):
     code, _, err = run([*argv, "--out", str(tmp_path / "x")], capsys)

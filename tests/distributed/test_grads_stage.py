@@ -88,7 +88,7 @@ def test_local_stage_with_two_workers(clean_run, grads_inputs):
     assert summary["samples_computed"] == 2 * N_SAMPLES and summary["shards_failed"] == 0
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     per_shard = [line for line in lines if line.get("stage") == "grads"]
-    assert len(per_shard) == 10 and per_shard[-1]["done"] == 10
+    assert 2 <= len(per_shard) <= 10 and per_shard[-1]["done"] == 10  # throttled: first, last, one per 5 s
     assert {"samples_s", "mb", "eta_s", "shard", "checkpoint"} <= set(per_shard[-1])
     assert_matches_reference(plain_check(url), data, checkpoints)
     store = GradientStore.open(url)
@@ -96,20 +96,6 @@ def test_local_stage_with_two_workers(clean_run, grads_inputs):
     # Re-running the same command recomputes nothing.
     again = run_grads(data, checkpoints, url, SETTINGS)
     assert again["shards_skipped"] == 10 and again["shards_computed"] == 0
-
-
-@pytest.mark.s3
-@pytest.mark.slow
-def test_s3_stage_reads_and_writes_through_the_endpoint(ray_session, grads_inputs, s3_bucket):
-    bucket, options = s3_bucket
-    _, checkpoints = grads_inputs
-    data, url = f"{bucket}/data", f"{bucket}/store"
-    write_dataset(data, storage_options=options)
-    summary = run_grads(data, checkpoints[:1], url, SETTINGS, storage_options=options)
-    assert summary["shards_computed"] == 5 and summary["workers"] == 2
-    arrays = plain_check(url, options)
-    assert_matches_reference(arrays, data, checkpoints[:1], storage_options=options)
-    assert options["endpoint_url"] not in json.dumps(GradientStore.open(url, options).provenance)
 
 
 def test_killed_actor_mid_shard(ray_session, grads_inputs, clean_run, tmp_path, monkeypatch):
@@ -176,3 +162,26 @@ def test_an_interrupted_driver_records_it(grads_inputs, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_grads(data, checkpoints[:1], url, SETTINGS)
     assert GradientStore.open(url).provenance["stages"]["grads"]["status"] == "interrupted"
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_s3_stage_through_transient_faults_equals_the_clean_run(ray_session, grads_inputs, clean_run, s3_bucket,
+                                                                faulty_s3):
+    """The stage reading and writing S3 through its endpoint, with 503 SlowDown / 500 InternalError
+    on every 9th request (dataset reads, store writes, commits; driver and workers): retried;
+    every sample once; φ equal to the clean local run's; the endpoint not in the store."""
+    bucket, options = s3_bucket
+    _, checkpoints = grads_inputs
+    data, url = f"{bucket}/data", f"{bucket}/store"
+    write_dataset(data, storage_options=options)  # written cleanly, straight to moto
+    faulty_s3.every, faulty_s3.budget = 9, 20
+    faulty = {"endpoint_url": faulty_s3.endpoint}
+    summary = run_grads(data, checkpoints[:1], url, SETTINGS, storage_options=faulty)
+    assert faulty_s3.injected >= 10 and set(faulty_s3.by_code) == {"SlowDown", "InternalError"}
+    assert summary["shards_computed"] == 5 and summary["shards_failed"] == 0 and summary["workers"] == 2
+    assert faulty["endpoint_url"] not in json.dumps(GradientStore.open(url, options).provenance)
+    arrays = plain_check(url, options)  # every sample exactly once, every commit record
+    clean = plain_check(clean_run[0])
+    for obs in SETTINGS.observables:
+        np.testing.assert_array_equal(arrays["epoch-0001", obs], clean["epoch-0001", obs])

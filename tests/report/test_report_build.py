@@ -108,14 +108,15 @@ def test_full_report(inputs, tmp_path):
     assert index == str(out / "index.html")
     page = read_page(out)
     assert page.scripts == 0
-    assert page.sections == ["provenance", "training", "rollout", "spectrum", "intra", "inter", "lags",
-                             "transfer", "distance", "exact"]
+    assert page.sections == ["provenance", "training", "rollout", "exact", "spectrum", "intra", "inter", "lags",
+                             "transfer", "distance"]
     assert page.notes == []  # every input is there
     assert_links_complete(out, page)
     per_checkpoint = [f"figures/{kind}-{c}-{pair}-row-std.png" for c in CHECKPOINTS
                       for kind in ("intra", "inter", "lags", "transfer", "distance") for pair in ("MC",)]
     overall = ["figures/training-curves.png", "figures/rollout-epoch-0002.png", "figures/metric-spectrum.png",
-               "figures/exact-none.png", "figures/exact-row-std.png", "figures/lags-training-MC-row-std.png"]
+               "figures/exact-none.png", "figures/exact-row-std.png", "figures/lags-training-MC-row-std.png",
+               "figures/exact-twotime-MC-row-std.png"]
     assert sorted(page.images) == sorted(per_checkpoint + overall)
     assert len(page.captions) == len(page.images) and all(len(c) > 40 for c in page.captions)
     text = (out / "index.html").read_text()

@@ -9,6 +9,7 @@ import typer
 from gradlake import __version__
 from gradlake.cli.app import app
 from gradlake.errors import GradlakeError, InputError
+from gradlake.fsio import storage_access_error
 
 # Each module registers its verbs on `app`.
 from gradlake.cli import data, grads, jobs, query, reduce, report, train  # noqa: E402,F401
@@ -37,3 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     except GradlakeError as err:
         typer.secho(f"failed: {err}", err=True, fg="red")
         sys.exit(1)
+    except Exception as err:
+        translated = storage_access_error(err)  # missing or refused credentials, wherever they surface
+        if translated is None:
+            raise
+        typer.secho(f"error: {translated}", err=True, fg="red")
+        sys.exit(2)

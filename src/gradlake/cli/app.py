@@ -15,8 +15,19 @@ app = typer.Typer(
 Address = typer.Option("", "--address",
                        help="Ray cluster to join; default RAY_ADDRESS, else an embedded local Ray.")
 NumCpus = typer.Option(0, "--num-cpus", help="CPUs of the embedded local Ray; 0 = all.")
-Quiet = typer.Option(False, "--quiet", "-q",
-                     help="No progress bars: one JSON line per update (as when output is not a terminal).")
+
+
+def _quiet(value: bool) -> bool:
+    """--quiet takes effect as soon as it is parsed, for every command that declares it."""
+    if value:
+        from gradlake.progress import set_quiet
+
+        set_quiet(True)
+    return value
+
+
+Quiet = typer.Option(False, "--quiet", "-q", callback=_quiet,
+                     help="No progress bars: throttled JSON lines (as when output is not a terminal).")
 EndpointUrl = typer.Option("", "--endpoint-url",
                            help="S3-compatible endpoint for s3:// URLs, e.g. http://127.0.0.1:9000.")
 Profile = typer.Option("", "--profile",

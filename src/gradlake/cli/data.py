@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from gradlake.cli.app import EndpointUrl, Profile, app, storage_options
+from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, storage_options
 from gradlake.config import DataConfig, _build
 from gradlake.errors import InputError
 
@@ -18,7 +18,8 @@ app.add_typer(ingest_app, name="ingest")
 
 Out = typer.Option(..., "--out", help="Dataset URL to write (local path, s3://..., memory://...).")
 Seed = typer.Option(0, "--seed", help="Seed of the initial conditions and of the trajectory splits.")
-Splits = typer.Option("0.65,0.05,0.30", "--splits", help="Train, val, test fractions (by trajectory, per class).")
+SplitFractions = typer.Option("0.65,0.05,0.30", "--split-fractions",
+                              help="Train, val, test fractions (by trajectory, per class).")
 
 
 def _split_fractions(text: str) -> tuple[float, float, float]:
@@ -27,7 +28,7 @@ def _split_fractions(text: str) -> tuple[float, float, float]:
     except ValueError:
         values = ()
     if len(values) != 3:
-        raise InputError(f"--splits: expected three comma-separated fractions like 0.65,0.05,0.30, got {text!r}")
+        raise InputError(f"--split-fractions: expected three comma-separated fractions like 0.65,0.05,0.30, got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -69,9 +70,10 @@ def generate_euler(
     cfl: float = typer.Option(0.0, "--cfl", help="CFL number; 0 -> 0.4."),
     batch: int = typer.Option(16, "--batch", help="Trajectories simulated at once."),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:N or auto."),
-    splits: str = Splits,
+    splits: str = SplitFractions,
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
+    quiet: bool = Quiet,
 ):
     """2D compressible Euler four-quadrant Riemann problems (straight, curved, uncertain interfaces)."""
     _generate("euler", classes, trajectories, steps, resolution, seed, out, output_dt, cfl, batch, device,
@@ -91,9 +93,10 @@ def generate_ns(
     viscosity: float = typer.Option(1e-3, "--viscosity", help="Kinematic viscosity."),
     batch: int = typer.Option(16, "--batch", help="Trajectories simulated at once."),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:N or auto."),
-    splits: str = Splits,
+    splits: str = SplitFractions,
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
+    quiet: bool = Quiet,
 ):
     """2D incompressible Navier–Stokes (random smooth, Gaussian-vortex and sinusoidal initial data)."""
     _generate("ns", classes, trajectories, steps, resolution, seed, out, output_dt, cfl, batch, device,
@@ -117,9 +120,10 @@ def ingest_pdegym_command(
     out: str = Out,
     class_name: Optional[str] = typer.Option(None, "--class", help="Class of every file; default: from the file name."),
     seed: int = typer.Option(0, "--seed", help="Seed of the trajectory splits."),
-    splits: str = Splits,
+    splits: str = SplitFractions,
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
+    quiet: bool = Quiet,
 ):
     """PDEGym netCDF files -> a gradlake dataset (Euler data stored as conserved variables)."""
     _ingest("pdegym", paths, out, class_name, seed, splits, storage_options(endpoint_url, profile))
@@ -131,9 +135,10 @@ def ingest_well_command(
     out: str = Out,
     class_name: Optional[str] = typer.Option(None, "--class", help="Class of every file; default: its dataset_name."),
     seed: int = typer.Option(0, "--seed", help="Seed of the trajectory splits."),
-    splits: str = Splits,
+    splits: str = SplitFractions,
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
+    quiet: bool = Quiet,
 ):
     """The Well HDF5 files -> a gradlake dataset."""
     _ingest("well", paths, out, class_name, seed, splits, storage_options(endpoint_url, profile))

@@ -13,12 +13,14 @@ _DEFAULTS = GradsConfig()
 
 
 def expand_checkpoints(paths: list[str], options: dict[str, str]) -> list[str]:
-    """Checkpoint paths; a training directory stands for all of its checkpoints."""
+    """Checkpoint folders; a file in one (model.safetensors, ...) means its folder, and a
+    training directory stands for all of its checkpoints."""
     from gradlake.models.checkpoint import checkpoint_dir, list_checkpoints
 
     expanded = []
     for path in paths:
-        expanded += list_checkpoints(path, options or None) or [checkpoint_dir(path)]
+        folder = checkpoint_dir(path)
+        expanded += list_checkpoints(folder, options or None) or [folder]
     return expanded
 
 
@@ -48,11 +50,9 @@ def grads(
     quiet: bool = Quiet,
 ):
     """Compute projected per-sample gradients of each checkpoint into a gradient store."""
-    from gradlake import config, progress
+    from gradlake import config
     from gradlake.distributed.grads_stage import run_grads
 
-    if quiet:
-        progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["grads"], "reduce": {"pairs": []},
         "grads": {"observables": names(observables), "k_in": k_in, "k_out": k_out, "dtype": dtype,

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from gradlake import config
+from gradlake import config, fsio
 from gradlake.cli.app import Quiet, app
 from gradlake.errors import InputError
 
@@ -20,9 +20,15 @@ def _load(job: Path, out: Optional[str]) -> config.JobConfig:
 
 
 @app.command()
-def validate(job: Path = JobFile):
-    """Check a job file and print its resolved settings."""
-    typer.echo(config.dumps(config.load_job(job)))
+def validate(job: Path = JobFile, quiet: bool = Quiet):
+    """Check a job file; print the settings as the job will run them (paths, k_dense, ... resolved)
+    and warn about valid but probably unmeant ones (a split that will be empty)."""
+    import json
+
+    settings = config.load_job(job)
+    typer.echo(json.dumps(config.resolved(settings), indent=2, default=list))
+    for warning in config.setting_warnings(settings):
+        typer.secho(f"warning: {warning}", err=True, fg="yellow")
 
 
 @app.command()
@@ -34,46 +40,60 @@ def run(
 ):
     """Run all stages of a job in order on the embedded local Ray (or RAY_ADDRESS); resumes."""
     from gradlake.pipeline import run_job
-    from gradlake.progress import set_quiet
 
-    set_quiet(quiet)
     settings = _load(job, out)
+    _check_access(settings)
     results = run_job(settings, force=force, echo=typer.echo)
     if "report" in results:
         typer.echo(f"report: {results['report'].get('index')}")
     typer.echo(f"outputs under {settings.out}")
 
 
-def _client(address: Optional[str]):
+def _check_access(job: config.JobConfig) -> None:
+    """Before any work: every output and input location of the job is reachable (credentials, bucket)."""
+    options = job.store.storage_options or None
+    locations = {"out": job.out, "data.url": job.data.url, "store.url": job.store.url, "report.out": job.report.out}
+    for what, url in locations.items():
+        if url:
+            fsio.check_access(url, options, what)
+
+
+def _client(dashboard_url: Optional[str]):
     """A Ray Jobs API client; token authentication is used whenever the cluster has it."""
-    address = address or os.environ.get("RAY_ADDRESS", "")
+    address = (dashboard_url or os.environ.get("RAY_API_SERVER_ADDRESS", "")
+               or os.environ.get("RAY_ADDRESS", ""))
     if not address:
-        raise InputError("--address: expected the Ray dashboard URL (http://HOST:8265) or RAY_ADDRESS")
+        raise InputError("--dashboard-url: expected the Ray dashboard URL (http://HOST:8265), "
+                         "or RAY_API_SERVER_ADDRESS or RAY_ADDRESS")
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray reads its configuration
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
     except ConnectionError as err:
-        raise InputError(f"--address {address}: cannot reach the Ray dashboard ({err})") from None
+        raise InputError(f"--dashboard-url {address}: cannot reach the Ray dashboard ({err})") from None
 
 
-AddressOption = typer.Option(None, "--address", help="Ray dashboard URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS).")
+# Not --address: that flag is the Ray cluster (GCS) address of grads and reduce.
+DashboardUrl = typer.Option(None, "--dashboard-url",
+                            help="Ray dashboard URL, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS, "
+                                 "else RAY_ADDRESS).")
 
 
 @app.command()
 def submit(
     job: Path = JobFile,
-    address: Optional[str] = AddressOption,
+    dashboard_url: Optional[str] = DashboardUrl,
     out: Optional[str] = typer.Option(None, help="Output root on the cluster: an absolute path or URL (s3://...)."),
     wait: bool = typer.Option(False, help="Wait for the job to finish and exit non-zero unless it succeeded."),
     timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
+    quiet: bool = Quiet,
 ):
     """Submit a job to a Ray cluster through the Ray Jobs API; prints the submission id."""
     from gradlake.submit import submit_job, wait_for
 
     settings = _load(job, out)
-    client = _client(address)
+    client = _client(dashboard_url)
     submission_id = submit_job(client, job, settings)
     typer.echo(submission_id)
     if wait:
@@ -88,26 +108,26 @@ app.add_typer(jobs_app, name="jobs")
 
 
 @jobs_app.command("list")
-def jobs_list(address: Optional[str] = AddressOption):
+def jobs_list(dashboard_url: Optional[str] = DashboardUrl, quiet: bool = Quiet):
     """List submitted jobs."""
-    for info in _client(address).list_jobs():
+    for info in _client(dashboard_url).list_jobs():
         typer.echo(f"{info.submission_id}\t{info.status}\t{info.entrypoint}")
 
 
 @jobs_app.command("status")
-def jobs_status(submission_id: str, address: Optional[str] = AddressOption):
+def jobs_status(submission_id: str, dashboard_url: Optional[str] = DashboardUrl, quiet: bool = Quiet):
     """Print a job's status."""
-    typer.echo(str(_client(address).get_job_status(submission_id)))
+    typer.echo(str(_client(dashboard_url).get_job_status(submission_id)))
 
 
 @jobs_app.command("logs")
-def jobs_logs(submission_id: str, address: Optional[str] = AddressOption):
+def jobs_logs(submission_id: str, dashboard_url: Optional[str] = DashboardUrl, quiet: bool = Quiet):
     """Print a job's logs."""
-    typer.echo(_client(address).get_job_logs(submission_id))
+    typer.echo(_client(dashboard_url).get_job_logs(submission_id))
 
 
 @jobs_app.command("stop")
-def jobs_stop(submission_id: str, address: Optional[str] = AddressOption):
+def jobs_stop(submission_id: str, dashboard_url: Optional[str] = DashboardUrl, quiet: bool = Quiet):
     """Stop a running job."""
-    stopped = _client(address).stop_job(submission_id)
+    stopped = _client(dashboard_url).stop_job(submission_id)
     typer.echo(f"{submission_id}: {'stop requested' if stopped else 'not running'}")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from gradlake.cli.app import EndpointUrl, Profile, app, storage_options
+from gradlake import fsio
+from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, storage_options
 
 StoreArg = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...).")
 
@@ -21,7 +21,7 @@ def _open(store: str, endpoint_url: str, profile: str):
 
 @app.command()
 def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile,
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."), quiet: bool = Quiet):
     """N, k, dtype, checkpoints, observables, shards done, bytes and provenance of a store."""
     summary = _open(store, endpoint_url, profile).summary()
     if as_json:
@@ -47,14 +47,19 @@ def query(
     where: Optional[str] = typer.Option(None, help="Filter on the samples table, e.g. \"class == 'rp' and t < 4\"."),
     observable: str = typer.Option("C", help="Observable whose φ rows to export."),
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint name (default: the latest)."),
-    out: Path = typer.Option(..., help="Output file: .parquet (samples + phi) or .npy (phi; rows in .rows.npy)."),
-    endpoint_url: str = EndpointUrl, profile: str = Profile,
+    out: str = typer.Option(..., help="Output file, any fsspec URL: .parquet (samples + phi; what they are in "
+                                      "the schema metadata) or .npy (phi; rows in .rows.npy, what they are in .meta.json)."),
+    endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
     """Selected samples with their φ rows, streamed to a Parquet or npy file."""
-    from gradlake.query import export
+    from gradlake.query import export, known_values
 
-    n = export(_open(store, endpoint_url, profile), out, where, observable, checkpoint)
-    typer.echo(f"{n} samples -> {out}")
+    opened = _open(store, endpoint_url, profile)
+    n = export(opened, out, where, observable, checkpoint,
+               storage_options=storage_options(endpoint_url, profile) or None)
+    typer.echo(f"{n} samples (checkpoint {opened.checkpoint(checkpoint)}, observable {observable}) -> {out}")
+    if n == 0:
+        typer.secho(f"note: 0 rows match {where!r}; {known_values(opened, checkpoint)}", err=True, fg="yellow")
 
 
 @app.command()
@@ -67,18 +72,25 @@ def topk(
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint name (default: the latest)."),
     metric: str = typer.Option("V", help="Observable whose φ's build the metric (V: NTK, C: empirical Fisher)."),
     damping: float = typer.Option(1e-4, "--lambda", help="Damping λ of (η̃ + λI)⁻¹."),
-    out: Optional[Path] = typer.Option(None, help="Also write the table to this Parquet file."),
-    endpoint_url: str = EndpointUrl, profile: str = Profile,
+    out: Optional[str] = typer.Option(None, help="Also write the table to this Parquet file (any fsspec URL; "
+                                                 "checkpoint, pair and settings in its schema metadata)."),
+    endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
-    """The most and least influential training samples for each query sample."""
-    import pyarrow.parquet as pq
-
+    """The most and least influential training samples for each query sample (raw H, no normalisation)."""
+    from gradlake.query import description_of, write_table
     from gradlake.query import topk as run_topk
 
+    options = storage_options(endpoint_url, profile) or None
+    if out:
+        fsio.check_access(out, options, "--out")
     table = run_topk(_open(store, endpoint_url, profile), query_where, train_where, k, pair, checkpoint,
                      metric, damping)
     if out:
-        pq.write_table(table, out)
+        write_table(table, out, options)
+    about = description_of(table)
+    typer.echo(f"checkpoint {about['checkpoint']} (sha256 {about['checkpoint_sha256'][:12]}), pair {pair} "
+               f"(response {about['response']} on the query, perturbation {about['perturbation']} on the "
+               f"training sample), normalisation {about['normalization']}, metric {metric}, λ = {damping:g}")
     rows = table.to_pylist()
     for row in rows:
         typer.echo(f"query traj {row['query_trajectory']:>4} t {row['query_t']:>3} {row['query_class']:<6} "

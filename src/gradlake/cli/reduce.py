@@ -37,11 +37,9 @@ def reduce(
     quiet: bool = Quiet,
 ):
     """Reduce stored projected gradients to the paper's influence quantities."""
-    from gradlake import config, progress
+    from gradlake import config
     from gradlake.reduce import run_reduce
 
-    if quiet:
-        progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["reduce"],
         "reduce": {"name": name, "metric": metric, "damping": damping,
@@ -64,42 +62,54 @@ def exact(
     out: str = typer.Option("", "--out", help="A gradient store (results go to STORE/reduce/NAME/) or a folder; default ./exact-<checkpoint>."),
     name: str = typer.Option("exact", "--name", help="Results name inside a gradient store."),
     damping: float = typer.Option(1e-4, "--lambda", help="Damping λ."),
-    rtol: float = typer.Option(1e-6, "--rtol", help="Relative residual at which each Krylov solve stops."),
+    rtol: float = typer.Option(1e-6, "--rtol", help="Bound on every entry's error, relative to ‖r_A,i‖‖r_B,j‖."),
     per_class: int = typer.Option(16, "--per-class", help="Transitions of the trajectory of each class."),
-    classes: int = typer.Option(3, "--classes", help="Classes in the batch (sorted by name)."),
+    minibatches: int = typer.Option(1, "--minibatches", help="Minibatches of the split (0 = every one); minibatch 0 is the paper's."),
+    method: str = typer.Option("auto", "--method", help="auto, dense (factor the Gram) or pcg (Nyström-preconditioned CG)."),
+    space: str = typer.Option("auto", "--space", help="auto, output or parameter."),
+    agreement: int = typer.Option(1, "--agreement", help="Minibatches (the first ones) with the projected-vs-exact report."),
+    cpus: int = typer.Option(1, "--cpus", help="CPUs (torch threads) per minibatch task."),
+    classes: int = typer.Option(3, "--num-classes", help="How many classes a minibatch takes (the first, sorted by name)."),
     split: str = typer.Option("test", "--split", help="Split the batch's trajectories come from."),
     ks: str = typer.Option("4,8,16", "--ks", help="k_in = k_out values of the agreement report, comma-separated."),
     probes: int = typer.Option(64, "--probes", help="V probes of the projected estimate's metric."),
     pairs: str = typer.Option("CC,MC,EC", "--pairs", help="Observable pairs, comma-separated."),
     normalize: str = typer.Option("none,row-std,cosine", "--normalize", help="Normalisations of the agreement report."),
-    max_iter: int = typer.Option(5000, "--max-iter", help="CG iterations per right-hand side."),
-    block: int = typer.Option(8, "--block", help="Right-hand sides solved together."),
+    max_iter: int = typer.Option(2000, "--max-iter", help="PCG iterations per right-hand side."),
+    block: int = typer.Option(8, "--block", help="Vectors per vmapped JVP/VJP (memory vs speed)."),
     dtype: str = typer.Option("float64", "--dtype", help="float64 or float32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    address: str = Address,
+    num_cpus: int = NumCpus,
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
     quiet: bool = Quiet,
 ):
-    """The paper's exact minibatch influence (matrix-free Krylov) and its agreement with projections."""
-    from gradlake import config, fsio, progress
-    from gradlake.reduce import run_exact
+    """The paper's exact minibatch influence on many minibatches (Ray tasks), its statistics, and its
+    agreement with projections."""
+    from gradlake import config, fsio
+    from gradlake.distributed.cluster import ensure_ray
+    from gradlake.distributed.exact_tasks import run_exact
 
-    if quiet:
-        progress.set_quiet(True)
     job = config.parse_job({
         "stages": ["reduce"],
         "reduce": {"damping": damping, "pairs": names(pairs), "normalize": names(normalize),
                    "exact": {"enabled": True, "rtol": rtol, "per_class": per_class, "classes": classes,
-                             "split": split, "ks": [int(k) for k in names(ks)], "probes": probes,
+                             "minibatches": minibatches, "method": method, "space": space, "agreement": agreement,
+                             "cpus": cpus, "split": split, "ks": [int(k) for k in names(ks)], "probes": probes,
                              "max_iter": max_iter, "block": block, "dtype": dtype, "device": device}},
+        "ray": {"address": address, "num_cpus": num_cpus},
     }, source="gradlake exact")
     options = storage_options(endpoint_url, profile)
-    target = out or "exact-" + checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    from gradlake.models.checkpoint import checkpoint_dir
+
+    target = out or "exact-" + checkpoint_dir(checkpoint).rsplit("/", 1)[-1]
     fs, path = fsio.filesystem(target, options)
     if fs.exists(path.rstrip("/") + "/store.json"):
         from gradlake.store import GradientStore
 
         target = GradientStore.open(target, options or None).reduce_url(name)
+    ensure_ray(job.ray.address, job.ray.num_cpus)
     summary = run_exact(checkpoint, data, target, job.reduce.exact, job.reduce.damping, job.reduce.pairs,
                         job.reduce.normalize, options or None)
     typer.echo(json.dumps({**summary, "out": target}, indent=2, default=str))

@@ -24,12 +24,10 @@ def report(
     quiet: bool = Quiet,
 ):
     """Draw the report of a store's reduce (heatmaps, lags, transfer, spectrum...); print index.html's path."""
-    from gradlake import fsio, progress
+    from gradlake import fsio
     from gradlake.errors import InputError
     from gradlake.report import build_report
 
-    if quiet:
-        progress.set_quiet(True)
     options = storage_options(endpoint_url, profile)
     if train:
         fs, path = fsio.filesystem(train, options or None)

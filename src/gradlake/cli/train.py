@@ -37,6 +37,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def models(
     channels: int = typer.Option(4, help="Input/output channels (4: compressible Euler, 2: Navier–Stokes)."),
     resolution: int = typer.Option(128, help="Grid size R of the R x R input."),
+    quiet: bool = Quiet,
 ):
     """Every preset's parameter count, and the paper presets' check against the paper's sizes."""
     from gradlake import models as registry
@@ -73,11 +74,9 @@ def train(
 ):
     """One-step teacher-forced training on the train split (AdamW, scaled MSE)."""
     from gradlake.models.checkpoint import read_meta
-    from gradlake.progress import set_quiet
     from gradlake.train import describe
     from gradlake.train import train as run_train
 
-    set_quiet(quiet)
     model_settings = _build(ModelConfig, {"name": model, "preset": preset, "overrides": _overrides(set_)}, "model")
     settings = _build(TrainConfig, {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                                     "weight_decay": weight_decay, "checkpoint_every": checkpoint_every,
@@ -102,10 +101,8 @@ def rollout(
     quiet: bool = Quiet,
 ):
     """Autoregressive rollout error against ground truth versus horizon, per class."""
-    from gradlake.progress import set_quiet
     from gradlake.train import rollout as run_rollout
 
-    set_quiet(quiet)
     table = run_rollout(checkpoint, data, horizon=horizon, split=split, device=device,
                         out=out or checkpoint, storage_options=storage_options(endpoint_url, profile) or None)
     rows = table.to_pylist()

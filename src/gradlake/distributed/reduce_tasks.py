@@ -7,7 +7,7 @@ curves and self-influence written by the tasks); then the dense tiles, the top-k
 and the influence-vs-distance pairs. Each pass submits a window of tasks at a time and
 sums their results in a fixed binary tree of Ray tasks, so driver and object-store memory
 do not grow with the number of samples and the result does not depend on timing.
-The exact minibatch mode runs as one Ray task (on a GPU when the cluster has one).
+The exact minibatch mode runs one Ray task per minibatch (distributed/exact_tasks.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from gradlake.errors import InputError
 from gradlake.progress import progress
 from gradlake.reduce import work
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
-from gradlake.reduce.exact_run import EXACT_JSON, run_exact
+from gradlake.distributed.exact_tasks import run_exact
+from gradlake.reduce.exact_run import EXACT_JSON
 from gradlake.reduce.metric import Metric
 from gradlake.reduce.output import SUMMARY, ReduceOutput
 from gradlake.reduce.pairwise import sample_pairs
@@ -343,7 +344,5 @@ def _exact(store, settings: ReduceConfig, out: ReduceOutput, so) -> dict:
                          f"{name!r} lives; run `gradlake exact --checkpoint PATH` instead")
     if out.exists(EXACT_JSON):
         return out.read_json(EXACT_JSON)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and settings.exact.device != "cpu" else 0
-    task = ray.remote(run_exact).options(num_gpus=gpus)
-    return ray.get(task.remote(path, store.spec.dataset["url"], out.url, settings.exact, settings.damping,
-                               settings.pairs, settings.normalize, so or None))
+    return run_exact(path, store.spec.dataset["url"], out.url, settings.exact, settings.damping, settings.pairs,
+                     settings.normalize, so or None, identity={"store_checkpoint": name})

@@ -82,9 +82,11 @@ def run_reduce(store_url: str, settings, ray, storage_options: dict[str, Any] | 
 def run_exact(checkpoint: str, data_url: str, out_url: str, settings, damping: float = 1e-4,
               pairs=("CC", "MC", "EC"), normalize=("none", "row-std", "cosine"),
               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The exact minibatch mode and its agreement report (no Ray)."""
-    from gradlake.reduce.exact_run import run_exact as run
+    """The exact minibatch mode and its agreement report, one Ray task per minibatch."""
+    from gradlake.distributed.cluster import ensure_ray
+    from gradlake.distributed.exact_tasks import run_exact as run
 
+    ensure_ray()
     return run(checkpoint, data_url, out_url, settings, damping, pairs, normalize, storage_options)
 
 

@@ -15,6 +15,7 @@ one JVP and one VJP per iteration, several right-hand sides at once. The solve s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from gradlake.errors import GradlakeError, InputError
+from gradlake.reduce.krylov import NystromPreconditioner, SolveInfo, cholesky_factor, nystrom, pcg
 
 
 class BatchJacobian:
@@ -42,6 +44,8 @@ class BatchJacobian:
 
         def forward(params):
             return functional_call(model, (params, buffers), (self.inputs,))
+
+        self._model, self._buffers, self._independent = model, buffers, False
 
         self._forward = forward
         self.output, self._vjp = vjp(forward, self.params)
@@ -66,51 +70,41 @@ class BatchJacobian:
         """K u = J Jᵀ u for columns u [columns, *output]."""
         return self.jvp(self.vjp(u))
 
+    def sample_jacobians(self, chunk: int = 256):
+        """Yield J_i [d, p] (columns in ``named_parameters`` order) sample by sample.
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).flatten(1).sum(1)
+        Each comes from reverse mode on that sample alone, N times cheaper than cotangents
+        pushed through the whole batch. That needs a batch-independent model (no batch
+        statistics), which is checked on the first call against one batch VJP.
+        """
+        names = list(self.params)
 
+        def single(i):
+            def f(params):
+                return functional_call(self._model, (params, self._buffers), (self.inputs[i:i + 1],))[0]
+            full = torch.func.jacrev(f, chunk_size=chunk)(self.params)
+            d = self.output[i].numel()
+            return torch.cat([full[n].reshape(d, -1) for n in names], 1)
 
-def _expand(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-@dataclass
-class SolveInfo:
-    iterations: int
-    relative_residual: np.ndarray  # per column, ‖b − (K+λI)y‖ / ‖b‖ at exit
-    converged: bool
-
-
-def conjugate_gradients(apply, b: torch.Tensor, damping: float, rtol: float, max_iter: int):
-    """Solve (K + λI) y = b for every column of b [columns, ...]; ``apply(u)`` = K u.
-
-    Each column stops updating once ‖residual‖ ≤ rtol ‖b‖. Returns (y, SolveInfo).
-    """
-    y = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    b_norm = _dot(b, b).sqrt()
-    rr = _dot(r, r)
-    target = (rtol * b_norm) ** 2
-    it = 0
-    for it in range(1, max_iter + 1):
-        active = rr > target
-        if not active.any():
-            it -= 1
-            break
-        ap = apply(p) + damping * p
-        alpha = torch.where(active, rr / _dot(p, ap), torch.zeros_like(rr))
-        y = y + _expand(alpha, y) * p
-        r = r - _expand(alpha, r) * ap
-        rr_new = _dot(r, r)
-        beta = torch.where(active, rr_new / rr, torch.zeros_like(rr))
-        p = r + _expand(beta, p) * p
-        rr = torch.where(active, rr_new, rr)
-    # The recurrence residual drifts from the true one in finite precision: report the true one.
-    true = b - apply(y) - damping * y
-    rel = (_dot(true, true).sqrt() / torch.clamp(b_norm, min=torch.finfo(b.dtype).tiny)).cpu().numpy()
-    return y, SolveInfo(it, rel, bool((rel <= rtol * 1.01).all()))
+        if not self._independent:
+            u = torch.randn(self.output.shape, dtype=self.output.dtype, generator=torch.Generator().manual_seed(0))
+            u = u.to(self.output.device)
+            batch = torch.cat([self._vjp(u)[0][n].reshape(-1) for n in names])
+            jacobians = []
+            for i in range(self.output.shape[0]):
+                jacobians.append(single(i))
+                batch = batch - jacobians[-1].T @ u[i].reshape(-1)
+                yield jacobians[-1]
+                jacobians[-1] = None
+            scale = max(float(torch.linalg.vector_norm(torch.cat([self._vjp(u)[0][n].reshape(-1) for n in names]))),
+                        1e-300)
+            if float(torch.linalg.vector_norm(batch)) > 1e-6 * scale:
+                raise GradlakeError("exact: the model's outputs depend on other samples of the batch (batch "
+                                    "statistics?), so per-sample Jacobians do not apply; use method = \"pcg\"")
+            self._independent = True
+            return
+        for i in range(self.output.shape[0]):
+            yield single(i)
 
 
 def lanczos_top(apply, shape, damping: float, steps: int = 40, seed: int = 0, dtype=torch.float64,
@@ -145,46 +139,153 @@ def lanczos_top(apply, shape, damping: float, steps: int = 40, seed: int = 0, dt
             "steps": m}
 
 
+def blocked(apply, block: int):
+    """``apply`` on at most ``block`` rows at a time (bounded memory for vmapped products)."""
+    def run(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([apply(v[i:i + block]) for i in range(0, v.shape[0], block)]) if len(v) else v
+    return run
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How the exact H is solved (see :func:`exact_influence`)."""
+
+    method: str = "auto"  # auto | dense | pcg
+    space: str = "auto"  # auto | output | parameter
+    rtol: float = 1e-6
+    max_iter: int = 2000
+    block: int = 8  # vectors per vmapped JVP/VJP call (memory vs speed)
+    dense_max: int = 8192  # auto: form and factor the Gram when its side is at most this
+    # (memory: 8 (n p + n²) bytes in output space, 8 (p² + d p) in parameter space, float64)
+    rank: int = 64  # first Nyström rank; doubled until λ̂_ℓ <= 10 λ or max_rank
+    max_rank: int = 1024
+    seed: int = 0
+
+
+def _choose(jac: BatchJacobian, s: SolverSettings) -> tuple[str, str]:
+    n, p = jac.output.numel(), jac.n_params
+    space = s.space if s.space != "auto" else ("output" if n <= p else "parameter")
+    side = n if space == "output" else p
+    method = s.method if s.method != "auto" else ("dense" if side <= s.dense_max else "pcg")
+    if space == "parameter" and method == "pcg" and s.space == "auto":
+        space = "output"  # PCG's stopping rule is sharpest in output space (see module docstring)
+    return space, method
+
+
+def _dense_gram(jac: BatchJacobian, space: str, bar=None) -> torch.Tensor:
+    """K = J Jᵀ [n, n] (output space) or JᵀJ = Σ_i J_iᵀ J_i [p, p] (parameter space)."""
+    if space == "output":
+        rows = []
+        for jac_i in jac.sample_jacobians():
+            rows.append(jac_i)
+            if bar is not None:
+                bar.update(1)
+        full = torch.cat(rows)
+        del rows
+        return full @ full.T
+    gram = torch.zeros((jac.n_params, jac.n_params), dtype=jac.output.dtype, device=jac.output.device)
+    for jac_i in jac.sample_jacobians():
+        gram.addmm_(jac_i.T, jac_i)
+        if bar is not None:
+            bar.update(1)
+    return gram
+
+
 def exact_influence(jac: BatchJacobian, residuals: dict[str, torch.Tensor], pairs, damping: float,
-                    rtol: float = 1e-6, max_iter: int = 2000, block: int = 8, progress=None):
+                    solver: SolverSettings = SolverSettings(), progress=None):
     """H_AB [B, B] for each pair "AB" (response A, perturbation B) on the batch of ``jac``.
+
+    Output space (n = outputs): Π b_j = b_j − λ (K + λI)⁻¹ b_j, H(i, j) = ⟨r_{A,i}, (Π b_j)_i⟩.
+    Parameter space (p = parameters): H(i, j) = g_{A,i}ᵀ (JᵀJ + λI)⁻¹ g_{B,j}, g = Jᵀ b.
+    ``dense`` factors the Gram of the chosen space (side n or p); ``pcg`` runs
+    Nyström-preconditioned CG to a tolerance that bounds every entry by
+    |Ĥ(i, j) − H(i, j)| ≤ rtol ‖r_{A,i}‖ ‖r_{B,j}‖ (in parameter space the residual target
+    is scaled by 2√λ‖b_j‖/‖g_j‖, since ‖J(JᵀJ + λI)⁻¹‖ ≤ 1/(2√λ)).
 
     ``residuals``: {observable: r [B, *sample_shape]}. Returns ({pair: float64 numpy [B, B]},
     {perturbation observable: SolveInfo}). Raises GradlakeError if a solve does not reach
-    rtol within max_iter iterations.
+    rtol within max_iter iterations. ``progress(total, desc, unit)`` makes reporters.
     """
     if not damping > 0:
         raise InputError(f"exact damping: expected λ > 0, got {damping!r}")
-    n = jac.output.shape[0]
+    space, method = _choose(jac, solver)
+    n_batch = jac.output.shape[0]
     dtype, device = jac.output.dtype, jac.output.device
     res = {o: r.to(device, dtype) for o, r in residuals.items()}
     for o, r in res.items():
         if r.shape != jac.output.shape:
             raise InputError(f"exact residual {o!r}: expected shape {list(jac.output.shape)}, got {list(r.shape)}")
-    out = {pair: np.zeros((n, n)) for pair in pairs}
-    infos = {}
+
+    def placed(obs: str) -> torch.Tensor:  # rows: r_{obs, j} at sample j, zero elsewhere
+        b = torch.zeros((n_batch, *jac.output.shape), dtype=dtype, device=device)
+        b[torch.arange(n_batch), torch.arange(n_batch)] = res[obs]
+        return b.reshape(n_batch, -1)
+
+    flat = lambda d: torch.cat([d[k].reshape(d[k].shape[0], -1) for k in jac.params], 1)  # noqa: E731
+    pull = blocked(lambda u: flat(jac.vjp(u.reshape(-1, *jac.output.shape))), solver.block)
+    if space == "output":
+        apply = blocked(lambda u: jac.gram(u.reshape(-1, *jac.output.shape)).reshape(u.shape[0], -1), solver.block)
+        side = jac.output.numel()
+    else:
+        shapes = [(k, v.shape, v.numel()) for k, v in jac.params.items()]
+
+        def unflat(v):
+            parts = torch.split(v, [size for _, _, size in shapes], dim=1)
+            return {k: part.reshape(v.shape[0], *shape) for (k, shape, _), part in zip(shapes, parts)}
+
+        apply = blocked(lambda v: flat(jac.vjp(jac.jvp(unflat(v)))), solver.block)
+        side = jac.n_params
+
+    started = time.monotonic()
+    factor, precondition, sketch = None, None, None
+    if method == "dense":
+        bar = progress(n_batch, f"exact: the {space}-space Gram from per-sample Jacobians", "sample") \
+            if progress else None
+        factor = cholesky_factor(_dense_gram(jac, space, bar), damping)
+        if bar is not None:
+            bar.close()
+    else:
+        bar = progress(None, "exact: Nyström sketch", "product") if progress else None
+        sketch = nystrom(apply, side, damping, solver.rank, solver.max_rank, seed=solver.seed, dtype=dtype,
+                         device=device, progress=bar)
+        precondition = NystromPreconditioner(sketch, damping)
+        if bar is not None:
+            bar.close()
+    setup_s = time.monotonic() - started
+
+    responses = {o: (placed(o) if space == "output" else pull(placed(o))) for pair in pairs for o in pair}
+    out, infos = {}, {}
     for obs_b in sorted({pair[1] for pair in pairs}):
-        iters, rel = 0, []
-        for start in range(0, n, block):
-            cols = range(start, min(start + block, n))
-            b = torch.zeros((len(cols), *jac.output.shape), dtype=dtype, device=device)
-            for c, j in enumerate(cols):
-                b[c, j] = res[obs_b][j]
-            y, info = conjugate_gradients(jac.gram, b, damping, rtol, max_iter)
+        b = placed(obs_b)
+        rhs = b if space == "output" else responses[obs_b]
+        tol = solver.rtol
+        if space == "parameter":
+            tol = solver.rtol * 2 * np.sqrt(damping) * torch.linalg.vector_norm(b, dim=1) / \
+                torch.clamp(torch.linalg.vector_norm(rhs, dim=1), min=torch.finfo(dtype).tiny)
+        t0 = time.monotonic()
+        if method == "dense":
+            x = torch.cholesky_solve(rhs.T, factor).T
+            true = rhs - apply(x) - damping * x  # checked with the matrix-free products
+            rel = (torch.linalg.vector_norm(true, dim=1) / torch.linalg.vector_norm(rhs, dim=1).clamp_min(1e-300))
+            info = SolveInfo(0, rel.cpu().numpy(), bool((rel <= 1.01 * torch.as_tensor(tol)).all()), "dense", 0,
+                             rhs.shape[0])
+        else:
+            bar = progress(solver.max_iter, f"exact: PCG on {obs_b}", "iteration") if progress else None
+            x, info = pcg(apply, rhs, damping, tol, solver.max_iter, precondition, bar)
+            if bar is not None:
+                bar.close()
+            info.rank, info.products = sketch.rank, info.products + sketch.products
             if not info.converged:
                 raise GradlakeError(
-                    f"exact: CG did not reach rtol={rtol:g} in {max_iter} iterations "
-                    f"(worst relative residual {info.relative_residual.max():.3g}); raise max_iter or λ")
-            pi_b = b - damping * y  # Π b_j
-            for pair in pairs:
-                if pair[1] == obs_b:
-                    h = torch.einsum("i...,ji...->ij", res[pair[0]], pi_b)
-                    out[pair][:, list(cols)] = h.cpu().numpy()
-            iters = max(iters, info.iterations)
-            rel.append(info.relative_residual)
-            if progress is not None:
-                progress.update(len(cols))
-        infos[obs_b] = SolveInfo(iters, np.concatenate(rel), True)
+                    f"exact: PCG did not reach rtol={solver.rtol:g} in {solver.max_iter} iterations (worst relative "
+                    f"residual {info.relative_residual.max():.3g}, Nyström rank {sketch.rank}, "
+                    f"λ̂_ℓ/λ = {float(sketch.eigenvalues[-1]) / damping:.3g}); raise max_iter, max_rank or λ")
+        info.seconds, info.space = round(setup_s + time.monotonic() - t0, 3), space
+        solved = b - damping * x if space == "output" else x  # Π b_j, or (JᵀJ + λI)⁻¹ g_j
+        for pair in pairs:
+            if pair[1] == obs_b:
+                out[pair] = (responses[pair[0]] @ solved.T).cpu().numpy()
+        infos[obs_b] = info
     return out, infos
 
 

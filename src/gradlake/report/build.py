@@ -21,7 +21,7 @@ from gradlake import __version__, fsio
 from gradlake.errors import InputError
 from gradlake.progress import progress
 from gradlake.report import figures
-from gradlake.report.html import Image, Section, render_index
+from gradlake.report.html import Image, Section, Table, render_index
 from gradlake.report.inputs import ReduceResults, column, rollout_provenance, rollout_tables, select, training_runs
 
 MANIFEST = "report.json"
@@ -95,14 +95,15 @@ class ReportFiles(fsio.Folder):
         self.write_bytes(rel, data)
         self.written.append(rel)
 
-    def finish(self) -> None:
-        """Remove files an earlier report wrote and this one did not, then write report.json."""
+    def finish(self, numbers: dict[str, Any]) -> None:
+        """Remove files an earlier report wrote and this one did not, then write report.json
+        (with the report's headline ``numbers``)."""
         previous = self.read_json(MANIFEST).get("files", []) if self.exists(MANIFEST) else []
         for rel in sorted(set(previous) - set(self.written)):
             if _ours(rel):  # never follow a manifest outside the report's own files
                 self.remove(rel)
         self.write_json(MANIFEST, {"format": "gradlake-report", "gradlake_version": __version__,
-                                   "files": sorted(self.written)})
+                                   "files": sorted(self.written), **numbers})
 
 
 # --------------------------------------------------------------------------- provenance
@@ -398,33 +399,112 @@ def _distance(plan: Plan, results: ReduceResults) -> None:
                         title=f"{pair_title(pair)} vs input distance\n{norm_label(norm)}, checkpoint {ckpt}")
 
 
-def _exact(plan: Plan, results: ReduceResults) -> None:
-    section = plan.section("exact", "Exact versus projected influence")
+HEADLINE_LABELS = {"dt0": "Δt = 0", "dt1": "|Δt| = 1", "tail": "|Δt| ≥ 3", "other_class": "other classes"}
+
+
+def _number(value) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def exact_findings(head: dict[str, Any]) -> list[str]:
+    """Plain-words checks of the paper's two findings on the exact row-std H_CC (all classes)."""
+    dt0, dt1, tail, other = (head.get(k) for k in ("dt0", "dt1", "tail", "other_class"))
+    found = []
+    if None not in (dt0, dt1):
+        decays = dt0 > dt1 and (tail is None or dt1 > tail)
+        found.append(("Reproduced" if decays else "NOT reproduced") + ": the diagonal decays with |Δt| "
+                     f"(Δt = 0: {dt0:.3g}, |Δt| = 1: {dt1:.3g}, tail: {_number(tail)}).")
+    if None not in (dt0, other):
+        local = other < (dt1 if dt1 is not None else dt0)
+        found.append(("Reproduced" if local else "NOT reproduced") + ": influence across classes stays below "
+                     f"influence within a trajectory (other classes: {other:.3g}).")
+    return found
+
+
+def _exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
+    """The exact minibatch H (the paper's quantity) and the projected-vs-exact agreement."""
+    section = plan.section("exact", "Exact minibatch influence (the paper's H) and the projected estimate")
     found = results.exact()
     if found is None:
         section.notes.append("The exact minibatch mode was not run for this reduce (reduce.exact.enabled = "
-                             "false), so there is no exact-versus-projected comparison.")
-        return
+                             "false), so there is no exact H and no exact-versus-projected comparison.")
+        return None
     info, table = found
-    section.intro = (f"The paper's exact H (matrix-free Krylov solve, rtol {info.get('rtol', '?')}) on one "
-                     f"minibatch of {info.get('batch_size', '?')} samples from checkpoint "
-                     f"{str(info.get('checkpoint', '?')).rstrip('/').rsplit('/', 1)[-1]}, against the projected "
-                     f"estimate at each projection size k, λ = {info.get('damping', '?')}.")
+    solver = info.get("solver", {})
+    section.intro = (
+        f"This section shows the EXACT minibatch influence H = Rᵀ J (JᵀJ + λI)⁻¹ Jᵀ R, the paper's quantity, "
+        f"solved on {info.get('minibatches', 1)} minibatch(es) of {info.get('batch_size', '?')} samples "
+        f"(per class one trajectory of split {info.get('split', 'test')}, consecutive transitions) from checkpoint "
+        f"{str(info.get('checkpoint', '?')).rstrip('/').rsplit('/', 1)[-1]}, λ = {info.get('damping', '?')}, "
+        f"{', '.join(solver.get('method', []))} solver in {', '.join(solver.get('space', []))} space, every entry "
+        f"within rtol {info.get('rtol', '?')} · ‖r_A‖‖r_B‖ (worst residual {_number(solver.get('max_relative_residual'))}, "
+        f"median {_number(solver.get('median_iterations'))} PCG iterations). The other sections show the PROJECTED "
+        "estimate from the gradient store; the tables below say how far it is from the exact H.")
+    head = info.get("headline", {})
+    paper = info.get("paper", {}).get("CC", {}).get("row-std", {}).get("all", {})
+    for pair in info.get("pairs", []):
+        for norm in ("row-std", "none"):
+            cells = head.get(pair, {}).get(norm)
+            if not cells:
+                continue
+            rows = [[name, *(_number(cells[name].get(k)) for k in HEADLINE_LABELS)]
+                    for name in sorted(cells, key=lambda c: (c == "all", c))]
+            if pair == "CC" and norm == "row-std" and paper:
+                rows.append(["paper (UNet, CE)", *(_number(paper.get(k)) for k in HEADLINE_LABELS)])
+            section.tables.append(Table(
+                f"Exact {pair_title(pair)}, {norm_label(norm)}: mean over same-trajectory pairs at each |Δt| and "
+                "over pairs of different classes, pooled over minibatches.",
+                ["class", *HEADLINE_LABELS.values()], rows))
+            if pair == "CC" and norm == "row-std":
+                section.notes += exact_findings(cells.get("all", {}))
+    values, coords = results.array("exact", "twotime")
+    t = np.asarray(coords["t"])
+    for p, pair in enumerate(coords["pair"]):
+        for n, norm in enumerate(coords["normalization"]):
+            if norm not in plan.normalizations:
+                continue
+            panels = [(f"{cls}: {relation.replace('_', ' ')}", values[p, n, r, c])
+                      for r, relation in enumerate(coords["relation"]) for c, cls in enumerate(coords["class"])]
+            plan.figure(section, f"exact-twotime-{pair}-{norm}",
+                        f"EXACT {pair_title(pair)}, {norm}: mean over minibatches of perturbing at t (x) on the "
+                        "response at t (y); top row within a trajectory, bottom row across classes, one column per "
+                        "class.", figures.two_time_heatmaps, panels=panels, ncols=len(coords["class"]),
+                        t_response=t, t_perturbation=t, colorbar_label=norm_label(norm),
+                        title=f"Exact {pair_title(pair)}\n{norm_label(norm)}, λ = {info.get('damping')}")
+    if table is None:
+        section.notes.append("No projected-vs-exact agreement was computed (reduce.exact.agreement = 0).")
+        return info
+    rows = []
+    for norm in dict.fromkeys(table.column("normalization").to_pylist()):
+        for pair in dict.fromkeys(table.column("pair").to_pylist()):
+            part = select(table, normalization=norm, pair=pair)
+            for k in np.unique(column(part, "k")):
+                at = select(part, k=int(k))
+                rows.append([pair, norm, str(int(k)), str(int(column(at, "k_total")[0])),
+                             f"{np.mean(column(at, 'relative_frobenius')):.3g}",
+                             f"{np.mean(column(at, 'spearman')):.3f}", str(at.num_rows)])
+    section.tables.append(Table(
+        "Projected vs exact H on the agreement minibatches (the projected H from projected gradients at "
+        "k_in = k_out = k with the batch's probe metric): relative Frobenius error and Spearman rank correlation, "
+        "means over minibatches.",
+        ["pair", "normalisation", "k", "k total", "rel. Frobenius error", "Spearman", "minibatches"], rows))
     for norm in dict.fromkeys(table.column("normalization").to_pylist()):  # in the reduce's order
         part = select(table, normalization=norm)
         error, rank = {}, {}
         ks = np.unique(column(part, "k"))
         for pair in dict.fromkeys(part.column("pair").to_pylist()):
-            rows = select(part, pair=pair).sort_by("k")
-            error[pair], rank[pair] = column(rows, "relative_frobenius"), column(rows, "spearman")
+            sel = select(part, pair=pair)
+            error[pair] = np.array([np.mean(column(select(sel, k=int(k)), "relative_frobenius")) for k in ks])
+            rank[pair] = np.array([np.mean(column(select(sel, k=int(k)), "spearman")) for k in ks])
         k_total = sorted(set(column(part, "k_total").tolist()))
         plan.figure(section, f"exact-{norm}",
                     f"{norm}: the relative Frobenius error (left) and Spearman rank correlation (right) of the "
-                    "projected H against the exact H on the batch, against k = k_in = k_out (total projected "
-                    f"dimensions {', '.join(map(str, k_total))}), so falling error and rising correlation with k "
-                    "mean the projection preserves the influence.",
+                    "projected H against the exact H on the agreement minibatches, against k = k_in = k_out (total "
+                    f"projected dimensions {', '.join(map(str, k_total))}), so falling error and rising correlation "
+                    "with k mean the projection preserves the influence.",
                     figures.exact_agreement, ks=ks, relative_error=error, rank_correlation=rank,
                     title=f"Projected vs exact influence, {norm_label(norm)}")
+    return info
 
 
 # --------------------------------------------------------------------------- entry point
@@ -443,7 +523,7 @@ def build_report(store_url: str, out_dir: str, reduce_name: str = "default", tra
     reduce_url = store.reduce_url(reduce_name)
     results = ReduceResults.open(reduce_url, storage_options)
 
-    plan = Plan()
+    plan, exact = Plan(), None
     if results is not None:
         plan.normalizations = choose_normalizations(list(results.settings.get("normalize", [])), normalizations)
     runs = _training(plan, train_dir, storage_options)
@@ -451,7 +531,8 @@ def build_report(store_url: str, out_dir: str, reduce_name: str = "default", tra
     if results is None:
         _missing_reduce(plan, reduce_name, reduce_url)
     else:
-        for add in (_spectrum, _twotime, _lags, _transfer, _distance, _exact):
+        exact = _exact(plan, results)
+        for add in (_spectrum, _twotime, _lags, _transfer, _distance):
             add(plan, results)
 
     files = ReportFiles(out_dir, storage_options)
@@ -465,5 +546,6 @@ def build_report(store_url: str, out_dir: str, reduce_name: str = "default", tra
     page = render_index(f"gradlake report: {summary.get('url', store_url)}",
                         provenance_rows(summary, results, reduce_name, plan.normalizations), plan.sections)
     files.write(INDEX, page.encode())
-    files.finish()
+    files.finish({"exact": {key: exact.get(key) for key in ("checkpoint", "minibatches", "batch_size", "damping",
+                                                              "headline", "paper", "solver")}} if exact else {})
     return fsio.join(out_dir, INDEX)

@@ -30,6 +30,21 @@ class Image:
 
 
 @dataclass
+class Table:
+    """A table of numbers with a caption that says what they are."""
+
+    caption: str
+    header: Sequence[str]
+    rows: Sequence[Sequence[str]]
+
+
+def _grid(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in t.rows)
+    return f"<table>\n<caption>{html.escape(t.caption)}</caption>\n<tr>{head}</tr>\n{body}\n</table>"
+
+
+@dataclass
 class Section:
     """A titled part of the report: an intro, figures, and notes (e.g. why an input is missing)."""
 
@@ -38,6 +53,7 @@ class Section:
     intro: str = ""
     images: list[Image] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
 
 
 def _table(rows: Sequence[tuple[str, str]]) -> str:
@@ -50,6 +66,7 @@ def _section(s: Section) -> str:
     if s.intro:
         parts.append(f"<p>{html.escape(s.intro)}</p>")
     parts += [f'<p class="note">{html.escape(note)}</p>' for note in s.notes]
+    parts += [_grid(t) for t in s.tables]
     group = ""
     for image in s.images:
         if image.group and image.group != group:

@@ -80,11 +80,13 @@ class ReduceResults:
         """A Parquet table of the results (hive folders become a ``checkpoint`` column)."""
         return self._out.read_tables(rel, filters=where, partitioned=partitioned)
 
-    def exact(self) -> tuple[dict[str, Any], pa.Table] | None:
-        """(exact.json, exact_agreement table) when the exact mode ran, else None."""
-        if not self._out.exists(EXACT_JSON) or not self._out.exists("exact_agreement.parquet"):
+    def exact(self) -> tuple[dict[str, Any], pa.Table | None] | None:
+        """(exact.json, exact_agreement table or None) when the exact mode ran, else None."""
+        if not self._out.exists(EXACT_JSON):
             return None
-        return self._out.read_json(EXACT_JSON), self.table("exact_agreement.parquet", partitioned=False)
+        agreement = self.table("exact_agreement.parquet", partitioned=False) \
+            if self._out.exists("exact_agreement.parquet") else None
+        return self._out.read_json(EXACT_JSON), agreement
 
 
 def select(table: pa.Table, **equal: Any) -> pa.Table:
