@@ -309,3 +309,34 @@ def test_multihead_attention_per_sample_gradients(masked, path):
     projector = Projector(seed=4, k_in=3, k_out=3, k_dense=7)
     phi, _ = projected_grads(model, x, cotangents, projector)
     _assert_blocks_close(model, projector, phi["C"], projector.apply(model, ref))
+
+
+class _Rows(nn.Module):
+    """A Linear and a norm on [batch * T, D] rows: sample-major (kept on the fast paths, rows summed
+    per sample) or time-major (rows of one sample scattered: covered by the model's own rule)."""
+
+    def __init__(self, sample_major: bool):
+        super().__init__()
+        self.sample_major = sample_major
+        self.fc = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, 3]
+        b, t, _ = x.shape
+        rows = x.reshape(b * t, 3) if self.sample_major else x.transpose(0, 1).reshape(t * b, 3)
+        h = self.norm(torch.tanh(self.fc(rows)))
+        h = h.reshape(b, t, 4) if self.sample_major else h.reshape(t, b, 4).transpose(0, 1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("sample_major,paths", [(True, {"fc": "kron", "norm": "affine"}), (False, {"": "vmap"})])
+def test_modules_on_rows_of_several_per_sample(sample_major, paths):
+    model, x = _model(lambda: _Rows(sample_major), (3, 5, 3))
+    rows = {row["module"]: row["path"] for row in describe(model, x)}
+    assert paths.items() <= rows.items(), rows
+    cotangents = fixed_cotangents()
+    ref = loop_grads(model, x, cotangents(model(x).detach())["C"])
+    projector = Projector(seed=4, k_in=2, k_out=3, k_dense=3)
+    phi, _ = projected_grads(model, x, cotangents, projector)
+    _assert_blocks_close(model, projector, phi["C"], projector.apply(model, ref))

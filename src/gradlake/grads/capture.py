@@ -77,6 +77,7 @@ class Routes:
     reached: frozenset[str]  # planned modules whose hooks capture their own parameters
     claims: tuple[tuple[str, tuple[str, ...]], ...]  # (ancestor, qualified parameter names it covers)
     expanded: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (container, its parameters given per-sample copies)
+    grouped: frozenset[str] = frozenset()  # reached modules called on [batch * m, ...] rows, m per sample
 
     def exact(self, model_plan: Plan, model: nn.Module) -> tuple[ExactModule, ...]:
         """The exact modules of the plan that were reached, with the claimed parameters added."""
@@ -105,8 +106,11 @@ def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor, projector: 
     Plain autograd on two samples, one at a time, gives reference per-sample gradients (and
     the parameters the output depends on); a forward on copies of sample 0 (no grad) records
     which planned modules are called on batched inputs: parameters of the others are claimed
-    by their nearest such ancestor. With ``projector``, the capture of the two samples is then
-    checked against the projected reference (:func:`verify`).
+    by their nearest such ancestor. A module called on [batch * m, ...] rows (windows, tokens
+    flattened sample-major) keeps its own path, its row gradients summed per sample. With
+    ``projector``, the capture of the two samples is then checked against the projected
+    reference (:func:`verify`); if that fails with such row modules, they are handed to their
+    callers and the check repeated.
     """
     key = (tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), tuple(n for n, _ in model_plan.parameters))
     cached = _ROUTES.setdefault(model, {})
@@ -125,13 +129,22 @@ def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor, projector: 
         raise InputError("grads model: the model output does not depend on any of its parameters")
     called: set[str] = set()
     unbatched: set[str] = set()
+    grouped: set[str] = set()  # called on [batch * m, ...] (e.g. windows): rows summed per sample
+    convs = {layer.name for layer in model_plan.layers if layer.conv_dims}
 
     def record(name, module, args, kwargs, output):
         called.add(name)
-        leaves = [*args, *kwargs.values()]
+        inputs_lead = [a.shape[0] for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim()]
         outputs = list(output) if isinstance(output, (tuple, list)) else [output]
-        if (not any(_batched(a, DRY_BATCH) for a in leaves)
-                or not all(o is None or _batched(o, DRY_BATCH) for o in outputs)):
+        outputs_lead = [o.shape[0] if isinstance(o, torch.Tensor) and o.dim() else None
+                        for o in outputs if o is not None]
+        if DRY_BATCH in inputs_lead and all(n == DRY_BATCH for n in outputs_lead):
+            return
+        rows = outputs_lead[0] if outputs_lead else None
+        if (rows and rows % DRY_BATCH == 0 and rows in inputs_lead and name not in convs
+                and all(n == rows for n in outputs_lead)):
+            grouped.add(name)
+        else:
             unbatched.add(name)
 
     handles = [m.register_forward_hook(partial(record, n), with_kwargs=True) for n, m in model.named_modules()]
@@ -141,7 +154,30 @@ def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor, projector: 
     finally:
         for handle in handles:
             handle.remove()
-    reached = called - unbatched
+    rows = None
+    if projector is not None:
+        rows = torch.stack([torch.cat([flat(torch.zeros_like(p) if g is None else g, 1)[0]
+                                       for p, g in zip(params.values(), grads)]) for grads in reference])
+    reference = dict(zip(params, zip(*reference)))
+    result = _assemble(model, model_plan, called - unbatched, used, x, cot, reference, grouped)
+    if projector is not None:
+        try:
+            verify(model, model_plan, result, x, cot, rows, projector)
+        except InputError:
+            if not result.grouped:
+                raise
+            # modules on [batch * m, ...] whose rows are not per-sample: their callers cover them
+            result = _assemble(model, model_plan, called - unbatched - grouped, used, x, cot, reference, set())
+            verify(model, model_plan, result, x, cot, rows, projector)
+    for ancestor, qualified in result.claims:
+        log.info("grads: module %r covers %s (their own modules are not called on batched inputs)",
+                 ancestor or "<model>", ", ".join(qualified))
+    cached[key] = result
+    return result
+
+
+def _assemble(model, model_plan: Plan, reached: set[str], used: set[str], x, cot, reference, grouped) -> Routes:
+    """Routes from the modules reached on batched inputs: the others' parameters claimed by ancestors."""
     entries = [(layer.name, (layer.weight, layer.bias)) for layer in model_plan.layers]
     entries += [(entry.name, tuple(q for q, _ in entry.params)) for entry in model_plan.exact]
     claims: dict[str, list[str]] = {}
@@ -156,18 +192,10 @@ def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor, projector: 
         if any(layer.name == ancestor for layer in model_plan.layers):
             raise InputError(f"model module {ancestor!r}: a Linear/Conv layer whose forward uses parameters "
                              f"of its submodules ({', '.join(claims[ancestor])}) is not supported")
-    expandable = _expandable(model, model_plan, reached, claims, x, cot, dict(zip(params, zip(*reference))))
-    result = Routes(frozenset(n for n, _ in entries if n in reached),
-                    tuple((a, tuple(q)) for a, q in claims.items()), expandable)
-    for ancestor, qualified in result.claims:
-        log.info("grads: module %r covers %s (their own modules are not called on batched inputs)",
-                 ancestor or "<model>", ", ".join(qualified))
-    if projector is not None:
-        rows = torch.stack([torch.cat([flat(torch.zeros_like(p) if g is None else g, 1)[0]
-                                       for p, g in zip(params.values(), grads)]) for grads in reference])
-        verify(model, model_plan, result, x, cot, rows, projector)
-    cached[key] = result
-    return result
+    expandable = _expandable(model, model_plan, reached, claims, x, cot, reference)
+    names = {n for n, _ in entries}
+    return Routes(frozenset(names & reached), tuple((a, tuple(q)) for a, q in claims.items()), expandable,
+                  frozenset(names & reached & grouped))
 
 
 def _sample_grads(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, cot: torch.Tensor) -> tuple:
@@ -312,8 +340,8 @@ class _Capture:
         self.roots.append(leaf)
         return leaf.clone()  # not a leaf itself, so later in-place ops stay allowed
 
-    def _check_batch(self, name: str, x: torch.Tensor) -> None:
-        if x.dim() < 2 or x.shape[0] != self.batch:
+    def _check_batch(self, name: str, x: torch.Tensor, grouped: bool = False) -> None:
+        if x.dim() < 2 or (x.shape[0] % self.batch if grouped else x.shape[0] != self.batch):
             raise GradlakeError(f"module {name!r} got input {list(x.shape)}; gradlake.grads needs the "
                                 f"batch of {self.batch} samples on dimension 0 of every layer's input")
 
@@ -322,7 +350,7 @@ class _Capture:
         if not self.active:
             return None
         a = args[0]
-        self._check_batch(layer.name, a)
+        self._check_batch(layer.name, a, grouped=not layer.conv_dims)  # Linear rows: reshaped per sample
         out = self._track(layer.name, output)
         rows = self.rows_in[layer.name]
         positions = output[0, 0].numel() if layer.conv_dims else a[0].numel() // layer.d_in
@@ -466,6 +494,8 @@ class _Capture:
         """Projection of each parameter's exact [B, numel] per-sample gradient into φ, by its block's factors."""
         for qualified, local in entry.params:
             g = per_sample[local].float()
+            if g.shape[0] != self.batch:  # a module on [batch * m, ...] rows: sum each sample's rows
+                g = g.reshape(self.batch, -1, g.shape[1]).sum(dim=1)
             block = self.blocks[qualified]
             if block.path == "exact":
                 self.add_dense(qualified, g)
