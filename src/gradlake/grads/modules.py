@@ -151,7 +151,7 @@ class ModuleGrads:
         return self._rules[key]
 
     def path(self) -> str:
-        """The rules in use: "affine", "additive", "vmap" and/or "loop"."""
+        """The rules in use: "affine", "additive", "attention", "vmap" and/or "loop"."""
         names = {"_vmap": "vmap", "_loop": "loop", "_add": "additive", "_attention": "attention"}
         found = {"affine" if isinstance(r, Affine) else names.get(getattr(r, "__name__", ""), "additive")
                  for r in self._rules.values()}
