@@ -36,7 +36,7 @@ def _tensor(value, name: str, device: torch.device) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise InputError(f"grads {name}: expected a float tensor or array [batch, C, H, W], got {type(value).__name__}")
+        raise InputError(f"grads {name}: expected a float tensor or array [batch, C, X, ...], got {type(value).__name__}")
     return value.to(device=device, dtype=torch.float32)
 
 

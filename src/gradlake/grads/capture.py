@@ -616,7 +616,8 @@ def verify(model: nn.Module, model_plan: Plan, covered: Routes, x: torch.Tensor,
     if wrong:
         raise InputError("grads model: the captured gradients of these parameters differ from autograd's, "
                          "so gradlake.grads cannot capture this model (is a parameter used outside its "
-                         "module's forward, or does a layer mix samples?): " + ", ".join(wrong[:8])
+                         "module's forward, does a layer mix samples, or does the model change between "
+                         "calls: dropout or batch statistics in training mode?): " + ", ".join(wrong[:8])
                          + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
 
 
