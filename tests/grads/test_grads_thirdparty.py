@@ -67,7 +67,7 @@ CASES = {
     "timm-style-vit": (TimmViT, (BATCH, 4, 16, 16), {"kron", "affine", "expand"}),
     "swin-style": (SwinLike, (BATCH, 4, 16, 16), {"kron", "affine", "vmap"}),
     "torchvision-style-vit": (TorchvisionViT, (BATCH, 4, 16, 16), {"kron", "affine", "attention", "expand"}),
-    "torch-transformer-layer": (TorchTransformer, (BATCH, 3, 10), {"kron", "affine", "attention"}),
+    "torch-transformer-encoder": (TorchTransformer, (BATCH, 3, 10), {"kron", "affine", "attention"}),
     "spectral-norm-mlp": (SpectralNormMLP, (BATCH, 12, 10), {"vmap"}),
     "afno-channels-last": (afno, (BATCH, 4, 8, 8), {"kron", "affine", "loop"}),
     "conv-1d": (Conv1dNet, (BATCH, 3, 16), {"kron", "vmap"}),

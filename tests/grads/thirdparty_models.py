@@ -285,12 +285,14 @@ class Conv3dNet(nn.Module):
 
 
 class TorchTransformer(nn.Module):
-    """torch's own nn.TransformerEncoderLayer (batch_first=True) between Linear layers, on [B, C, X]."""
+    """torch's own nn.TransformerEncoder of two nn.TransformerEncoderLayer (batch_first=True)
+    between Linear layers, on [B, C, X]."""
 
     def __init__(self, channels=3, dim=16):
         super().__init__()
         self.embed = nn.Linear(channels, dim)
-        self.layer = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.layer = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(dim, channels)
 
     def forward(self, x):
