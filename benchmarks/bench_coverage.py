@@ -58,6 +58,7 @@ def architectures(resolution: int) -> dict:
         "timm-style-vit": (lambda: tp.TimmViT(4, r, 4, 64, 4, 4), (4, r, r)),
         "swin-style": (lambda: tp.SwinLike(4, 32, 4), (4, r, r)),
         "torchvision-style-vit": (lambda: tp.TorchvisionViT(4, r, 4, 64, 4, 4), (4, r, r)),
+        "convnext-style": (lambda: tp.ConvNeXtNet(4, 32), (4, r, r)),
         "afno": (lambda: tp.ChannelsLast(tp.AFNOModel(4, 32)), (4, r, r)),
         "spectral-norm-mlp": (lambda: tp.SpectralNormMLP(4, 64, 4), (4, r * r)),
         "conv-1d": (lambda: tp.Conv1dNet(4, 32), (4, 4 * r)),

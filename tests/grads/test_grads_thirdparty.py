@@ -13,8 +13,8 @@ import importlib
 import pytest
 import torch
 from grads_helpers import loop_grads, rel_err
-from thirdparty_models import (Conv1dNet, Conv3dNet, SpectralNormMLP, SwinLike, TimmViT, TorchTransformer,
-                               TorchvisionViT, afno)
+from thirdparty_models import (Conv1dNet, Conv3dNet, ConvNeXtNet, SpectralNormMLP, SwinLike, TimmViT,
+                               TorchTransformer, TorchvisionViT, afno)
 
 from gradlake.errors import InputError
 from gradlake.grads import Projector, describe
@@ -71,6 +71,7 @@ CASES = {
     "torch-transformer-encoder": (TorchTransformer, (BATCH, 3, 10), {"kron", "affine", "attention"}),
     "spectral-norm-mlp": (SpectralNormMLP, (BATCH, 12, 10), {"vmap"}),
     "afno-channels-last": (afno, (BATCH, 4, 8, 8), {"kron", "affine", "loop"}),
+    "convnext-style": (ConvNeXtNet, (BATCH, 4, 12, 12), {"kron", "expand", "affine", "vmap"}),
     "conv-1d": (Conv1dNet, (BATCH, 3, 16), {"kron", "vmap"}),
     "conv-3d": (Conv3dNet, (BATCH, 2, 4, 4, 4), {"kron", "affine", "vmap"}),
 }

@@ -297,3 +297,28 @@ class TorchTransformer(nn.Module):
 
     def forward(self, x):
         return self.head(self.layer(self.embed(x.transpose(1, 2)))).transpose(1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: depthwise 7x7 conv, GroupNorm, pointwise MLP, layer scale γ [1, C, 1, 1] on the block."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.GroupNorm(1, channels)
+        self.pw1, self.pw2 = nn.Conv2d(channels, 4 * channels, 1), nn.Conv2d(4 * channels, channels, 1)
+        self.gamma = nn.Parameter(0.5 + torch.rand(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x + self.gamma * self.pw2(F.gelu(self.pw1(self.norm(self.dw(x)))))
+
+
+class ConvNeXtNet(nn.Module):
+    def __init__(self, channels=4, width=8):
+        super().__init__()
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.blocks = nn.Sequential(ConvNeXtBlock(width), ConvNeXtBlock(width))
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(self.blocks(self.stem(x)))
