@@ -117,8 +117,8 @@ def main() -> None:
     table = architectures(args.resolution)
     names = args.models or list(table)
     print(f"batch {args.batch}, resolution {args.resolution}, k_in = k_out = {args.k}, {args.threads} threads, "
-          f"{args.clock} clock, median of {args.repeats} interleaved repeats")
-    print(f"{'model':<24}{'params':>9}{'train s':>10}{'capture s':>11}{'ratio':>8}  modules on slower paths (ratio: capture time ÷ train time)")
+          f"{args.clock} clock, median of {args.repeats} interleaved repeats; ratio = capture time ÷ train time")
+    print(f"{'model':<24}{'params':>9}{'train s':>10}{'capture s':>11}{'ratio':>8}  modules on slower paths")
     for name in names:
         factory, shape = table[name]
         try:
