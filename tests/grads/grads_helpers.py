@@ -11,14 +11,15 @@ IDENTITY = Projector(seed=0, k_in=10**6, k_out=10**6, k_dense=10**9)
 
 
 def loop_grads(model: nn.Module, inputs: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
-    """[B, p]: for each sample alone, autograd of <model(x_b), r_b> w.r.t. every parameter."""
+    """[B, p]: for each sample alone, autograd of <model(x_b), r_b> w.r.t. every parameter
+    (a complex parameter's gradient as (real, imaginary) pairs)."""
     params = list(model.parameters())
     rows = []
     for b in range(inputs.shape[0]):
         out = model(inputs[b:b + 1])
         grads = torch.autograd.grad((out * cotangent[b:b + 1]).sum(), params, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                               for p, g in zip(params, grads)]))
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        rows.append(torch.cat([(torch.view_as_real(g) if g.is_complex() else g).reshape(-1) for g in grads]))
     return torch.stack(rows)
 
 

@@ -8,7 +8,7 @@ from grads_helpers import IDENTITY, ConvNet1d, ConvNet2d, TokenBlock, fixed_cota
 from torch import nn
 
 from gradlake.errors import GradlakeError, InputError
-from gradlake.grads import Projector
+from gradlake.grads import Projector, describe
 from gradlake.grads.capture import projected_grads
 from gradlake.grads.coverage import plan
 from gradlake.grads.modules import Affine
@@ -123,6 +123,7 @@ def test_a_sample_does_not_depend_on_its_batch_mates():
 def test_parameters_are_frozen_during_capture_and_restored():
     model, x = _model(TokenBlock, (2, 5, 3))
     model.head.weight.requires_grad_(False)
+    projected_grads(model, x, fixed_cotangents(), Projector(k_in=2, k_out=2))  # (+ the dry run, once)
     seen = []
     model.qkv.register_forward_hook(lambda m, a, o: seen.append(m.weight.requires_grad))
     projected_grads(model, x, fixed_cotangents(), Projector(k_in=2, k_out=2))
@@ -155,7 +156,7 @@ class _InplaceAfterUse(nn.Module):
 
 def test_an_input_changed_in_place_after_use_is_an_error_not_a_wrong_answer():
     model, x = _model(_InplaceAfterUse, (2, 3))
-    with pytest.raises(GradlakeError, match="modified in place"):
+    with pytest.raises(InputError, match="backward through the model fails.*inplace"):
         projected_grads(model, x, fixed_cotangents(), Projector(k_in=8, k_out=8))
 
 
@@ -183,6 +184,8 @@ def test_norm_grads_from_the_output_or_an_extra_forward(cls, shape, bias_ratio, 
     """Affine norms: from the output where |bias| <= 16 |weight|, else from an extra forward; exact either way."""
     model, x = _model(cls, shape)
     _set_norms(model, bias_ratio, zero_weight)
+    cotangents = fixed_cotangents(probes=2)
+    projected_grads(model, x, cotangents, IDENTITY)  # the first call's dry run and check, not counted
     calls = {"output": 0, "forward": 0}
     for name, key in (("from_output", "output"), ("from_base", "forward")):
         original = getattr(Affine, name)
@@ -218,3 +221,122 @@ def test_a_norm_output_changed_in_place_falls_back_to_the_extra_forward():
     cotangents = fixed_cotangents()
     phi, _ = projected_grads(model, x, cotangents, IDENTITY)
     _assert_blocks_close(model, IDENTITY, phi["C"], loop_grads(model, x, cotangents(model(x).detach())["C"]))
+
+
+class _WeightUsedOutside(nn.Module):
+    """fc is called, and its weight is also read directly (F.linear): hooks on fc see only part."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)) + nn.functional.linear(x, self.fc.weight))
+
+
+class _LayerOnAParameter(nn.Module):
+    """A Linear applied to a learned code (no batch dimension): covered by the model's own rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.code = nn.Parameter(torch.randn(1, 3))
+        self.hyper = nn.Linear(3, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * self.hyper(self.code)
+
+
+class _MixesSamples(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) + self.fc(x).flip(0)
+
+
+def test_a_weight_used_outside_its_module_or_samples_mixed_are_refused_not_wrong():
+    for cls, match in ((_WeightUsedOutside, r"fc\.weight \(relative error"), (_MixesSamples, "fc.weight")):
+        model, x = _model(cls, (3, 4))
+        with pytest.raises(InputError, match=match):
+            projected_grads(model, x, fixed_cotangents(), Projector(k_in=8, k_out=8))
+
+
+def test_a_layer_applied_to_a_parameter_is_covered_by_its_caller():
+    model, x = _model(_LayerOnAParameter, (3, 4))
+    cotangents = fixed_cotangents()
+    phi, _ = projected_grads(model, x, cotangents, IDENTITY)
+    _assert_blocks_close(model, IDENTITY, phi["C"], loop_grads(model, x, cotangents(model(x).detach())["C"]))
+    projector = Projector(seed=2, k_in=2, k_out=2, k_dense=2)
+    phi, _ = projected_grads(model, x, cotangents, projector)
+    ref = projector.apply(model, loop_grads(model, x, cotangents(model(x).detach())["C"]))
+    _assert_blocks_close(model, projector, phi["C"], ref)
+
+
+class _Attention(nn.Module):
+    """nn.MultiheadAttention as cross-attention (query from one Linear, key/value from another),
+    optionally with a causal mask and a per-sample key padding mask (those calls take vmap)."""
+
+    def __init__(self, masked: bool):
+        super().__init__()
+        self.masked = masked
+        self.q, self.kv = nn.Linear(3, 8), nn.Linear(3, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):  # [B, T, 3]
+        kwargs = {}
+        if self.masked:
+            t = x.shape[1]
+            kwargs = {"attn_mask": torch.triu(torch.ones(t, t, dtype=torch.bool), 1),
+                      "key_padding_mask": x[..., 0] > 1.5}
+        out, _ = self.mha(self.q(x), self.kv(x), self.kv(x).flip(1), need_weights=False, **kwargs)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("masked,path", [(False, "attention"), (True, "vmap")])
+def test_multihead_attention_per_sample_gradients(masked, path):
+    model, x = _model(lambda: _Attention(masked), (4, 5, 3))
+    model.eval()
+    rows = {row["module"]: row["path"] for row in describe(model, x)}
+    assert rows["mha"] == path
+    cotangents = fixed_cotangents()
+    ref = loop_grads(model, x, cotangents(model(x).detach())["C"])
+    phi, _ = projected_grads(model, x, cotangents, IDENTITY)
+    _assert_blocks_close(model, IDENTITY, phi["C"], ref)
+    projector = Projector(seed=4, k_in=3, k_out=3, k_dense=7)
+    phi, _ = projected_grads(model, x, cotangents, projector)
+    _assert_blocks_close(model, projector, phi["C"], projector.apply(model, ref))
+
+
+class _Rows(nn.Module):
+    """A Linear and a norm on [batch * T, D] rows: sample-major (kept on the fast paths, rows summed
+    per sample) or time-major (rows of one sample scattered: covered by the model's own rule)."""
+
+    def __init__(self, sample_major: bool):
+        super().__init__()
+        self.sample_major = sample_major
+        self.fc = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, 3]
+        b, t, _ = x.shape
+        rows = x.reshape(b * t, 3) if self.sample_major else x.transpose(0, 1).reshape(t * b, 3)
+        h = self.norm(torch.tanh(self.fc(rows)))
+        h = h.reshape(b, t, 4) if self.sample_major else h.reshape(t, b, 4).transpose(0, 1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("sample_major,paths", [(True, {"fc": "kron", "norm": "affine"}), (False, {"": "vmap"})])
+def test_modules_on_rows_of_several_per_sample(sample_major, paths):
+    model, x = _model(lambda: _Rows(sample_major), (3, 5, 3))
+    rows = {row["module"]: row["path"] for row in describe(model, x)}
+    assert paths.items() <= rows.items(), rows
+    cotangents = fixed_cotangents()
+    ref = loop_grads(model, x, cotangents(model(x).detach())["C"])
+    projector = Projector(seed=4, k_in=2, k_out=3, k_dense=3)
+    phi, _ = projected_grads(model, x, cotangents, projector)
+    _assert_blocks_close(model, projector, phi["C"], projector.apply(model, ref))

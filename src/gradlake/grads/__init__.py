@@ -4,13 +4,16 @@
     p = Projector(seed=0, k_in=16, k_out=16)          # regenerated, never stored
     phi = compute(model, inputs, targets, observables=("C", "V"), projector=p)
     p.spec(model)                                      # JSON provenance; Projector.from_spec(spec)
+    describe(model, inputs)                            # which path covers each module's parameters
 
 See :mod:`gradlake.grads.projector` (the projection), :mod:`gradlake.grads.coverage` (which
 path covers each parameter), :mod:`gradlake.grads.capture` (the hooks) and
 :mod:`gradlake.grads.exact` (the exact reference path).
 """
 
+from gradlake.grads.adapters import ChannelsLast
 from gradlake.grads.api import compute
+from gradlake.grads.capture import describe
 from gradlake.grads.projector import Projector
 
-__all__ = ["Projector", "compute"]
+__all__ = ["ChannelsLast", "Projector", "compute", "describe"]

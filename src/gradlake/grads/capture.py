@@ -13,7 +13,13 @@ Parameters are frozen while capturing, so backward propagates activation gradien
   verified rules of :mod:`gradlake.grads.modules`, then a dense projection. An affine
   module (a norm: output = base ⊙ weight + bias) keeps its output (which the next op
   usually saves anyway) and gets them from it without an extra forward; other modules
-  keep their input for the rule.
+  keep their input for the rule. A module returning a tuple is followed through each of
+  its tensor outputs (the contributions add up: the gradient is linear in δ).
+
+Before the first batch of a model (and input shape), a dry run (:func:`routes`) records
+which modules are called on batched inputs: a parameter whose module is never called that
+way (a factorised weight held in a submodule, a layer applied to a parameter) is covered
+by the rule of its nearest ancestor that is, and projected by its block's own factors.
 
 A module output that does not require grad (the first layer's: inputs never require grad)
 is replaced by (a copy of) a fresh leaf and backward stops there, so no gradient w.r.t.
@@ -23,33 +29,242 @@ the model input is ever computed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from gradlake.errors import GradlakeError, InputError
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
-from gradlake.grads.modules import Affine, ModuleGrads
+from gradlake.grads.modules import Affine, ModuleGrads, flat, inner
 from gradlake.grads.projector import Projector
+
+log = logging.getLogger(__name__)
 
 Cotangents = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 @contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Parameters do not require grad inside the block (restored after)."""
+def frozen(model: nn.Module, requires_grad: bool = False) -> Iterator[None]:
+    """Parameters do not require grad (or all do) inside the block (restored after); no fused
+    attention fast paths, which skip the submodules of nn.MultiheadAttention and nn.Transformer*."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         for p, _ in saved:
-            p.requires_grad_(False)
+            p.requires_grad_(requires_grad)
         yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for p, flag in saved:
             p.requires_grad_(flag)
+
+
+DRY_BATCH = 7  # samples in the dry run: a size unlikely to be any other dimension of a layer's input
+
+
+@dataclass(frozen=True)
+class Routes:
+    """How the hooks cover a model's parameters for one input shape (module names only)."""
+
+    reached: frozenset[str]  # planned modules whose hooks capture their own parameters
+    claims: tuple[tuple[str, tuple[str, ...]], ...]  # (ancestor, qualified parameter names it covers)
+    expanded: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (container, its parameters given per-sample copies)
+    grouped: frozenset[str] = frozenset()  # reached modules called on [batch * m, ...] rows, m per sample
+
+    def exact(self, model_plan: Plan, model: nn.Module) -> tuple[ExactModule, ...]:
+        """The exact modules of the plan that were reached, with the claimed parameters added."""
+        claims = dict(self.claims)
+        expanded = dict(self.expanded)
+        entries = []
+        for entry in model_plan.exact:
+            if entry.name in self.reached and entry.name not in expanded:
+                extra = claims.pop(entry.name, ())
+                entries.append(ExactModule(entry.name, entry.module, entry.params + _local(entry.name, extra)))
+        for name, params in claims.items():
+            entries.append(ExactModule(name, model.get_submodule(name), _local(name, params)))
+        return tuple(entries)
+
+
+def _local(ancestor: str, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((q, q[len(ancestor) + 1:] if ancestor else q) for q in names)
+
+
+_ROUTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Routes]] = weakref.WeakKeyDictionary()
+
+
+def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor, projector: Projector | None = None) -> Routes:
+    """How the capture covers ``model`` for inputs shaped like ``inputs`` (cached per model and shape).
+
+    Plain autograd on two samples, one at a time, gives reference per-sample gradients (and
+    the parameters the output depends on); a forward on copies of sample 0 (no grad) records
+    which planned modules are called on batched inputs: parameters of the others are claimed
+    by their nearest such ancestor. A module called on [batch * m, ...] rows (windows, tokens
+    flattened sample-major) keeps its own path, its row gradients summed per sample. With
+    ``projector``, the capture of the two samples is then checked against the projected
+    reference (:func:`verify`); if that fails with such row modules, they are handed to their
+    callers and the check repeated.
+    """
+    key = (tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), tuple(n for n, _ in model_plan.parameters))
+    cached = _ROUTES.setdefault(model, {})
+    if key in cached:
+        return cached[key]
+    x = _pair(inputs)
+    with torch.no_grad(), frozen(model):
+        out = model(x)
+    if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
+        raise InputError("grads model: the model must return one tensor with the batch on dimension 0")
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
+    params = dict(model.named_parameters())
+    reference = [_sample_grads(model, list(params.values()), x[b:b + 1], cot[b:b + 1]) for b in range(2)]
+    used = {n for i, n in enumerate(params) if any(g[i] is not None for g in reference)}
+    if not used:
+        raise InputError("grads model: the model output does not depend on any of its parameters")
+    called: set[str] = set()
+    unbatched: set[str] = set()
+    grouped: set[str] = set()  # called on [batch * m, ...] (e.g. windows): rows summed per sample
+    convs = {layer.name for layer in model_plan.layers if layer.conv_dims}
+
+    def record(name, module, args, kwargs, output):
+        called.add(name)
+        inputs_lead = [a.shape[0] for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim()]
+        outputs = list(output) if isinstance(output, (tuple, list)) else [output]
+        outputs_lead = [o.shape[0] if isinstance(o, torch.Tensor) and o.dim() else None
+                        for o in outputs if o is not None]
+        if DRY_BATCH in inputs_lead and all(n == DRY_BATCH for n in outputs_lead):
+            return
+        rows = outputs_lead[0] if outputs_lead else None
+        if (rows and rows % DRY_BATCH == 0 and rows in inputs_lead and name not in convs
+                and all(n == rows for n in outputs_lead)):
+            grouped.add(name)
+        else:
+            unbatched.add(name)
+
+    handles = [m.register_forward_hook(partial(record, n), with_kwargs=True) for n, m in model.named_modules()]
+    try:
+        with torch.no_grad(), frozen(model):
+            model(inputs[:1].expand(DRY_BATCH, *inputs.shape[1:]).clone())
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = None
+    if projector is not None:
+        rows = torch.stack([torch.cat([flat(torch.zeros_like(p) if g is None else g, 1)[0]
+                                       for p, g in zip(params.values(), grads)]) for grads in reference])
+    reference = dict(zip(params, zip(*reference)))
+    result = _assemble(model, model_plan, called - unbatched, used, x, cot, reference, grouped)
+    if projector is not None:
+        try:
+            verify(model, model_plan, result, x, cot, rows, projector)
+        except InputError:
+            if not result.grouped:
+                raise
+            # modules on [batch * m, ...] whose rows are not per-sample: their callers cover them
+            result = _assemble(model, model_plan, called - unbatched - grouped, used, x, cot, reference, set())
+            verify(model, model_plan, result, x, cot, rows, projector)
+    for ancestor, qualified in result.claims:
+        log.info("grads: module %r covers %s (their own modules are not called on batched inputs)",
+                 ancestor or "<model>", ", ".join(qualified))
+    cached[key] = result
+    return result
+
+
+def _assemble(model, model_plan: Plan, reached: set[str], used: set[str], x, cot, reference, grouped) -> Routes:
+    """Routes from the modules reached on batched inputs: the others' parameters claimed by ancestors."""
+    entries = [(layer.name, (layer.weight, layer.bias)) for layer in model_plan.layers]
+    entries += [(entry.name, tuple(q for q, _ in entry.params)) for entry in model_plan.exact]
+    claims: dict[str, list[str]] = {}
+    for name, qualified in entries:
+        missing = [q for q in qualified if q in used]
+        if name in reached or not missing:
+            continue
+        parts = name.split(".") if name else []
+        ancestor = next(".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1) if ".".join(parts[:i]) in reached)
+        claims.setdefault(ancestor, []).extend(missing)
+    for ancestor in claims:
+        if any(layer.name == ancestor for layer in model_plan.layers):
+            raise InputError(f"model module {ancestor!r}: a Linear/Conv layer whose forward uses parameters "
+                             f"of its submodules ({', '.join(claims[ancestor])}) is not supported")
+    expandable = _expandable(model, model_plan, reached, claims, x, cot, reference)
+    names = {n for n, _ in entries}
+    return Routes(frozenset(names & reached), tuple((a, tuple(q)) for a, q in claims.items()), expandable,
+                  frozenset(names & reached & grouped))
+
+
+def _sample_grads(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, cot: torch.Tensor) -> tuple:
+    """Gradients of ⟨model(x), cot⟩ w.r.t. ``params`` by plain autograd (None: not used)."""
+    with frozen(model, requires_grad=True), torch.enable_grad():
+        out = model(x)
+        if not out.requires_grad:
+            raise InputError("grads model: the model output does not depend on any of its parameters")
+        try:
+            grads = torch.autograd.grad(inner(out, cot), params, allow_unused=True)
+        except RuntimeError as exc:
+            raise InputError(f"grads model: backward through the model fails, as it would in a training "
+                             f"step: {str(exc).splitlines()[0][:200]}") from exc
+    return tuple(None if g is None else g.detach() for g in grads)
+
+
+def _batched(value, batch: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
+def _pair(inputs: torch.Tensor) -> torch.Tensor:
+    """Two samples for the checks: the batch's first two, or the first and a variation of it."""
+    return inputs[:2] if inputs.shape[0] >= 2 else torch.cat([inputs, 1.5 * inputs.roll(1, -1) - 0.1])
+
+
+def _copies(model: nn.Module, names, batch: int) -> dict[str, torch.Tensor]:
+    """A per-sample copy [batch, ...] of each [1, ...] parameter, a leaf that requires grad."""
+    return {q: model.get_parameter(q).detach().expand(batch, *model.get_parameter(q).shape[1:]).clone()
+            .requires_grad_() for q in names}
+
+
+def _expandable(model: nn.Module, model_plan: Plan, reached, claims, x: torch.Tensor, cot: torch.Tensor,
+                reference: dict[str, tuple]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Containers (class tokens, positional embeddings on a model or encoder) whose own parameters
+    all have a leading 1 that broadcasts over the batch: their per-sample gradients come from the
+    batched backward through per-sample copies [B, ...] of them, instead of a vmap over the whole
+    container. Used where, on the two samples ``x``, the copies give the same output and the same
+    per-sample gradients as the ``reference`` (autograd, one sample at a time)."""
+    found = []
+    for entry in model_plan.exact:
+        params = [entry.module.get_parameter(local) for _, local in entry.params]
+        if (entry.name in reached and entry.name not in claims and any(True for _ in entry.module.children())
+                and all("." not in local for _, local in entry.params)
+                and all(p.dim() >= 1 and p.shape[0] == 1 for p in params)):
+            found.append((entry.name, tuple(q for q, _ in entry.params)))
+    if not found:
+        return ()
+    names = [q for _, qs in found for q in qs]
+    with torch.no_grad(), frozen(model):
+        plain = model(x)
+    copies = _copies(model, names, 2)
+    try:
+        with frozen(model), torch.enable_grad():
+            out = functional_call(model, copies, (x,))
+            if out.shape != plain.shape or not torch.allclose(out, plain, rtol=1e-5,
+                                                               atol=1e-6 * float(plain.abs().max())):
+                return ()
+            got = torch.autograd.grad(inner(out, cot), list(copies.values()), allow_unused=True)
+    except RuntimeError:  # the parameters are not used in a way that broadcasts over the batch
+        return ()
+    for name, g in zip(names, got):
+        p = model.get_parameter(name)
+        for b in range(2):
+            want = reference[name][b]
+            want = torch.zeros_like(p) if want is None else want
+            have = torch.zeros_like(p) if g is None else g[b:b + 1]
+            if not torch.allclose(have, want, rtol=1e-4, atol=1e-6 * max(float(want.abs().max()), 1e-30)):
+                return ()
+    return tuple(found)
 
 
 def slots_of(cotangents: dict[str, torch.Tensor], pred: torch.Tensor) -> list[tuple[str, int | None, torch.Tensor]]:
@@ -79,10 +294,14 @@ def gather(phi: torch.Tensor, slots: list[tuple[str, int | None, torch.Tensor]])
 class _Capture:
     """Hooks for one batch: projected inputs in forward, per-example blocks in backward."""
 
-    def __init__(self, model_plan: Plan, projector: Projector, batch: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, model_plan: Plan, exact: tuple[ExactModule, ...], reached: frozenset[str],
+                 projector: Projector, batch: int, device: torch.device, dtype: torch.dtype):
         self.plan, self.projector, self.batch, self.device, self.dtype = model_plan, projector, batch, device, dtype
+        self.layers = tuple(layer for layer in model_plan.layers if layer.name in reached)
+        self.exact = exact
+        self.layer_of = {n: layer for layer in model_plan.layers for n in (layer.weight, layer.bias) if n}
         layout = model_plan.layout(projector)
+        self.blocks = {block.name: block for block in layout.blocks}
         self.offsets = layout.offsets()
         factors = {block.name: block.factors for block in layout.blocks}
         self.rows_in = {layer.name: factors[layer.weight]["k_in"] for layer in model_plan.layers}
@@ -98,9 +317,9 @@ class _Capture:
     def hooks(self) -> Iterator[None]:
         handles = []
         try:
-            for layer in self.plan.layers:
+            for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
-            for entry in self.plan.exact:
+            for entry in self.exact:
                 handles.append(entry.module.register_forward_hook(partial(self._exact_forward, entry),
                                                                   with_kwargs=True))
             yield
@@ -121,8 +340,8 @@ class _Capture:
         self.roots.append(leaf)
         return leaf.clone()  # not a leaf itself, so later in-place ops stay allowed
 
-    def _check_batch(self, name: str, x: torch.Tensor) -> None:
-        if x.dim() < 2 or x.shape[0] != self.batch:
+    def _check_batch(self, name: str, x: torch.Tensor, grouped: bool = False) -> None:
+        if x.dim() < 2 or (x.shape[0] % self.batch if grouped else x.shape[0] != self.batch):
             raise GradlakeError(f"module {name!r} got input {list(x.shape)}; gradlake.grads needs the "
                                 f"batch of {self.batch} samples on dimension 0 of every layer's input")
 
@@ -131,7 +350,7 @@ class _Capture:
         if not self.active:
             return None
         a = args[0]
-        self._check_batch(layer.name, a)
+        self._check_batch(layer.name, a, grouped=not layer.conv_dims)  # Linear rows: reshaped per sample
         out = self._track(layer.name, output)
         rows = self.rows_in[layer.name]
         positions = output[0, 0].numel() if layer.conv_dims else a[0].numel() // layer.d_in
@@ -224,58 +443,106 @@ class _Capture:
     def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
         if not self.active:
             return None
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not tensors:
-            raise GradlakeError(f"module {entry.name!r} was called without a tensor input")
-        self._check_batch(entry.name, tensors[0])
-        out = self._track(entry.name, output)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         grads = _module_grads(entry)
+        held = {"args": args, "kwargs": kwargs, "versions": [t._version for t in tensors]}
+        outputs = [output] if isinstance(output, torch.Tensor) else list(output)
+        followed = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)
+                    and (o.is_floating_point() or o.is_complex())]
+        single = isinstance(output, torch.Tensor)
         self.active = False  # the rule's own runs of the module (once per output shape) stay unhooked
         try:
-            rule = grads.rule(args, kwargs, tuple(output.shape))
+            rules = {i: grads.rule(args, kwargs, outputs[i], None if single else i) for i in followed}
         finally:
             self.active = True
-        held = {"args": args, "kwargs": kwargs}
-        if isinstance(rule, Affine) and rule.invertible(grads.params()):
-            held.update(affine=rule, output=output, version=output._version)
-        out.register_hook(partial(self._exact_backward, entry, held))
-        return out
+        if single and isinstance(rules[0], Affine) and rules[0].invertible(grads.params()):
+            held.update(affine=rules[0], output=output, version=output._version)
+        for i in followed:
+            outputs[i] = self._track(entry.name, outputs[i])
+            outputs[i].register_hook(partial(self._exact_backward, entry, held, None if single else i))
+        if single:
+            return outputs[0]
+        return type(output)(*outputs) if hasattr(output, "_fields") else type(output)(outputs)
 
-    def _exact_backward(self, entry: ExactModule, held: dict, delta: torch.Tensor) -> None:
+    def _exact_backward(self, entry: ExactModule, held: dict, index: int | None, delta: torch.Tensor) -> None:
         output = held.get("output")
+        last = index is None and self.slot == self.slots - 1  # (tuple outputs share what is held)
         if output is not None and output._version == held["version"]:  # (else changed in place since)
             params = _module_grads(entry).params()
-            per_sample = held["affine"].from_output(output.detach(), delta.float(), params)
-            if self.slot == self.slots - 1:
+            per_sample = held["affine"].from_output(output.detach(), _full(delta), params)
+            if last:
                 held.clear()
             self._add_exact(entry, per_sample)
             return
-        args = tuple(a.detach().float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                     for a in held["args"])
-        kwargs = held["kwargs"]
+        args, kwargs = held["args"], held["kwargs"]
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if [t._version for t in tensors] != held["versions"]:
+            raise GradlakeError(f"an input of module {entry.name!r} was modified in place after the module "
+                                "used it; gradlake.grads needs it unchanged until backward")
+        args = tuple(_full(a.detach()) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: _full(v.detach()) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         self.active = False  # the module's own (and its children's) hooks stay quiet
         try:
-            per_sample = _module_grads(entry)(args, kwargs, delta.float())
+            per_sample = _module_grads(entry)(args, kwargs, _full(delta), index)
         finally:
             self.active = True
+        if last:
+            held.clear()
         self._add_exact(entry, per_sample)
 
     def _add_exact(self, entry: ExactModule, per_sample: dict[str, torch.Tensor]) -> None:
-        """Dense projection of each parameter's [B, numel] per-sample gradient into φ."""
+        """Projection of each parameter's exact [B, numel] per-sample gradient into φ, by its block's factors."""
         for qualified, local in entry.params:
-            g = per_sample[local]
-            factor = self.projector.factor(qualified, tuple(getattr(entry.module, local).shape), "dense",
-                                           g.shape[1], self.device, torch.float32)
-            self._add(qualified, g if factor is None else g @ factor.T)
+            g = per_sample[local].float()
+            if g.shape[0] != self.batch:  # a module on [batch * m, ...] rows: sum each sample's rows
+                g = g.reshape(self.batch, -1, g.shape[1]).sum(dim=1)
+            block = self.blocks[qualified]
+            if block.path == "exact":
+                self.add_dense(qualified, g)
+                continue
+            layer = self.layer_of[qualified]  # a layer not called on batched inputs: project here
+            shape = tuple(layer.module.weight.shape)
+            p_out = self.projector.factor(layer.name, shape, "out", layer.d_out, self.device, torch.float32)
+            g = g if p_out is None else (g.reshape(self.batch, layer.d_out, -1).transpose(1, 2) @ p_out.T
+                                         ).transpose(1, 2).reshape(self.batch, -1)
+            if block.path == "kron":
+                g = g.reshape(self.batch, -1, layer.d_in)
+                split = layer.input_split(self.projector)
+                if split:
+                    c_in = shape[1]
+                    p_in = torch.kron(self._full_factor(layer, "in-channel", c_in, split[0]),
+                                      self._full_factor(layer, "in-space", layer.d_in // c_in, split[1]))
+                else:
+                    p_in = self._full_factor(layer, "in", layer.d_in)
+                g = g @ p_in.T
+            self._add(qualified, g)
+
+    def add_dense(self, qualified: str, g: torch.Tensor) -> None:
+        """Dense projection of an exact [B, numel] per-sample gradient into φ."""
+        factor = self.projector.factor(qualified, self.blocks[qualified].shape, "dense", g.shape[1], self.device,
+                                       torch.float32)
+        self._add(qualified, g if factor is None else g @ factor.T)
+
+    def _full_factor(self, layer: Layer, role: str, dim: int, rows: int | None = None) -> torch.Tensor:
+        f = self.projector.factor(layer.name, tuple(layer.module.weight.shape), role, dim, self.device,
+                                  torch.float32, rows)
+        return torch.eye(dim, device=self.device) if f is None else f
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors (autocast); any other dtype (complex included) as it is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 _MODULE_GRADS: weakref.WeakKeyDictionary[nn.Module, ModuleGrads] = weakref.WeakKeyDictionary()
 
 
 def _module_grads(entry: ExactModule) -> ModuleGrads:
-    if entry.module not in _MODULE_GRADS:
-        _MODULE_GRADS[entry.module] = ModuleGrads(entry.module, tuple(local for _, local in entry.params))
-    return _MODULE_GRADS[entry.module]
+    names = tuple(local for _, local in entry.params)
+    found = _MODULE_GRADS.get(entry.module)
+    if found is None or found.names != names:
+        found = _MODULE_GRADS[entry.module] = ModuleGrads(entry.module, names, entry.name)
+    return found
 
 
 def _pointwise(module: nn.Module, padding) -> bool:
@@ -296,15 +563,26 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
     ``cotangents`` maps the (detached) batched prediction to {name: [B, *out]} or
     {name: [B, m, *out]}; the result has {name: float32 [B, k]} or [B, m, k].
     ``dtype``: the precision of the projections and outer products (float32, or bfloat16
-    on GPUs); φ is accumulated and returned in float32.
+    on GPUs); φ is accumulated and returned in float32. The first call for a model and
+    input shape prepares and checks the capture against autograd on two samples (:func:`routes`).
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise InputError(f"grads precision: expected float32 or bfloat16, got {dtype}")
     model_plan = plan(model)
-    capture = _Capture(model_plan, projector, inputs.shape[0], inputs.device, dtype)
+    covered = routes(model, model_plan, inputs, projector)
+    return _capture(model, model_plan, covered, inputs, cotangents, projector, dtype)
+
+
+VERIFY_TOLERANCE = 1e-3  # relative, per parameter block (float32 summation order differs)
+
+
+def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
+    capture = _Capture(model_plan, covered.exact(model_plan, model), covered.reached, projector,
+                       inputs.shape[0], inputs.device, dtype)
     autocast = torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    copies = _copies(model, [q for _, qs in covered.expanded for q in qs], inputs.shape[0])
     with frozen(model), torch.enable_grad(), capture.hooks(), autocast:
-        pred = model(inputs)
+        pred = functional_call(model, copies, (inputs,)) if copies else model(inputs)
         if not pred.requires_grad:
             raise GradlakeError("the model output does not depend on any of its parameters")
         slots = slots_of(cotangents(pred.detach()), pred)
@@ -312,6 +590,64 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
         capture.slots = len(slots)
         for i, (_, _, cot) in enumerate(slots):
             capture.slot = i
-            torch.autograd.grad(pred, capture.roots, cot.to(pred.dtype), retain_graph=i + 1 < len(slots),
-                                allow_unused=True)
+            grads = torch.autograd.grad(pred, [*capture.roots, *copies.values()], cot.to(pred.dtype),
+                                        retain_graph=i + 1 < len(slots), allow_unused=True)
+            for name, g in zip(copies, grads[len(capture.roots):]):
+                if g is not None:
+                    capture.add_dense(name, flat(g.float() if g.dtype == torch.bfloat16 else g, inputs.shape[0]))
     return gather(capture.phi, slots), pred.detach()
+
+
+def verify(model: nn.Module, model_plan: Plan, covered: Routes, x: torch.Tensor, cot: torch.Tensor,
+           grads: torch.Tensor, projector: Projector) -> None:
+    """The capture of samples ``x`` (float32, cotangent ``cot``) against ``projector.apply`` of
+    their per-sample gradients ``grads`` [B, p] by plain autograd; InputError naming every parameter
+    whose block differs (a parameter used outside its module's forward, a layer whose input
+    mixes samples, ...), so such a model is refused before any batch instead of given wrong numbers."""
+    phi, _ = _capture(model, model_plan, covered, x, lambda pred: {"C": cot}, projector, torch.float32)
+    expected = projector.apply(model, grads)
+    scale = float(expected.norm())
+    wrong = []
+    for block in model_plan.layout(projector).blocks:
+        got, want = (t[:, block.offset:block.offset + block.k] for t in (phi["C"], expected))
+        error = float((got - want).norm())
+        if error > VERIFY_TOLERANCE * float(want.norm()) + 1e-6 * scale:
+            wrong.append(f"{block.name} (relative error {error / max(float(want.norm()), 1e-30):.2g})")
+    if wrong:
+        raise InputError("grads model: the captured gradients of these parameters differ from autograd's, "
+                         "so gradlake.grads cannot capture this model (is a parameter used outside its "
+                         "module's forward, does a layer mix samples, or does the model change between "
+                         "calls: dropout or batch statistics in training mode?): " + ", ".join(wrong[:8])
+                         + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
+
+
+def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None = None) -> list[dict]:
+    """How each module's parameters are captured, from one capture of ``inputs[:2]``.
+
+    One row per module that captures parameters: {"module", "type", "path", "parameters"},
+    path "kron" (factorised Linear/Conv), "expand" (per-sample copies of a container's
+    [1, ...] parameters), "affine", "additive", "attention", "vmap" (exact per-sample rules of
+    :mod:`gradlake.grads.modules`) or "loop" (the per-sample autograd fallback, with
+    "reason"). A module that covers parameters of submodules it does not call lists them
+    all. Unsupported structures raise :class:`gradlake.errors.InputError` naming the module.
+    """
+    projector = projector or Projector(k_in=4, k_out=4, k_dense=16)
+    x = inputs[:2]
+    projected_grads(model, x, lambda pred: {"C": torch.zeros_like(pred)}, projector)
+    model_plan = plan(model)
+    covered = routes(model, model_plan, x)
+    rows = [{"module": layer.name, "type": type(layer.module).__name__, "path": "kron",
+             "parameters": [n for n in (layer.weight, layer.bias) if n]}
+            for layer in model_plan.layers if layer.name in covered.reached]
+    for entry in covered.exact(model_plan, model):
+        grads = _module_grads(entry)
+        row = {"module": entry.name, "type": type(entry.module).__name__, "path": grads.path() or "unused",
+               "parameters": [q for q, _ in entry.params]}
+        if grads.fallback:
+            row["reason"] = grads.fallback
+        rows.append(row)
+    for name, qualified in covered.expanded:
+        rows.append({"module": name, "type": type(model.get_submodule(name)).__name__, "path": "expand",
+                     "parameters": list(qualified)})
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(rows, key=lambda row: order[row["module"]])

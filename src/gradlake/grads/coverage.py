@@ -4,7 +4,16 @@
   weight gradient is captured factorised (``kron``), its bias through P_out (``kron-bias``).
 - Every other module that owns parameters directly (norms, positional embeddings, grouped
   or transposed convs, ...) is *exact*: per-example gradients of its own parameters come
-  from its recorded input and output gradient (``torch.func``), then a dense projection.
+  from its recorded input and output gradient (rules of :mod:`gradlake.grads.modules`),
+  then a dense projection.
+- A module whose forward reads parameters of its submodules without calling them is exact
+  for its whole subtree: ``nn.MultiheadAttention`` (its out_proj), and any module with
+  ``torch.nn.utils.parametrize`` parametrizations (spectral_norm, weight_norm, orthogonal,
+  ...), whose blocks are the gradients w.r.t. the original parameters. Any other parameter
+  whose module is never called (a factorised weight held in a submodule, as tltorch's in
+  neuraloperator) is found by a dry run and covered by its nearest called ancestor
+  (:func:`gradlake.grads.capture.routes`).
+- A complex parameter counts as its real and imaginary parts (shape [..., 2]).
 
 Blocks of φ follow ``model.named_parameters()`` order, so with identity factors φ is the
 flattened per-example gradient. Nothing is skipped: every parameter is in exactly one block.
@@ -16,15 +25,35 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gradlake.errors import InputError
 from gradlake.grads.projector import Projector
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-# Modules whose forward reads their submodules' weights directly (never calling them), so
-# per-module hooks cannot see those weights.
-_OPAQUE = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
-           nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RNNBase)
+# Modules that take [time, batch, ...] unless batch_first=True.
+_SEQUENCE_FIRST = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def param_shape(param) -> tuple[int, ...]:
+    """The shape of a parameter's block before projection: a complex entry is a (real, imaginary) pair."""
+    return (*param.shape, 2) if param.is_complex() else tuple(param.shape)
+
+
+def refusal(module: nn.Module) -> str | None:
+    """Why gradlake.grads cannot capture ``module``, or None."""
+    if isinstance(module, nn.RNNBase):
+        return ("recurrent layers are not supported (their forward runs over time steps with flattened "
+                "weights); unroll the recurrence with nn.Linear / nn.RNNCell-style modules")
+    if isinstance(module, _SEQUENCE_FIRST) and not getattr(module, "batch_first", True):
+        return ("batch_first=False puts the batch on dimension 1; gradlake.grads needs the batch on "
+                "dimension 0 of every module's input: build it with batch_first=True")
+    return None
+
+
+def _whole_subtree(module: nn.Module) -> bool:
+    """Modules whose forward reads their submodules' parameters without calling them."""
+    return isinstance(module, nn.MultiheadAttention) or parametrize.is_parametrized(module)
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,8 @@ class Layout:
 
 def _is_layer(module: nn.Module) -> bool:
     own = {name for name, _ in module.named_parameters(recurse=False)}
+    if "weight" not in own or module.weight.is_complex():
+        return False
     if type(module) is nn.Linear:
         return own <= {"weight", "bias"}
     if type(module) in _CONVS:
@@ -141,12 +172,18 @@ def plan(model: nn.Module) -> Plan:
             raise InputError(f"model parameter {name!r} is the same tensor as {seen[id(param)]!r}; "
                              "tied parameters are not supported by gradlake.grads")
         seen[id(param)] = name
-    layers, exact = [], []
+    layers, exact, covered = [], [], []
     for mod_name, module in model.named_modules():
-        if isinstance(module, _OPAQUE):
-            raise InputError(f"model module {mod_name!r} is a {type(module).__name__}, whose forward "
-                             "bypasses its submodules; write attention with nn.Linear projections")
-        own = [(f"{mod_name}.{p}" if mod_name else p, p) for p, _ in module.named_parameters(recurse=False)]
+        reason = refusal(module)
+        if reason:
+            raise InputError(f"model module {mod_name!r} ({type(module).__name__}): {reason}")
+        if any(mod_name.startswith(prefix) for prefix in covered):
+            continue
+        if _whole_subtree(module):
+            covered.append(f"{mod_name}." if mod_name else "")
+            own = [(f"{mod_name}.{p}" if mod_name else p, p) for p, _ in module.named_parameters()]
+        else:
+            own = [(f"{mod_name}.{p}" if mod_name else p, p) for p, _ in module.named_parameters(recurse=False)]
         if not own:
             continue
         if _is_layer(module):
@@ -160,5 +197,5 @@ def plan(model: nn.Module) -> Plan:
             ))
         else:
             exact.append(ExactModule(mod_name, module, tuple(own)))
-    parameters = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+    parameters = tuple((n, param_shape(p)) for n, p in model.named_parameters())
     return Plan(parameters, tuple(layers), tuple(exact))

@@ -173,12 +173,11 @@ class Projector:
 
         model_plan = plan(model)
         layers = {layer.name: layer for layer in model_plan.layers}
-        params = dict(model.named_parameters())
         device, lead = grads.device, grads.shape[:-1]
         grads = grads.reshape(-1, grads.shape[-1]).float()
         out, start = [], 0
         for block in model_plan.layout(self).blocks:
-            shape, numel = params[block.name].shape, params[block.name].numel()
+            shape, numel = block.shape, math.prod(block.shape)  # a complex entry: (real, imaginary)
             g, start = grads[:, start:start + numel], start + numel
 
             def factor(name, key_shape, role, dim, rows=None):
