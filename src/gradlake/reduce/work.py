@@ -78,6 +78,38 @@ def add_results(a, b):
     return a + b
 
 
+class OrderedSum:
+    """A sum of results pushed in block order, over a binary tree whose shape depends only on
+    how many were pushed: the same bits whatever ran them, and when, and how many at once.
+
+    ``add(a, b)`` combines two partial sums (:func:`add_results`, or a Ray task returning a
+    future of it). Like a binary counter, it holds at most log2(n) + 1 partial sums.
+    """
+
+    def __init__(self, add=add_results):
+        self._add = add
+        self._levels: list[tuple[int, Any]] = []  # (log2 of the blocks summed, partial sum)
+        self.count = 0
+
+    def push(self, value) -> None:
+        """Add the result of the next block (block ``count``)."""
+        level = 0
+        while self._levels and self._levels[-1][0] == level:
+            value = self._add(self._levels.pop()[1], value)
+            level += 1
+        self._levels.append((level, value))
+        self.count += 1
+
+    def result(self):
+        """The sum of everything pushed (the partials folded from the last to the first)."""
+        if not self._levels:
+            raise GradlakeError("nothing to sum: no block was pushed")
+        total = self._levels[-1][1]
+        for _, value in reversed(self._levels[:-1]):
+            total = self._add(value, total)
+        return total
+
+
 # --------------------------------------------------------------------------- passes
 def moments_work(src: StoreRef, rows: np.ndarray, observables: tuple[str, ...]) -> dict[str, Moments]:
     """Reference-set moments of each observable over ``rows``."""
