@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gradlake.errors import InputError
@@ -31,6 +30,12 @@ from gradlake.reduce.work import OrderedSum, prefetched, row_blocks
 from gradlake.store import GradientStore
 
 SAMPLE_COLUMNS = ["row", "trajectory", "t", "class", "split"]
+BLOCK_BYTES = 16 * 2**20  # φ of one block of a pass, as float32
+
+
+def block_rows_for(store: GradientStore, observable: str) -> int:
+    """Rows per block of a streamed pass: about BLOCK_BYTES of float32 φ."""
+    return max(16, BLOCK_BYTES // (4 * int(np.prod(store.spec.row_shape(observable)))))
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> GradientStore:
@@ -111,11 +116,12 @@ def part_moments(store: GradientStore, checkpoint: str, observable: str, where: 
 
 
 def metric_of(store: GradientStore, where: str, observable: str = "V", checkpoint: str | None = None,
-              block_rows: int = 4096, mapper: Mapper | None = None, parts: int = 1) -> Metric:
+              block_rows: int | None = None, mapper: Mapper | None = None, parts: int = 1) -> Metric:
     """η̃ from the ``observable`` φ's of the samples selected by ``where`` (streamed, by parts)."""
     name = store.checkpoint(checkpoint)
     results = (mapper or in_process(store))(
-        part_moments, [(name, observable, where, p, block_rows) for p in shard_parts(store, parts)])
+        part_moments, [(name, observable, where, p, block_rows or block_rows_for(store, observable))
+                       for p in shard_parts(store, parts)])
     total = OrderedSum()
     for moments in results:
         total.push(moments)
@@ -139,29 +145,37 @@ class TopKPlan:
     exclude_self: bool = True
 
 
-def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> tuple[dict[str, np.ndarray], int]:
-    """Top-k lists of every query over the candidates in ``shards``, and how many there were.
+LABELS = ["row", "trajectory", "t", "class"]
+
+
+def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> tuple[dict[str, np.ndarray], pa.Table, int]:
+    """Top-k lists of every query over the candidates in ``shards``, the labels (row,
+    trajectory, t, class) of the candidates in them, and how many candidates there were.
 
     Reads each block of candidate rows in a thread while the previous block is scored."""
     best = TopK(plan.query_rows, plan.k, plan.exclude_self)
-    rows = store.rows(plan.checkpoint, _in_shards(plan.candidates, shards))
+    candidates = store.samples(plan.checkpoint, _in_shards(plan.candidates, shards), columns=LABELS)
+    rows = candidates.column("row").to_numpy().astype(np.int64)
     blocks = row_blocks(rows, plan.block_rows)
     read = lambda block: store.read(plan.checkpoint, plan.observable, block)  # noqa: E731
     for block, phi in zip(blocks, prefetched(read, blocks)):
         best.update(tile(plan.queries, phi), block)
-    return best.result(), len(rows)
+    result = best.result()
+    listed = np.unique(np.concatenate([result["top_ids"].ravel(), result["bottom_ids"].ravel()]))
+    return result, candidates.take(pa.array(np.searchsorted(rows, listed[listed >= 0]))), len(rows)
 
 
 def topk(store: GradientStore, query_where: str, train_where: str = "split == 'train'",
          k: int = 10, pair: str = "CC", checkpoint: str | None = None, metric: str | Metric = "V",
-         damping: float = 1e-4, block_rows: int = 4096, mapper: Mapper | None = None,
+         damping: float = 1e-4, block_rows: int | None = None, mapper: Mapper | None = None,
          parts: int = 1, exclude_self: bool = True) -> pa.Table:
     """The k most and least influential ``train_where`` samples for each ``query_where`` sample.
 
     H(i, j) = φ_{A,i}ᵀ (η̃ + λI)⁻¹ φ_{B,j} with pair = "AB" (response A on the query i,
     perturbation B on the training sample j); η̃ from the ``metric`` φ's of the training
     selection (or a given :class:`Metric`). All queries are scored in one pass over the
-    candidates, cut into ``parts`` run by ``mapper``. One row per (query, kind, rank), with
+    candidates, cut into ``parts`` run by ``mapper``, in blocks of ``block_rows`` rows (default:
+    about :data:`BLOCK_BYTES` of φ). One row per (query, kind, rank), with
     both samples' trajectory, t and class; a sample is never its own candidate unless
     ``exclude_self`` is False.
     """
@@ -187,23 +201,19 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     query_rows = queries.column("row").to_numpy().astype(np.int64)
     plan = TopKPlan(name, train_where, perturbation, query_rows,
                     precondition(store.read(name, response, query_rows), metric.inverse(damping)),
-                    k, block_rows, exclude_self)
+                    k, block_rows or block_rows_for(store, perturbation), exclude_self)
     results = mapper(part_topk, [(plan, p) for p in shard_parts(store, parts)])
-    if sum(n for _, n in results) == 0:
+    if sum(n for _, _, n in results) == 0:
         raise InputError(f"--train-where {train_where!r} selects no sample")
     best = TopK(query_rows, k, exclude_self)
-    for result, _ in results:
+    for result, _, _ in results:
         best.merge(result)
-    return _topk_table(store, name, best.result(), queries, k)
+    return _topk_table(best.result(), queries, pa.concat_tables([t for _, t, _ in results]).sort_by("row"))
 
 
-def _topk_table(store: GradientStore, checkpoint: str, result: dict[str, np.ndarray], queries: pa.Table,
-                k: int) -> pa.Table:
-    """One row per (query, kind, rank) with both samples' trajectory, t and class."""
-    found = np.unique(np.concatenate([result["top_ids"].ravel(), result["bottom_ids"].ravel()]))
-    found = found[found >= 0]
-    labels = store.samples(checkpoint, pc.field("row").isin(pa.array(found, pa.int64())),
-                           columns=["row", "trajectory", "t", "class"])
+def _topk_table(result: dict[str, np.ndarray], queries: pa.Table, labels: pa.Table) -> pa.Table:
+    """One row per (query, kind, rank) with both samples' trajectory, t and class
+    (``labels``: the listed candidates' rows, sorted)."""
     label_rows = labels.column("row").to_numpy()
     columns: dict[str, Any] = {}
     for kind in ("top", "bottom"):

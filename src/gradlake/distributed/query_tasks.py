@@ -52,7 +52,7 @@ def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: st
 
 
 def topk(url: str, query_where: str, train_where: str = "split == 'train'", k: int = 10, pair: str = "CC",
-         checkpoint: str | None = None, metric: str = "V", damping: float = 1e-4, block_rows: int = 4096,
+         checkpoint: str | None = None, metric: str = "V", damping: float = 1e-4, block_rows: int | None = None,
          storage_options: dict[str, Any] | None = None, parts: int = 0, address: str = "") -> pa.Table:
     """:func:`gradlake.query.topk` with its passes cut into ``parts`` Ray tasks (0: two per CPU
     of the cluster, at most one per shard)."""

@@ -34,8 +34,7 @@ class TopK:
     Non-finite entries never enter; pairs with equal query and candidate ids are skipped
     when ``exclude_self`` (a sample's self-influence would top its own list). A tile costs
     one comparison per entry against each row's current k-th value; only the entries that
-    beat it are sorted in, so once the lists fill up the merge is much cheaper than the
-    matmul that made the tile.
+    reach it are sorted in, so the merge costs much less than the matmul that made the tile.
     """
 
     def __init__(self, query_ids: np.ndarray, k: int, exclude_self: bool = True):
@@ -78,8 +77,11 @@ class TopK:
         """Merge ``h`` [n, m] with ids per column [m] or per entry [n, m] into one list."""
         score, ids = self._score[sign], self._ids[sign]
         threshold = score.min(axis=1)  # the k-th best score so far (-inf until k are held)
-        beats = h > threshold[:, None] if sign > 0 else h < -threshold[:, None]
-        qi, cj = np.nonzero(beats)
+        if h.shape[1] > 4 * self.k and np.isneginf(threshold).any():
+            threshold = np.maximum(threshold, self._estimate(sign, h))
+        threshold = (sign * threshold).astype(h.dtype)[:, None]
+        beats = np.flatnonzero(h >= threshold if sign > 0 else h <= threshold)
+        qi, cj = np.divmod(beats, h.shape[1])
         values = sign * h[qi, cj].astype(np.float64)
         finite = np.isfinite(values)
         qi, cj, values = qi[finite], cj[finite], values[finite]
@@ -98,6 +100,15 @@ class TopK:
         keep = np.argpartition(-both, self.k - 1, axis=1)[:, :self.k]
         score[rows] = np.take_along_axis(both, keep, 1)
         ids[rows] = np.take_along_axis(both_ids, keep, 1)
+
+    def _estimate(self, sign: int, h: np.ndarray) -> np.ndarray:
+        """A lower bound of each row's k-th best score in ``h``: the k-th best of its first
+        columns (so a fresh list does not sort in a whole tile)."""
+        head = sign * np.asarray(h[:, :max(16 * self.k, 1024)], dtype=np.float64)
+        head[~np.isfinite(head)] = -np.inf
+        if head.shape[1] < self.k:
+            return np.full(len(head), -np.inf)
+        return -np.partition(-head, self.k - 1, axis=1)[:, self.k - 1]
 
     def result(self) -> dict[str, np.ndarray]:
         """Sorted lists: ``top`` descending, ``bottom`` ascending; id -1 where fewer than k."""

@@ -1,0 +1,161 @@
+"""Top-k queries at bandwidth: one scoring pass over a store against the storage's raw
+sequential read, on local disk and on S3 (a moto server), side by side.
+
+    python benchmarks/bench_query.py [--quick] [--rows N] [--k K] [--repeats R] [--shard-rows S]
+
+One store (φ_C only, float16) is written to both backends. Per repeat, interleaved:
+  raw        every object of grads.zarr/<checkpoint>/C read once, in order: local files one
+             after another, cold (this store's files dropped from the page cache with
+             posix_fadvise before each timing); S3 objects with one fsspec ``cat`` of all keys
+  Q=1/Q=256  gradlake.query.topk over every row (the metric given, so the pass reads φ_C
+             only), in this process (reads overlap the GEMMs in a thread); local: cold
+  ray        the same pass as Ray tasks (two parts per CPU)
+Prints MB/s of φ payload and pass ÷ raw (median of the per-repeat ratios; target >= 0.70),
+then one line ``query: ...`` holding the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic_store import CHECKPOINT, spec_for, write_store  # noqa: E402
+
+from gradlake.fsio import filesystem  # noqa: E402
+from gradlake.query import open_store, topk  # noqa: E402
+from gradlake.reduce.metric import Metric  # noqa: E402
+
+for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                    ("AWS_DEFAULT_REGION", "us-east-1"), ("RAY_AUTH_MODE", "token")):
+    os.environ.setdefault(name, value)  # dummy credentials of the local moto server only
+
+
+def drop_cache(root: str) -> None:
+    """Drop this folder's files from the page cache (only ours; no privileges needed)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return server, endpoint
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+def raw_read(fs, paths: list[str], local: bool) -> int:
+    if local:
+        total = 0
+        for path in paths:
+            with open(path, "rb") as f:
+                total += len(f.read())
+        return total
+    return sum(len(v) for v in fs.cat(paths).values())
+
+
+def array_objects(url: str, storage_options) -> tuple:
+    """(fs, keys of the objects of the C array's data, in order)."""
+    fs, root = filesystem(f"{url}/grads.zarr/{CHECKPOINT}/C", storage_options)
+    return fs, sorted(p for p in fs.find(root) if not p.endswith("zarr.json"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small store, one repeat (smoke run)")
+    parser.add_argument("--rows", type=int, default=0)
+    parser.add_argument("--k", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shard-rows", type=int, default=0, help="rows per shard (default: GradsConfig's)")
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+    n = args.rows or (32768 if args.quick else 262144)
+    repeats = 1 if args.quick else args.repeats
+    spec = spec_for(n, args.k, observables=("C",), probes=1, shard_rows=args.shard_rows or None)
+    payload = n * args.k * 2
+    root = tempfile.mkdtemp(prefix="bench-query-")
+    server, endpoint = start_moto()
+    so = {"endpoint_url": endpoint}
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        urls = {"local": os.path.join(root, "store"), "s3": "s3://bench/store"}
+        options = {"local": None, "s3": so}
+        started = time.perf_counter()
+        for backend, url in urls.items():
+            write_store(url, spec, options[backend])
+        print(f"N={n} k={args.k} float16 payload={payload / 1e6:.1f} MB shard_rows={spec.shard_rows} "
+              f"chunk_rows={spec.chunk_rows} (both stores written in {time.perf_counter() - started:.1f} s)")
+        metric = Metric(np.eye(args.k))
+        cases = ["raw", "Q=1", "Q=256"]
+        if not args.no_ray:
+            from gradlake.distributed.cluster import ensure_ray
+            from gradlake.distributed.query_tasks import ray_mapper
+
+            ensure_ray()
+            import ray
+
+            parts = 2 * int(ray.cluster_resources().get("CPU", 1))
+            cases += ["Q=1 ray", "Q=256 ray"]
+        seconds = {(b, c): [] for b in urls for c in cases}
+        for _ in range(repeats):
+            for backend, url in urls.items():
+                local = backend == "local"
+                for case in cases:
+                    store = open_store(url, options[backend])
+                    if local:
+                        drop_cache(os.path.join(url, "grads.zarr"))
+                    start = time.perf_counter()
+                    if case == "raw":
+                        got = raw_read(*array_objects(url, options[backend]), local)
+                        assert got >= payload, (got, payload)
+                    else:
+                        q = int(case.split()[0][2:])
+                        ray_args = ({"mapper": ray_mapper(url, options[backend]), "parts": parts}
+                                    if case.endswith("ray") else {})
+                        table = topk(store, f"row < {q}", "", k=10, metric=metric, damping=1.0, **ray_args)
+                        assert table.num_rows == 2 * 10 * q
+                    seconds[backend, case].append(time.perf_counter() - start)
+    finally:
+        server.kill()
+        shutil.rmtree(root, ignore_errors=True)
+    med = statistics.median
+    summary = []
+    for backend in urls:
+        raw = seconds[backend, "raw"]
+        print(f"{backend:5s} raw read {payload / 1e6 / med(raw):8.1f} MB/s")
+        for case in cases[1:]:
+            ratio = med(r / s for r, s in zip(raw, seconds[backend, case]))
+            print(f"{backend:5s} top-k {case:10s} {payload / 1e6 / med(seconds[backend, case]):8.1f} MB/s   "
+                  f"pass / raw = {ratio:.2f}  (target >= 0.70)")
+            summary.append(f"{backend} {case.replace(' ', '-')} {ratio:.2f}")
+    print("query: " + ", ".join(summary))
+
+
+if __name__ == "__main__":
+    main()
