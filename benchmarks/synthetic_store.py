@@ -18,13 +18,16 @@ CHECKPOINT = "epoch-0001"
 CLASSES = np.array(["rp", "crp", "rpui"])
 
 
-def spec_for(n_rows: int, k: int, observables=("C", "V"), probes: int = 2, shard_rows: int | None = None) -> StoreSpec:
+def spec_for(n_rows: int, k: int, observables=("C", "V"), probes: int = 2, shard_rows: int | None = None,
+             chunk_rows: int | None = None) -> StoreSpec:
+    """The store's default geometry (GradsConfig's shard rows, ~256 KB chunks) unless given."""
     shard_rows = shard_rows or GradsConfig().shard_rows
     widest = k * 2 * (probes if "V" in observables else 1)
+    chunk_rows = chunk_rows or chunk_rows_for(shard_rows, widest)
     return StoreSpec(
         dataset={"url": "synthetic", "fingerprint": "0" * 64}, model={"name": "synthetic"},
         projector={"seed": 0}, observables=tuple(observables), probes=probes, probe_seed=0, k=k,
-        dtype="float16", n_rows=n_rows, shard_rows=shard_rows, chunk_rows=chunk_rows_for(shard_rows, widest),
+        dtype="float16", n_rows=n_rows, shard_rows=shard_rows, chunk_rows=chunk_rows,
         splits=("train", "val", "test"), n_samples=n_rows, n_shards=-(-n_rows // shard_rows))
 
 

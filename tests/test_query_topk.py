@@ -1,5 +1,7 @@
 """Batched top-k (many queries, one pass, parts on Ray) against dense numpy on a small store."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -92,3 +94,18 @@ def test_topk_bad_selections(store_url):
         topk(open_store(url), "t == 1", "class == 'zzz'", parts=3)
     with pytest.raises(InputError, match="observable 'M'"):
         topk(open_store(url), "t == 1", pair="MC")
+
+
+@pytest.mark.parametrize("factory, nprobe", [(None, 1), ("IVF4,Flat", 4)])
+def test_approximate_index_beside_the_store_equals_dense_numpy_when_exhaustive(store_url, factory, nprobe):
+    pytest.importorskip("faiss")
+    from gradlake.approx import ApproximateIndex, build_index
+
+    url, phis = store_url
+    rows = np.arange(N)
+    record = build_index(url, name=f"ivf{nprobe}", where="split == 'train' and t >= 1", factory=factory)
+    candidates = rows[(SPLITS[rows // T] == "train") & (rows % T >= 1)]
+    assert record["rows"] == len(candidates)
+    assert (Path(url) / "index" / f"ivf{nprobe}" / "index.json").exists()  # beside the store
+    table = ApproximateIndex(url, f"ivf{nprobe}").topk("t == 2", k=4, response="E", damping=LAM, nprobe=nprobe)
+    _check(table, phis, rows[rows % T == 2], candidates, "EC", 4)

@@ -48,10 +48,16 @@ class TopK:
         self._ids = {+1: np.full((n, k), -1, dtype=np.int64), -1: np.full((n, k), -1, dtype=np.int64)}
 
     def update(self, h: np.ndarray, candidate_ids: np.ndarray) -> None:
-        """Merge a tile [n_queries, m] whose columns are the samples ``candidate_ids``."""
+        """Merge a tile [n_queries, m] whose columns are the samples ``candidate_ids`` [m]
+        (or whose entries are: ids [n_queries, m], -1 for none)."""
         h = np.asarray(h)
         candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
-        if self.exclude_self and len(candidate_ids):
+        if candidate_ids.ndim == 2:
+            drop = candidate_ids < 0
+            if self.exclude_self:
+                drop |= candidate_ids == self.query_ids[:, None]
+            h = np.where(drop, np.nan, h)
+        elif self.exclude_self and len(candidate_ids):
             h = self._without_self(h, candidate_ids)
         for sign in (+1, -1):
             self._merge(sign, h, candidate_ids)
