@@ -31,6 +31,7 @@ from gradlake.store import GradientStore
 
 SAMPLE_COLUMNS = ["row", "trajectory", "t", "class", "split"]
 BLOCK_BYTES = 16 * 2**20  # φ of one block of a pass, as float32
+READ_AHEAD = 2  # blocks read in threads ahead of the one being scored
 
 
 def block_rows_for(store: GradientStore, observable: str) -> int:
@@ -152,13 +153,13 @@ def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> 
     """Top-k lists of every query over the candidates in ``shards``, the labels (row,
     trajectory, t, class) of the candidates in them, and how many candidates there were.
 
-    Reads each block of candidate rows in a thread while the previous block is scored."""
+    Reads up to READ_AHEAD blocks of candidate rows in threads while one is scored."""
     best = TopK(plan.query_rows, plan.k, plan.exclude_self)
     candidates = store.samples(plan.checkpoint, _in_shards(plan.candidates, shards), columns=LABELS)
     rows = candidates.column("row").to_numpy().astype(np.int64)
     blocks = row_blocks(rows, plan.block_rows)
     read = lambda block: store.read(plan.checkpoint, plan.observable, block)  # noqa: E731
-    for block, phi in zip(blocks, prefetched(read, blocks)):
+    for block, phi in zip(blocks, prefetched(read, blocks, READ_AHEAD)):
         best.update(tile(plan.queries, phi), block)
     result = best.result()
     listed = np.unique(np.concatenate([result["top_ids"].ravel(), result["bottom_ids"].ravel()]))

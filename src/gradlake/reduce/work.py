@@ -7,6 +7,7 @@ gradlake.distributed.reduce_tasks only call these. Nothing here imports Ray.
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,17 +237,18 @@ def lag_tables(out: ReduceOutput, checkpoint: str, reducer: AggregateReducer,
 
 
 # --------------------------------------------------------------------------- pairwise
-def prefetched(read, blocks: list):
-    """``read(block)`` for each block in order, reading the next block in a thread while
-    the caller computes on the current one (matmuls release the GIL)."""
+def prefetched(read, blocks: list, depth: int = 1):
+    """``read(block)`` for each block in order, reading up to ``depth`` blocks ahead in
+    threads while the caller computes on the current one (matmuls release the GIL; on
+    object stores several reads in flight multiply the bandwidth)."""
     if not blocks:
         return
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(read, blocks[0])
+    with ThreadPoolExecutor(depth) as pool:
+        ahead = deque(pool.submit(read, block) for block in blocks[:depth])
         for i in range(len(blocks)):
-            data = future.result()
-            if i + 1 < len(blocks):
-                future = pool.submit(read, blocks[i + 1])
+            data = ahead.popleft().result()
+            if i + depth < len(blocks):
+                ahead.append(pool.submit(read, blocks[i + depth]))
             yield data
 
 
