@@ -1,8 +1,10 @@
 """Synthetic gradient stores for the benchmarks, written through gradlake.store (any fsspec URL).
 
 Rows are samples of trajectories of ``steps`` steps in three classes, split by trajectory
-(train 80 %, val 10 %, test 10 %); φ is random float16, generated shard by shard (memory
-stays flat in N).
+(train 80 %, val 10 %, test 10 %). φ is random, generated shard by shard (memory stays
+flat in N), shaped like real projected gradients rather than isotropic noise: one of 64
+cluster centres per trajectory plus noise with a decaying spectrum (dimension d scaled by
+(d + 1)^-0.75), so nearest-neighbour structure exists for the approximate index.
 """
 
 from __future__ import annotations
@@ -42,11 +44,16 @@ def write_store(url: str, spec: StoreSpec, storage_options=None, steps: int = 20
     """Create the store and commit every shard of one checkpoint with random φ."""
     create_store(url, spec, {CHECKPOINT: {"sha256": "0" * 64}}, storage_options)
     writer = ShardWriter(url, storage_options)
+    scale = (np.arange(spec.k, dtype=np.float32) + 1) ** -0.75
+    centres = np.random.default_rng([seed, 2**31]).standard_normal((64, spec.k), dtype=np.float32) * scale
     for shard in range(spec.n_shards):
         lo, hi = spec.shard_range(shard)
         rng = np.random.default_rng([seed, shard])
-        phis = {obs: rng.standard_normal((hi - lo, *spec.row_shape(obs)), dtype=np.float32)
-                for obs in spec.observables}
+        centre = centres[(np.arange(lo, hi) // steps) % len(centres)]
+        phis = {}
+        for obs in spec.observables:
+            noise = rng.standard_normal((hi - lo, *spec.row_shape(obs)), dtype=np.float32) * scale
+            phis[obs] = noise + (centre[:, None] if noise.ndim == 3 else centre)
         writer.commit(CHECKPOINT, shard, index_table(np.arange(lo, hi, dtype=np.int64), steps),
                       np.ones(hi - lo, np.float32), phis)
     return GradientStore.open(url, storage_options)

@@ -103,9 +103,10 @@ def test_approximate_index_beside_the_store_equals_dense_numpy_when_exhaustive(s
 
     url, phis = store_url
     rows = np.arange(N)
-    record = build_index(url, name=f"ivf{nprobe}", where="split == 'train' and t >= 1", factory=factory)
+    record = build_index(url, name=f"ivf{nprobe}", where="split == 'train' and t >= 1", factory=factory,
+                         damping=LAM)
     candidates = rows[(SPLITS[rows // T] == "train") & (rows % T >= 1)]
     assert record["rows"] == len(candidates)
     assert (Path(url) / "index" / f"ivf{nprobe}" / "index.json").exists()  # beside the store
-    table = ApproximateIndex(url, f"ivf{nprobe}").topk("t == 2", k=4, response="E", damping=LAM, nprobe=nprobe)
+    table = ApproximateIndex(url, f"ivf{nprobe}").topk("t == 2", k=4, response="E", nprobe=nprobe)
     _check(table, phis, rows[rows % T == 2], candidates, "EC", 4)
