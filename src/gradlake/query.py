@@ -32,6 +32,7 @@ from gradlake.store import GradientStore
 SAMPLE_COLUMNS = ["row", "trajectory", "t", "class", "split"]
 BLOCK_BYTES = 16 * 2**20  # φ of one block of a pass, as float32
 READ_AHEAD = 2  # blocks read in threads ahead of the one being scored
+PART_ROWS = 2**18  # rows of one part of a pass by default (its candidates' labels stay in memory)
 
 
 def block_rows_for(store: GradientStore, observable: str) -> int:
@@ -94,8 +95,10 @@ def in_process(store: GradientStore) -> Mapper:
     return lambda fn, args: [fn(store, *a) for a in args]
 
 
-def shard_parts(store: GradientStore, parts: int) -> list[tuple[int, int]]:
-    """[first, stop) shard ranges cutting the store into at most ``parts`` contiguous parts."""
+def shard_parts(store: GradientStore, parts: int | None = None) -> list[tuple[int, int]]:
+    """[first, stop) shard ranges cutting the store into at most ``parts`` contiguous parts
+    (None: parts of about PART_ROWS rows, so memory does not grow with the store)."""
+    parts = parts or -(-store.n_rows // PART_ROWS)
     bounds = np.linspace(0, store.spec.n_shards, max(1, min(parts, store.spec.n_shards)) + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
@@ -117,7 +120,7 @@ def part_moments(store: GradientStore, checkpoint: str, observable: str, where: 
 
 
 def metric_of(store: GradientStore, where: str, observable: str = "V", checkpoint: str | None = None,
-              block_rows: int | None = None, mapper: Mapper | None = None, parts: int = 1) -> Metric:
+              block_rows: int | None = None, mapper: Mapper | None = None, parts: int | None = None) -> Metric:
     """η̃ from the ``observable`` φ's of the samples selected by ``where`` (streamed, by parts)."""
     name = store.checkpoint(checkpoint)
     results = (mapper or in_process(store))(
@@ -169,13 +172,13 @@ def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> 
 def topk(store: GradientStore, query_where: str, train_where: str = "split == 'train'",
          k: int = 10, pair: str = "CC", checkpoint: str | None = None, metric: str | Metric = "V",
          damping: float = 1e-4, block_rows: int | None = None, mapper: Mapper | None = None,
-         parts: int = 1, exclude_self: bool = True) -> pa.Table:
+         parts: int | None = None, exclude_self: bool = True) -> pa.Table:
     """The k most and least influential ``train_where`` samples for each ``query_where`` sample.
 
     H(i, j) = φ_{A,i}ᵀ (η̃ + λI)⁻¹ φ_{B,j} with pair = "AB" (response A on the query i,
     perturbation B on the training sample j); η̃ from the ``metric`` φ's of the training
     selection (or a given :class:`Metric`). All queries are scored in one pass over the
-    candidates, cut into ``parts`` run by ``mapper``, in blocks of ``block_rows`` rows (default:
+    candidates, cut into ``parts`` (default: of about PART_ROWS rows) run by ``mapper``, in blocks of ``block_rows`` rows (default:
     about :data:`BLOCK_BYTES` of φ). One row per (query, kind, rank), with
     both samples' trajectory, t and class; a sample is never its own candidate unless
     ``exclude_self`` is False.

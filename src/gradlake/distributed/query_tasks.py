@@ -55,9 +55,9 @@ def topk(url: str, query_where: str, train_where: str = "split == 'train'", k: i
          checkpoint: str | None = None, metric: str = "V", damping: float = 1e-4, block_rows: int | None = None,
          storage_options: dict[str, Any] | None = None, parts: int = 0, address: str = "") -> pa.Table:
     """:func:`gradlake.query.topk` with its passes cut into ``parts`` Ray tasks (0: two per CPU
-    of the cluster, at most one per shard)."""
+    of the cluster or parts of about PART_ROWS rows, whichever are more; at most one per shard)."""
     ensure_ray(address)
     store = query.open_store(url, storage_options)
-    parts = parts or 2 * int(ray.cluster_resources().get("CPU", 1))
+    parts = parts or max(2 * int(ray.cluster_resources().get("CPU", 1)), len(query.shard_parts(store)))
     return query.topk(store, query_where, train_where, k, pair, checkpoint, metric, damping, block_rows,
                       mapper=ray_mapper(url, storage_options, "topk"), parts=parts)
