@@ -41,6 +41,7 @@ _tile = ray.remote(work.tile_work)
 _topk = ray.remote(work.topk_work)
 _distance = ray.remote(work.distance_work)
 _add = ray.remote(work.add_results)
+_lag_tables = ray.remote(work.lag_tables)  # reads every trajectory's lag curves: off the driver
 
 INDEX = ["row", "trajectory", "t", "class", "split"]
 PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
@@ -180,7 +181,7 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     out.write_array(f"{name}/metric_eigenvalues", metric.eigenvalues, ("eigen",),
                     description="eigenvalues of η̃, descending (the k-space NTK spectrum)")
     out.write_table(f"lag_stats.parquet/checkpoint={name}/part-0.parquet",
-                    work.lag_tables(out, name, reducer, classes))
+                    ray.get(_lag_tables.remote(out, name, reducer_ref, classes)))
 
     summary = {"samples": len(rows), "response_samples": int(response.sum()),
                "perturbation_samples": int(perturbation.sum()), "reference_samples": mom[settings.metric].count,
