@@ -74,15 +74,18 @@ def run_step(step: str, url: str, n: int, k: int, name: str) -> float:
 
 
 def child(step: str, url: str, n: int, k: int, name: str) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one step in a fresh process."""
+    """(seconds, peak RSS in MB) of one step in a fresh process (its progress lines hidden)."""
     env = dict(os.environ, GRADLAKE_QUIET="1")
-    proc = subprocess.Popen([sys.executable, __file__, "--step", step, "--url", url, "--n", str(n), "--k", str(k),
-                             "--name", name], stdout=subprocess.PIPE, env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"step {step} at N={n} failed (exit {proc.returncode})")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--step", step, "--url", url, "--n", str(n),
+                                 "--k", str(k), "--name", name], stdout=subprocess.PIPE, stderr=err, env=env)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(f"step {step} at N={n} failed (exit {proc.returncode}):\n"
+                               + err.read().decode(errors="replace")[-3000:])
     return json.loads(out.decode().strip().splitlines()[-1])["seconds"], usage.ru_maxrss / 1024
 
 
