@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from gradlake import __version__, fsio
 from gradlake.errors import InputError
-from gradlake.query import LABELS, SAMPLE_COLUMNS, _topk_table, block_rows_for, metric_of, open_store
+from gradlake.query import LABELS, SAMPLE_COLUMNS, block_rows_for, metric_of, open_store, topk_table
 from gradlake.reduce.metric import Metric
 from gradlake.reduce.pairwise import TopK, whiten
 
@@ -130,4 +130,4 @@ class ApproximateIndex:
         best = TopK(query_rows, k, exclude_self)
         best.update(h, found)  # exact H of each query's own candidates
         labels = store.samples(ckpt, pa.compute.field("row").isin(pa.array(candidates, pa.int64())), columns=LABELS)
-        return _topk_table(best.result(), queries, labels)
+        return topk_table(best.result(), queries, labels)

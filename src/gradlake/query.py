@@ -120,8 +120,10 @@ def part_moments(store: GradientStore, checkpoint: str, observable: str, where: 
 
 
 def metric_of(store: GradientStore, where: str, observable: str = "V", checkpoint: str | None = None,
-              block_rows: int | None = None, mapper: Mapper | None = None, parts: int | None = None) -> Metric:
-    """η̃ from the ``observable`` φ's of the samples selected by ``where`` (streamed, by parts)."""
+              block_rows: int | None = None, mapper: Mapper | None = None, parts: int | None = None,
+              source: str = "the reference selection") -> Metric:
+    """η̃ from the ``observable`` φ's of the samples selected by ``where`` (streamed, by
+    parts); InputError naming ``source`` when it selects no sample with finite φ."""
     name = store.checkpoint(checkpoint)
     results = (mapper or in_process(store))(
         part_moments, [(name, observable, where, p, block_rows or block_rows_for(store, observable))
@@ -131,7 +133,7 @@ def metric_of(store: GradientStore, where: str, observable: str = "V", checkpoin
         total.push(moments)
     moments = total.result()
     if moments.count == 0:
-        raise InputError(f"the reference selection {where!r} has no samples with finite φ to build the metric from")
+        raise InputError(f"{source} {where!r} selects no sample with finite φ to build the metric from")
     return Metric.from_moments(moments, source=f"metric from {observable}")
 
 
@@ -178,10 +180,10 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     H(i, j) = φ_{A,i}ᵀ (η̃ + λI)⁻¹ φ_{B,j} with pair = "AB" (response A on the query i,
     perturbation B on the training sample j); η̃ from the ``metric`` φ's of the training
     selection (or a given :class:`Metric`). All queries are scored in one pass over the
-    candidates, cut into ``parts`` (default: of about PART_ROWS rows) run by ``mapper``, in blocks of ``block_rows`` rows (default:
-    about :data:`BLOCK_BYTES` of φ). One row per (query, kind, rank), with
-    both samples' trajectory, t and class; a sample is never its own candidate unless
-    ``exclude_self`` is False.
+    candidates, cut into ``parts`` (default: of about PART_ROWS rows) run by ``mapper``, in
+    blocks of ``block_rows`` rows (default: about BLOCK_BYTES of φ). One row per (query,
+    kind, rank), with both samples' trajectory, t and class; a sample is never its own
+    candidate unless ``exclude_self`` is False.
     """
     if len(pair) != 2:
         raise InputError(f"--pair: expected two observable letters like 'CC', got {pair!r}")
@@ -195,13 +197,8 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     if queries.num_rows == 0:
         raise InputError(f"--query-where {query_where!r} selects no sample")
     mapper = mapper or in_process(store)
-    try:
-        if isinstance(metric, str):
-            metric = metric_of(store, train_where, metric, name, block_rows, mapper, parts)
-    except InputError as err:
-        if "has no samples" in str(err):
-            raise InputError(f"--train-where {train_where!r} selects no sample") from None
-        raise
+    if isinstance(metric, str):
+        metric = metric_of(store, train_where, metric, name, block_rows, mapper, parts, "--train-where")
     query_rows = queries.column("row").to_numpy().astype(np.int64)
     plan = TopKPlan(name, train_where, perturbation, query_rows,
                     precondition(store.read(name, response, query_rows), metric.inverse(damping)),
@@ -212,10 +209,10 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     best = TopK(query_rows, k, exclude_self)
     for result, _, _ in results:
         best.merge(result)
-    return _topk_table(best.result(), queries, pa.concat_tables([t for _, t, _ in results]).sort_by("row"))
+    return topk_table(best.result(), queries, pa.concat_tables([t for _, t, _ in results]).sort_by("row"))
 
 
-def _topk_table(result: dict[str, np.ndarray], queries: pa.Table, labels: pa.Table) -> pa.Table:
+def topk_table(result: dict[str, np.ndarray], queries: pa.Table, labels: pa.Table) -> pa.Table:
     """One row per (query, kind, rank) with both samples' trajectory, t and class
     (``labels``: the listed candidates' rows, sorted)."""
     label_rows = labels.column("row").to_numpy()
