@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gradlake import __version__, fsio
 from gradlake.errors import InputError
@@ -125,9 +126,11 @@ class ApproximateIndex:
         found = np.sort(found, axis=1)
         found[:, 1:][found[:, 1:] == found[:, :-1]] = -1  # a row found by both searches counts once
         candidates = np.unique(found[found >= 0])
+        if not len(candidates):
+            raise InputError(f"{self.store.url}: the index found no candidate; is it empty?")
         psi_b = whiten(store.read(ckpt, observable, candidates), whitener)
         h = np.einsum("qk,qmk->qm", psi, psi_b[np.searchsorted(candidates, np.maximum(found, 0))])
         best = TopK(query_rows, k, exclude_self)
         best.update(h, found)  # exact H of each query's own candidates
-        labels = store.samples(ckpt, pa.compute.field("row").isin(pa.array(candidates, pa.int64())), columns=LABELS)
+        labels = store.samples(ckpt, pc.field("row").isin(pa.array(candidates, pa.int64())), columns=LABELS)
         return topk_table(best.result(), queries, labels)
