@@ -1,12 +1,23 @@
 """Queries on a gradient store: selected samples with their φ rows, and top-k influence.
 
 Both stream over the store in blocks of rows, so any store size works in bounded memory.
+
+Top-k scores any number of queries in one pass: their preconditioned rows
+a = φ_A (η̃ + λI)⁻¹ [Q, k] stay in memory and each block of candidate rows costs one GEMM
+a φ_Bᵀ and a :class:`TopK` merge. The candidates are cut into parts of whole shards; each
+part selects its own candidates (the filter runs in its Parquet scan), so no process ever
+holds every candidate row. A *mapper* runs a function over the parts: in this process by
+default, as Ray tasks with :func:`gradlake.distributed.query_tasks.ray_mapper`. Parts are
+merged in part order, so the answer does not depend on who ran them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +30,19 @@ from gradlake import fsio
 from gradlake.errors import InputError
 from gradlake.progress import progress
 from gradlake.reduce.metric import Metric, Moments
-from gradlake.reduce.pairwise import TopK, whiten
+from gradlake.reduce.pairwise import TopK, precondition, tile
+from gradlake.reduce.work import OrderedSum, prefetched, row_blocks
 from gradlake.store import GradientStore
 
 SAMPLE_COLUMNS = ["row", "trajectory", "t", "class", "split"]
+BLOCK_BYTES = 16 * 2**20  # φ of one block of a pass, as float32
+READ_AHEAD = 2  # blocks read in threads ahead of the one being scored
+PART_ROWS = 2**18  # rows of one part of a pass by default (its candidates' labels stay in memory)
+
+
+def block_rows_for(store: GradientStore, observable: str) -> int:
+    """Rows per block of a streamed pass: about BLOCK_BYTES of float32 φ."""
+    return max(16, BLOCK_BYTES // (4 * int(np.prod(store.spec.row_shape(observable)))))
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> GradientStore:
@@ -133,75 +153,161 @@ def write_table(table: pa.Table, out: str, storage_options: dict[str, Any] | Non
         pq.write_table(table, f)
 
 
-def metric_of(store: GradientStore, rows: np.ndarray, observable: str = "V",
-              checkpoint: str | None = None, block_rows: int = 4096) -> Metric:
-    """η̃ from the ``observable`` φ's of ``rows`` (streamed)."""
+# --------------------------------------------------------------------------- parts of a pass
+Mapper = Callable[[Callable[..., Any], list[tuple]], list]
+"""``mapper(fn, args)`` returns ``[fn(store, *a) for a in args]`` in order, run anywhere."""
+
+
+def in_process(store: GradientStore) -> Mapper:
+    """The mapper that runs every part here, one after the other."""
+    return lambda fn, args: [fn(store, *a) for a in args]
+
+
+def shard_parts(store: GradientStore, parts: int | None = None) -> list[tuple[int, int]]:
+    """[first, stop) shard ranges cutting the store into at most ``parts`` contiguous parts
+    (None: parts of about PART_ROWS rows, so memory does not grow with the store)."""
+    parts = parts or -(-store.n_rows // PART_ROWS)
+    bounds = np.linspace(0, store.spec.n_shards, max(1, min(parts, store.spec.n_shards)) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _in_shards(where: str, shards: tuple[int, int]) -> str:
+    """``where`` restricted to shards [first, stop), in the filter language (pushed into the scan)."""
+    within = f"shard >= {shards[0]} and shard < {shards[1]}"
+    return f"({where}) and {within}" if where.strip() else within
+
+
+def part_moments(store: GradientStore, checkpoint: str, observable: str, where: str,
+                 shards: tuple[int, int], block_rows: int) -> Moments:
+    """Moments of the ``observable`` φ's of the rows of ``where`` in ``shards``."""
     moments = Moments(store.k)
+    rows = store.rows(checkpoint, _in_shards(where, shards))
     for _, phi in store.iter_blocks(checkpoint, observable, rows, block_rows):
         moments.add(phi)
+    return moments
+
+
+def metric_of(store: GradientStore, where: str, observable: str = "V", checkpoint: str | None = None,
+              block_rows: int | None = None, mapper: Mapper | None = None, parts: int | None = None,
+              source: str = "the reference selection") -> Metric:
+    """η̃ from the ``observable`` φ's of the samples selected by ``where`` (streamed, by
+    parts); InputError naming ``source`` when it selects no sample with finite φ."""
+    name = store.checkpoint(checkpoint)
+    results = (mapper or in_process(store))(
+        part_moments, [(name, observable, where, p, block_rows or block_rows_for(store, observable))
+                       for p in shard_parts(store, parts)])
+    total = OrderedSum()
+    for moments in results:
+        total.push(moments)
+    moments = total.result()
     if moments.count == 0:
-        raise InputError("the reference selection has no samples with finite φ to build the metric from")
+        raise InputError(f"{source} {where!r} selects no sample with finite φ to build the metric from")
     return Metric.from_moments(moments, source=f"metric from {observable}")
 
 
+@dataclass(frozen=True)
+class TopKPlan:
+    """What a part of a top-k pass needs: the preconditioned queries and the candidates' filter."""
+
+    checkpoint: str
+    candidates: str  # filter of the candidate samples
+    observable: str  # perturbation observable B
+    query_rows: np.ndarray  # [Q]
+    queries: np.ndarray  # φ_A (η̃ + λI)⁻¹ of the query rows, float32 [Q, k]
+    k: int
+    block_rows: int
+    exclude_self: bool = True
+
+
+LABELS = ["row", "trajectory", "t", "class"]
+
+
+def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> tuple[dict[str, np.ndarray], pa.Table, int]:
+    """Top-k lists of every query over the candidates in ``shards``, the labels (row,
+    trajectory, t, class) of the candidates in them, and how many candidates there were.
+
+    Reads up to READ_AHEAD blocks of candidate rows in threads while one is scored."""
+    best = TopK(plan.query_rows, plan.k, plan.exclude_self)
+    candidates = store.samples(plan.checkpoint, _in_shards(plan.candidates, shards), columns=LABELS)
+    rows = candidates.column("row").to_numpy().astype(np.int64)
+    blocks = row_blocks(rows, plan.block_rows)
+    read = lambda block: store.read(plan.checkpoint, plan.observable, block)  # noqa: E731
+    for block, phi in zip(blocks, prefetched(read, blocks, READ_AHEAD)):
+        best.update(tile(plan.queries, phi), block)
+    result = best.result()
+    listed = np.unique(np.concatenate([result["top_ids"].ravel(), result["bottom_ids"].ravel()]))
+    return result, candidates.take(pa.array(np.searchsorted(rows, listed[listed >= 0]))), len(rows)
+
+
 def topk(store: GradientStore, query_where: str, train_where: str = "split == 'train'",
-         k: int = 10, pair: str = "CC", checkpoint: str | None = None, metric: str = "V",
-         damping: float = 1e-4, block_rows: int = 4096) -> pa.Table:
+         k: int = 10, pair: str = "CC", checkpoint: str | None = None, metric: str | Metric = "V",
+         damping: float = 1e-4, block_rows: int | None = None, mapper: Mapper | None = None,
+         parts: int | None = None, exclude_self: bool = True) -> pa.Table:
     """The k most and least influential ``train_where`` samples for each ``query_where`` sample.
 
     H(i, j) = φ_{A,i}ᵀ (η̃ + λI)⁻¹ φ_{B,j} with pair = "AB" (response A on the query i,
     perturbation B on the training sample j); η̃ from the ``metric`` φ's of the training
-    selection. One row per (query, kind, rank), with both samples' trajectory, t and class;
-    the schema metadata (:func:`description_of`) names the checkpoint, the pair, the
-    normalisation (none: raw H) and the metric and λ.
+    selection (or a given :class:`Metric`). All queries are scored in one pass over the
+    candidates, cut into ``parts`` (default: of about PART_ROWS rows) run by ``mapper``, in
+    blocks of ``block_rows`` rows (default: about BLOCK_BYTES of φ). One row per (query,
+    kind, rank), with both samples' trajectory, t and class; a sample is never its own
+    candidate unless ``exclude_self`` is False. The schema metadata (:func:`description_of`)
+    names the checkpoint, the pair, the normalisation (none: raw H) and the metric and λ.
     """
     if len(pair) != 2:
         raise InputError(f"--pair: expected two observable letters like 'CC', got {pair!r}")
     response, perturbation = pair
-    queries = store.samples(checkpoint, query_where, columns=SAMPLE_COLUMNS)
-    train = store.samples(checkpoint, train_where, columns=SAMPLE_COLUMNS)
+    name = store.checkpoint(checkpoint)
+    for observable in (response, perturbation, *([metric] if isinstance(metric, str) else [])):
+        if observable not in store.observables:
+            raise InputError(f"observable {observable!r} is not in store {store.url}; "
+                             f"it holds: {', '.join(store.observables)}")
+    queries = store.samples(name, query_where, columns=SAMPLE_COLUMNS)
     if queries.num_rows == 0:
         raise InputError(f"--query-where {query_where!r} selects no sample; {known_values(store, checkpoint)}")
-    if train.num_rows == 0:
-        raise InputError(f"--train-where {train_where!r} selects no sample; {known_values(store, checkpoint)}")
+    mapper = mapper or in_process(store)
+    metric_name = metric if isinstance(metric, str) else "given"
+    if isinstance(metric, str):
+        metric = metric_of(store, train_where, metric, name, block_rows, mapper, parts, "--train-where")
     query_rows = queries.column("row").to_numpy().astype(np.int64)
-    train_rows = train.column("row").to_numpy().astype(np.int64)
+    plan = TopKPlan(name, train_where, perturbation, query_rows,
+                    precondition(store.read(name, response, query_rows), metric.inverse(damping)),
+                    k, block_rows or block_rows_for(store, perturbation), exclude_self)
+    results = mapper(part_topk, [(plan, p) for p in shard_parts(store, parts)])
+    if sum(n for _, _, n in results) == 0:
+        raise InputError(f"--train-where {train_where!r} selects no sample; {known_values(store, checkpoint)}")
+    best = TopK(query_rows, k, exclude_self)
+    for result, _, _ in results:
+        best.merge(result)
+    description = describe(store, name, kind="topk", pair=pair, response=response, perturbation=perturbation,
+                           normalization="none", metric=metric_name, damping=damping, query_where=query_where,
+                           train_where=train_where, k=k)
+    table = topk_table(best.result(), queries, pa.concat_tables([t for _, t, _ in results]).sort_by("row"))
+    return with_description(table, description)
 
-    whitener = metric_of(store, train_rows, metric, checkpoint, block_rows).whitener(damping)
-    psi_q = whiten(store.read(checkpoint, response, query_rows), whitener)
-    best = TopK(query_rows, k)
-    for rows, phi in store.iter_blocks(checkpoint, perturbation, train_rows, block_rows):
-        best.update(psi_q @ whiten(phi, whitener).T, rows)
-    description = describe(store, checkpoint, kind="topk", pair=pair, response=response,
-                           perturbation=perturbation, normalization="none", metric=metric,
-                           damping=damping, query_where=query_where, train_where=train_where, k=k)
-    return with_description(_topk_table(best.result(), queries, train, k), description)
 
-
-def _topk_table(result: dict[str, np.ndarray], queries: pa.Table, train: pa.Table, k: int) -> pa.Table:
-    q = {c: queries.column(c).to_numpy(zero_copy_only=False) for c in ("row", "trajectory", "t", "class")}
-    train_rows = train.column("row").to_numpy().astype(np.int64)
-    lookup = {c: train.column(c).to_numpy(zero_copy_only=False) for c in ("trajectory", "t", "class")}
-    columns: dict[str, list] = {name: [] for name in (
-        "query_row", "query_trajectory", "query_t", "query_class", "kind", "rank",
-        "row", "trajectory", "t", "class", "influence")}
+def topk_table(result: dict[str, np.ndarray], queries: pa.Table, labels: pa.Table) -> pa.Table:
+    """One row per (query, kind, rank) with both samples' trajectory, t and class
+    (``labels``: the listed candidates' rows, sorted)."""
+    label_rows = labels.column("row").to_numpy()
+    columns: dict[str, Any] = {}
     for kind in ("top", "bottom"):
         ids, values = result[f"{kind}_ids"], result[kind]
-        for qi in range(len(q["row"])):
-            for rank in range(k):
-                row = int(ids[qi, rank])
-                if row < 0:
-                    continue
-                pos = int(np.searchsorted(train_rows, row))
-                columns["query_row"].append(int(q["row"][qi]))
-                columns["query_trajectory"].append(int(q["trajectory"][qi]))
-                columns["query_t"].append(int(q["t"][qi]))
-                columns["query_class"].append(str(q["class"][qi]))
-                columns["kind"].append(kind)
-                columns["rank"].append(rank + 1)
-                columns["row"].append(row)
-                columns["trajectory"].append(int(lookup["trajectory"][pos]))
-                columns["t"].append(int(lookup["t"][pos]))
-                columns["class"].append(str(lookup["class"][pos]))
-                columns["influence"].append(float(values[qi, rank]))
-    return pa.table(columns)
+        qi, rank = np.nonzero(ids >= 0)
+        rows = ids[qi, rank]
+        at = np.searchsorted(label_rows, rows)
+        part = {"query_row": queries.column("row").take(pa.array(qi)),
+                "query_trajectory": queries.column("trajectory").take(pa.array(qi)),
+                "query_t": queries.column("t").take(pa.array(qi)).cast(pa.int64()),
+                "query_class": queries.column("class").take(pa.array(qi)),
+                "kind": pa.array([kind] * len(qi), pa.string()),
+                "rank": pa.array(rank + 1, pa.int64()),
+                "row": pa.array(rows, pa.int64()),
+                "trajectory": labels.column("trajectory").take(pa.array(at)),
+                "t": labels.column("t").take(pa.array(at)).cast(pa.int64()),
+                "class": labels.column("class").take(pa.array(at)),
+                "influence": pa.array(values[qi, rank], pa.float64())}
+        for key, value in part.items():
+            columns.setdefault(key, []).append(value)
+    return pa.table({key: pa.concat_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+                                             for c in value]) for key, value in columns.items()})

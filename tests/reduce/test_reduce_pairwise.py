@@ -64,3 +64,29 @@ def test_distance_curve_and_pairs():
         np.testing.assert_allclose(curve["mean"][b], h[sel].mean())
         np.testing.assert_allclose(curve["median"][b], np.median(h[sel]))
     assert np.all(np.diff(curve["mean"]) < 0)
+
+
+def test_topk_merged_from_parts_equals_one_pass():
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(6, 50)).astype(np.float32)
+    h[2, 10] = np.inf
+    q_ids, ids = np.array([1, 7, 20, 33, 60, 61]), np.arange(50)
+    whole = TopK(q_ids, k=5)
+    whole.update(h, ids)
+    merged = TopK(q_ids, k=5)
+    for cols in np.array_split(ids, 3):
+        part = TopK(q_ids, k=5)
+        for sub in np.array_split(cols, 2):
+            part.update(h[:, sub], ids[sub])
+        merged.merge(part.result())
+    a, b = whole.result(), merged.result()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    ref = h.astype(np.float64).copy()
+    ref[[0, 1, 2, 3], [1, 7, 20, 33]] = np.nan  # self pairs
+    ref[~np.isfinite(ref)] = np.nan
+    for q in range(6):
+        ok = np.flatnonzero(np.isfinite(ref[q]))
+        order = ok[np.argsort(-ref[q, ok])]
+        assert a["top_ids"][q].tolist() == order[:5].tolist()
+        assert a["bottom_ids"][q].tolist() == order[::-1][:5].tolist()

@@ -4,9 +4,10 @@ Per checkpoint: (1) reference-set moments (the metric η̃ and the row-std momen
 blocks; (2) perturbation group sums over blocks of whole trajectories; (3) the response
 pass over the same blocks (group sums, same-trajectory T×T sums, per-trajectory lag
 curves and self-influence written by the tasks); then the dense tiles, the top-k lists
-and the influence-vs-distance pairs. Each pass submits a window of tasks at a time and
-sums their results in a fixed binary tree of Ray tasks, so driver and object-store memory
-do not grow with the number of samples and the result does not depend on timing.
+and the influence-vs-distance pairs. Each pass keeps a window of tasks in flight and sums
+their results in Ray tasks over a binary tree fixed by the block order, so driver and
+object-store memory do not grow with the number of samples and the results are
+bit-identical whatever the number of workers or the timing.
 The exact minibatch mode runs one Ray task per minibatch (distributed/exact_tasks.py).
 """
 
@@ -42,6 +43,7 @@ _tile = ray.remote(work.tile_work)
 _topk = ray.remote(work.topk_work)
 _distance = ray.remote(work.distance_work)
 _add = ray.remote(work.add_results)
+_lag_tables = ray.remote(work.lag_tables)  # reads every trajectory's lag curves: off the driver
 
 INDEX = ["row", "trajectory", "t", "class", "split"]
 PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
@@ -57,25 +59,25 @@ def _wait(refs, bar) -> None:
     ray.get(refs)  # raise a task's error here
 
 
-def _tree_sum(refs):
-    level = list(refs)
-    while len(level) > 1:
-        level = [_add.remote(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
-                 for i in range(0, len(level), 2)]
-    return ray.get(level[0])
-
-
 def _blockwise(submit: Callable[[int, Any], Any], blocks: list, desc: str, window: int):
-    """Run ``submit(i, block)`` for every block, ``window`` tasks at a time; the sum of results."""
-    total = None
+    """Run ``submit(i, block)`` for every block, at most ``window`` at a time, and return the
+    sum of their results. The sum runs in Ray tasks over a tree fixed by the block order
+    (:class:`work.OrderedSum`), so it is bit-identical for any window or number of workers,
+    and only O(window + log n) partial results are alive at once."""
+    total = work.OrderedSum(lambda a, b: _add.remote(a, b))
     bar = progress(len(blocks), desc, "blocks")
-    for start in range(0, len(blocks), window):
-        refs = [submit(i, b) for i, b in enumerate(blocks[start:start + window], start)]
-        _wait(refs, bar)
-        part = _tree_sum(refs)
-        total = part if total is None else work.add_results(total, part)
+    running: list = []
+    for i, block in enumerate(blocks):
+        if len(running) >= window:
+            done, running = ray.wait(running, num_returns=1, fetch_local=False)
+            bar.update(len(done))
+        ref = submit(i, block)
+        running.append(ref)
+        total.push(ref)
+    _wait(running, bar)
+    result = ray.get(total.result())
     bar.close()
-    return total
+    return result
 
 
 def _run_all(refs, desc: str, unit: str) -> list:
@@ -187,7 +189,7 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     out.write_array(f"{name}/metric_eigenvalues", metric.eigenvalues, ("eigen",),
                     description="eigenvalues of η̃, descending (the k-space NTK spectrum)")
     out.write_table(f"lag_stats.parquet/checkpoint={name}/part-0.parquet",
-                    work.lag_tables(out, name, reducer, classes))
+                    ray.get(_lag_tables.remote(out, name, reducer_ref, classes)))
 
     summary = {"samples": len(rows), "response_samples": int(response.sum()),
                "perturbation_samples": int(perturbation.sum()), "reference_samples": mom[settings.metric].count,
@@ -299,6 +301,12 @@ def _checkpoint_lag_table(out: ReduceOutput) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- the stage
+def tasks_in_flight() -> int:
+    """Block tasks submitted at once: twice the cluster's CPUs. Scheduling only: the results
+    do not depend on it (see _blockwise)."""
+    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
 def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The reduce stage (see reduce/__init__.py for what it writes). Restartable: checkpoints
@@ -321,7 +329,7 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
         out.remove("")  # another reduce's results under this name: replace them whole
         done = {}
     ensure_ray(ray_config.address, ray_config.num_cpus)
-    window = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+    window = tasks_in_flight()
     checkpoints = {}
     for name in names:
         if name in done:

@@ -32,55 +32,100 @@ class TopK:
     """The k largest and k smallest H(i, ·) per query row, merged tile by tile.
 
     Non-finite entries never enter; pairs with equal query and candidate ids are skipped
-    when ``exclude_self`` (a sample's self-influence would top its own list).
+    when ``exclude_self`` (a sample's self-influence would top its own list). A tile costs
+    one comparison per entry against each row's current k-th value; only the entries that
+    reach it are sorted in, so the merge costs much less than the matmul that made the tile.
     """
 
     def __init__(self, query_ids: np.ndarray, k: int, exclude_self: bool = True):
         if k <= 0:
-            raise InputError(f"reduce.topk: expected k > 0, got {k}")
+            raise InputError(f"top-k: expected k > 0, got {k}")
         self.query_ids = np.asarray(query_ids, dtype=np.int64)
         self.k, self.exclude_self = k, exclude_self
         n = len(self.query_ids)
-        self.top = np.full((n, k), -np.inf)
-        self.top_ids = np.full((n, k), -1, dtype=np.int64)
-        self.bottom = np.full((n, k), np.inf)
-        self.bottom_ids = np.full((n, k), -1, dtype=np.int64)
-
-    @staticmethod
-    def _keep(values, ids, k):
-        """The k largest values per row of [n, m] with their ids."""
-        if values.shape[1] > k:
-            part = np.argpartition(-values, k - 1, axis=1)[:, :k]
-            values = np.take_along_axis(values, part, 1)
-            ids = np.take_along_axis(ids, part, 1)
-        return values, ids
+        # Scores: the values for the top list, minus the values for the bottom list.
+        self._score = {+1: np.full((n, k), -np.inf), -1: np.full((n, k), -np.inf)}
+        self._ids = {+1: np.full((n, k), -1, dtype=np.int64), -1: np.full((n, k), -1, dtype=np.int64)}
 
     def update(self, h: np.ndarray, candidate_ids: np.ndarray) -> None:
-        """Merge a tile [n_queries, m] whose columns are the samples ``candidate_ids``."""
-        h = np.asarray(h, dtype=np.float64)
+        """Merge a tile [n_queries, m] whose columns are the samples ``candidate_ids`` [m]
+        (or whose entries are: ids [n_queries, m], -1 for none)."""
+        h = np.asarray(h)
         candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
-        bad = ~np.isfinite(h)
-        if self.exclude_self:
-            bad |= self.query_ids[:, None] == candidate_ids[None, :]
-        ids = np.broadcast_to(candidate_ids, h.shape)
-        hi = np.where(bad, -np.inf, h)
-        lo = np.where(bad, np.inf, h)
-        self.top, self.top_ids = self._keep(np.concatenate([self.top, hi], 1),
-                                            np.concatenate([self.top_ids, ids], 1), self.k)
-        neg, self.bottom_ids = self._keep(np.concatenate([-self.bottom, -lo], 1),
-                                          np.concatenate([self.bottom_ids, ids], 1), self.k)
-        self.bottom = -neg
+        if candidate_ids.ndim == 2:
+            drop = candidate_ids < 0
+            if self.exclude_self:
+                drop |= candidate_ids == self.query_ids[:, None]
+            h = np.where(drop, np.nan, h)
+        elif self.exclude_self and len(candidate_ids):
+            h = self._without_self(h, candidate_ids)
+        for sign in (+1, -1):
+            self._merge(sign, h, candidate_ids)
+
+    def merge(self, result: dict[str, np.ndarray]) -> None:
+        """Merge another TopK's :meth:`result` over the same queries (other candidates)."""
+        for sign, kind in ((+1, "top"), (-1, "bottom")):
+            ids = result[f"{kind}_ids"]
+            self._merge(sign, np.where(ids >= 0, result[kind], np.nan), ids)
+
+    def _without_self(self, h: np.ndarray, candidate_ids: np.ndarray) -> np.ndarray:
+        order = np.argsort(candidate_ids, kind="stable")
+        at = np.clip(np.searchsorted(candidate_ids, self.query_ids, sorter=order), 0, len(order) - 1)
+        column = order[at]
+        hit = np.flatnonzero(candidate_ids[column] == self.query_ids)
+        if not len(hit):
+            return h
+        h = np.array(h, dtype=np.result_type(h.dtype, np.float32))
+        h[hit, column[hit]] = np.nan
+        return h
+
+    def _merge(self, sign: int, h: np.ndarray, candidate_ids: np.ndarray) -> None:
+        """Merge ``h`` [n, m] with ids per column [m] or per entry [n, m] into one list."""
+        score, ids = self._score[sign], self._ids[sign]
+        threshold = score.min(axis=1)  # the k-th best score so far (-inf until k are held)
+        if h.shape[1] > 4 * self.k and np.isneginf(threshold).any():
+            threshold = np.maximum(threshold, self._estimate(sign, h))
+        threshold = (sign * threshold).astype(h.dtype)[:, None]
+        beats = np.flatnonzero(h >= threshold if sign > 0 else h <= threshold)
+        qi, cj = np.divmod(beats, h.shape[1])
+        values = sign * h[qi, cj].astype(np.float64)
+        finite = np.isfinite(values)
+        qi, cj, values = qi[finite], cj[finite], values[finite]
+        if not len(qi):
+            return
+        new_ids = candidate_ids[qi, cj] if candidate_ids.ndim == 2 else candidate_ids[cj]
+        first = np.flatnonzero(np.r_[True, qi[1:] != qi[:-1]])  # qi is sorted (row-major order)
+        rows, counts = qi[first], np.diff(np.r_[first, len(qi)])
+        slot = np.arange(len(qi)) - np.repeat(first, counts)
+        which = np.repeat(np.arange(len(rows)), counts)
+        pad = np.full((len(rows), counts.max()), -np.inf)
+        pad_ids = np.full(pad.shape, -1, dtype=np.int64)
+        pad[which, slot], pad_ids[which, slot] = values, new_ids
+        both = np.concatenate([score[rows], pad], 1)
+        both_ids = np.concatenate([ids[rows], pad_ids], 1)
+        keep = np.argpartition(-both, self.k - 1, axis=1)[:, :self.k]
+        score[rows] = np.take_along_axis(both, keep, 1)
+        ids[rows] = np.take_along_axis(both_ids, keep, 1)
+
+    def _estimate(self, sign: int, h: np.ndarray) -> np.ndarray:
+        """A lower bound of each row's k-th best score in ``h``: the k-th best of its first
+        columns (so a fresh list does not sort in a whole tile)."""
+        head = sign * np.asarray(h[:, :max(16 * self.k, 1024)], dtype=np.float64)
+        head[~np.isfinite(head)] = -np.inf
+        if head.shape[1] < self.k:
+            return np.full(len(head), -np.inf)
+        return -np.partition(-head, self.k - 1, axis=1)[:, self.k - 1]
 
     def result(self) -> dict[str, np.ndarray]:
         """Sorted lists: ``top`` descending, ``bottom`` ascending; id -1 where fewer than k."""
-        order = np.argsort(-self.top, axis=1, kind="stable")
-        top, top_ids = np.take_along_axis(self.top, order, 1), np.take_along_axis(self.top_ids, order, 1)
-        order = np.argsort(self.bottom, axis=1, kind="stable")
-        bottom = np.take_along_axis(self.bottom, order, 1)
-        bottom_ids = np.take_along_axis(self.bottom_ids, order, 1)
-        top_ids[~np.isfinite(top)] = -1
-        bottom_ids[~np.isfinite(bottom)] = -1
-        return {"top": top, "top_ids": top_ids, "bottom": bottom, "bottom_ids": bottom_ids}
+        out = {}
+        for sign, kind in ((+1, "top"), (-1, "bottom")):
+            order = np.argsort(-self._score[sign], axis=1, kind="stable")
+            values = sign * np.take_along_axis(self._score[sign], order, 1)
+            ids = np.take_along_axis(self._ids[sign], order, 1)
+            ids[~np.isfinite(values)] = -1
+            out[kind], out[f"{kind}_ids"] = values, ids
+        return out
 
 
 def sample_pairs(rows_i: np.ndarray, rows_j: np.ndarray, n_pairs: int, seed: int = 0):

@@ -7,6 +7,7 @@ gradlake.distributed.reduce_tasks only call these. Nothing here imports Ray.
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,38 @@ def add_results(a, b):
     if isinstance(a, Moments):
         return a.merge(b)
     return a + b
+
+
+class OrderedSum:
+    """A sum of results pushed in block order, over a binary tree whose shape depends only on
+    how many were pushed: the same bits whatever ran them, and when, and how many at once.
+
+    ``add(a, b)`` combines two partial sums (:func:`add_results`, or a Ray task returning a
+    future of it). Like a binary counter, it holds at most log2(n) + 1 partial sums.
+    """
+
+    def __init__(self, add=add_results):
+        self._add = add
+        self._levels: list[tuple[int, Any]] = []  # (log2 of the blocks summed, partial sum)
+        self.count = 0
+
+    def push(self, value) -> None:
+        """Add the result of the next block (block ``count``)."""
+        level = 0
+        while self._levels and self._levels[-1][0] == level:
+            value = self._add(self._levels.pop()[1], value)
+            level += 1
+        self._levels.append((level, value))
+        self.count += 1
+
+    def result(self):
+        """The sum of everything pushed (the partials folded from the last to the first)."""
+        if not self._levels:
+            raise GradlakeError("nothing to sum: no block was pushed")
+        total = self._levels[-1][1]
+        for _, value in reversed(self._levels[:-1]):
+            total = self._add(value, total)
+        return total
 
 
 # --------------------------------------------------------------------------- passes
@@ -204,17 +237,18 @@ def lag_tables(out: ReduceOutput, checkpoint: str, reducer: AggregateReducer,
 
 
 # --------------------------------------------------------------------------- pairwise
-def prefetched(read, blocks: list):
-    """``read(block)`` for each block in order, reading the next block in a thread while
-    the caller computes on the current one (matmuls release the GIL)."""
+def prefetched(read, blocks: list, depth: int = 1):
+    """``read(block)`` for each block in order, reading up to ``depth`` blocks ahead in
+    threads while the caller computes on the current one (matmuls release the GIL; on
+    object stores several reads in flight multiply the bandwidth)."""
     if not blocks:
         return
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(read, blocks[0])
+    with ThreadPoolExecutor(depth) as pool:
+        ahead = deque(pool.submit(read, block) for block in blocks[:depth])
         for i in range(len(blocks)):
-            data = future.result()
-            if i + 1 < len(blocks):
-                future = pool.submit(read, blocks[i + 1])
+            data = ahead.popleft().result()
+            if i + depth < len(blocks):
+                ahead.append(pool.submit(read, blocks[i + depth]))
             yield data
 
 

@@ -1,0 +1,63 @@
+"""Queries on Ray: the parts of a top-k or metric pass (gradlake.query) as Ray tasks.
+
+Each task opens the store by URL and streams its part of the candidates; only the parts'
+small results (top-k lists, moments) come back, merged in part order by gradlake.query.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from gradlake import query
+from gradlake.distributed.cluster import ensure_ray
+from gradlake.progress import progress
+
+
+def _run_part(fn, url: str, storage_options: dict[str, Any], *args):
+    from gradlake.store import GradientStore
+
+    return fn(GradientStore.open(url, storage_options or None), *args)
+
+
+_part = ray.remote(_run_part)
+
+
+def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: str = "query") -> query.Mapper:
+    """A :data:`gradlake.query.Mapper` running each part as a Ray task on the store at ``url``."""
+    options = dict(storage_options or {})
+
+    def run(fn, args: list[tuple]) -> list:
+        shared: dict[int, Any] = {}
+
+        def put_once(value):  # a plan (with its query matrix) goes to the object store once
+            if not isinstance(value, query.TopKPlan):
+                return value
+            if id(value) not in shared:
+                shared[id(value)] = ray.put(value)
+            return shared[id(value)]
+
+        refs = [_part.remote(fn, url, options, *map(put_once, part)) for part in args]
+        bar = progress(len(refs), f"{desc}: {getattr(fn, '__name__', 'part')}", "parts")
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5, fetch_local=False)
+            bar.update(len(done))
+        bar.close()
+        return ray.get(refs)
+
+    return run
+
+
+def topk(url: str, query_where: str, train_where: str = "split == 'train'", k: int = 10, pair: str = "CC",
+         checkpoint: str | None = None, metric: str = "V", damping: float = 1e-4, block_rows: int | None = None,
+         storage_options: dict[str, Any] | None = None, parts: int = 0, address: str = "") -> pa.Table:
+    """:func:`gradlake.query.topk` with its passes cut into ``parts`` Ray tasks (0: two per CPU
+    of the cluster or parts of about PART_ROWS rows, whichever are more; at most one per shard)."""
+    ensure_ray(address)
+    store = query.open_store(url, storage_options)
+    parts = parts or max(2 * int(ray.cluster_resources().get("CPU", 1)), len(query.shard_parts(store)))
+    return query.topk(store, query_where, train_where, k, pair, checkpoint, metric, damping, block_rows,
+                      mapper=ray_mapper(url, storage_options, "topk"), parts=parts)
