@@ -100,7 +100,8 @@ def agreement(args, root: str) -> list[float]:
     for method, space in (("dense", "output"), ("dense", "parameter"), ("pcg", "output"), ("pcg", "parameter")):
         t = time.perf_counter()
         h, info = exact_influence(jac, res, ("CC",), args.damping,
-                                  SolverSettings(method=method, space=space, rtol=1e-6, rank=64, max_rank=2048))
+                                  SolverSettings(method=method, space=space, rtol=1e-6, rank=args.rank,
+                                                 max_rank=args.max_rank, max_iter=args.max_iter, block=args.block))
         i = info["C"]
         err = relative_frobenius(h["CC"], want)
         errors.append(err)

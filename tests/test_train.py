@@ -192,3 +192,27 @@ def test_checkpoints_live_at_any_fsspec_url(s3_bucket, tmp_path):
     loaded, meta = load_checkpoint(remote[-1], options)
     assert meta["epoch"] == 2 and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     load_optimizer_state(remote[-1], torch.optim.AdamW(loaded.parameters()), options)
+
+
+def test_stalled_stops_when_validation_stops_falling():
+    from gradlake.train import stalled
+
+    h = [{"val_smse": v} for v in (5.0, 4.0, 3.0, 3.5, 3.2)]
+    assert stalled(h, 2) and not stalled(h, 3) and not stalled(h, 0)
+    assert not stalled(h[:3], 1)  # still falling
+
+
+def test_patience_ends_training_early_with_a_checkpoint(dataset, tmp_path, monkeypatch):
+    import gradlake.train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "stalled", lambda history, patience: calls.append(len(history)) or
+                        len(history) >= 2)
+    paths = train_module.train(dataset.url, ModelConfig(name="unet", preset="tiny"),
+                               TrainConfig(epochs=5, batch_size=4, lr=2e-3, patience=1, checkpoint_every=10),
+                               str(tmp_path / "run"))
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["epoch-0002"]  # stopped at epoch 2, checkpointed
+    again = train_module.train(dataset.url, ModelConfig(name="unet", preset="tiny"),
+                               TrainConfig(epochs=5, batch_size=4, lr=2e-3, patience=1, checkpoint_every=10),
+                               str(tmp_path / "run"))
+    assert again == paths  # a rerun of a stopped run trains no further

@@ -100,6 +100,9 @@ class TrainConfig:
     lr: float = rule(positive, 5e-4)
     weight_decay: float = rule(non_negative, 1e-4)
     checkpoint_every: int = rule(positive, 1)
+    # Stop once the validation SMSE has not improved on its best for this many epochs
+    # (a checkpoint is written at the stopping epoch); 0: train all ``epochs``.
+    patience: int = rule(non_negative, 0)
     seed: int = 0
     # Independent training runs of a job, one per seed (train/seed-<s>/); empty -> [seed].
     seeds: tuple[int, ...] = ()
@@ -147,9 +150,9 @@ class ExactConfig:
     per_class: int = rule(positive, 16)  # transitions per minibatch from one trajectory of each class
     minibatches: int = rule(non_negative, 1)  # how many minibatches of the split; 0 -> every one
     rtol: float = rule(positive, 1e-6)
-    method: Literal["auto", "dense", "pcg"] = "auto"  # auto: dense when the Gram's side <= dense_max
+    method: Literal["auto", "dense", "pcg"] = "auto"  # auto: dense when it fits in dense_gb
     space: Literal["auto", "output", "parameter"] = "auto"  # auto: the smaller of outputs and parameters
-    dense_max: int = rule(positive, 8192)
+    dense_gb: float = rule(positive, 4.0)  # memory of the dense path (J and the Gram, float64)
     rank: int = rule(positive, 64)  # first Nyström rank of the PCG preconditioner (doubled as needed)
     max_rank: int = rule(positive, 1024)
     ks: tuple[int, ...] = (4, 8, 16)  # k_in = k_out settings of the agreement report

@@ -265,7 +265,7 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
         load_optimizer_state(existing[-1], optimizer, storage_options)
     elif existing:  # from imported weights: the RNG as a fresh run's
         torch.manual_seed(settings.seed)
-    if start >= settings.epochs:
+    if start >= settings.epochs or stalled(history, settings.patience):
         return existing
 
     bar = progress(total=(settings.epochs - start) * len(train_rows), desc="train", unit="sample")
@@ -283,13 +283,23 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
                        "val_split": val_split, "samples_per_s": len(train_rows) / seconds, "seconds": seconds}
             history.append(metrics)
             bar.write(f"epoch {epoch}: {describe(metrics)}")
-            if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
+            stop = stalled(history, settings.patience)
+            if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs or stop:
                 save_checkpoint(fsio.join(out_dir, "checkpoints", checkpoint_name(epoch)), net, cfg,
                                 {**meta, "epoch": epoch, "metrics": metrics, "history": history,
                                  **({"source": last["source"]} if existing and "source" in last else {})},
                                 optimizer, storage_options)
+            if stop:
+                bar.write(f"epoch {epoch}: validation SMSE has not improved for {settings.patience} epochs; stopping")
+                break
     bar.close()
     return list_checkpoints(out_dir, storage_options)
+
+
+def stalled(history: list[dict[str, Any]], patience: int) -> bool:
+    """The validation SMSE has not improved on its best for the last ``patience`` epochs."""
+    values = [h["val_smse"] for h in history if h.get("val_smse") is not None]
+    return patience > 0 and len(values) > patience and len(values) - 1 - int(np.argmin(values)) >= patience
 
 
 @torch.no_grad()

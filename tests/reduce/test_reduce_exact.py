@@ -119,3 +119,21 @@ def test_dense_refuses_a_batch_dependent_model_pcg_still_solves():
         exact_influence(jac, res, ("CC",), LAM, SolverSettings(method="dense"))
     h, info = exact_influence(jac, res, ("CC",), LAM, SolverSettings(method="pcg", rtol=1e-8, rank=4))
     assert info["C"].converged and np.isfinite(h["CC"]).all()
+
+
+@pytest.mark.parametrize("space", ["output", "parameter"])
+def test_lambda_sweep_equals_separate_solves(setup, space):
+    from gradlake.reduce.exact import influence_over_lambdas
+
+    jac, res, J = setup
+    n = jac.output.shape[0]
+    sweep, eigenvalues = influence_over_lambdas(jac, res, ("CC", "EC"), [1e-6, LAM, 1.0], space=space)
+    assert np.all(np.diff(eigenvalues) <= 0)
+    np.testing.assert_allclose(eigenvalues[0], np.linalg.eigvalsh(J.T @ J)[-1], rtol=1e-8)
+    for lam, h in sweep.items():
+        for pair in ("CC", "EC"):
+            want = dense_reference(J, res, pair, n) if lam == LAM else None
+            got, _ = exact_influence(jac, res, (pair,), lam, SolverSettings(method="dense", space=space))
+            np.testing.assert_allclose(h[pair], got[pair], rtol=1e-6, atol=1e-9 * np.abs(got[pair]).max())
+            if want is not None:
+                assert relative_frobenius(h[pair], want) <= 1e-6

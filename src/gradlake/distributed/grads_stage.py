@@ -55,15 +55,16 @@ def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_u
     options = dict(storage_options or {})
     fault = os.environ.get(FAULT_ENV, "")
     Fault.parse(fault)
+    inputs = check_inputs(data_url, checkpoints, settings, options, task)  # before the lease: no write
     with Lease(StoreFiles(store_url, options or None), f"grads stage {STAGE!r}") as lease:
-        return _run(data_url, checkpoints, store_url, settings, ray_settings, options, fault, lease, task,
+        return _run(data_url, checkpoints, store_url, settings, ray_settings, options, fault, lease, inputs,
                     python_path)
 
 
 def _run(data_url, checkpoints, store_url, settings: GradsConfig, ray_settings: RayConfig,
-         options: dict[str, Any], fault: str, lease: Lease, task: TaskConfig | None,
+         options: dict[str, Any], fault: str, lease: Lease, inputs: Inputs,
          python_path: tuple[str, ...]) -> dict[str, Any]:
-    plan = prepare(data_url, checkpoints, store_url, settings, options, task)
+    plan = prepare(data_url, checkpoints, store_url, settings, options, inputs=inputs)
     store, skipped = plan.store, plan.skipped
     total = store.spec.n_shards * len(plan.names)
     set_stage_status(store, STAGE, {"status": "running", "checkpoints": plan.names,
@@ -123,9 +124,22 @@ class StagePlan:
     task: TaskConfig  # the loss and observables
 
 
-def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
-            storage_options: dict[str, Any], task: TaskConfig | None = None) -> StagePlan:
-    """Check every input, then create (or extend) the store and list the uncommitted shards."""
+@dataclass
+class Inputs:
+    """The stage's inputs, checked (nothing written yet)."""
+
+    names: list[str]
+    checkpoints: list[str]
+    dataset: Any
+    held: np.ndarray
+    model_config: dict[str, Any]
+    provenance: dict[str, Any]
+    task: TaskConfig
+
+
+def check_inputs(data_url: str, checkpoints: Mapping[str, str] | list[str], settings: GradsConfig,
+                 storage_options: dict[str, Any], task: TaskConfig | None = None) -> Inputs:
+    """Check settings, dataset, checkpoints and task before anything is written."""
     from gradlake.data import Dataset
 
     _check_settings(settings)
@@ -138,6 +152,18 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
     _check_dataset(dataset, settings, task, held)
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
+    return Inputs(names, checkpoints, dataset, held, model_config, provenance, task)
+
+
+def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
+            storage_options: dict[str, Any], task: TaskConfig | None = None,
+            inputs: Inputs | None = None) -> StagePlan:
+    """Check every input (unless ``inputs`` were), then create (or extend) the store and list
+    the uncommitted shards."""
+    inputs = inputs or check_inputs(data_url, checkpoints, settings, storage_options, task)
+    options = storage_options or None
+    names, checkpoints, dataset, held = inputs.names, inputs.checkpoints, inputs.dataset, inputs.held
+    model_config, provenance, task = inputs.model_config, inputs.provenance, inputs.task
     existing = read_metadata(StoreFiles(store_url, options))
     projector = _projector_spec(existing, dataset, held, model_config, checkpoints[-1], settings, options, task)
     spec = _store_spec(dataset, model_config, projector, settings, held,

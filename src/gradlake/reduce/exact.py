@@ -155,20 +155,27 @@ class SolverSettings:
     rtol: float = 1e-6
     max_iter: int = 2000
     block: int = 8  # vectors per vmapped JVP/VJP call (memory vs speed)
-    dense_max: int = 8192  # auto: form and factor the Gram when its side is at most this
-    # (memory: 8 (n p + n²) bytes in output space, 8 (p² + d p) in parameter space, float64)
+    dense_gb: float = 4.0  # auto: form and factor the Gram when it takes at most this much memory
     rank: int = 64  # first Nyström rank; doubled until λ̂_ℓ <= 10 λ or max_rank
     max_rank: int = 1024
     seed: int = 0
 
 
+def dense_bytes(jac: BatchJacobian, space: str) -> int:
+    """Memory of the dense path: J and K = JJᵀ (output space), or JᵀJ and one J_i (parameter space)."""
+    n, p = jac.output.numel(), jac.n_params
+    d = n // jac.output.shape[0]
+    item = jac.output.element_size()
+    return item * (n * p + n * n if space == "output" else p * p + d * p)
+
+
 def _choose(jac: BatchJacobian, s: SolverSettings) -> tuple[str, str]:
     n, p = jac.output.numel(), jac.n_params
     space = s.space if s.space != "auto" else ("output" if n <= p else "parameter")
-    side = n if space == "output" else p
-    method = s.method if s.method != "auto" else ("dense" if side <= s.dense_max else "pcg")
+    method = s.method if s.method != "auto" else \
+        ("dense" if dense_bytes(jac, space) <= s.dense_gb * 2**30 else "pcg")
     if space == "parameter" and method == "pcg" and s.space == "auto":
-        space = "output"  # PCG's stopping rule is sharpest in output space (see module docstring)
+        space = "output"  # PCG's stopping rule is sharpest in output space (see exact_influence)
     return space, method
 
 
@@ -287,6 +294,36 @@ def exact_influence(jac: BatchJacobian, residuals: dict[str, torch.Tensor], pair
                 out[pair] = (responses[pair[0]] @ solved.T).cpu().numpy()
         infos[obs_b] = info
     return out, infos
+
+
+def influence_over_lambdas(jac: BatchJacobian, residuals: dict[str, torch.Tensor], pairs, lambdas,
+                           space: str = "auto", progress=None) -> tuple[dict[float, dict[str, np.ndarray]], np.ndarray]:
+    """The exact H_AB for every λ in ``lambdas`` from one eigendecomposition (dense path).
+
+    Output space: K = QΛQᵀ, H(λ) = Rᵀ Q diag(μ/(μ+λ)) Qᵀ R; parameter space: JᵀJ = VΛVᵀ,
+    H(λ) = Gᵀ V diag(1/(μ+λ)) Vᵀ G. Returns ({λ: {pair: [B, B]}}, eigenvalues, descending).
+    """
+    space, _ = _choose(jac, SolverSettings(method="dense", space=space))
+    n_batch = jac.output.shape[0]
+    bar = progress(n_batch, f"exact: the {space}-space Gram", "sample") if progress else None
+    mu, q = torch.linalg.eigh(_dense_gram(jac, space, bar))
+    if bar is not None:
+        bar.close()
+    mu = mu.clamp_min(0.0)
+    coords = {}
+    for o in {o for pair in pairs for o in pair}:
+        b = torch.zeros((n_batch, *jac.output.shape), dtype=jac.output.dtype, device=jac.output.device)
+        b[torch.arange(n_batch), torch.arange(n_batch)] = residuals[o].to(b)
+        b = b.reshape(n_batch, -1)
+        if space == "parameter":  # g_i = J_iᵀ r_i
+            pulled = jac.vjp(b.reshape(n_batch, *jac.output.shape))
+            b = torch.cat([pulled[k].reshape(n_batch, -1) for k in jac.params], 1)
+        coords[o] = b @ q  # [B, side]
+    out = {}
+    for lam in lambdas:
+        weight = mu / (mu + lam) if space == "output" else 1.0 / (mu + lam)
+        out[float(lam)] = {pair: ((coords[pair[0]] * weight) @ coords[pair[1]].T).cpu().numpy() for pair in pairs}
+    return out, mu.flip(0).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- agreement

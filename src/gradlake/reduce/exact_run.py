@@ -55,7 +55,7 @@ def normalized(h: dict[str, np.ndarray], pair: str, norm: str) -> np.ndarray:
 
 def solver_settings(settings: ExactConfig) -> SolverSettings:
     return SolverSettings(method=settings.method, space=settings.space, rtol=settings.rtol,
-                          max_iter=settings.max_iter, block=settings.block, dense_max=settings.dense_max,
+                          max_iter=settings.max_iter, block=settings.block, dense_gb=settings.dense_gb,
                           rank=settings.rank, max_rank=settings.max_rank, seed=settings.seed)
 
 
@@ -149,16 +149,16 @@ def prepare(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, d
                     "exact_lags.parquet"):
             out.remove(rel)
         done = {}
-        out.write_array("exact/solved_pair", np.array(solved), ("solved_pair",))
         out.create_array(H_ARRAY, (len(batches), len(solved), size, size), (1, len(solved), size, size), "float64",
                          ("minibatch", "solved_pair", "response", "perturbation"),
+                         coords={"minibatch": np.arange(len(batches)), "solved_pair": list(solved)},
                          description="exact H_AB(i, j) per minibatch (rows of exact_batches.parquet)")
         agreement = min(settings.agreement, len(batches))
         if agreement:
-            out.write_array("exact/k", np.array(settings.ks), ("k",))
             out.create_array(PROJECTED_ARRAY, (agreement, len(settings.ks), len(solved), size, size),
                              (1, len(settings.ks), len(solved), size, size), "float64",
-                             ("minibatch", "k", "solved_pair", "response", "perturbation"),
+                             ("agreement_minibatch", "k", "solved_pair", "response", "perturbation"),
+                             coords={"k": list(settings.ks)},
                              description="projected estimate of H_AB per agreement minibatch and k_in = k_out = k")
         table = pa.concat_tables([b.append_column("minibatch", pa.array(np.full(b.num_rows, m, np.int32)))
                                   for m, b in enumerate(batches)])

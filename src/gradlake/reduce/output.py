@@ -62,28 +62,36 @@ class ReduceOutput(fsio.Folder):
             raise ValueError(f"{path}: {len(dims)} dimension names for a {values.ndim}-d array")
         parent, name = posixpath.split(path)
         group = self.group(parent)
-        for dim, labels in (coords or {}).items():
-            labels = np.asarray(labels)
-            if dim not in dims or labels.shape != (values.shape[dims.index(dim)],):
-                raise ValueError(f"{path}: {len(labels)} labels for dimension {dim!r} of {dims} {values.shape}")
-            coordinate = group.create_array(dim, shape=labels.shape, overwrite=True, dimension_names=(dim,),
-                                            dtype=str if labels.dtype.kind in "OU" else labels.dtype,
-                                            fill_value="" if labels.dtype.kind in "OU" else _fill(labels.dtype))
-            coordinate[...] = labels
+        _write_coordinates(group, path, dims, values.shape, coords)
         array = group.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True,
                                    dimension_names=dims, attributes=_jsonable(attrs),
                                    fill_value=_fill(values.dtype))
         array[...] = values
 
-    def create_array(self, path: str, shape, chunks, dtype, dims, **attrs) -> zarr.Array:
-        """An empty array to be filled chunk by chunk (tile tasks)."""
+    def create_array(self, path: str, shape, chunks, dtype, dims, coords: dict[str, Sequence] | None = None,
+                     **attrs) -> zarr.Array:
+        """An empty array to be filled chunk by chunk (tile tasks), with coordinates as in write_array."""
         parent, name = posixpath.split(path)
-        return self.group(parent).create_array(name, shape=shape, chunks=chunks, dtype=dtype,
-                                               overwrite=True, dimension_names=dims, compressors=None,
-                                               attributes=_jsonable(attrs), fill_value=_fill(dtype))
+        group = self.group(parent)
+        _write_coordinates(group, path, dims, shape, coords)
+        return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, overwrite=True,
+                                  dimension_names=dims, compressors=None, attributes=_jsonable(attrs),
+                                  fill_value=_fill(dtype))
 
     def open_array(self, path: str) -> zarr.Array:
         return zarr.open_array(store=self.zarr_store(), path=path, mode="r+")
+
+
+def _write_coordinates(group: zarr.Group, path: str, dims, shape, coords) -> None:
+    for dim, labels in (coords or {}).items():
+        labels = np.asarray(labels)
+        if dim not in dims or labels.shape != (shape[dims.index(dim)],):
+            raise ValueError(f"{path}: {len(labels)} labels for dimension {dim!r} of {dims} {tuple(shape)}")
+        text = labels.dtype.kind in "OU"
+        coordinate = group.create_array(dim, shape=labels.shape, overwrite=True, dimension_names=(dim,),
+                                        dtype=str if text else labels.dtype,
+                                        fill_value="" if text else _fill(labels.dtype))
+        coordinate[...] = labels
 
 
 def coordinates(group: zarr.Group, name: str) -> dict[str, list]:
