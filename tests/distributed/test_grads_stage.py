@@ -218,3 +218,17 @@ def test_groups_are_compacted_as_soon_as_their_shards_commit(ray_session, grads_
     mid_run = {group: shards for groups, shards in seen[:-1] for group in groups["epoch-0001"]}
     assert sorted(mid_run) == [0, 1, 2] and set(mid_run[0]) >= {0, 1}
     assert plain_check(url)
+
+
+def test_the_grads_stage_refuses_a_store_another_driver_holds(grads_inputs, tmp_path):
+    """Inputs are checked first (nothing written), then the lease: a held store is refused."""
+    from gradlake.errors import InputError
+    from gradlake.store import Lease
+    from gradlake.store.layout import StoreFiles
+
+    data, checkpoints = grads_inputs
+    url = str(tmp_path / "store")
+    with Lease(StoreFiles(url), "another driver", settle_s=0):
+        with pytest.raises(InputError, match="being written by"):
+            run_grads(data, checkpoints[:1], url, SETTINGS)
+    assert not (tmp_path / "store" / "store.json").exists()

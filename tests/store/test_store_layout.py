@@ -214,16 +214,6 @@ def test_a_dead_local_drivers_lease_is_taken_over(tmp_path):
         Lease(files, "next", settle_s=0).acquire()
 
 
-def test_the_grads_stage_refuses_a_store_another_driver_holds(tmp_path):
-    from gradlake.config import GradsConfig
-    from gradlake.distributed.grads_stage import run_grads
-
-    url = str(tmp_path / "store")
-    with Lease(StoreFiles(url), "another driver", settle_s=0):
-        with pytest.raises(InputError, match="being written by"):
-            run_grads(str(tmp_path / "no-data"), ["ck"], url, GradsConfig())
-
-
 def test_auto_shard_rows_give_large_objects_and_enough_shards():
     assert shard_rows_for(10_000_000, 1024) == 131072  # 128 MiB shards of 1 KiB rows
     assert shard_rows_for(10_000_000, 64 * 1024) == 2048  # k = 16384, float16, 2 probes

@@ -477,7 +477,7 @@ def _exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
             if pair == "CC" and norm == "row-std":
                 section.notes += exact_findings(cells.get("all", {}))
     values, coords = results.array("exact", "twotime")
-    t = np.asarray(coords["t"])
+    t = np.asarray(coords["t_response"])
     for p, pair in enumerate(coords["pair"]):
         for n, norm in enumerate(coords["normalization"]):
             if norm not in plan.normalizations:
