@@ -125,12 +125,13 @@ def test_statistics_against_numpy(setup):
 def test_agreement_report(setup):
     _, _, out, summary, _ = setup
     rows = pq.read_table(out / "exact_agreement.parquet").to_pylist()
-    assert {(r["minibatch"], r["k"], r["pair"], r["normalization"]) for r in rows} == {
-        (m, k, p, n) for m in (0, 1) for k in (2, 8) for p in ("CC", "EC") for n in ("none", "row-std", "cosine")}
+    assert {(r["minibatch"], r["allocation"], r["k"], r["pair"], r["normalization"]) for r in rows} == {
+        (m, a, k, p, n) for m in (0, 1) for a in ("uniform", "energy") for k in (2, 8) for p in ("CC", "EC")
+        for n in ("none", "row-std", "cosine")}
     for r in rows:
         assert np.isfinite(r["relative_frobenius"]) and -1 <= r["spearman"] <= 1
     projected = zarr.open_group(str(out / "results.zarr"), mode="r")["exact"]["projected"]
-    assert projected.shape == (2, 2, 3, 4, 4)
+    assert projected.shape == (2, 2, 2, 3, 4, 4)  # minibatch, allocation, k, pair, response, perturbation
     assert json.loads((out / "exact.json").read_text())["complete"]
 
 

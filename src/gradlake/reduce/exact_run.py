@@ -9,7 +9,8 @@ again). :func:`finish` then aggregates every minibatch (reduce.minibatch) and wr
 ``exact.json`` last. The Ray driver is gradlake.distributed.exact_tasks.
 
 Agreement: on the first ``agreement`` minibatches H is recomputed from projected gradients
-(gradlake.grads.compute with Projector(k_in = k_out = k)) for every k in ``ks``, with the
+(gradlake.grads.compute with Projector(k_in = k_out = k), and with the energy allocation of
+the same total k calibrated on 8 train samples) for every k in ``ks``, with the
 metric η̃ = (1/m) Σ_{i∈B} Σ_v φ_V φ_Vᵀ from ``probes`` random-cotangent probes of the same
 batch — the estimator the aggregate reduce uses — and reported per (minibatch, k, pair,
 normalisation) as the relative Frobenius error and the Spearman rank correlation.
@@ -100,32 +101,53 @@ def minibatch_work(checkpoint: str, data_url: str, out_url: str, m: int, batch: 
         top = lanczos_top(jac.gram, tuple(jac.output.shape), damping, settings.lanczos_steps, device=device)
         result.update(top_eigenvalue=top["top"], top_eigenvalue_bound=top["bound"], lanczos_steps=top["steps"])
     if m < settings.agreement:
+        train = ds.index().select(splits=["train"])
+        picked = train[np.unique(np.linspace(0, len(train) - 1, min(8, len(train))).round().astype(np.int64))]
+        calibration = (*ds.samples(picked), picked.tolist())
         result["agreement"], projected = _agreement(model, inputs, targets, rows, ds.channels, h, settings,
-                                                    damping, pairs, normalize, solved)
+                                                    damping, pairs, normalize, solved, calibration)
         out.open_array(PROJECTED_ARRAY)[m] = projected
     result["seconds"] = round(time.monotonic() - started, 2)
     out.write_json(f"exact/done/mb-{m:06d}.json", result)
     return result
 
 
-def _agreement(model, inputs, targets, rows, channels, exact, settings, damping, pairs, normalize, solved):
+ALLOCATIONS = ("uniform", "energy")
+
+
+def _agreement(model, inputs, targets, rows, channels, exact, settings, damping, pairs, normalize, solved,
+               calibration):
+    """Projected estimates of the solved pairs per (allocation, k) and their agreement rows.
+
+    ``calibration``: (inputs, targets, rows) of train samples for the energy allocation (as
+    the grads stage calibrates: on samples other than those compared)."""
     from gradlake.grads import Projector, compute
+    from gradlake.grads.allocation import calibrate
 
     observables = sorted({o for pair in solved for o in pair})
     rows_out, stacked = [], []
-    for k in settings.ks:
-        phi = compute(model, inputs, targets, observables=(*observables, "V"), channels=channels,
-                      projector=Projector(seed=settings.seed, k_in=k, k_out=k), sample_ids=rows,
-                      probes=settings.probes)
-        phi = {o: v.detach().double().cpu().numpy() for o, v in phi.items()}
-        whitener = Metric.from_moments(Moments(phi["V"].shape[-1]).add(phi["V"]), f"exact k={k} metric").whitener(damping)
-        est = {p: (phi[p[0]] @ whitener) @ (phi[p[1]] @ whitener).T for p in solved}
-        stacked.append(np.stack([est[p] for p in solved]))
-        for pair in pairs:
-            for norm in normalize:
-                e, h = normalized(est, pair, norm), normalized(exact, pair, norm)
-                rows_out.append({"k": k, "k_total": phi["V"].shape[-1], "pair": pair, "normalization": norm,
-                                 "relative_frobenius": relative_frobenius(e, h), "spearman": spearman(e, h)})
+    for allocation in ALLOCATIONS:
+        per_k = []
+        for k in settings.ks:
+            projector = Projector(seed=settings.seed, k_in=k, k_out=k)
+            if allocation == "energy":
+                cx, cy, crows = calibration
+                projector = calibrate(model, cx, cy, projector.k(model), seed=settings.seed,
+                                      observables=observables, channels=channels, rows=crows)
+            phi = compute(model, inputs, targets, observables=(*observables, "V"), channels=channels,
+                          projector=projector, sample_ids=rows, probes=settings.probes)
+            phi = {o: v.detach().double().cpu().numpy() for o, v in phi.items()}
+            whitener = Metric.from_moments(Moments(phi["V"].shape[-1]).add(phi["V"]),
+                                           f"exact k={k} metric").whitener(damping)
+            est = {p: (phi[p[0]] @ whitener) @ (phi[p[1]] @ whitener).T for p in solved}
+            per_k.append(np.stack([est[p] for p in solved]))
+            for pair in pairs:
+                for norm in normalize:
+                    e, h = normalized(est, pair, norm), normalized(exact, pair, norm)
+                    rows_out.append({"allocation": allocation, "k": k, "k_total": phi["V"].shape[-1], "pair": pair,
+                                     "normalization": norm, "relative_frobenius": relative_frobenius(e, h),
+                                     "spearman": spearman(e, h)})
+        stacked.append(np.stack(per_k))
     return rows_out, np.stack(stacked)
 
 
@@ -155,11 +177,12 @@ def prepare(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, d
                          description="exact H_AB(i, j) per minibatch (rows of exact_batches.parquet)")
         agreement = min(settings.agreement, len(batches))
         if agreement:
-            out.create_array(PROJECTED_ARRAY, (agreement, len(settings.ks), len(solved), size, size),
-                             (1, len(settings.ks), len(solved), size, size), "float64",
-                             ("agreement_minibatch", "k", "solved_pair", "response", "perturbation"),
-                             coords={"k": list(settings.ks)},
-                             description="projected estimate of H_AB per agreement minibatch and k_in = k_out = k")
+            shape = (len(ALLOCATIONS), len(settings.ks), len(solved), size, size)
+            out.create_array(PROJECTED_ARRAY, (agreement, *shape), (1, *shape), "float64",
+                             ("agreement_minibatch", "allocation", "k", "solved_pair", "response", "perturbation"),
+                             coords={"k": list(settings.ks), "allocation": list(ALLOCATIONS)},
+                             description="projected estimate of H_AB per agreement minibatch, allocation of the "
+                                         "projection (uniform k_in = k_out = k, or energy at the same total k)")
         table = pa.concat_tables([b.append_column("minibatch", pa.array(np.full(b.num_rows, m, np.int32)))
                                   for m, b in enumerate(batches)])
         out.write_table("exact_batches.parquet", table)

@@ -494,19 +494,23 @@ def _exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
         section.notes.append("No projected-vs-exact agreement was computed (reduce.exact.agreement = 0).")
         return info
     rows = []
+    allocations = list(dict.fromkeys(table.column("allocation").to_pylist()))
     for norm in dict.fromkeys(table.column("normalization").to_pylist()):
         for pair in dict.fromkeys(table.column("pair").to_pylist()):
-            part = select(table, normalization=norm, pair=pair)
-            for k in np.unique(column(part, "k")):
-                at = select(part, k=int(k))
-                rows.append([pair, norm, str(int(k)), str(int(column(at, "k_total")[0])),
-                             f"{np.mean(column(at, 'relative_frobenius')):.3g}",
-                             f"{np.mean(column(at, 'spearman')):.3f}", str(at.num_rows)])
+            for allocation in allocations:
+                part = select(table, normalization=norm, pair=pair, allocation=allocation)
+                for k in np.unique(column(part, "k")):
+                    at = select(part, k=int(k))
+                    rows.append([pair, norm, allocation, str(int(k)), str(int(column(at, "k_total")[0])),
+                                 f"{np.mean(column(at, 'relative_frobenius')):.3g}",
+                                 f"{np.mean(column(at, 'spearman')):.3f}", str(at.num_rows)])
     section.tables.append(Table(
-        "Projected vs exact H on the agreement minibatches (the projected H from projected gradients at "
-        "k_in = k_out = k with the batch's probe metric): relative Frobenius error and Spearman rank correlation, "
-        "means over minibatches.",
-        ["pair", "normalisation", "k", "k total", "rel. Frobenius error", "Spearman", "minibatches"], rows))
+        "Projected vs exact H on the agreement minibatches (the projected H from projected gradients — uniform "
+        "k_in = k_out = k, or the energy allocation of the same total k — with the batch's probe metric): relative "
+        "Frobenius error and Spearman rank correlation, means over minibatches.",
+        ["pair", "normalisation", "allocation", "k", "k total", "rel. Frobenius error", "Spearman", "minibatches"],
+        rows))
+    table = select(table, allocation=allocations[-1])  # the figures: the energy allocation
     for norm in dict.fromkeys(table.column("normalization").to_pylist()):  # in the reduce's order
         part = select(table, normalization=norm)
         error, rank = {}, {}
