@@ -58,3 +58,20 @@ def faulty_s3(s3_server):
 
     with FaultyS3(s3_server) as proxy:
         yield proxy
+
+
+@pytest.fixture()
+def cli(capsys):
+    """Run the gradlake command line in process: ``cli(argv)`` -> (exit code, stdout, stderr)."""
+    from gradlake.cli import main
+
+    def run(argv):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -86,23 +86,11 @@ def test_one_meaning_per_flag():
     assert having["--dashboard-url"] == {"submit", "jobs list", "jobs status", "jobs logs", "jobs stop"}
 
 
-def _run(argv, capsys):
-    from gradlake.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_validate_prints_resolved_settings_and_warns_about_an_empty_split(tmp_path, capsys):
+def test_validate_prints_resolved_settings_and_warns_about_an_empty_split(tmp_path, cli):
     import json
 
     root = os.path.dirname(os.path.dirname(__file__))
-    code, out, err = _run(["validate", os.path.join(root, "jobs", "quickstart.toml")], capsys)
+    code, out, err = cli(["validate", os.path.join(root, "jobs", "quickstart.toml")])
     settings = json.loads(out)
     assert code == 0 and settings["paths"]["store"] == "runs/quickstart/store"
     assert settings["paths"]["report"] == "runs/quickstart/report"
@@ -111,7 +99,7 @@ def test_validate_prints_resolved_settings_and_warns_about_an_empty_split(tmp_pa
     assert "warning: split 'val' will be empty" in err and "grads.splits holds it" in err
     job = tmp_path / "job.toml"
     job.write_text('out = "s3://bucket/x"\n[data]\ntrajectories = 20\n[grads]\nk_dense = 5\n')
-    code, out, err = _run(["validate", str(job)], capsys)
+    code, out, err = cli(["validate", str(job)])
     settings = json.loads(out)
     assert code == 0 and err == "" and settings["paths"]["data"] == "s3://bucket/x/data"
     assert settings["grads"]["k_dense"] == 5

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -119,54 +118,42 @@ def test_cli_info_query_and_bad_input(store_url, tmp_path):
     assert bad.returncode == 2 and "colour" in bad.stderr
 
 
-def run_cli(argv, capsys):
-    from gradlake.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_topk_names_checkpoint_pair_and_normalisation(store_url, tmp_path, capsys):
+def test_topk_names_checkpoint_pair_and_normalisation(store_url, tmp_path, cli):
     table = topk(open_store(store_url), "split == 'test' and t == 1", k=2, pair="CC")
     about = description_of(table)
     assert about["checkpoint"] == "epoch-0001" and about["checkpoint_sha256"] == "1" * 64
     assert (about["pair"], about["response"], about["perturbation"]) == ("CC", "C", "C")
     assert about["normalization"] == "none" and about["metric"] == "V" and about["damping"] == 1e-4
     out = tmp_path / "top.parquet"
-    code, stdout, _ = run_cli(["topk", store_url, "--query-where", "split == 'test' and t == 1", "--k", "2",
-                               "--out", str(out)], capsys)
+    code, stdout, _ = cli(["topk", store_url, "--query-where", "split == 'test' and t == 1", "--k", "2",
+                               "--out", str(out)])
     assert code == 0 and stdout.startswith("checkpoint epoch-0001 (sha256 111111111111), pair CC")
     assert "normalisation none" in stdout.splitlines()[0]
     assert description_of(pq.read_schema(out))["pair"] == "CC"
 
 
-def test_no_match_names_the_known_classes(store_url, tmp_path, capsys):
-    code, stdout, stderr = run_cli(["query", store_url, "--where", "class == 'RP'",
-                                    "--out", str(tmp_path / "e.parquet")], capsys)
+def test_no_match_names_the_known_classes(store_url, tmp_path, cli):
+    code, stdout, stderr = cli(["query", store_url, "--where", "class == 'RP'",
+                                    "--out", str(tmp_path / "e.parquet")])
     assert code == 0 and stdout.startswith("0 samples")
     assert "0 rows match \"class == 'RP'\"; known classes are crp, rp, rpui; splits are test, train" in stderr
-    code, _, stderr = run_cli(["topk", store_url, "--query-where", "class == 'RP'"], capsys)
+    code, _, stderr = cli(["topk", store_url, "--query-where", "class == 'RP'"])
     assert code == 2 and "known classes are crp, rp, rpui" in stderr and len(stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.s3
 @pytest.mark.parametrize("name", ["x.npy", "x.parquet"])
-def test_query_and_topk_write_to_s3(store_url, s3_bucket, tmp_path, monkeypatch, capsys, name):
+def test_query_and_topk_write_to_s3(store_url, s3_bucket, tmp_path, monkeypatch, name, cli):
     import fsspec
 
     bucket, options = s3_bucket
     monkeypatch.chdir(tmp_path)
     where = "t >= 2"
     common = ["--endpoint-url", options["endpoint_url"]]
-    code, _, err = run_cli(["query", store_url, "--where", where, "--out", f"{bucket}/q/{name}", *common], capsys)
+    code, _, err = cli(["query", store_url, "--where", where, "--out", f"{bucket}/q/{name}", *common])
     assert code == 0, err
-    code, _, err = run_cli(["topk", store_url, "--query-where", "t == 1", "--k", "2",
-                            "--out", f"{bucket}/q/top.parquet", *common], capsys)
+    code, _, err = cli(["topk", store_url, "--query-where", "t == 1", "--k", "2",
+                            "--out", f"{bucket}/q/top.parquet", *common])
     assert code == 0, err
     assert list(tmp_path.iterdir()) == []  # nothing local, no "s3:" folder
     local = tmp_path.parent / f"local-{name}"
@@ -186,11 +173,11 @@ def test_query_and_topk_write_to_s3(store_url, s3_bucket, tmp_path, monkeypatch,
 
 
 @pytest.mark.s3
-def test_out_to_a_missing_bucket_is_one_line(store_url, s3_server, tmp_path, monkeypatch, capsys):
+def test_out_to_a_missing_bucket_is_one_line(store_url, s3_server, tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     for argv in (["query", store_url, "--out", "s3://no-such-bucket-x/x.parquet"],
                  ["topk", store_url, "--query-where", "t == 1", "--out", "s3://no-such-bucket-x/t.parquet"]):
-        code, _, err = run_cli([*argv, "--endpoint-url", s3_server], capsys)
+        code, _, err = cli([*argv, "--endpoint-url", s3_server])
         assert code == 2 and "bucket 'no-such-bucket-x' does not exist" in err
         assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
