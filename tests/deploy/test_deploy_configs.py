@@ -81,6 +81,9 @@ def test_every_job_file_validates(job):
     from gradlake.config import load_job
 
     settings = load_job(ROOT / "jobs" / job)
-    if job.startswith("paper-"):
+    if job.startswith("paper-mini-"):  # the paper in miniature: the exact H on several minibatches, 2 CPUs
+        assert settings.reduce.exact.enabled and settings.reduce.exact.minibatches > 1
+        assert settings.train.patience > 0 and settings.ray.num_cpus == 2
+    elif job.startswith("paper-"):
         assert settings.model.preset == "paper" and settings.data.resolution == 128
         assert len(settings.train.seeds) == 3 and settings.data.url.startswith("s3://")
