@@ -40,7 +40,7 @@ def study(checkpoint: str, ds: Dataset, per_class: int, lambdas: list[float]) ->
     rows = []
     for lam, h in sweep.items():
         head = minibatch.merge_headlines([minibatch.headline(normalize_matrix(h["CC"], "row-std"), batch)])["all"]
-        rows.append({"checkpoint": checkpoint.rstrip("/").rsplit("/", 2)[-2], "p": jac.n_params,
+        rows.append({"checkpoint": f"p={jac.n_params}", "p": jac.n_params,
                      "Nd": jac.output.numel(), "lambda": lam, **head,
                      "dominance": head["dt0"] / head["dt1"] if head["dt1"] else float("nan"),
                      "d_eff": float(np.sum(mu / (mu + lam))), "top": float(mu[0]),
