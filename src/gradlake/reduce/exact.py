@@ -70,6 +70,23 @@ class BatchJacobian:
         """K u = J Jᵀ u for columns u [columns, *output]."""
         return self.jvp(self.vjp(u))
 
+    def flat(self, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Parameter-space vectors as rows [m, p] (``named_parameters`` order); one dict entry
+        without a leading axis is taken as one row."""
+        return torch.cat([tangents[k].reshape(-1, self.params[k].numel()) for k in self.params], 1)
+
+    def unflat(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows [m, p] back to a dict of [m, *shape] tangents."""
+        parts = torch.split(v, [t.numel() for t in self.params.values()], dim=1)
+        return {k: part.reshape(v.shape[0], *t.shape) for (k, t), part in zip(self.params.items(), parts)}
+
+    def placed(self, residual: torch.Tensor) -> torch.Tensor:
+        """Rows b_j [B, outputs]: sample j's residual r_j at sample j, zero elsewhere."""
+        n = self.output.shape[0]
+        b = torch.zeros((n, *self.output.shape), dtype=self.output.dtype, device=self.output.device)
+        b[torch.arange(n), torch.arange(n)] = residual.to(b)
+        return b.reshape(n, -1)
+
     def sample_jacobians(self, chunk: int = 256):
         """Yield J_i [d, p] (columns in ``named_parameters`` order) sample by sample.
 
@@ -77,28 +94,21 @@ class BatchJacobian:
         pushed through the whole batch. That needs a batch-independent model (no batch
         statistics), which is checked on the first call against one batch VJP.
         """
-        names = list(self.params)
-
         def single(i):
             def f(params):
                 return functional_call(self._model, (params, self._buffers), (self.inputs[i:i + 1],))[0]
-            full = torch.func.jacrev(f, chunk_size=chunk)(self.params)
-            d = self.output[i].numel()
-            return torch.cat([full[n].reshape(d, -1) for n in names], 1)
+            return self.flat(torch.func.jacrev(f, chunk_size=chunk)(self.params))
 
         if not self._independent:
             u = torch.randn(self.output.shape, dtype=self.output.dtype, generator=torch.Generator().manual_seed(0))
             u = u.to(self.output.device)
-            batch = torch.cat([self._vjp(u)[0][n].reshape(-1) for n in names])
-            jacobians = []
+            batch = self.flat(self._vjp(u)[0])[0]  # Jᵀu through the batch, to be matched by Σ_i J_iᵀu_i
+            left = batch.clone()
             for i in range(self.output.shape[0]):
-                jacobians.append(single(i))
-                batch = batch - jacobians[-1].T @ u[i].reshape(-1)
-                yield jacobians[-1]
-                jacobians[-1] = None
-            scale = max(float(torch.linalg.vector_norm(torch.cat([self._vjp(u)[0][n].reshape(-1) for n in names]))),
-                        1e-300)
-            if float(torch.linalg.vector_norm(batch)) > 1e-6 * scale:
+                jac_i = single(i)
+                left -= jac_i.T @ u[i].reshape(-1)
+                yield jac_i
+            if float(torch.linalg.vector_norm(left)) > 1e-6 * max(float(torch.linalg.vector_norm(batch)), 1e-300):
                 raise GradlakeError("exact: the model's outputs depend on other samples of the batch (batch "
                                     "statistics?), so per-sample Jacobians do not apply; use method = \"pcg\"")
             self._independent = True
@@ -223,24 +233,15 @@ def exact_influence(jac: BatchJacobian, residuals: dict[str, torch.Tensor], pair
         if r.shape != jac.output.shape:
             raise InputError(f"exact residual {o!r}: expected shape {list(jac.output.shape)}, got {list(r.shape)}")
 
-    def placed(obs: str) -> torch.Tensor:  # rows: r_{obs, j} at sample j, zero elsewhere
-        b = torch.zeros((n_batch, *jac.output.shape), dtype=dtype, device=device)
-        b[torch.arange(n_batch), torch.arange(n_batch)] = res[obs]
-        return b.reshape(n_batch, -1)
+    def placed(obs: str) -> torch.Tensor:
+        return jac.placed(res[obs])
 
-    flat = lambda d: torch.cat([d[k].reshape(d[k].shape[0], -1) for k in jac.params], 1)  # noqa: E731
-    pull = blocked(lambda u: flat(jac.vjp(u.reshape(-1, *jac.output.shape))), solver.block)
+    pull = blocked(lambda u: jac.flat(jac.vjp(u.reshape(-1, *jac.output.shape))), solver.block)
     if space == "output":
         apply = blocked(lambda u: jac.gram(u.reshape(-1, *jac.output.shape)).reshape(u.shape[0], -1), solver.block)
         side = jac.output.numel()
     else:
-        shapes = [(k, v.shape, v.numel()) for k, v in jac.params.items()]
-
-        def unflat(v):
-            parts = torch.split(v, [size for _, _, size in shapes], dim=1)
-            return {k: part.reshape(v.shape[0], *shape) for (k, shape, _), part in zip(shapes, parts)}
-
-        apply = blocked(lambda v: flat(jac.vjp(jac.jvp(unflat(v)))), solver.block)
+        apply = blocked(lambda v: jac.flat(jac.vjp(jac.jvp(jac.unflat(v)))), solver.block)
         side = jac.n_params
 
     started = time.monotonic()
@@ -312,12 +313,9 @@ def influence_over_lambdas(jac: BatchJacobian, residuals: dict[str, torch.Tensor
     mu = mu.clamp_min(0.0)
     coords = {}
     for o in {o for pair in pairs for o in pair}:
-        b = torch.zeros((n_batch, *jac.output.shape), dtype=jac.output.dtype, device=jac.output.device)
-        b[torch.arange(n_batch), torch.arange(n_batch)] = residuals[o].to(b)
-        b = b.reshape(n_batch, -1)
+        b = jac.placed(residuals[o])
         if space == "parameter":  # g_i = J_iᵀ r_i
-            pulled = jac.vjp(b.reshape(n_batch, *jac.output.shape))
-            b = torch.cat([pulled[k].reshape(n_batch, -1) for k in jac.params], 1)
+            b = jac.flat(jac.vjp(b.reshape(n_batch, *jac.output.shape)))
         coords[o] = b @ q  # [B, side]
     out = {}
     for lam in lambdas:
