@@ -245,7 +245,7 @@ def _projector_spec(existing: dict[str, Any] | None, dataset, held: np.ndarray, 
     last) and ``calibration_samples`` held rows evenly spaced over the train split (else all held
     rows), and an existing store's calibration is kept when its settings are these."""
     from gradlake.grads import Projector
-    from gradlake.grads.allocation import calibrate
+    from gradlake.grads.allocation import calibrate, calibration_rows
     from gradlake.models import from_config
     from gradlake.models.checkpoint import load_checkpoint
     from gradlake.physics import load_task
@@ -261,8 +261,7 @@ def _projector_spec(existing: dict[str, Any] | None, dataset, held: np.ndarray, 
         return stored
     pool = np.intersect1d(held, dataset.index().select(splits=["train"]))
     pool = pool if len(pool) else held
-    count = min(settings.calibration_samples, len(pool))
-    rows = pool[np.unique(np.linspace(0, len(pool) - 1, count).round().astype(np.int64))]
+    rows = calibration_rows(pool, settings.calibration_samples)
     bar = progress(1, f"grads: energy allocation of k = {k_total} on {len(rows)} samples", unit="calibration")
     model, _ = load_checkpoint(checkpoint, options, device="cpu")
     inputs, targets = dataset.samples(rows)

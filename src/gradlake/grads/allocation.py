@@ -175,6 +175,13 @@ def allocate(model_plan: Plan, statistics: dict[str, Any], k_total: int) -> dict
     return dims
 
 
+def calibration_rows(pool: np.ndarray, count: int) -> np.ndarray:
+    """``count`` rows of ``pool`` evenly spaced over it (all of them when it is smaller): the
+    calibration samples, a pure function of the pool."""
+    count = min(count, len(pool))
+    return pool[np.unique(np.linspace(0, len(pool) - 1, count).round().astype(np.int64))] if count else pool[:0]
+
+
 def calibrate(model: nn.Module, inputs, targets, k_total: int, seed: int = 0, kind: str = "rademacher",
               observables: Sequence[str] = ("C",), channels: Sequence[str] | None = None,
               conv: str = "full", batch: int = 4, rows: Sequence[int] | None = None, task=None) -> Projector:

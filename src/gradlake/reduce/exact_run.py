@@ -101,8 +101,9 @@ def minibatch_work(checkpoint: str, data_url: str, out_url: str, m: int, batch: 
         top = lanczos_top(jac.gram, tuple(jac.output.shape), damping, settings.lanczos_steps, device=device)
         result.update(top_eigenvalue=top["top"], top_eigenvalue_bound=top["bound"], lanczos_steps=top["steps"])
     if m < settings.agreement:
-        train = ds.index().select(splits=["train"])
-        picked = train[np.unique(np.linspace(0, len(train) - 1, min(8, len(train))).round().astype(np.int64))]
+        from gradlake.grads.allocation import calibration_rows
+
+        picked = calibration_rows(ds.index().select(splits=["train"]), 8)
         calibration = (*ds.samples(picked), picked.tolist())
         result["agreement"], projected = _agreement(model, inputs, targets, rows, ds.channels, h, settings,
                                                     damping, pairs, normalize, solved, calibration)
