@@ -185,11 +185,11 @@ def test_out_to_a_missing_bucket_is_one_line(store_url, s3_server, tmp_path, mon
 @pytest.mark.s3
 @pytest.mark.slow
 def test_query_and_topk_through_transient_s3_faults(store_url, s3_bucket, faulty_s3, tmp_path):
-    """503 SlowDown and 500 InternalError on every 13th request (~160 in all) while reading a
+    """503 SlowDown and 500 InternalError on every 7th request (up to 12) while reading a
     store on S3 and writing the results there: retried, and the results equal a clean run's."""
     import fsspec
 
-    faulty_s3.every, faulty_s3.budget = 13, 12  # each fault costs a retry back-off (~0.5 s)
+    faulty_s3.every, faulty_s3.budget = 7, 12  # each fault costs a retry back-off (~0.5 s)
     bucket, options = s3_bucket
     url = write_store(f"{bucket}/store", options)  # written cleanly, straight to moto
     faulty = {"endpoint_url": faulty_s3.endpoint}

@@ -18,6 +18,7 @@ from gradlake import fsio
 from gradlake.errors import GradlakeError, InputError
 from gradlake.store import filters, layout
 from gradlake.store.spec import StoreSpec
+from gradlake.store.zarr_shard import ShardReader
 
 INDEX_COLUMNS = ("row", "trajectory", "t", "class", "split")
 COMMIT_KEY = b"gradlake.commit"  # Parquet key-value metadata of a commit file: its record (JSON)
@@ -82,6 +83,7 @@ class GradientStore:
         self.spec = StoreSpec.from_json(meta["spec"])
         self._parts: dict[str, set[int]] = {}  # checkpoint -> shards in commits/ (one listing)
         self._stored: dict[tuple[str, str], set[int]] = {}  # (checkpoint, obs) -> shards with data
+        self._readers: dict[tuple[str, str], ShardReader] = {}  # (checkpoint, obs) -> its array's reader
 
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> GradientStore:
@@ -98,6 +100,7 @@ class GradientStore:
         self._meta = meta if meta is not None else self._meta
         self._parts.clear()
         self._stored.clear()
+        self._readers.clear()
 
     # Description.
     @property
@@ -244,18 +247,18 @@ class GradientStore:
 
         ``rows`` are sample rows in any order (None -> every committed sample, sorted).
         """
-        name, array, rows = self._prepare(checkpoint, observable, rows)
-        return _as(self._read_rows(name, observable, array, rows), as_torch)
+        name, rows = self._prepare(checkpoint, observable, rows)
+        return _as(self._read_rows(name, observable, rows), as_torch)
 
     def iter_blocks(self, checkpoint: str | None, observable: str, rows=None,
                     block_rows: int = 4096, as_torch: bool = False) -> Iterator[tuple[np.ndarray, Any]]:
         """(rows, φ) in blocks of at most ``block_rows`` rows, in the order of ``rows``."""
         if block_rows <= 0:
             raise InputError(f"block_rows: expected an int > 0, got {block_rows}")
-        name, array, rows = self._prepare(checkpoint, observable, rows)
+        name, rows = self._prepare(checkpoint, observable, rows)
         for start in range(0, len(rows), block_rows):
             block = rows[start:start + block_rows]
-            yield block, _as(self._read_rows(name, observable, array, block), as_torch)
+            yield block, _as(self._read_rows(name, observable, block), as_torch)
 
     def _prepare(self, checkpoint, observable, rows):
         name = self.checkpoint(checkpoint)
@@ -265,7 +268,15 @@ class GradientStore:
         else:
             rows = np.asarray(rows, dtype=np.int64).reshape(-1)
             self._check_rows(name, rows)
-        return name, self._files.open_array(name, observable), rows
+        return name, rows
+
+    def _reader(self, name: str, observable: str) -> ShardReader:
+        if (name, observable) not in self._readers:
+            rel = f"{layout.GRADS}/{layout.array_path(name, observable)}"
+            self._readers[name, observable] = ShardReader(
+                self._files.open_array(name, observable), self._files.fs, self._files.path(rel),
+                self._files.join_url(rel))
+        return self._readers[name, observable]
 
     def _check_rows(self, name: str, rows: np.ndarray) -> None:
         if len(rows) == 0:
@@ -300,25 +311,12 @@ class GradientStore:
             f"{self.url} (it holds splits {', '.join(self.spec.splits)})"
         )
 
-    def _read_rows(self, name: str, observable: str, array, rows: np.ndarray) -> np.ndarray:
+    def _read_rows(self, name: str, observable: str, rows: np.ndarray) -> np.ndarray:
         if len(rows) == 0:
             return np.zeros((0, *self.spec.row_shape(observable)), dtype=np.float32)
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        contiguous = hi - lo == len(rows) and bool(np.all(np.diff(rows) == 1))
-        unique, inverse = (rows, None) if contiguous else np.unique(rows, return_inverse=True)
-        lo, hi = int(unique[0]), int(unique[-1]) + 1
-        try:
-            if contiguous:
-                data = array[lo:hi]
-            elif hi - lo <= 2 * len(unique):
-                data = array[lo:hi][unique - lo]
-            else:
-                data = array.oindex[unique]
-        except ValueError as err:
-            if "checksum" not in str(err).lower():
-                raise
-            raise self._corrupt_chunk(name, observable, array, unique, err) from None
-        data = data.astype(np.float32)
+        increasing = bool(np.all(rows[1:] > rows[:-1]))
+        unique, inverse = (rows, None) if increasing else np.unique(rows, return_inverse=True)
+        data = self._reader(name, observable).read(unique)
         if inverse is not None:
             data = data[inverse]
         # Written rows are finite (the writer refuses others), unwritten ones all fill (NaN):
@@ -327,20 +325,6 @@ class GradientStore:
         if unwritten.any():
             raise self._unwritten(name, observable, rows[unwritten]) from None
         return data
-
-    def _corrupt_chunk(self, name, observable, array, rows, err) -> GradlakeError:
-        """Find which chunk fails its checksum, for an error that names it."""
-        where = f"checksum error in {fsio.join(self.url, layout.GRADS, layout.array_path(name, observable))}"
-        chunk_rows = self.spec.chunk_rows
-        for chunk in np.unique(rows // chunk_rows):
-            start = int(chunk) * chunk_rows
-            stop = min(start + chunk_rows, self.spec.n_rows)
-            try:
-                array[start:stop]
-            except ValueError as chunk_err:
-                return GradlakeError(f"{where}: chunk {int(chunk)} (rows {start}..{stop - 1}, shard "
-                                     f"{start // self.spec.shard_rows}) is corrupt: {chunk_err}")
-        return GradlakeError(f"{where}: {err}")
 
     def summary(self) -> dict[str, Any]:
         """N, k, dtype, shards done / total per checkpoint, bytes on storage, provenance."""
