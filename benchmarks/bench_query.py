@@ -164,6 +164,8 @@ def main() -> None:
         print(f"N={n} k={args.k} float16 payload={payload / 1e6:.1f} MB shard_rows={spec.shard_rows} "
               f"chunk_rows={spec.chunk_rows} (both stores written in {time.perf_counter() - started:.1f} s)")
         metric = Metric(np.eye(args.k))
+        for backend, url in urls.items():  # first-call costs (imports) outside the timings
+            topk(open_store(url, options[backend]), "row < 1", "row < 64", k=10, metric=metric, damping=1.0)
         cases = ["raw", "Q=1", "Q=256"]
         if not args.no_ray:
             from gradlake.distributed.cluster import ensure_ray

@@ -17,6 +17,7 @@ import json
 import os
 import posixpath
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,15 +159,26 @@ Mapper = Callable[[Callable[..., Any], list[tuple]], list]
 """``mapper(fn, args)`` returns ``[fn(store, *a) for a in args]`` in order, run anywhere."""
 
 
-def in_process(store: GradientStore) -> Mapper:
-    """The mapper that runs every part here, one after the other."""
-    return lambda fn, args: [fn(store, *a) for a in args]
+def in_process(store: GradientStore, workers: int | None = None) -> Mapper:
+    """The mapper that runs the parts here, ``workers`` at a time (default: one per core) in
+    threads. Reads, casts and GEMMs release the GIL, so parts overlap on the cores; BLAS is
+    held to one thread meanwhile, as its spinning threads would fight the parts for them."""
+    from threadpoolctl import threadpool_limits
+
+    workers = workers or os.cpu_count() or 1
+
+    def run(fn, args):
+        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda a: fn(store, *a), args))
+
+    return run
 
 
 def shard_parts(store: GradientStore, parts: int | None = None) -> list[tuple[int, int]]:
     """[first, stop) shard ranges cutting the store into at most ``parts`` contiguous parts
-    (None: parts of about PART_ROWS rows, so memory does not grow with the store)."""
-    parts = parts or -(-store.n_rows // PART_ROWS)
+    (None: parts of about PART_ROWS rows, so memory does not grow with the store, and at
+    least one per core)."""
+    parts = parts or max(-(-store.n_rows // PART_ROWS), os.cpu_count() or 1)
     bounds = np.linspace(0, store.spec.n_shards, max(1, min(parts, store.spec.n_shards)) + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
