@@ -88,7 +88,8 @@ def build_index(url: str, name: str = "default", where: str = "split == 'train'"
     folder = _folder(store.url, name, storage_options)
     for obs in (observable, metric):
         if obs not in store.observables:
-            raise InputError(f"observable {obs!r} is not in store {store.url}; it holds: {', '.join(store.observables)}")
+            raise InputError(f"observable {obs!r} is not in store {store.url}; "
+                             f"it holds: {', '.join(store.observables)}")
     rows = store.rows(ckpt, where or None)
     if not len(rows):
         raise InputError(f"index: {where!r} selects no sample of store {store.url}")
@@ -113,7 +114,8 @@ def build_index(url: str, name: str = "default", where: str = "split == 'train'"
     buffer = io.BytesIO()
     np.save(buffer, eta)
     folder.write_bytes("metric.npy", buffer.getvalue())
-    record = {"name": name, "checkpoint": ckpt, "checkpoint_sha256": store.provenance["checkpoints"][ckpt].get("sha256", ""),
+    sha256 = store.provenance["checkpoints"][ckpt].get("sha256", "")
+    record = {"name": name, "checkpoint": ckpt, "checkpoint_sha256": sha256,
               "observable": observable, "where": where, "metric": metric, "damping": damping,
               "factory": factory, "rows": int(len(rows)), "k": store.k, "train_rows": int(len(sample)),
               "gradlake_version": __version__,

@@ -85,8 +85,8 @@ def topk(
     address: str = Address,
     num_cpus: int = NumCpus,
     parts: int = typer.Option(0, "--parts", min=0, help="Parts of the pass, each a whole number of shards; 0 = "
-                                                        "automatic (about 262,144 rows each; on Ray at least "
-                                                        "two per CPU of the cluster)."),
+                                                        "automatic (parts of a bounded number of rows; on Ray "
+                                                        "at least two per CPU of the cluster)."),
     index: Optional[str] = typer.Option(None, "--index", help="Approximate: search the index of this name beside "
                                                               "the store (`gradlake index build`); the candidates "
                                                               "it finds are re-scored exactly."),
@@ -167,11 +167,11 @@ def index_build(
     name: str = typer.Option("default", "--name", help="The index goes to STORE/index/NAME/ (replaced if there)."),
     where: str = typer.Option("split == 'train'", "--where", help="Samples it indexes: the candidates of its queries."),
     observable: str = typer.Option("C", "--observable", help="Perturbation observable whose φ's it indexes."),
-    metric: str = typer.Option("V", "--metric", help="Observable whose φ's (of the indexed samples) build the metric."),
+    metric: str = typer.Option("V", "--metric", help="Observable whose φ's (of the indexed samples) build η̃."),
     damping: float = typer.Option(1e-4, "--lambda", help="Damping λ of (η̃ + λI)⁻¹, fixed in the index."),
-    factory: str = typer.Option("", "--factory", help="faiss index_factory string, e.g. IVF1024,Flat or IVF4096,PQ64x4fs; "
-                                                      "\"\" = IVF with √n lists, exact vectors below 10,000 rows, "
-                                                      "else 4-bit PQ of k/4 sub-vectors."),
+    factory: str = typer.Option("", "--factory", help="faiss index_factory string, e.g. IVF1024,Flat or "
+                                                      "IVF4096,PQ64x4fs; \"\" = IVF with √n lists, exact vectors "
+                                                      "below 10,000 rows, else 4-bit PQ of k/4 sub-vectors."),
     train_rows: int = typer.Option(32_768, "--train-rows", min=1, help="Samples the index's lists are trained on."),
     seed: int = typer.Option(0, "--seed", help="Seed of the choice of training samples."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint name (default: the latest)."),
