@@ -186,7 +186,7 @@ def index_build(
 
 
 @index_app.command("list")
-def index_list(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile):
+def index_list(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet):
     """The indexes beside a store and what each was built from."""
     from gradlake.approx import index_records
 
