@@ -82,7 +82,7 @@ def test_one_meaning_per_flag():
     assert having["--split-fractions"] == {"generate euler", "generate ns", "ingest pdegym", "ingest well"}
     assert having["--classes"] == {"generate euler", "generate ns"}  # a list; exact takes --num-classes
     assert having["--num-classes"] == {"exact"}
-    assert having["--address"] == {"grads", "reduce", "exact"}  # the Ray cluster; submit/jobs take --dashboard-url
+    assert having["--address"] == {"grads", "reduce", "exact", "topk"}  # the Ray cluster; submit/jobs take --dashboard-url
     assert having["--dashboard-url"] == {"submit", "jobs list", "jobs status", "jobs logs", "jobs stop"}
 
 

@@ -7,7 +7,7 @@ list -ψ_A. Each search returns ``refine`` × k
 candidates, which are re-scored exactly from the store, so the influences reported are
 exact and only membership is approximate (recall@k against the brute-force pass:
 benchmarks/bench_query.py). η̃ of the selection is saved with the index, so a query needs
-no pass over the store.
+no pass over the store. The command line: ``gradlake index build`` and ``gradlake topk --index``.
 
     <store>/index/<name>/index.faiss   faiss.serialize_index bytes
     <store>/index/<name>/metric.npy    η̃ [k, k] float64 of the selection (metric observable)
@@ -28,9 +28,12 @@ import pyarrow.compute as pc
 
 from gradlake import __version__, fsio
 from gradlake.errors import InputError
-from gradlake.query import LABELS, SAMPLE_COLUMNS, block_rows_for, metric_of, open_store, topk_table
+from gradlake.progress import progress
+from gradlake.query import (LABELS, SAMPLE_COLUMNS, Mapper, block_rows_for, describe, metric_of, open_store,
+                            topk_table, with_description)
 from gradlake.reduce.metric import Metric
 from gradlake.reduce.pairwise import TopK, whiten
+from gradlake.store import GradientStore
 
 INDEX_DIR = "index"
 RECORD = "index.json"
@@ -60,6 +63,19 @@ def _folder(url: str, name: str, storage_options) -> fsio.Folder:
     return fsio.Folder(fsio.join(url, INDEX_DIR, name), storage_options)
 
 
+def _parts_with_progress(store: GradientStore, desc: str) -> Mapper:
+    """The in-process mapper, with a progress bar over the parts."""
+    def run(fn, args: list[tuple]) -> list:
+        with progress(len(args), desc, "parts") as bar:
+            results = []
+            for part in args:
+                results.append(fn(store, *part))
+                bar.update(1)
+        return results
+
+    return run
+
+
 def build_index(url: str, name: str = "default", where: str = "split == 'train'", observable: str = "C",
                 metric: str = "V", checkpoint: str | None = None, factory: str | None = None,
                 damping: float = 1e-4, train_rows: int = 32_768, seed: int = 0,
@@ -70,23 +86,37 @@ def build_index(url: str, name: str = "default", where: str = "split == 'train'"
     store = open_store(url, storage_options)
     ckpt = store.checkpoint(checkpoint)
     folder = _folder(store.url, name, storage_options)
+    for obs in (observable, metric):
+        if obs not in store.observables:
+            raise InputError(f"observable {obs!r} is not in store {store.url}; "
+                             f"it holds: {', '.join(store.observables)}")
     rows = store.rows(ckpt, where or None)
     if not len(rows):
         raise InputError(f"index: {where!r} selects no sample of store {store.url}")
-    eta = metric_of(store, where, metric, ckpt).eta
-    whitener = Metric(eta).whitener(damping)
     factory = factory or default_factory(len(rows), store.k)
-    index = faiss.index_factory(store.k, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        index = faiss.index_factory(store.k, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise InputError(f"--factory {factory!r}: faiss cannot build it for k = {store.k} "
+                         f"({str(err).strip().rsplit(': ', 1)[-1]})") from None
+    eta = metric_of(store, where, metric, ckpt, mapper=_parts_with_progress(store, f"index {name}: metric")).eta
+    whitener = Metric(eta).whitener(damping)
     sample = np.sort(np.random.default_rng(seed).choice(rows, min(train_rows, len(rows)), replace=False))
-    index.train(whiten(store.read(ckpt, observable, sample), whitener))
-    for block, phi in store.iter_blocks(ckpt, observable, rows, block_rows or block_rows_for(store, observable)):
-        index.add_with_ids(whiten(phi, whitener), block)
+    with progress(1, f"index {name}: train {factory} on {len(sample)} rows", "step") as bar:
+        index.train(whiten(store.read(ckpt, observable, sample), whitener))
+        bar.update(1)
+    with progress(len(rows), f"index {name}: add", "sample") as bar:
+        for block, phi in store.iter_blocks(ckpt, observable, rows, block_rows or block_rows_for(store, observable)):
+            index.add_with_ids(whiten(phi, whitener), block)
+            bar.update(len(block))
     folder.remove(RECORD)
     folder.write_bytes("index.faiss", faiss.serialize_index(index).tobytes())
     buffer = io.BytesIO()
     np.save(buffer, eta)
     folder.write_bytes("metric.npy", buffer.getvalue())
-    record = {"checkpoint": ckpt, "observable": observable, "where": where, "metric": metric, "damping": damping,
+    sha256 = store.provenance["checkpoints"][ckpt].get("sha256", "")
+    record = {"name": name, "checkpoint": ckpt, "checkpoint_sha256": sha256,
+              "observable": observable, "where": where, "metric": metric, "damping": damping,
               "factory": factory, "rows": int(len(rows)), "k": store.k, "train_rows": int(len(sample)),
               "gradlake_version": __version__,
               "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -94,24 +124,82 @@ def build_index(url: str, name: str = "default", where: str = "split == 'train'"
     return record
 
 
+def index_records(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The records of the complete indexes beside the store at ``url``, by name."""
+    folder = fsio.Folder(fsio.join(url, INDEX_DIR), storage_options)
+    return {name: folder.read_json(f"{name}/{RECORD}") for name in sorted(folder.ls())
+            if folder.exists(f"{name}/{RECORD}")}
+
+
 class ApproximateIndex:
-    """A saved index, loaded: approximate top-k with exact re-scoring."""
+    """A saved index, loaded: approximate top-k with exact re-scoring.
+
+    Opening it checks that the store still holds the checkpoint (same weights) and the
+    projection width it was built from; :meth:`check` also checks a query's settings."""
 
     def __init__(self, url: str, name: str = "default", storage_options: dict[str, Any] | None = None):
         faiss = _faiss()
         self.store = open_store(url, storage_options)
+        self.name = name
         folder = _folder(self.store.url, name, storage_options)
         if not folder.exists(RECORD):
-            raise InputError(f"{folder.url}: no approximate index here; build it with gradlake.approx.build_index")
+            built = index_records(self.store.url, storage_options)
+            raise InputError(f"{folder.url}: no approximate index here (the store has "
+                             f"{', '.join(built) if built else 'none'}); build it with `gradlake index build`")
         self.record = folder.read_json(RECORD)
+        self._check_store()
         self.index = faiss.deserialize_index(np.frombuffer(folder.read_bytes("index.faiss"), dtype=np.uint8))
         self.metric = Metric(np.load(io.BytesIO(folder.read_bytes("metric.npy"))), f"{folder.url}/metric.npy")
+        try:
+            self.ivf = faiss.extract_index_ivf(self.index)  # whatever wraps it (OPQ, ...)
+        except RuntimeError:
+            self.ivf = None  # not an IVF index: every search is exhaustive
+
+    def _rebuild(self) -> str:
+        return f"rebuild it with `gradlake index build {self.store.url} --name {self.name} ...`"
+
+    def _check_store(self) -> None:
+        record, store = self.record, self.store
+        ckpt = record["checkpoint"]
+        if ckpt not in store.checkpoints:
+            raise InputError(f"index {self.name!r} was built from checkpoint {ckpt}, which store {store.url} "
+                             f"no longer holds; {self._rebuild()}")
+        sha = store.provenance["checkpoints"][ckpt].get("sha256", "")
+        if record.get("checkpoint_sha256", sha) != sha or record["k"] != store.k:
+            raise InputError(f"index {self.name!r} was built from other weights or another projection than "
+                             f"checkpoint {ckpt} of store {store.url} holds now; {self._rebuild()}")
+
+    def check(self, checkpoint: str | None = None, perturbation: str | None = None, where: str | None = None,
+              metric: str | None = None, damping: float | None = None) -> None:
+        """InputError (one line) unless the index answers for these settings (None: any): the
+        checkpoint (None: the latest), the perturbation observable, the candidates' filter,
+        the metric and λ; and unless its filter still selects the rows it indexed."""
+        record = self.record
+        ckpt = self.store.checkpoint(checkpoint)
+        if ckpt != record["checkpoint"]:
+            raise InputError(f"index {self.name!r} was built from checkpoint {record['checkpoint']}, not {ckpt}"
+                             f"{' (the latest)' if checkpoint is None else ''}; pass --checkpoint "
+                             f"{record['checkpoint']} or {self._rebuild()}")
+        if perturbation is not None and perturbation != record["observable"]:
+            raise InputError(f"index {self.name!r} holds the φ's of observable {record['observable']}, not "
+                             f"{perturbation}: its --pair ends in {record['observable']}")
+        settings = {"--train-where": (where, record["where"]), "--metric": (metric, record["metric"]),
+                    "--lambda": (damping, record["damping"])}
+        for what, (asked, built) in settings.items():
+            if asked is not None and asked != built:
+                raise InputError(f"index {self.name!r} was built with {what} {built!r}, not {asked!r}; "
+                                 f"leave {what} out to use the index's, or {self._rebuild()}")
+        rows = len(self.store.rows(ckpt, record["where"] or None))
+        if rows != record["rows"]:
+            raise InputError(f"index {self.name!r} holds {record['rows']} rows but {record['where']!r} selects "
+                             f"{rows} now (the store has changed); {self._rebuild()}")
 
     def topk(self, query_where: str, k: int = 10, response: str = "C", nprobe: int = 16, refine: int = 16,
              exclude_self: bool = True) -> pa.Table:
         """Top-k table like :func:`gradlake.query.topk` (pair = response + the indexed
         observable, λ of the index) over the indexed samples; ``nprobe`` lists searched per
-        query, ``refine`` × k candidates per list re-scored exactly."""
+        query, ``refine`` × k candidates per list re-scored exactly. Its description
+        (:func:`gradlake.query.description_of`) says so under ``approximate``."""
         store, ckpt, observable = self.store, self.record["checkpoint"], self.record["observable"]
         queries = store.samples(ckpt, query_where, columns=SAMPLE_COLUMNS)
         if queries.num_rows == 0:
@@ -119,8 +207,8 @@ class ApproximateIndex:
         query_rows = queries.column("row").to_numpy().astype(np.int64)
         whitener = self.metric.whitener(self.record["damping"])
         psi = whiten(store.read(ckpt, response, query_rows), whitener)
-        if hasattr(self.index, "nprobe"):
-            self.index.nprobe = nprobe
+        if self.ivf is not None:
+            self.ivf.nprobe = nprobe = min(nprobe, self.ivf.nlist)
         width = refine * k + int(exclude_self)
         found = np.concatenate([self.index.search(sign * psi, width)[1] for sign in (1, -1)], 1)
         found = np.sort(found, axis=1)
@@ -133,4 +221,12 @@ class ApproximateIndex:
         best = TopK(query_rows, k, exclude_self)
         best.update(h, found)  # exact H of each query's own candidates
         labels = store.samples(ckpt, pc.field("row").isin(pa.array(candidates, pa.int64())), columns=LABELS)
-        return topk_table(best.result(), queries, labels)
+        record = self.record
+        description = describe(store, ckpt, kind="topk", pair=response + observable, response=response,
+                               perturbation=observable, normalization="none", metric=record["metric"],
+                               damping=record["damping"], query_where=query_where, train_where=record["where"],
+                               k=k, approximate={"index": self.name, "factory": record["factory"],
+                                                 "nprobe": nprobe if self.ivf is not None else None,
+                                                 "refine": refine, "rows": record["rows"],
+                                                 "built": record["built"]})
+        return with_description(topk_table(best.result(), queries, labels), description)

@@ -1,4 +1,4 @@
-"""Query commands: info, query, topk — on any store, at any time."""
+"""Query commands: info, query, topk, index — on any store, at any time."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from gradlake import fsio
-from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, storage_options
+from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, storage_options
+from gradlake.errors import InputError
 
 StoreArg = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...).")
 
@@ -69,33 +70,130 @@ def query(
 def topk(
     store: str = StoreArg,
     query_where: str = typer.Option(..., help="Query samples (responses), e.g. \"split == 'test' and t == 3\"."),
-    train_where: str = typer.Option("split == 'train'", help="Candidate training samples (perturbations)."),
+    train_where: Optional[str] = typer.Option(None, help="Candidate training samples (perturbations); default "
+                                                         "\"split == 'train'\", with --index the index's."),
     k: int = typer.Option(10, min=1, help="How many most (and least) influential samples per query."),
     pair: str = typer.Option("CC", help="Response and perturbation observables, e.g. CC, MC, EC."),
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint name (default: the latest)."),
-    metric: str = typer.Option("V", help="Observable whose φ's build the metric (V: NTK, C: empirical Fisher)."),
-    damping: float = typer.Option(1e-4, "--lambda", help="Damping λ of (η̃ + λI)⁻¹."),
+    metric: Optional[str] = typer.Option(None, help="Observable whose φ's build the metric (V: NTK, C: empirical "
+                                                    "Fisher); default V, with --index the index's."),
+    damping: Optional[float] = typer.Option(None, "--lambda", help="Damping λ of (η̃ + λI)⁻¹; default 1e-4, "
+                                                                  "with --index the index's."),
     out: Optional[str] = typer.Option(None, help="Also write the table to this Parquet file (any fsspec URL; "
                                                  "checkpoint, pair and settings in its schema metadata)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Run the parts of the pass as Ray tasks (--address implies it)."),
+    address: str = Address,
+    num_cpus: int = NumCpus,
+    parts: int = typer.Option(0, "--parts", min=0, help="Parts of the pass, each a whole number of shards; 0 = "
+                                                        "automatic (parts of a bounded number of rows; on Ray "
+                                                        "at least two per CPU of the cluster)."),
+    index: Optional[str] = typer.Option(None, "--index", help="Approximate: search the index of this name beside "
+                                                              "the store (`gradlake index build`); the candidates "
+                                                              "it finds are re-scored exactly."),
+    nprobe: int = typer.Option(16, "--nprobe", min=1, help="With --index: IVF lists searched per query."),
+    refine: int = typer.Option(16, "--refine", min=1, help="With --index: refine × k candidates per query (each "
+                                                           "of the top and bottom searches) re-scored exactly."),
     endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
-    """The most and least influential training samples for each query sample (raw H, no normalisation)."""
+    """The most and least influential training samples for each query sample (raw H, no normalisation).
+
+    One streamed pass over the candidates for all queries: in this process, or as Ray tasks with
+    --ray / --address; or, with --index, an approximate search of a prebuilt index."""
     from gradlake.query import description_of, write_table
-    from gradlake.query import topk as run_topk
 
     options = storage_options(endpoint_url, profile) or None
+    use_ray = use_ray or bool(address)
     if out:
         fsio.check_access(out, options, "--out")
-    table = run_topk(_open(store, endpoint_url, profile), query_where, train_where, k, pair, checkpoint,
-                     metric, damping)
+    if index is not None:
+        if use_ray or parts:
+            raise InputError("--index searches the index in this process; --ray, --address and --parts are "
+                             "for the exact pass")
+        table = _approximate_topk(store, index, query_where, train_where, k, pair, checkpoint, metric, damping,
+                                  nprobe, refine, options)
+    else:
+        settings = dict(query_where=query_where, train_where="split == 'train'" if train_where is None else train_where,
+                        k=k, pair=pair, checkpoint=checkpoint, metric=metric or "V",
+                        damping=1e-4 if damping is None else damping)
+        opened = _open(store, endpoint_url, profile)
+        if use_ray:
+            from gradlake.distributed.query_tasks import topk as ray_topk
+
+            table = ray_topk(opened.url, **settings, storage_options=options, parts=parts, address=address,
+                             num_cpus=num_cpus)
+        else:
+            from gradlake.query import topk as run_topk
+
+            table = run_topk(opened, **settings, parts=parts or None)
     if out:
         write_table(table, out, options)
     about = description_of(table)
-    typer.echo(f"checkpoint {about['checkpoint']} (sha256 {about['checkpoint_sha256'][:12]}), pair {pair} "
+    typer.echo(f"checkpoint {about['checkpoint']} (sha256 {about['checkpoint_sha256'][:12]}), pair {about['pair']} "
                f"(response {about['response']} on the query, perturbation {about['perturbation']} on the "
-               f"training sample), normalisation {about['normalization']}, metric {metric}, λ = {damping:g}")
-    rows = table.to_pylist()
-    for row in rows:
+               f"training sample), normalisation {about['normalization']}, metric {about['metric']}, "
+               f"λ = {about['damping']:g}")
+    if about.get("approximate"):
+        approx = about["approximate"]
+        typer.echo(f"approximate: index {approx['index']} ({approx['factory']} over {approx['rows']} samples of "
+                   f"{about['train_where']!r}), nprobe {approx['nprobe']}, {approx['refine']} × k candidates "
+                   f"re-scored exactly")
+    for row in table.to_pylist():
         typer.echo(f"query traj {row['query_trajectory']:>4} t {row['query_t']:>3} {row['query_class']:<6} "
                    f"{row['kind']:<6} #{row['rank']:<3} traj {row['trajectory']:>4} t {row['t']:>3} "
                    f"{row['class']:<6} H = {row['influence']:+.4e}")
+
+
+def _approximate_topk(store: str, name: str, query_where: str, train_where: Optional[str], k: int, pair: str,
+                      checkpoint: Optional[str], metric: Optional[str], damping: Optional[float], nprobe: int,
+                      refine: int, options):
+    """Top-k from the index ``name``, once it is known to answer for these settings."""
+    from gradlake.approx import ApproximateIndex
+
+    if len(pair) != 2:
+        raise InputError(f"--pair: expected two observable letters like 'CC', got {pair!r}")
+    index = ApproximateIndex(store, name, options)
+    index.check(checkpoint, pair[1], train_where, metric, damping)
+    return index.topk(query_where, k, pair[0], nprobe, refine)
+
+
+index_app = typer.Typer(help="The approximate top-k index beside a store (faiss-cpu: pip install 'gradlake[index]').",
+                        no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    store: str = StoreArg,
+    name: str = typer.Option("default", "--name", help="The index goes to STORE/index/NAME/ (replaced if there)."),
+    where: str = typer.Option("split == 'train'", "--where", help="Samples it indexes: the candidates of its queries."),
+    observable: str = typer.Option("C", "--observable", help="Perturbation observable whose φ's it indexes."),
+    metric: str = typer.Option("V", "--metric", help="Observable whose φ's (of the indexed samples) build η̃."),
+    damping: float = typer.Option(1e-4, "--lambda", help="Damping λ of (η̃ + λI)⁻¹, fixed in the index."),
+    factory: str = typer.Option("", "--factory", help="faiss index_factory string, e.g. IVF1024,Flat or "
+                                                      "IVF4096,PQ64x4fs; \"\" = IVF with √n lists, exact vectors "
+                                                      "below 10,000 rows, else 4-bit PQ of k/4 sub-vectors."),
+    train_rows: int = typer.Option(32_768, "--train-rows", min=1, help="Samples the index's lists are trained on."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the choice of training samples."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint name (default: the latest)."),
+    endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
+):
+    """Build the approximate index of the whitened φ's of a selection, beside the store."""
+    from gradlake.approx import INDEX_DIR, build_index
+
+    record = build_index(store, name, where, observable, metric, checkpoint, factory or None, damping, train_rows,
+                         seed, storage_options(endpoint_url, profile) or None)
+    typer.echo(json.dumps({**record, "url": fsio.join(store, INDEX_DIR, name)}, indent=2))
+
+
+@index_app.command("list")
+def index_list(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet):
+    """The indexes beside a store and what each was built from."""
+    from gradlake.approx import index_records
+
+    records = index_records(_open(store, endpoint_url, profile).url, storage_options(endpoint_url, profile) or None)
+    for name, r in records.items():
+        typer.echo(f"{name:<12} {r['factory']} over {r['rows']} samples ({r['where']!r}) of checkpoint "
+                   f"{r['checkpoint']}: observable {r['observable']}, metric {r['metric']}, λ = {r['damping']:g}, "
+                   f"built {r['built']}")
+    if not records:
+        typer.echo("no index (build one with `gradlake index build`)")
