@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from gradlake.config import GradsConfig
-from gradlake.store import GradientStore, ShardWriter, StoreSpec, create_store
+from gradlake.store import GradientStore, ShardWriter, StoreSpec, compact, create_store
 from gradlake.store.spec import chunk_rows_for, shard_rows_for
 
 CHECKPOINT = "epoch-0001"
@@ -42,7 +42,8 @@ def index_table(rows: np.ndarray, steps: int) -> pa.Table:
 
 
 def write_store(url: str, spec: StoreSpec, storage_options=None, steps: int = 20, seed: int = 0) -> GradientStore:
-    """Create the store and commit every shard of one checkpoint with random φ."""
+    """Create the store, commit every shard of one checkpoint with random φ and compact the
+    sample rows (as a gradient stage does)."""
     create_store(url, spec, {CHECKPOINT: {"sha256": "0" * 64}}, storage_options)
     writer = ShardWriter(url, storage_options)
     scale = (np.arange(spec.k, dtype=np.float32) + 1) ** -0.75
@@ -57,4 +58,5 @@ def write_store(url: str, spec: StoreSpec, storage_options=None, steps: int = 20
             phis[obs] = noise + (centre[:, None] if noise.ndim == 3 else centre)
         writer.commit(CHECKPOINT, shard, index_table(np.arange(lo, hi, dtype=np.int64), steps),
                       np.ones(hi - lo, np.float32), phis)
+    compact(GradientStore.open(url, storage_options))  # as the gradient stage ends
     return GradientStore.open(url, storage_options)

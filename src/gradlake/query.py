@@ -242,6 +242,7 @@ def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> 
     best = TopK(plan.query_rows, plan.k, plan.exclude_self)
     candidates = store.samples(plan.checkpoint, _in_shards(plan.candidates, shards), columns=LABELS)
     rows = candidates.column("row").to_numpy().astype(np.int64)
+    store.load_indices(plan.checkpoint, plan.observable, rows)
     blocks = row_blocks(rows, plan.block_rows)
     read = lambda block: store.read(plan.checkpoint, plan.observable, block)  # noqa: E731
     for block, phi in zip(blocks, prefetched(read, blocks, READ_AHEAD)):

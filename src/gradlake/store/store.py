@@ -256,9 +256,16 @@ class GradientStore:
         if block_rows <= 0:
             raise InputError(f"block_rows: expected an int > 0, got {block_rows}")
         name, rows = self._prepare(checkpoint, observable, rows)
+        self.load_indices(name, observable, rows)
         for start in range(0, len(rows), block_rows):
             block = rows[start:start + block_rows]
             yield block, _as(self._read_rows(name, observable, block), as_torch)
+
+    def load_indices(self, checkpoint: str | None, observable: str, rows) -> None:
+        """Fetch the chunk indices of the shards holding ``rows`` at once (concurrent reads on
+        object stores), so reads of them that follow make one request per run of chunks."""
+        name, rows = self._prepare(checkpoint, observable, rows)
+        self._reader(name, observable).load_indices(np.unique(self.spec.shard_of(rows)))
 
     def _prepare(self, checkpoint, observable, rows):
         name = self.checkpoint(checkpoint)

@@ -114,8 +114,7 @@ class ShardReader:
 
     def _fetch(self, chunks: np.ndarray) -> dict[int, np.ndarray]:
         """Chunk -> its values (float16 view of the fetched bytes), checksums verified."""
-        shards = np.unique(chunks // self.chunks_per_shard)
-        self._load_indices([int(s) for s in shards if int(s) not in self._index])
+        self.load_indices(np.unique(chunks // self.chunks_per_shard))
         runs = []  # (shard, first byte, end byte, [(chunk, offset, nbytes)])
         for chunk in map(int, chunks):
             shard, within = divmod(chunk, self.chunks_per_shard)
@@ -140,7 +139,9 @@ class ShardReader:
                 out[chunk] = raw.view(self.dtype).reshape(self.chunk_rows, *self.row_shape)
         return out
 
-    def _load_indices(self, shards: list[int]) -> None:
+    def load_indices(self, shards) -> None:
+        """Fetch the chunk indices of ``shards`` not yet known, in one batch of reads."""
+        shards = [int(s) for s in shards if int(s) not in self._index]
         entries = self.chunks_per_shard * 2 * 8
         size = entries + 4 * self._index_crc
         blobs = self._cat([(self.path(s), -size if self._index_at_end else 0, None if self._index_at_end else size)
