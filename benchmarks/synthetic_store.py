@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from gradlake.config import GradsConfig
 from gradlake.store import GradientStore, ShardWriter, StoreSpec, create_store
-from gradlake.store.spec import chunk_rows_for
+from gradlake.store.spec import chunk_rows_for, shard_rows_for
 
 CHECKPOINT = "epoch-0001"
 CLASSES = np.array(["rp", "crp", "rpui"])
@@ -22,9 +22,9 @@ CLASSES = np.array(["rp", "crp", "rpui"])
 
 def spec_for(n_rows: int, k: int, observables=("C", "V"), probes: int = 2, shard_rows: int | None = None,
              chunk_rows: int | None = None) -> StoreSpec:
-    """The store's default geometry (GradsConfig's shard rows, ~256 KB chunks) unless given."""
-    shard_rows = shard_rows or GradsConfig().shard_rows
+    """The store's default geometry (GradsConfig's shard rows, else sized by the store, ~256 KB chunks) unless given."""
     widest = k * 2 * (probes if "V" in observables else 1)
+    shard_rows = shard_rows or GradsConfig().shard_rows or shard_rows_for(n_rows, widest)
     chunk_rows = chunk_rows or chunk_rows_for(shard_rows, widest)
     return StoreSpec(
         dataset={"url": "synthetic", "fingerprint": "0" * 64}, model={"name": "synthetic"},
