@@ -3,14 +3,16 @@
 Per checkpoint: (0) the plan: tasks scan the samples table part by part (shard ranges) and
 the driver folds their selected rows, in order, into row spans of blocks (work.BlockPlan),
 so it holds O(blocks) numbers, never a row per sample; every later task reads its own
-block's sample rows with the row range pushed into the scan; (1) reference-set moments (the metric η̃ and the row-std moments) over row
-blocks; (2) perturbation group sums over blocks of whole trajectories; (3) the response
-pass over the same blocks (group sums, same-trajectory T×T sums, per-trajectory lag
-curves and self-influence written by the tasks); then the dense tiles, the top-k lists
-and the influence-vs-distance pairs. Each pass keeps a window of tasks in flight and sums
-their results in Ray tasks over a binary tree fixed by the block order, so driver and
-object-store memory do not grow with the number of samples and the results are
-bit-identical whatever the number of workers or the timing.
+block's sample rows with the row range pushed into the scan; (1) reference-set moments
+(the metric η̃ and the row-std moments) over row blocks; (2) perturbation group sums over
+blocks of whole trajectories; (3) the response pass over the same blocks (group sums,
+same-trajectory T×T sums, per-trajectory lag curves and self-influence written by the
+tasks); then the dense tiles (at most tile_max rows a side), the top-k lists (written by
+their tasks) and the influence-vs-distance pairs (their rows looked up where stored).
+Each pass keeps a window of tasks in flight and sums their results in Ray tasks over a
+binary tree fixed by the block order, so driver and object-store memory do not grow with
+the number of samples and the results are bit-identical whatever the number of workers,
+the timing or the parts of the plan.
 The exact minibatch mode runs one Ray task per minibatch (distributed/exact_tasks.py).
 """
 

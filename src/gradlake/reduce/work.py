@@ -57,9 +57,9 @@ class StoreRef:
         """``where`` restricted to rows [lo, hi) and their shards (so the scan skips the rest)."""
         lo, hi = span
         shard_rows = self.store.spec.shard_rows
+        rows = f"row >= {lo} and row < {hi}"
         return in_shards((lo // shard_rows, (hi - 1) // shard_rows + 1),
-                         f"({where}) and row >= {lo} and row < {hi}" if where.strip() else f"row >= {lo} and row < {hi}")
-
+                         f"({where}) and {rows}" if where.strip() else rows)
 
 
 def in_shards(shards: tuple[int, int], where: str = "") -> str:
