@@ -75,6 +75,7 @@ def test_one_reduce_per_name_at_a_time_and_results_alike_however_planned(tmp_pat
     from gradlake.config import RayConfig, ReduceConfig
     from gradlake.distributed import reduce_tasks
     from gradlake.reduce import run_reduce
+    from gradlake.store import GradientStore
 
     ds = make_dataset(str(tmp_path / "data"), per_class=4, n_times=6)
     store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",), k=8, shard_rows=8)
@@ -90,6 +91,14 @@ def test_one_reduce_per_name_at_a_time_and_results_alike_however_planned(tmp_pat
         return real_ensure_ray(*args)
 
     monkeypatch.setattr(reduce_tasks, "ensure_ray", ensure_ray)
+    reads = []  # the driver's reads of the samples table (the tasks run elsewhere)
+    real_samples = GradientStore.samples
+
+    def samples(self, checkpoint=None, where=None, **kwargs):
+        reads.append(where)
+        return real_samples(self, checkpoint, where, **kwargs)
+
+    monkeypatch.setattr(GradientStore, "samples", samples)
     first = threading.Thread(target=run_reduce, name="first",
                              args=(store.url, ReduceConfig(name="one", **settings), RayConfig()))
     first.start()
@@ -105,6 +114,7 @@ def test_one_reduce_per_name_at_a_time_and_results_alike_however_planned(tmp_pat
         release.set()
         first.join()
     assert not (tmp_path / "store/reduce/one/lease.json").exists()  # released
+    assert reads and all(isinstance(where, str) and "shard >= " in where for where in reads)  # never the whole table on the driver
 
     groups = {name: zarr.open_consolidated(f"{store.reduce_url(name)}/results.zarr") for name in ("one", "two")}
     listed = set(groups["one"].metadata.consolidated_metadata.flattened_metadata)
