@@ -141,7 +141,7 @@ def check_settings(store, settings: ReduceConfig) -> list[str]:
     for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols"):
         where = getattr(settings, key)
         try:
-            found = _selects_any(store, first, where)
+            found = _selects_any(store, first, where, everywhere=key in ("response", "perturbation"))
         except InputError as err:
             raise InputError(f"reduce.{key}: {err}") from None
         if key in ("response", "perturbation") and not found:
@@ -152,11 +152,11 @@ def check_settings(store, settings: ReduceConfig) -> list[str]:
     return names
 
 
-def _selects_any(store, checkpoint: str, where: str) -> bool:
-    """Whether ``where`` selects a sample, reading part by part until one does (the first
-    read checks the filter; memory stays that of one part)."""
-    for shards in shard_parts(store):
-        if store.samples(checkpoint, work.in_shards(shards, where), columns=["row"]).num_rows:
+def _selects_any(store, checkpoint: str, where: str, everywhere: bool = True) -> bool:
+    """Whether ``where`` selects a sample, reading part by part until one does (or only the
+    first part unless ``everywhere``); the first read checks the filter. Memory: one part."""
+    for shards in shard_parts(store)[: None if everywhere else 1]:
+        if store.samples(checkpoint, where or None, shards=shards, columns=["row"]).num_rows:
             return True
     return False
 

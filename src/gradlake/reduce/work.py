@@ -49,23 +49,18 @@ class StoreRef:
     def read(self, observable: str, rows: np.ndarray) -> np.ndarray:
         return self.store.read(self.checkpoint, observable, rows)
 
-    def samples(self, where: str, columns=None) -> pa.Table:
-        """Committed samples matching ``where`` (filter language, pushed into the scan)."""
-        return self.store.samples(self.checkpoint, where, columns=columns)
+    def samples(self, shards: tuple[int, int], where: str = "", columns=None) -> pa.Table:
+        """Committed samples of shards [first, stop) matching ``where`` (filter language,
+        pushed into the scan of only those shards' files)."""
+        return self.store.samples(self.checkpoint, where or None, shards=shards, columns=columns)
 
-    def in_rows(self, span: tuple[int, int], where: str = "") -> str:
-        """``where`` restricted to rows [lo, hi) and their shards (so the scan skips the rest)."""
+    def span_samples(self, span: tuple[int, int], where: str = "", columns=None) -> pa.Table:
+        """Committed samples of rows [lo, hi) matching ``where``."""
         lo, hi = span
         shard_rows = self.store.spec.shard_rows
         rows = f"row >= {lo} and row < {hi}"
-        return in_shards((lo // shard_rows, (hi - 1) // shard_rows + 1),
-                         f"({where}) and {rows}" if where.strip() else rows)
-
-
-def in_shards(shards: tuple[int, int], where: str = "") -> str:
-    """``where`` restricted to shards [first, stop), in the filter language (pushed into the scan)."""
-    within = f"shard >= {shards[0]} and shard < {shards[1]}"
-    return f"({where}) and {within}" if where.strip() else within
+        return self.samples((lo // shard_rows, (hi - 1) // shard_rows + 1),
+                            f"({where}) and {rows}" if where.strip() else rows, columns)
 
 
 # --------------------------------------------------------------------------- planning
@@ -104,7 +99,7 @@ class PartIndex:
 
 def part_index(src: StoreRef, shards: tuple[int, int], settings) -> PartIndex:
     """Scan one part's sample rows (filters applied in memory on the part) for the planner."""
-    table = src.samples(in_shards(shards))
+    table = src.samples(shards)
     rows = table.column("row").to_numpy().astype(np.int64)
     response, perturbation = matches(table, settings.response), matches(table, settings.perturbation)
     keep = response | perturbation
@@ -213,7 +208,7 @@ def _spans(starts: list[int], n_rows: int) -> list[tuple[int, int]]:
 
 def rows_at(src: StoreRef, shards: tuple[int, int], where: str, ranks: np.ndarray) -> np.ndarray:
     """The rows at positions ``ranks`` among the rows of ``where`` in ``shards``."""
-    rows = src.samples(in_shards(shards))
+    rows = src.samples(shards)
     return rows.column("row").to_numpy()[matches(rows, where)][np.asarray(ranks, dtype=np.int64)]
 
 
@@ -264,7 +259,7 @@ class OrderedSum:
 # --------------------------------------------------------------------------- passes
 def reference_rows(src: StoreRef, span: tuple[int, int], reference_split: str) -> pa.Table:
     """Row, trajectory, t and class of the reference samples in rows [lo, hi)."""
-    return src.samples(src.in_rows(span, f"split == '{reference_split}'"), columns=["row", "trajectory", "t", "class"])
+    return src.span_samples(span, f"split == '{reference_split}'", ["row", "trajectory", "t", "class"])
 
 
 def moments_work(src: StoreRef, span: tuple[int, int], reference_split: str,
@@ -283,7 +278,7 @@ def block_table(src: StoreRef, span: tuple[int, int], settings, classes: tuple[s
     selection) with their class index and selection flags (columns BLOCK_COLUMNS)."""
     import pyarrow.compute as pc
 
-    table = src.samples(src.in_rows(span))
+    table = src.span_samples(span)
     response, perturbation = matches(table, settings.response), matches(table, settings.perturbation)
     class_index = pc.index_in(table.column("class"), value_set=pa.array(classes)).to_numpy()
     return table.select(["row", "trajectory", "t", "class", "split"]) \
@@ -444,7 +439,7 @@ def topk_work(src: StoreRef, pairs: tuple[str, ...], inverse: np.ndarray, query_
     """Top-k / bottom-k of H_AB(query, ·) over the reference samples (candidates), for the
     queries in rows [lo, hi), merged block by block; written as the Parquet file ``path``
     (see :func:`topk_table`). Returns the number of queries."""
-    query_labels = src.samples(src.in_rows(query_span, query_where), columns=["row", "trajectory", "t", "class"])
+    query_labels = src.span_samples(query_span, query_where, ["row", "trajectory", "t", "class"])
     queries = query_labels.column("row").to_numpy().astype(np.int64)
     labels = [query_labels]  # of the queries and of the candidates listed so far
 
