@@ -128,3 +128,24 @@ def test_one_reduce_per_name_at_a_time_and_results_alike_however_planned(tmp_pat
     ds_x = xr.open_zarr(f"{store.reduce_url('one')}/results.zarr", group="epoch-0001", consolidated=True)
     assert ds_x["transfer"].dims == ("lambda", "pair", "normalization", "response_class", "perturbation_class")
     assert list(ds_x["pair"].values) == ["CC", "EC"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"tile_rows": "t <"}, "reduce.tile_rows: "), ({"response": "t > 99"}, "reduce.response: 't > 99' selects no"),
+    ({"perturbation": "class == 'zz'"}, "reduce.perturbation: "), ({"reference_split": "val"}, "no sample of split 'val'"),
+])
+def test_bad_selections_are_refused_before_anything_is_written(tmp_path, monkeypatch, setting, message):
+    import gradlake.query
+    from gradlake.config import RayConfig, ReduceConfig
+    from gradlake.distributed.reduce_tasks import check_settings
+    from gradlake.errors import InputError
+    from gradlake.reduce import run_reduce
+
+    ds = make_dataset(str(tmp_path / "data"), per_class=2, n_times=4)
+    store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",), k=4, shard_rows=8)
+    monkeypatch.setattr(gradlake.query, "PART_ROWS", 5)  # checked beyond the first part too
+    with pytest.raises(InputError, match=message):
+        run_reduce(store.url, ReduceConfig(**setting), RayConfig())
+    assert not (tmp_path / "store/reduce").exists()
+    last = f"row >= {store.n_rows - 1}"  # in the last part only: found there
+    assert check_settings(store, ReduceConfig(response=last, perturbation=last)) == ["epoch-0001"]

@@ -137,28 +137,22 @@ def check_settings(store, settings: ReduceConfig) -> list[str]:
         raise InputError(f"{store.url}: the store holds no checkpoint; run `gradlake grads` first")
     for name in names:
         work.check_complete(store, name)
-    first = names[0]
-    for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols"):
-        where = getattr(settings, key)
+    first, *rest = shard_parts(store)
+    table = store.samples(names[0], shards=first)  # every filter is checked on the first part
+    reference = f"split == '{settings.reference_split}'"
+    for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols", "reference_split"):
+        where = reference if key == "reference_split" else getattr(settings, key)
         try:
-            found = _selects_any(store, first, where, everywhere=key in ("response", "perturbation"))
+            found = work.matches(table, where).any()
         except InputError as err:
             raise InputError(f"reduce.{key}: {err}") from None
-        if key in ("response", "perturbation") and not found:
+        if key in ("response", "perturbation", "reference_split") and not found \
+                and not any(store.samples(names[0], where, shards=p, columns=["row"]).num_rows for p in rest):
+            if key == "reference_split":
+                raise InputError(f"reduce.reference_split: no sample of split {settings.reference_split!r} in "
+                                 f"store {store.url} (it holds splits {', '.join(store.spec.splits)})")
             raise InputError(f"reduce.{key}: {where!r} selects no sample of store {store.url}")
-    if not _selects_any(store, first, f"split == '{settings.reference_split}'"):
-        raise InputError(f"reduce.reference_split: no sample of split {settings.reference_split!r} in "
-                         f"store {store.url} (it holds splits {', '.join(store.spec.splits)})")
     return names
-
-
-def _selects_any(store, checkpoint: str, where: str, everywhere: bool = True) -> bool:
-    """Whether ``where`` selects a sample, reading part by part until one does (or only the
-    first part unless ``everywhere``); the first read checks the filter. Memory: one part."""
-    for shards in shard_parts(store)[: None if everywhere else 1]:
-        if store.samples(checkpoint, where or None, shards=shards, columns=["row"]).num_rows:
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------- one checkpoint
