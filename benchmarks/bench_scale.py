@@ -1,6 +1,7 @@
 """Scale: how every command grows with N, on synthetic stores written through gradlake.store.
 
     python benchmarks/bench_scale.py [--quick] [--sizes N1,N2,...] [--k K] [--repeats R] [--dir DIR]
+                                     [--steps info,query,...]
 
 Builds one store per size (φ_C and φ_V with 2 probes, float16, the store's default layout;
 N = 1.25e5, 5e5, 2e6 rows, each 4x the last; --quick: 2e4, 8e4) and runs on each, in a
@@ -12,7 +13,8 @@ fresh process per step (its peak RSS from wait4):
   topk256  the same with 256 queries in the same pass
   reduce   the aggregate reduce (CC, none + row-std; no tiles, top-k or distance pairs) on
            Ray; Ray's start-up is outside the timing, the peak RSS is the driver's
-Steps other than write are repeated ``--repeats`` times, sizes interleaved; medians.
+--steps runs only the steps named (the stores are always written). Steps other than write are
+repeated ``--repeats`` times, sizes interleaved; medians.
 Prints per size the seconds, peak MB and object counts, then per 4x N the time ratios
 (target <= 4.4, linear), peak-memory ratios (target ~1, flat) and object-count ratios,
 and ends with one line ``scale: ...`` holding the ratios (largest step of sizes).
@@ -105,6 +107,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=0, help="default: 3 with --quick, else 1")
     parser.add_argument("--dir", default=None, help="where to build the stores (default: a temp dir)")
+    parser.add_argument("--steps", default=",".join(STEPS[1:]),
+                        help=f"comma-separated steps to run besides write (of {', '.join(STEPS[1:])})")
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -116,6 +120,10 @@ def main() -> None:
     sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else (
         [20_000, 80_000] if args.quick else [125_000, 500_000, 2_000_000])
     repeats = args.repeats or (3 if args.quick else 1)
+    steps = ["write", *(s for s in STEPS[1:] if s in args.steps.split(","))]
+    unknown = set(args.steps.split(",")) - set(STEPS)
+    if unknown:
+        parser.error(f"--steps: unknown step(s) {', '.join(sorted(unknown))}; choose from {', '.join(STEPS[1:])}")
     root = tempfile.mkdtemp(prefix="bench-scale-", dir=args.dir)
     seconds = {(n, s): [] for n in sizes for s in STEPS}
     peak = {(n, s): [] for n in sizes for s in STEPS}
@@ -131,7 +139,7 @@ def main() -> None:
                   f"{sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(url) for f in fs) / 1e9:.2f} GB",
                   flush=True)
         for r in range(repeats):
-            for step in STEPS[1:]:
+            for step in steps[1:]:
                 for n in sizes:
                     t, m = child(step, os.path.join(root, f"store-{n}"), n, args.k, f"r{r}")
                     seconds[n, step].append(t)
@@ -141,16 +149,16 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     med = statistics.median
     print(f"\nk={args.k}, float16, C + V (2 probes); medians of {repeats} repeat(s)")
-    print(f"{'N':>10} " + " ".join(f"{s + ' s':>10}" for s in STEPS) + "   peak MB " + "/".join(STEPS))
+    print(f"{'N':>10} " + " ".join(f"{s + ' s':>10}" for s in steps) + "   peak MB " + "/".join(steps))
     for n in sizes:
-        print(f"{n:>10,} " + " ".join(f"{med(seconds[n, s]):10.2f}" for s in STEPS) + "   "
-              + "/".join(f"{med(peak[n, s]):.0f}" for s in STEPS)
+        print(f"{n:>10,} " + " ".join(f"{med(seconds[n, s]):10.2f}" for s in steps) + "   "
+              + "/".join(f"{med(peak[n, s]):.0f}" for s in steps)
               + f"   objects {counts[n]['all']:,} (zarr {counts[n]['grads.zarr']:,}, parquet "
                 f"{counts[n]['samples.parquet']:,}, commits {counts[n]['commits']:,})")
     ratios = {}
     for small, big in zip(sizes, sizes[1:]):
-        time_r = {s: med(seconds[big, s]) / med(seconds[small, s]) for s in STEPS}
-        mem_r = {s: med(peak[big, s]) / med(peak[small, s]) for s in STEPS}
+        time_r = {s: med(seconds[big, s]) / med(seconds[small, s]) for s in steps}
+        mem_r = {s: med(peak[big, s]) / med(peak[small, s]) for s in steps}
         obj_r = counts[big]["all"] / counts[small]["all"]
         ratios = {"time": time_r, "memory": mem_r, "objects": obj_r, "from": small, "to": big}
         print(f"{small:,} -> {big:,} ({big / small:.0f}x N): time " + " ".join(f"{s} {v:.2f}" for s, v in time_r.items())

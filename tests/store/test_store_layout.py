@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
@@ -248,3 +249,25 @@ def test_on_s3_compaction_damage_and_lease(s3_bucket):
     fs.pipe_file(f"{root}/store.json", b'{"format": ')
     with pytest.raises(InputError, match="not valid JSON"):
         GradientStore.open(url, options)
+
+
+def test_samples_of_a_shard_range_read_only_those_shards(tmp_path):
+    url = str(tmp_path / "store")
+    spec, held = make_spec(shard_rows=8)  # 7 shards: 0..6
+    create_store(url, spec, CKPT)
+    fill(url, spec, held, shards=[0, 2, 3])
+    compact(GradientStore.open(url))  # 0, 2, 3 in a samples.parquet file, 1 and 4 in commits/
+    fill(url, spec, held, shards=[1, 4])
+    store = GradientStore.open(url)
+    committed = {0, 1, 2, 3, 4}
+    for first, stop in [(0, 7), (0, 1), (1, 3), (3, 5), (5, 7)]:
+        inside = committed & set(range(first, stop))
+        assert store.rows(shards=(first, stop)).tolist() == shard_rows(spec, held, inside)
+        table = store.samples(where="t < 2", shards=(first, stop))
+        assert table["row"].to_pylist() == [r for r in shard_rows(spec, held, inside)
+                                            if r in set(store.rows(where="t < 2").tolist())]
+    with open(os.path.join(url, "commits", "epoch-1", "shard-000004.parquet"), "wb") as f:
+        f.write(b"not parquet")  # a file outside the range is never opened
+    assert store.rows(shards=(0, 4)).tolist() == shard_rows(spec, held, {0, 1, 2, 3})
+    with pytest.raises(pa.ArrowInvalid):  # (the whole table does open it)
+        store.rows()

@@ -1,13 +1,18 @@
 """The reduce stage on Ray: tasks over row blocks, results combined in a tree.
 
-Per checkpoint: (1) reference-set moments (the metric η̃ and the row-std moments) over row
-blocks; (2) perturbation group sums over blocks of whole trajectories; (3) the response
-pass over the same blocks (group sums, same-trajectory T×T sums, per-trajectory lag
-curves and self-influence written by the tasks); then the dense tiles, the top-k lists
-and the influence-vs-distance pairs. Each pass keeps a window of tasks in flight and sums
-their results in Ray tasks over a binary tree fixed by the block order, so driver and
-object-store memory do not grow with the number of samples and the results are
-bit-identical whatever the number of workers or the timing.
+Per checkpoint: (0) the plan: tasks scan the samples table part by part (shard ranges) and
+the driver folds their selected rows, in order, into row spans of blocks (work.BlockPlan),
+so it holds O(blocks) numbers, never a row per sample; every later task reads its own
+block's sample rows with the row range pushed into the scan; (1) reference-set moments
+(the metric η̃ and the row-std moments) over row blocks; (2) perturbation group sums over
+blocks of whole trajectories; (3) the response pass over the same blocks (group sums,
+same-trajectory T×T sums, per-trajectory lag curves and self-influence written by the
+tasks); then the dense tiles (at most tile_max rows a side), the top-k lists (written by
+their tasks) and the influence-vs-distance pairs (their rows looked up where stored).
+Each pass keeps a window of tasks in flight and sums their results in Ray tasks over a
+binary tree fixed by the block order, so driver and object-store memory do not grow with
+the number of samples and the results are bit-identical whatever the number of workers,
+the timing or the parts of the plan.
 The exact minibatch mode runs one Ray task per minibatch (distributed/exact_tasks.py).
 """
 
@@ -26,16 +31,20 @@ import ray
 from gradlake import __version__, fsio
 from gradlake.config import RayConfig, ReduceConfig, settings_hash
 from gradlake.distributed.cluster import ensure_ray
-from gradlake.errors import InputError
+from gradlake.errors import GradlakeError, InputError
 from gradlake.progress import progress
+from gradlake.query import shard_parts
 from gradlake.reduce import work
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.distributed.exact_tasks import run_exact
 from gradlake.reduce.exact_run import EXACT_JSON
 from gradlake.reduce.metric import Metric, metric_warnings, numerical_rank
 from gradlake.reduce.output import SUMMARY, ReduceOutput
-from gradlake.reduce.pairwise import sample_pairs
+from gradlake.store.layout import LEASE
+from gradlake.reduce.pairwise import pair_ranks
 
+_part_index = ray.remote(work.part_index)
+_rows_at = ray.remote(work.rows_at)
 _moments = ray.remote(work.moments_work)
 _perturbation = ray.remote(work.perturbation_work)
 _response = ray.remote(work.response_work)
@@ -45,7 +54,6 @@ _distance = ray.remote(work.distance_work)
 _add = ray.remote(work.add_results)
 _lag_tables = ray.remote(work.lag_tables)  # reads every trajectory's lag curves: off the driver
 
-INDEX = ["row", "trajectory", "t", "class", "split"]
 PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
                   "distance_pairs.parquet", "distance_curve.parquet")
 
@@ -78,6 +86,22 @@ def _blockwise(submit: Callable[[int, Any], Any], blocks: list, desc: str, windo
     result = ray.get(total.result())
     bar.close()
     return result
+
+
+def _in_order(submit: Callable[[Any], Any], items: list, desc: str, unit: str, window: int):
+    """Yield ``ray.get(submit(item))`` for each item in order, at most ``window`` in flight
+    (the caller folds each result in and drops it: memory does not grow with the items)."""
+    bar = progress(len(items), desc, unit)
+    running: list = []
+    for item in items:
+        running.append(submit(item))
+        if len(running) >= window:
+            yield ray.get(running.pop(0))
+            bar.update(1)
+    for ref in running:
+        yield ray.get(ref)
+        bar.update(1)
+    bar.close()
 
 
 def _run_all(refs, desc: str, unit: str) -> list:
@@ -113,18 +137,21 @@ def check_settings(store, settings: ReduceConfig) -> list[str]:
         raise InputError(f"{store.url}: the store holds no checkpoint; run `gradlake grads` first")
     for name in names:
         work.check_complete(store, name)
-    first = names[0]
-    for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols"):
-        where = getattr(settings, key)
+    first, *rest = shard_parts(store)
+    table = store.samples(names[0], shards=first)  # every filter is checked on the first part
+    reference = f"split == '{settings.reference_split}'"
+    for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols", "reference_split"):
+        where = reference if key == "reference_split" else getattr(settings, key)
         try:
-            rows = store.rows(first, where or None)
+            found = work.matches(table, where).any()
         except InputError as err:
             raise InputError(f"reduce.{key}: {err}") from None
-        if key in ("response", "perturbation") and not len(rows):
+        if key in ("response", "perturbation", "reference_split") and not found \
+                and not any(store.samples(names[0], where, shards=p, columns=["row"]).num_rows for p in rest):
+            if key == "reference_split":
+                raise InputError(f"reduce.reference_split: no sample of split {settings.reference_split!r} in "
+                                 f"store {store.url} (it holds splits {', '.join(store.spec.splits)})")
             raise InputError(f"reduce.{key}: {where!r} selects no sample of store {store.url}")
-    if not len(store.rows(first, splits=[settings.reference_split])):
-        raise InputError(f"reduce.reference_split: no sample of split {settings.reference_split!r} in "
-                         f"store {store.url} (it holds splits {', '.join(store.spec.splits)})")
     return names
 
 
@@ -132,18 +159,20 @@ def check_settings(store, settings: ReduceConfig) -> list[str]:
 def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutput, so, window: int) -> dict:
     started = time.monotonic()
     src = work.StoreRef(store.url, so, name)
-    index = store.samples(name, columns=INDEX)
-    rows = index.column("row").to_numpy()
-    classes = tuple(sorted(pc.unique(index.column("class")).to_pylist()))
-    n_times = int(pc.max(index.column("t")).as_py()) + 1
-    ref_rows = store.rows(name, splits=[settings.reference_split])
-    response = np.isin(rows, store.rows(name, settings.response or None))
-    perturbation = np.isin(rows, store.rows(name, settings.perturbation or None))
+    plan = work.BlockPlan(settings.block_rows, settings.tile_size, settings.tile_max)
+    for part in _in_order(lambda shards: _part_index.remote(src, shards, settings), shard_parts(store),
+                          f"reduce {name}: plan", "parts", window):
+        plan.add(part)
+    classes = tuple(sorted(plan.classes))
+    n_times = plan.n_times
     lambdas = tuple(dict.fromkeys((settings.damping, *settings.lambdas)))
     perturbation_obs = tuple(sorted({p[1] for p in settings.pairs}))
+    n_rows = store.n_rows
+    reference_blocks = plan.reference_blocks(n_rows)
 
-    mom = _blockwise(lambda i, r: _moments.remote(src, r, tuple(sorted({settings.metric, *perturbation_obs}))),
-                     work.row_blocks(ref_rows, settings.block_rows), f"reduce {name}: metric", window)
+    mom = _blockwise(lambda i, span: _moments.remote(src, span, settings.reference_split,
+                                                     tuple(sorted({settings.metric, *perturbation_obs}))),
+                     reference_blocks, f"reduce {name}: metric", window)
     source = f"checkpoint {name}: metric {settings.metric}"
     probe_metric = Metric.from_moments(mom[settings.metric], source)
     metric = probe_metric if settings.metric_estimator == "probes" else \
@@ -153,18 +182,12 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
                                len(classes))
     reducer_ref = ray.put(reducer)
 
-    keep = response | perturbation
-    class_index = pc.index_in(index.column("class"), value_set=pa.array(classes)).to_numpy()
-    agg = index.append_column("class_index", pa.array(class_index)) \
-               .append_column("response", pa.array(response)) \
-               .append_column("perturbation", pa.array(perturbation)).filter(pa.array(keep))
-    blocks = [agg.slice(a, b - a) for a, b in
-              work.trajectory_blocks(agg.column("trajectory").to_numpy(), settings.block_rows)]
-    pert = _blockwise(lambda i, b: _perturbation.remote(src, b, n_times, reducer_ref), blocks,
-                      f"reduce {name}: perturbation sums", window)
+    blocks = plan.trajectory_blocks(n_rows)
+    pert = _blockwise(lambda i, span: _perturbation.remote(src, span, settings, classes, n_times, reducer_ref),
+                      blocks, f"reduce {name}: perturbation sums", window)
     pert_ref = ray.put(pert)
-    resp = _blockwise(lambda i, b: _response.remote(src, b, n_times, reducer_ref, pert_ref, out,
-                                                    f"part-{i:06d}", classes),
+    resp = _blockwise(lambda i, span: _response.remote(src, span, settings, classes, n_times, reducer_ref,
+                                                       pert_ref, out, f"part-{i:06d}"),
                       blocks, f"reduce {name}: response pass", window)
     arrays = work.finalize_variants(reducer, resp, pert)
     labels = {"lambda": list(lambdas), "pair": list(settings.pairs), "normalization": list(settings.normalize),
@@ -191,8 +214,8 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     out.write_table(f"lag_stats.parquet/checkpoint={name}/part-0.parquet",
                     ray.get(_lag_tables.remote(out, name, reducer_ref, classes)))
 
-    summary = {"samples": len(rows), "response_samples": int(response.sum()),
-               "perturbation_samples": int(perturbation.sum()), "reference_samples": mom[settings.metric].count,
+    summary = {"samples": plan.samples, "response_samples": plan.response,
+               "perturbation_samples": plan.perturbation, "reference_samples": mom[settings.metric].count,
                "classes": list(classes), "n_times": n_times, "lambdas": list(lambdas),
                "metric_top_eigenvalue": float(metric.eigenvalues[0]), "metric_clipped": metric.clipped,
                "metric_vectors": mom[settings.metric].vectors,
@@ -203,19 +226,17 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
         print(f"warning: reduce, checkpoint {name}: {warning['message']}. Remedy: {warning['remedy']}.",
               file=sys.stderr, flush=True)
     inverse = metric.inverse(settings.damping)
-    summary["tiles"] = _tiles(store, name, src, settings, inverse, out)
-    summary["topk"] = _topk_lists(store, name, src, settings, inverse, ref_rows, index, out)
-    summary["distance"] = _distance_curve(store, name, src, settings, reducer_ref, rows[response],
-                                          rows[perturbation], out)
+    summary["tiles"] = _tiles(name, src, settings, inverse, plan, out)
+    summary["topk"] = _topk_lists(name, src, settings, inverse, plan, reference_blocks, out)
+    summary["distance"] = _distance_curve(store, name, src, settings, reducer_ref, plan, window, out)
     summary["seconds"] = round(time.monotonic() - started, 2)
     return summary
 
 
-def _tiles(store, name, src, settings, inverse, out) -> dict:
+def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
     if settings.tile_max == 0:
         return {"skipped": "reduce.tile_max = 0"}
-    rows_r = store.rows(name, settings.tile_rows or None)[: settings.tile_max]
-    rows_c = store.rows(name, settings.tile_cols or None)[: settings.tile_max]
+    rows_r, rows_c = plan.tile_rows, plan.tile_cols  # at most tile_max each
     if not len(rows_r) or not len(rows_c):
         return {"skipped": "a tile selection is empty"}
     size = settings.tile_size
@@ -236,25 +257,27 @@ def _tiles(store, name, src, settings, inverse, out) -> dict:
     return {"response_rows": len(rows_r), "perturbation_rows": len(rows_c), "entries": int(entries)}
 
 
-def _topk_lists(store, name, src, settings, inverse, ref_rows, index, out) -> dict:
+def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_blocks, out) -> dict:
     if settings.topk == 0:
         return {"skipped": "reduce.topk = 0"}
-    queries = store.rows(name, settings.topk_queries or None)
-    if not len(queries):
+    if not plan.queries:
         return {"skipped": "reduce.topk_queries selects no sample"}
-    chunks = work.row_blocks(queries, settings.tile_size)
-    refs = [_topk.remote(src, settings.pairs, inverse, q, ref_rows, settings.topk, settings.block_rows)
-            for q in chunks]
-    tables = [work.topk_table(q, res, index)
-              for q, res in zip(chunks, _run_all(refs, f"reduce {name}: top-k", "query blocks"))]
-    out.write_table(f"topk.parquet/checkpoint={name}/part-0.parquet", pa.concat_tables(tables))
-    return {"queries": len(queries), "candidates": len(ref_rows), "k": settings.topk}
+    refs = [_topk.remote(src, settings.pairs, inverse, span, settings.topk_queries, reference_blocks,
+                         settings.reference_split, settings.topk, out,
+                         f"topk.parquet/checkpoint={name}/part-{i:06d}.parquet")
+            for i, span in enumerate(plan.query_blocks(src.store.n_rows))]
+    _run_all(refs, f"reduce {name}: top-k", "query blocks")
+    return {"queries": plan.queries, "candidates": plan.reference, "k": settings.topk}
 
 
-def _distance_curve(store, name, src, settings, reducer_ref, resp_rows, pert_rows, out) -> dict:
+def _distance_curve(store, name, src, settings, reducer_ref, plan: work.BlockPlan, window: int, out) -> dict:
     if settings.distance_pairs == 0:
         return {"skipped": "reduce.distance_pairs = 0"}
-    rows_i, rows_j = sample_pairs(resp_rows, pert_rows, settings.distance_pairs, settings.seed)
+    ranks = pair_ranks(plan.response, plan.perturbation, settings.distance_pairs, settings.seed)
+    rows_i, rows_j = (_rows_of_ranks(src, plan, key, getattr(settings, key), r, window) for key, r in
+                      (("response", ranks[0]), ("perturbation", ranks[1])))
+    keep = rows_i != rows_j
+    rows_i, rows_j = rows_i[keep], rows_j[keep]
     dataset_url = store.spec.dataset.get("url", "")
     try:
         pairs, curve = ray.get(_distance.remote(src, reducer_ref, settings.damping, rows_i, rows_j,
@@ -266,6 +289,23 @@ def _distance_curve(store, name, src, settings, reducer_ref, resp_rows, pert_row
     out.write_table(f"distance_pairs.parquet/checkpoint={name}/part-0.parquet", pairs)
     out.write_table(f"distance_curve.parquet/checkpoint={name}/part-0.parquet", curve)
     return {"pairs": len(rows_i), "dataset": dataset_url}
+
+
+def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.ndarray, window: int) -> np.ndarray:
+    """The rows at positions ``ranks`` of selection ``key`` (response or perturbation, of
+    filter ``where``), looked up in the parts that hold them."""
+    rows = np.zeros(len(ranks), np.int64)
+    jobs, first = [], 0
+    for part in plan.parts:
+        count = part[key]
+        inside = np.flatnonzero((ranks >= first) & (ranks < first + count))
+        if len(inside):
+            jobs.append((part["shards"], inside, ranks[inside] - first))
+        first += count
+    for (_, inside, _), found in zip(jobs, _in_order(lambda job: _rows_at.remote(src, job[0], where, job[2]), jobs,
+                                                     "reduce: distance pairs", "parts", window)):
+        rows[inside] = found
+    return rows
 
 
 # --------------------------------------------------------------------------- across checkpoints
@@ -310,15 +350,23 @@ def tasks_in_flight() -> int:
 def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The reduce stage (see reduce/__init__.py for what it writes). Restartable: checkpoints
-    finished with the same settings are kept; summary.json is written last."""
-    from gradlake.store import GradientStore
+    finished with the same settings are kept; summary.json is written last. The settings
+    are checked first, then the driver takes the lease on the output folder (a second reduce
+    of the same name is refused with InputError, nothing written)."""
+    from gradlake.store import GradientStore, Lease
 
-    started = time.monotonic()
     so = dict(storage_options or {})
     store = GradientStore.open(store_url, so or None)
     names = check_settings(store, settings)
-    settings_hash = _settings_hash(store, settings)
     out = ReduceOutput(store.reduce_url(settings.name), so)
+    with Lease(out, f"reduce {settings.name!r}") as lease:
+        return _run(store, names, settings, ray_config, out, so, lease)
+
+
+def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig, out: ReduceOutput, so,
+         lease) -> dict[str, Any]:
+    started = time.monotonic()
+    settings_hash = _settings_hash(store, settings)
     out.remove(SUMMARY)
     done = {}
     for entry in out.ls("done"):  # fresh listing; a temp file of a killed write is not a record
@@ -326,7 +374,9 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
             record = out.read_json(f"done/{entry}")
             done[record["checkpoint"]] = record
     if any(r.get("settings") != settings_hash for r in done.values()):
-        out.remove("")  # another reduce's results under this name: replace them whole
+        for entry in out.ls(""):  # another reduce's results under this name: replace them whole
+            if entry != LEASE:
+                out.remove(entry)
         done = {}
     ensure_ray(ray_config.address, ray_config.num_cpus)
     window = tasks_in_flight()
@@ -335,6 +385,8 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
         if name in done:
             checkpoints[name] = done[name]["summary"]
             continue
+        if lease.lost:
+            raise GradlakeError(f"reduce: {lease.lost}; stopping (finished checkpoints are kept)")
         out.remove(f"done/{name}.json")
         for folder in PER_CHECKPOINT:
             out.remove(f"{folder}/checkpoint={name}")
@@ -347,6 +399,7 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
     exact = None
     if settings.exact.enabled:
         exact = _exact(store, settings, out, so)
+    out.consolidate()  # after every array of results.zarr (the exact mode's too)
     summary = {
         "complete": True, "name": settings.name, "store": store.url, "settings_hash": settings_hash,
         "gradlake_version": __version__, "settings": dataclasses.asdict(settings),
@@ -354,6 +407,8 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
         "warnings": [{"checkpoint": name, **w} for name, info in checkpoints.items() for w in info.get("warnings", [])],
         "seconds": round(time.monotonic() - started, 2), "url": out.url,
     }
+    if lease.lost:
+        raise GradlakeError(f"reduce: {lease.lost}; summary.json not written")
     out.write_json(SUMMARY, summary)
     return summary
 

@@ -18,6 +18,8 @@ sweep), pair ("CC", "MC", "EC": response A, perturbation B), normalization ("non
 response_class, perturbation_class (sorted names), t_response, t_perturbation (0..T-1);
 in exact/: pair, k, response and perturbation (the batch's sample rows).
 
+    lease.json                held while a reduce writes here (a second reduce of the
+                              same name is refused; see gradlake.store.lease)
     summary.json              written LAST: {"complete": true, settings, per-checkpoint
                               summaries (sample counts, metric top eigenvalue, metric_rank,
                               metric_vectors = reference samples × probes, warnings), exact,
@@ -25,6 +27,8 @@ in exact/: pair, k, response and perturbation (the batch's sample rows).
                               < k; "cliff": the spectrum drops 1e6× within 4 indices),
                               message, remedy, numbers}] (also on stderr and in the report)}
     done/<checkpoint>.json    a checkpoint's completion record (settings hash + summary)
+    results.zarr/             zarr v3; consolidated metadata in its root zarr.json (after
+                              every array: zarr.open_consolidated / xarray list it in one read)
     results.zarr/<checkpoint>/
       twotime             [lambda, pair, normalization, relation, class, t_response, t_perturbation]
                           mean H over pairs (i, j) with both samples of the class, i at

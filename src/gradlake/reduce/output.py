@@ -2,13 +2,15 @@
 
 Completion: ``summary.json`` is written last and a checkpoint's results are marked done by
 ``done/<checkpoint>.json`` after all of them are written; anything without its record is
-recomputed by the next run (see reduce/__init__.py for the layout).
+recomputed by the next run (see reduce/__init__.py for the layout). results.zarr's
+consolidated metadata is written after its last array, before summary.json.
 """
 
 from __future__ import annotations
 
 import io
 import posixpath
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,8 +51,17 @@ class ReduceOutput(fsio.Folder):
         return super().zarr_store(rel, read_only)
 
     def group(self, path: str = "") -> zarr.Group:
-        root = zarr.open_group(store=self.zarr_store(), mode="a")
+        # the live listing, never the consolidated one (stale while a run rewrites results)
+        root = zarr.open_group(store=self.zarr_store(), mode="a", use_consolidated=False)
         return root.require_group(path) if path else root
+
+    def consolidate(self) -> None:
+        """Write results.zarr's consolidated metadata (every group and array, in the root
+        zarr.json): call after the last array is written, so one read lists them all."""
+        self.group()  # results.zarr exists even when nothing was written into it
+        with warnings.catch_warnings():  # "not part of the v3 spec": zarr and xarray read it
+            warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(self.zarr_store())
 
     def write_array(self, path: str, values: np.ndarray, dims: tuple[str, ...],
                     coords: dict[str, Sequence] | None = None, **attrs) -> None:

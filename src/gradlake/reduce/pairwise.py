@@ -131,13 +131,19 @@ class TopK:
 def sample_pairs(rows_i: np.ndarray, rows_j: np.ndarray, n_pairs: int, seed: int = 0):
     """Up to ``n_pairs`` random pairs (i from rows_i, j from rows_j, i ≠ j), seeded."""
     rows_i, rows_j = np.asarray(rows_i, dtype=np.int64), np.asarray(rows_j, dtype=np.int64)
-    if not len(rows_i) or not len(rows_j) or n_pairs == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    rng = np.random.default_rng(seed)
-    i = rows_i[rng.integers(0, len(rows_i), n_pairs)]
-    j = rows_j[rng.integers(0, len(rows_j), n_pairs)]
+    ranks_i, ranks_j = pair_ranks(len(rows_i), len(rows_j), n_pairs, seed)
+    i, j = rows_i[ranks_i], rows_j[ranks_j]
     keep = i != j
     return i[keep], j[keep]
+
+
+def pair_ranks(n_i: int, n_j: int, n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The positions in rows_i and rows_j of :func:`sample_pairs`' draws (before dropping i = j),
+    so the rows can be looked up where they are stored."""
+    if not n_i or not n_j or n_pairs == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_i, n_pairs), rng.integers(0, n_j, n_pairs)
 
 
 def input_distance(x_i: np.ndarray, x_j: np.ndarray) -> np.ndarray:

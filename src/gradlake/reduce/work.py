@@ -38,33 +38,178 @@ class StoreRef:
     def __getstate__(self):
         return {**self.__dict__, "_store": None}
 
-    def read(self, observable: str, rows: np.ndarray) -> np.ndarray:
+    @property
+    def store(self):
         if self._store is None:
             from gradlake.store import GradientStore
 
             self._store = GradientStore.open(self.url, self.storage_options or None)
-        return self._store.read(self.checkpoint, observable, rows)
+        return self._store
+
+    def read(self, observable: str, rows: np.ndarray) -> np.ndarray:
+        return self.store.read(self.checkpoint, observable, rows)
+
+    def samples(self, shards: tuple[int, int], where: str = "", columns=None) -> pa.Table:
+        """Committed samples of shards [first, stop) matching ``where`` (filter language,
+        pushed into the scan of only those shards' files)."""
+        return self.store.samples(self.checkpoint, where or None, shards=shards, columns=columns)
+
+    def span_samples(self, span: tuple[int, int], where: str = "", columns=None) -> pa.Table:
+        """Committed samples of rows [lo, hi) matching ``where``."""
+        lo, hi = span
+        shard_rows = self.store.spec.shard_rows
+        rows = f"row >= {lo} and row < {hi}"
+        return self.samples((lo // shard_rows, (hi - 1) // shard_rows + 1),
+                            f"({where}) and {rows}" if where.strip() else rows, columns)
 
 
 # --------------------------------------------------------------------------- planning
-def trajectory_blocks(trajectory: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
-    """(start, stop) ranges over rows sorted by trajectory, cut only between trajectories,
-    of about ``block_rows`` rows each (one trajectory longer than that is one block)."""
-    trajectory = np.asarray(trajectory)
-    if not len(trajectory):
-        return []
-    starts = np.flatnonzero(np.r_[True, trajectory[1:] != trajectory[:-1]])
-    bounds, begin = [], 0
-    for s in starts[1:]:
-        if s - begin >= block_rows:
-            bounds.append((begin, int(s)))
-            begin = int(s)
-    bounds.append((begin, len(trajectory)))
-    return bounds
-
-
 def row_blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
     return [rows[i:i + block_rows] for i in range(0, len(rows), block_rows)]
+
+
+def matches(table: pa.Table, where: str) -> np.ndarray:
+    """Boolean mask of the rows of a samples ``table`` selected by ``where`` ("" = all)."""
+    if not where.strip():
+        return np.ones(table.num_rows, dtype=bool)
+    from gradlake.store.filters import parse_where
+
+    rows = table.column("row").to_numpy()
+    return np.isin(rows, table.filter(parse_where(where, table.schema)).column("row").to_numpy())
+
+
+@dataclass
+class PartIndex:
+    """What the planner needs of one part (a shard range) of the samples table: selected
+    rows per selection, sorted (transient: the driver folds it into a :class:`BlockPlan`)."""
+
+    shards: tuple[int, int]
+    samples: int
+    classes: tuple[str, ...]
+    max_t: int
+    reference: np.ndarray
+    response: int  # counts of the aggregate selections
+    perturbation: int
+    kept: np.ndarray  # rows in the response or perturbation selection ...
+    kept_trajectory: np.ndarray  # ... and their trajectories
+    queries: np.ndarray  # top-k query rows
+    tile_rows: np.ndarray  # at most tile_max rows of each tile selection
+    tile_cols: np.ndarray
+
+
+def part_index(src: StoreRef, shards: tuple[int, int], settings) -> PartIndex:
+    """Scan one part's sample rows (filters applied in memory on the part) for the planner."""
+    table = src.samples(shards)
+    rows = table.column("row").to_numpy().astype(np.int64)
+    response, perturbation = matches(table, settings.response), matches(table, settings.perturbation)
+    keep = response | perturbation
+
+    def selected(where: str, limit=None) -> np.ndarray:
+        return rows[matches(table, where)][:limit]
+
+    return PartIndex(
+        shards=shards, samples=len(rows),
+        classes=tuple(np.unique(table.column("class").to_numpy(zero_copy_only=False)).tolist()),
+        max_t=int(table.column("t").to_numpy().max()) if len(rows) else -1,
+        reference=rows[matches(table, f"split == '{settings.reference_split}'")],
+        response=int(response.sum()), perturbation=int(perturbation.sum()), kept=rows[keep],
+        kept_trajectory=table.column("trajectory").to_numpy()[keep],
+        queries=selected(settings.topk_queries) if settings.topk else rows[:0],
+        tile_rows=selected(settings.tile_rows, settings.tile_max),
+        tile_cols=selected(settings.tile_cols, settings.tile_max))
+
+
+class BlockPlan:
+    """The reduce's blocks, planned from the parts of the samples table fed in row order,
+    holding O(blocks) numbers (never a row per sample):
+
+    - ``reference_blocks``: row spans [lo, hi) of ``block_rows`` reference rows each (the
+      metric pass and the top-k candidates), as :func:`row_blocks` cuts the reference rows;
+    - ``trajectory_blocks``: row spans of the aggregate passes' blocks of whole trajectories,
+      about ``block_rows`` selected rows each, cut only where a trajectory starts: a block
+      ends at the first trajectory start at least ``block_rows`` selected rows after its own;
+    - ``query_blocks``: row spans of ``query_rows`` top-k queries each;
+    - the first ``tile_max`` rows of each tile selection, the counts, classes and n_times.
+    """
+
+    def __init__(self, block_rows: int, query_rows: int, tile_max: int):
+        self.block_rows, self.query_rows, self.tile_max = block_rows, query_rows, tile_max
+        self.samples = self.response = self.perturbation = self.queries = 0
+        self.parts: list[dict] = []  # per part: shards, response and perturbation counts
+        self.classes: set[str] = set()
+        self.n_times = 0
+        self._reference = _RankCuts(block_rows)
+        self._query = _RankCuts(query_rows)
+        self._cuts: list[int] = []  # first row of each trajectory block
+        self._kept = 0  # selected rows so far
+        self._begin = 0  # position (among them) of the block being filled
+        self._last_trajectory = None
+        self.tile_rows, self.tile_cols = np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def add(self, part: PartIndex) -> None:
+        """Fold in the next part (parts in row order)."""
+        self.samples += part.samples
+        self.response += part.response
+        self.perturbation += part.perturbation
+        self.parts.append({"shards": part.shards, "response": part.response, "perturbation": part.perturbation})
+        self.classes.update(part.classes)
+        self.n_times = max(self.n_times, part.max_t + 1)
+        self._reference.add(part.reference)
+        self._query.add(part.queries)
+        self.queries += len(part.queries)
+        self.tile_rows = np.r_[self.tile_rows, part.tile_rows][: self.tile_max]
+        self.tile_cols = np.r_[self.tile_cols, part.tile_cols][: self.tile_max]
+        trajectory = np.asarray(part.kept_trajectory)
+        if not len(trajectory):
+            return
+        new = np.r_[trajectory[0] != self._last_trajectory, trajectory[1:] != trajectory[:-1]]
+        for position in np.flatnonzero(new):
+            start = self._kept + int(position)
+            if not self._cuts:
+                self._cuts.append(int(part.kept[position]))
+            elif start - self._begin >= self.block_rows:
+                self._cuts.append(int(part.kept[position]))
+                self._begin = start
+        self._kept += len(trajectory)
+        self._last_trajectory = trajectory[-1]
+
+    @property
+    def reference(self) -> int:
+        return self._reference.count
+
+    def reference_blocks(self, n_rows: int) -> list[tuple[int, int]]:
+        return self._reference.spans(n_rows)
+
+    def query_blocks(self, n_rows: int) -> list[tuple[int, int]]:
+        return self._query.spans(n_rows)
+
+    def trajectory_blocks(self, n_rows: int) -> list[tuple[int, int]]:
+        return _spans(self._cuts, n_rows)
+
+
+class _RankCuts:
+    """Row spans holding ``size`` selected rows each, from the selected rows fed in order."""
+
+    def __init__(self, size: int):
+        self.size, self.count, self.starts = size, 0, []
+
+    def add(self, rows: np.ndarray) -> None:
+        first = (-self.count) % self.size  # position of the next block's first row in ``rows``
+        self.starts.extend(int(r) for r in rows[first::self.size])
+        self.count += len(rows)
+
+    def spans(self, n_rows: int) -> list[tuple[int, int]]:
+        return _spans(self.starts, n_rows)
+
+
+def _spans(starts: list[int], n_rows: int) -> list[tuple[int, int]]:
+    return [(lo, hi) for lo, hi in zip(starts, [*starts[1:], n_rows])]
+
+
+def rows_at(src: StoreRef, shards: tuple[int, int], where: str, ranks: np.ndarray) -> np.ndarray:
+    """The rows at positions ``ranks`` among the rows of ``where`` in ``shards``."""
+    rows = src.samples(shards)
+    return rows.column("row").to_numpy()[matches(rows, where)][np.asarray(ranks, dtype=np.int64)]
 
 
 # --------------------------------------------------------------------------- additive results
@@ -112,13 +257,34 @@ class OrderedSum:
 
 
 # --------------------------------------------------------------------------- passes
-def moments_work(src: StoreRef, rows: np.ndarray, observables: tuple[str, ...]) -> dict[str, Moments]:
-    """Reference-set moments of each observable over ``rows``."""
+def reference_rows(src: StoreRef, span: tuple[int, int], reference_split: str) -> pa.Table:
+    """Row, trajectory, t and class of the reference samples in rows [lo, hi)."""
+    return src.span_samples(span, f"split == '{reference_split}'", ["row", "trajectory", "t", "class"])
+
+
+def moments_work(src: StoreRef, span: tuple[int, int], reference_split: str,
+                 observables: tuple[str, ...]) -> dict[str, Moments]:
+    """Reference-set moments of each observable over the reference rows in ``span``."""
+    rows = reference_rows(src, span, reference_split).column("row").to_numpy().astype(np.int64)
     out = {}
     for obs in observables:
         phi = src.read(obs, rows)
         out[obs] = Moments(phi.shape[-1]).add(phi)
     return out
+
+
+def block_table(src: StoreRef, span: tuple[int, int], settings, classes: tuple[str, ...]) -> pa.Table:
+    """The samples of an aggregate block (rows [lo, hi) in the response or perturbation
+    selection) with their class index and selection flags (columns BLOCK_COLUMNS)."""
+    import pyarrow.compute as pc
+
+    table = src.span_samples(span)
+    response, perturbation = matches(table, settings.response), matches(table, settings.perturbation)
+    class_index = pc.index_in(table.column("class"), value_set=pa.array(classes)).to_numpy()
+    return table.select(["row", "trajectory", "t", "class", "split"]) \
+                .append_column("class_index", pa.array(class_index)) \
+                .append_column("response", pa.array(response)) \
+                .append_column("perturbation", pa.array(perturbation)).filter(pa.array(response | perturbation))
 
 
 def _block(table: pa.Table, n_times: int) -> TrajectoryBlock:
@@ -132,17 +298,18 @@ def _phis(src: StoreRef, block: TrajectoryBlock, observables) -> dict[str, np.nd
     return {obs: src.read(obs, block.rows) for obs in observables}
 
 
-def perturbation_work(src: StoreRef, table: pa.Table, n_times: int, reducer: AggregateReducer) -> dict:
-    """Aggregate pass 1 on one block: perturbation group sums per variant."""
-    block = _block(table, n_times)
+def perturbation_work(src: StoreRef, span: tuple[int, int], settings, classes: tuple[str, ...], n_times: int,
+                      reducer: AggregateReducer) -> dict:
+    """Aggregate pass 1 on one block (rows [lo, hi)): perturbation group sums per variant."""
+    block = _block(block_table(src, span, settings, classes), n_times)
     return reducer.perturbation(block, _phis(src, block, reducer.observables))
 
 
-def response_work(src: StoreRef, table: pa.Table, n_times: int, reducer: AggregateReducer,
-                  perturbation: dict, out: ReduceOutput, part: str,
-                  class_names: tuple[str, ...]) -> dict[Any, Sums]:
-    """Aggregate pass 2 on one block: returns its Sums per variant; writes the block's
-    per-trajectory lag curves and per-sample self-influence as Parquet parts ``part``."""
+def response_work(src: StoreRef, span: tuple[int, int], settings, class_names: tuple[str, ...], n_times: int,
+                  reducer: AggregateReducer, perturbation: dict, out: ReduceOutput, part: str) -> dict[Any, Sums]:
+    """Aggregate pass 2 on one block (rows [lo, hi)): returns its Sums per variant; writes the
+    block's per-trajectory lag curves and per-sample self-influence as Parquet parts ``part``."""
+    table = block_table(src, span, settings, class_names)
     block = _block(table, n_times)
     results, diagonal = reducer.response(block, _phis(src, block, reducer.observables), perturbation)
     L = 2 * n_times - 1
@@ -266,18 +433,35 @@ def tile_work(src: StoreRef, pair: str, inverse: np.ndarray, rows_a: np.ndarray,
     return a.shape[0] * col0
 
 
-def topk_work(src: StoreRef, pairs: tuple[str, ...], inverse: np.ndarray, queries: np.ndarray,
-              candidates: np.ndarray, k: int, block_rows: int) -> dict[str, dict[str, np.ndarray]]:
-    """Top-k / bottom-k of H_AB(query, ·) over the candidates, merged block by block."""
-    out = {}
-    blocks = row_blocks(candidates, block_rows)
-    for pair in pairs:
-        a = precondition(src.read(pair[0], queries), inverse)
-        top = TopK(queries, k)
-        for block, phi_b in zip(blocks, prefetched(lambda rows: src.read(pair[1], rows), blocks)):
-            top.update(tile(a, phi_b), block)
-        out[pair] = top.result()
-    return out
+def topk_work(src: StoreRef, pairs: tuple[str, ...], inverse: np.ndarray, query_span: tuple[int, int],
+              query_where: str, candidate_spans: list, reference_split: str, k: int, out: ReduceOutput,
+              path: str) -> int:
+    """Top-k / bottom-k of H_AB(query, ·) over the reference samples (candidates), for the
+    queries in rows [lo, hi), merged block by block; written as the Parquet file ``path``
+    (see :func:`topk_table`). Returns the number of queries."""
+    query_labels = src.span_samples(query_span, query_where, ["row", "trajectory", "t", "class"])
+    queries = query_labels.column("row").to_numpy().astype(np.int64)
+    labels = [query_labels]  # of the queries and of the candidates listed so far
+
+    def read(span):
+        table = reference_rows(src, span, reference_split)
+        return table, {obs: src.read(obs, table.column("row").to_numpy()) for obs in {p[1] for p in pairs}}
+
+    tops = {pair: TopK(queries, k) for pair in pairs}
+    heads = {pair: precondition(src.read(pair[0], queries), inverse) for pair in pairs}
+    for table, phis in prefetched(read, candidate_spans):
+        rows = table.column("row").to_numpy().astype(np.int64)
+        for pair in pairs:
+            tops[pair].update(tile(heads[pair], phis[pair[1]]), rows)
+        listed = np.concatenate([res[f"{kind}_ids"].ravel() for res in (top.result() for top in tops.values())
+                                 for kind in ("top", "bottom")])
+        candidates = pa.concat_tables([*labels[1:], table])  # keep the labels of listed ones only
+        labels = [labels[0], candidates.filter(pa.array(np.isin(candidates.column("row").to_numpy(), listed)))]
+    results = {pair: top.result() for pair, top in tops.items()}
+    index = pa.concat_tables(labels)
+    _, first = np.unique(index.column("row").to_numpy(), return_index=True)  # queries may be candidates
+    out.write_table(path, topk_table(queries, results, index.take(pa.array(first))))
+    return len(queries)
 
 
 def topk_table(queries: np.ndarray, results: dict[str, dict[str, np.ndarray]], index: pa.Table) -> pa.Table:

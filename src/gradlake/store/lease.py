@@ -1,4 +1,5 @@
-"""The writing driver's lease on a store: one driver writes a store at a time.
+"""The writing driver's lease on a folder: one driver writes a store (or one reduce's
+output folder) at a time.
 
 ``<root>/lease.json`` holds {owner, expires (unix seconds), acquired, renewed}. A driver
 takes the lease before it writes anything and renews it while it runs (a thread); a second
@@ -19,6 +20,7 @@ import time
 import uuid
 from typing import Any
 
+from gradlake import fsio
 from gradlake.errors import GradlakeError, InputError
 from gradlake.store import layout
 
@@ -29,7 +31,7 @@ SETTLE_S = 0.5
 class Lease:
     """A held lease; use as a context manager (renewed in the background, released on exit)."""
 
-    def __init__(self, files: layout.StoreFiles, purpose: str, ttl_s: float = TTL_S,
+    def __init__(self, files: fsio.Folder, purpose: str, ttl_s: float = TTL_S,
                  settle_s: float = SETTLE_S):
         self.files, self.purpose, self.ttl_s, self.settle_s = files, purpose, ttl_s, settle_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -103,9 +105,9 @@ class Lease:
     def _refusal(self, held: dict[str, Any]) -> InputError:
         left = max(0.0, held.get("expires", 0) - time.time())
         return InputError(
-            f"{self.files.url}: the store is being written by {held.get('owner')} "
+            f"{self.files.url}: being written by {held.get('owner')} "
             f"({held.get('purpose', 'a driver')}; its lease expires in {left:.0f} s unless renewed); "
-            "wait for it to finish, or delete lease.json if that driver is gone")
+            f"wait for it to finish, or delete {layout.LEASE} there if that driver is gone")
 
 
 def _gone(owner: str) -> bool:

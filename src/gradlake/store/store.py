@@ -196,11 +196,13 @@ class GradientStore:
     # The samples table.
     def samples(self, checkpoint: str | None = None, where: str | pc.Expression | None = None,
                 *, classes=None, splits=None, trajectories=None, t_min=None, t_max=None,
-                columns: list[str] | None = None) -> pa.Table:
+                shards: tuple[int, int] | None = None, columns: list[str] | None = None) -> pa.Table:
         """Committed samples of one checkpoint, sorted by row, filtered.
 
         Columns: row, trajectory, t, class, split, shard, loss, norm_<obs>..., checkpoint.
         ``where`` is a pyarrow expression or a string in the language of store.filters.
+        ``shards`` = [first, stop) reads only the files holding those shards (a part of a
+        large store costs the part, not a look at every file).
         """
         name = self.checkpoint(checkpoint)
         schema = self._samples_dataset_schema()
@@ -210,8 +212,13 @@ class GradientStore:
             where, filters.select(classes, splits, trajectories, t_min, t_max)
         )
         groups = compacted_shards(self._meta, name)
-        compacted = set().union(*groups.values())
         parts = sorted(self._uncompacted(name))
+        if shards is not None:
+            first, stop = shards
+            expr = filters.combine(expr, (pc.field("shard") >= first) & (pc.field("shard") < stop))
+            groups = {g: held for g, held in groups.items() if any(first <= s < stop for s in held)}
+            parts = [s for s in parts if first <= s < stop]
+        compacted = set().union(*groups.values())
         tables = []
         if groups:  # a file may hold shards its record does not list yet (compaction cut short)
             paths = [layout.samples_file(name, g) for g in sorted(groups)]
