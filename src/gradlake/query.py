@@ -183,17 +183,11 @@ def shard_parts(store: GradientStore, parts: int | None = None) -> list[tuple[in
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _in_shards(where: str, shards: tuple[int, int]) -> str:
-    """``where`` restricted to shards [first, stop), in the filter language (pushed into the scan)."""
-    within = f"shard >= {shards[0]} and shard < {shards[1]}"
-    return f"({where}) and {within}" if where.strip() else within
-
-
 def part_moments(store: GradientStore, checkpoint: str, observable: str, where: str,
                  shards: tuple[int, int], block_rows: int) -> Moments:
     """Moments of the ``observable`` φ's of the rows of ``where`` in ``shards``."""
     moments = Moments(store.k)
-    rows = store.rows(checkpoint, _in_shards(where, shards))
+    rows = store.rows(checkpoint, where.strip() or None, shards=shards)
     for _, phi in store.iter_blocks(checkpoint, observable, rows, block_rows):
         moments.add(phi)
     return moments
@@ -240,7 +234,7 @@ def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> 
 
     Reads up to READ_AHEAD blocks of candidate rows in threads while one is scored."""
     best = TopK(plan.query_rows, plan.k, plan.exclude_self)
-    candidates = store.samples(plan.checkpoint, _in_shards(plan.candidates, shards), columns=LABELS)
+    candidates = store.samples(plan.checkpoint, plan.candidates.strip() or None, shards=shards, columns=LABELS)
     rows = candidates.column("row").to_numpy().astype(np.int64)
     store.load_indices(plan.checkpoint, plan.observable, rows)
     blocks = row_blocks(rows, plan.block_rows)
