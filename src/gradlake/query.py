@@ -18,6 +18,7 @@ import os
 import posixpath
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,17 +162,30 @@ Mapper = Callable[[Callable[..., Any], list[tuple]], list]
 
 def in_process(store: GradientStore, workers: int | None = None) -> Mapper:
     """The mapper that runs the parts here, ``workers`` at a time (default: one per core) in
-    threads. Reads, casts and GEMMs release the GIL, so parts overlap on the cores; BLAS is
-    held to one thread meanwhile, as its spinning threads would fight the parts for them."""
-    from threadpoolctl import threadpool_limits
-
+    threads. Reads, casts and GEMMs release the GIL, so parts overlap on the cores."""
     workers = workers or os.cpu_count() or 1
 
     def run(fn, args):
-        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+        with one_thread_per_call(), ThreadPoolExecutor(workers) as pool:
             return list(pool.map(lambda a: fn(store, *a), args))
 
     return run
+
+
+@contextmanager
+def one_thread_per_call():
+    """BLAS and torch held to one thread per call, process-wide, while parts run in threads:
+    their pools' spinning threads would otherwise fight the parts for the cores."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def shard_parts(store: GradientStore, parts: int | None = None) -> list[tuple[int, int]]:

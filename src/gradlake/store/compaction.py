@@ -31,6 +31,9 @@ from gradlake.progress import progress
 from gradlake.store import layout
 from gradlake.store.store import GradientStore, compacted_shards, read_metadata, shard_ranges
 
+ROW_GROUP_ROWS = 1 << 16  # rows of one row group: a scan of some shards or rows (a part of a
+# query, a block of the reduce) decodes only the row groups their statistics can hold
+
 
 def compact(store: GradientStore, groups: dict[str, set[int]] | None = None,
             after_files: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -64,7 +67,7 @@ def compact(store: GradientStore, groups: dict[str, set[int]] | None = None,
                                         filesystem=files.fs))
             table = pa.concat_tables(tables).sort_by("row").replace_schema_metadata(None)
             buffer = io.BytesIO()
-            pq.write_table(table, buffer)
+            pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
             files.write_bytes(layout.samples_file(name, group), buffer.getvalue())
             compacted[group] = compacted.get(group, set()) | set(shards)
             bar.update(1)

@@ -51,7 +51,6 @@ class ShardEncoder:
 
 
 MISSING = 2**64 - 1  # offset and length of a chunk that a shard does not store
-TORCH_GRAIN = 32768  # elements: torch copies tensors up to this size in the calling thread
 
 
 class ShardReader:
@@ -188,14 +187,10 @@ class ShardReader:
 
 
 def _cast_into(out: np.ndarray, values: np.ndarray) -> None:
-    """out[...] = values as float32, with torch's vectorised cast (~7x numpy's), in slices
-    small enough that torch runs each in the calling thread: reads run in parallel threads
-    already, and torch's own thread pool would spin against them."""
+    """out[...] = values as float32 (one chunk at most), with torch's vectorised cast:
+    ~25x numpy's, and one release of the GIL per chunk."""
     import torch
 
-    rows = max(1, TORCH_GRAIN // max(1, values[0].size if len(values) else 1))
     with warnings.catch_warnings():  # the fetched bytes are read-only; nothing writes to them
         warnings.simplefilter("ignore", UserWarning)
-        target, source = torch.from_numpy(out), torch.from_numpy(np.ascontiguousarray(values))
-        for start in range(0, len(values), rows):
-            target[start:start + rows].copy_(source[start:start + rows])
+        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(values)))
