@@ -7,6 +7,8 @@ gradlake.distributed.reduce_tasks only call these. Nothing here imports Ray.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -404,19 +406,31 @@ def lag_tables(out: ReduceOutput, checkpoint: str, reducer: AggregateReducer,
 
 
 # --------------------------------------------------------------------------- pairwise
+_readers: ThreadPoolExecutor | None = None
+_readers_lock = threading.Lock()
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    """The process's reader threads, shared by every pass and part: made once, so neither
+    the threads nor the allocator arenas they fill are made anew per part."""
+    global _readers
+    with _readers_lock:
+        if _readers is None:
+            _readers = ThreadPoolExecutor(4 * (os.cpu_count() or 1), thread_name_prefix="gradlake-read")
+        return _readers
+
+
 def prefetched(read, blocks: list, depth: int = 1):
     """``read(block)`` for each block in order, reading up to ``depth`` blocks ahead in
     threads while the caller computes on the current one (matmuls release the GIL; on
     object stores several reads in flight multiply the bandwidth)."""
-    if not blocks:
-        return
-    with ThreadPoolExecutor(depth) as pool:
-        ahead = deque(pool.submit(read, block) for block in blocks[:depth])
-        for i in range(len(blocks)):
-            data = ahead.popleft().result()
-            if i + depth < len(blocks):
-                ahead.append(pool.submit(read, blocks[i + depth]))
-            yield data
+    pool = _reader_pool()
+    ahead = deque(pool.submit(read, block) for block in blocks[:depth])
+    for i in range(len(blocks)):
+        data = ahead.popleft().result()
+        if i + depth < len(blocks):
+            ahead.append(pool.submit(read, blocks[i + depth]))
+        yield data
 
 
 def tile_work(src: StoreRef, pair: str, inverse: np.ndarray, rows_a: np.ndarray, col_blocks: list,
