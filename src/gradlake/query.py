@@ -252,7 +252,7 @@ def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> 
     rows = candidates.column("row").to_numpy().astype(np.int64)
     store.load_indices(plan.checkpoint, plan.observable, rows)
     blocks = row_blocks(rows, plan.block_rows)
-    read = lambda block: store.read(plan.checkpoint, plan.observable, block)  # noqa: E731
+    read = lambda block: store.read(plan.checkpoint, plan.observable, block, dtype=store.spec.dtype)  # noqa: E731
     for block, phi in zip(blocks, prefetched(read, blocks, READ_AHEAD)):
         best.update(tile(plan.queries, phi), block)
     result = best.result()

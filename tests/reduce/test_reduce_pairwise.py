@@ -90,3 +90,16 @@ def test_topk_merged_from_parts_equals_one_pass():
         order = ok[np.argsort(-ref[q, ok])]
         assert a["top_ids"][q].tolist() == order[:5].tolist()
         assert a["bottom_ids"][q].tolist() == order[::-1][:5].tolist()
+
+
+def test_tile_of_stored_float16_rows_equals_the_float32_product(monkeypatch):
+    """Narrow candidate rows are cast slice by slice (several slices here): the same H."""
+    import gradlake.reduce.pairwise as pairwise
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((5, 12)).astype(np.float32)
+    b = rng.standard_normal((50, 12)).astype(np.float16)
+    monkeypatch.setattr(pairwise, "CAST_BYTES", 7 * 12 * 4)  # 7 rows a slice: 8 slices, the last short
+    expected = a.astype(np.float64) @ b.astype(np.float64).T
+    np.testing.assert_allclose(tile(a, b), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tile(a, b), tile(a, b.astype(np.float32)), rtol=1e-6, atol=1e-6)

@@ -80,6 +80,8 @@ def test_round_trip_reads_what_was_written(full_store):
     blocks = list(store.iter_blocks("epoch-1", "C", rows=rows, block_rows=2))
     assert [len(r) for r, _ in blocks] == [2, 2, 1]
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), expected_c[rows])
+    stored = store.read("epoch-1", "C", rows, dtype=np.float16)  # as stored, not cast
+    assert stored.dtype == np.float16 and np.array_equal(stored, phis["C"].astype(np.float16)[rows])
     tensor = store.read("epoch-1", "C", rows, as_torch=True)
     assert tensor.dtype.is_floating_point and tuple(tensor.shape) == (5, K)
 

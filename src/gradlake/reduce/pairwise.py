@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradlake.casting import cast_into
 from gradlake.errors import InputError
 
 
@@ -22,10 +23,25 @@ def precondition(phi: np.ndarray, inverse: np.ndarray, dtype=np.float32) -> np.n
     return (np.asarray(phi, dtype=np.float64) @ inverse).astype(dtype, copy=False)
 
 
+CAST_BYTES = 1 << 20  # candidate rows cast at a time by tile(): the slice stays in cache
+
+
 def tile(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """H(i, j) = a_i · b_j: preconditioned response rows [m, k] against raw perturbation rows
-    [n, k] (or whitened rows on both sides)."""
-    return a @ np.asarray(b, dtype=a.dtype).T
+    [n, k] (or whitened rows on both sides). ``b`` may be narrower than ``a`` (float16 as
+    stored): it is then cast a cache-sized slice at a time and multiplied there, never
+    copied whole to a's dtype (half the memory traffic, no fresh pages)."""
+    b = np.asarray(b)
+    if b.dtype == a.dtype:
+        return a @ b.T
+    h = np.empty((len(a), len(b)), dtype=a.dtype)
+    rows = max(1, CAST_BYTES // (a.dtype.itemsize * max(1, a.shape[1])))
+    wide = np.empty((min(rows, len(b)), a.shape[1]), dtype=a.dtype)
+    for start in range(0, len(b), rows):
+        part = b[start:start + rows]
+        cast_into(wide[:len(part)], part)
+        np.matmul(a, wide[:len(part)].T, out=h[:, start:start + len(part)])
+    return h
 
 
 class TopK:

@@ -18,7 +18,7 @@ from gradlake import fsio
 from gradlake.errors import GradlakeError, InputError
 from gradlake.store import filters, layout
 from gradlake.store.spec import StoreSpec
-from gradlake.store.zarr_shard import ShardReader
+from gradlake.store.zarr_shard import ShardReader, distinct
 
 INDEX_COLUMNS = ("row", "trajectory", "t", "class", "split")
 COMMIT_KEY = b"gradlake.commit"  # Parquet key-value metadata of a commit file: its record (JSON)
@@ -249,13 +249,15 @@ class GradientStore:
         return table.column("row").to_numpy().astype(np.int64)
 
     # The gradients.
-    def read(self, checkpoint: str | None, observable: str, rows=None, as_torch: bool = False):
+    def read(self, checkpoint: str | None, observable: str, rows=None, as_torch: bool = False,
+             dtype=np.float32):
         """φ rows of one checkpoint/observable as float32 [n, k] ([n, probes, k] for V).
 
         ``rows`` are sample rows in any order (None -> every committed sample, sorted).
+        ``dtype`` = the store's dtype (float16) returns the stored values, not cast.
         """
         name, rows = self._prepare(checkpoint, observable, rows)
-        return _as(self._read_rows(name, observable, rows), as_torch)
+        return _as(self._read_rows(name, observable, rows, dtype), as_torch)
 
     def iter_blocks(self, checkpoint: str | None, observable: str, rows=None,
                     block_rows: int = 4096, as_torch: bool = False) -> Iterator[tuple[np.ndarray, Any]]:
@@ -272,7 +274,7 @@ class GradientStore:
         """Fetch the chunk indices of the shards holding ``rows`` at once (concurrent reads on
         object stores), so reads of them that follow make one request per run of chunks."""
         name, rows = self._prepare(checkpoint, observable, rows)
-        self._reader(name, observable).load_indices(np.unique(self.spec.shard_of(rows)))
+        self._reader(name, observable).load_indices(distinct(self.spec.shard_of(rows)))
 
     def _prepare(self, checkpoint, observable, rows):
         name = self.checkpoint(checkpoint)
@@ -298,7 +300,7 @@ class GradientStore:
         if rows.min() < 0 or rows.max() >= self.spec.n_rows:
             bad = rows[(rows < 0) | (rows >= self.spec.n_rows)][0]
             raise InputError(f"row {bad}: out of range; store {self.url} has rows 0..{self.spec.n_rows - 1}")
-        shards = np.unique(self.spec.shard_of(rows))
+        shards = distinct(self.spec.shard_of(rows))
         missing = np.setdiff1d(shards, sorted(self.committed_shards(name)))
         if len(missing):
             raise GradlakeError(
@@ -325,12 +327,12 @@ class GradientStore:
             f"{self.url} (it holds splits {', '.join(self.spec.splits)})"
         )
 
-    def _read_rows(self, name: str, observable: str, rows: np.ndarray) -> np.ndarray:
+    def _read_rows(self, name: str, observable: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
         if len(rows) == 0:
-            return np.zeros((0, *self.spec.row_shape(observable)), dtype=np.float32)
+            return np.zeros((0, *self.spec.row_shape(observable)), dtype=dtype)
         increasing = bool(np.all(rows[1:] > rows[:-1]))
         unique, inverse = (rows, None) if increasing else np.unique(rows, return_inverse=True)
-        data = self._reader(name, observable).read(unique)
+        data = self._reader(name, observable).read(unique, dtype)
         if inverse is not None:
             data = data[inverse]
         # Written rows are finite (the writer refuses others), unwritten ones all fill (NaN):

@@ -11,13 +11,12 @@ Reads decode the same plain layout directly (:class:`ShardReader`); plain zarr r
 
 from __future__ import annotations
 
-import warnings
-
 import google_crc32c
 import numpy as np
 import zarr
 from zarr.storage import MemoryStore, StorePath
 
+from gradlake.casting import cast_into
 from gradlake.errors import GradlakeError
 
 
@@ -94,10 +93,10 @@ class ShardReader:
         key = self._metadata.encode_chunk_key((shard,) + (0,) * len(self.row_shape))
         return f"{self.root}/{key}"
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """float32 [len(rows), *row_shape] of sorted, unique ``rows`` (NaN where not stored)."""
-        out = np.empty((len(rows), *self.row_shape), dtype=np.float32)
-        chunks = np.unique(rows // self.chunk_rows)
+    def read(self, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """[len(rows), *row_shape] of sorted, unique ``rows`` in ``dtype`` (NaN where not stored)."""
+        out = np.empty((len(rows), *self.row_shape), dtype=dtype)
+        chunks = distinct(rows // self.chunk_rows)
         data = self._fetch(chunks)
         starts = np.searchsorted(rows, np.append(chunks, chunks[-1] + 1) * self.chunk_rows) if len(chunks) else []
         for chunk, lo, hi in zip(chunks, starts[:-1], starts[1:]):
@@ -106,14 +105,14 @@ class ShardReader:
                 continue
             local = rows[lo:hi] - int(chunk) * self.chunk_rows
             if local[-1] - local[0] == hi - lo - 1:  # a run of rows: a slice, no gather
-                _cast_into(out[lo:hi], values[local[0]:local[-1] + 1])
+                cast_into(out[lo:hi], values[local[0]:local[-1] + 1])
             else:
-                _cast_into(out[lo:hi], values[local])
+                cast_into(out[lo:hi], values[local])
         return out
 
     def _fetch(self, chunks: np.ndarray) -> dict[int, np.ndarray]:
         """Chunk -> its values (float16 view of the fetched bytes), checksums verified."""
-        self.load_indices(np.unique(chunks // self.chunks_per_shard))
+        self.load_indices(distinct(chunks // self.chunks_per_shard))
         runs = []  # (shard, first byte, end byte, [(chunk, offset, nbytes)])
         for chunk in map(int, chunks):
             shard, within = divmod(chunk, self.chunks_per_shard)
@@ -186,11 +185,9 @@ class ShardReader:
                              f"shard {chunk // self.chunks_per_shard}) is corrupt: {why}")
 
 
-def _cast_into(out: np.ndarray, values: np.ndarray) -> None:
-    """out[...] = values as float32 (one chunk at most), with torch's vectorised cast:
-    ~25x numpy's, and one release of the GIL per chunk."""
-    import torch
-
-    with warnings.catch_warnings():  # the fetched bytes are read-only; nothing writes to them
-        warnings.simplefilter("ignore", UserWarning)
-        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(values)))
+def distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique(values); on sorted input (every read of a pass) without hashing or sorting."""
+    values = np.asarray(values)
+    if len(values) and bool(np.all(values[1:] >= values[:-1])):
+        return values[np.r_[True, values[1:] != values[:-1]]]
+    return np.unique(values)
