@@ -2,6 +2,9 @@
 against a dense Jacobian on every minibatch, the statistics, the agreement report, restart, the CLI."""
 
 import json
+import os
+import socket
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -164,6 +167,13 @@ def test_exact_cli_writes_into_a_folder(setup, tmp_path):
               "--normalize", "none", "--device", "cpu", "--quiet"])
     assert exit_info.value.code in (0, None)
     assert json.loads((tmp_path / "x" / "exact.json").read_text())["batch_size"] == 1
+    assert not (tmp_path / "x" / "lease.json").exists()  # released
+    held = {"owner": f"{socket.gethostname()}:{os.getpid()}:other", "expires": time.time() + 60, "purpose": "x"}
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "lease.json").write_text(json.dumps(held))  # a live driver writes there
+    with pytest.raises(SystemExit) as exit_info:
+        main(["exact", "--checkpoint", ckpt, "--data", ds.url, "--out", str(tmp_path / "z"), "--quiet"])
+    assert exit_info.value.code == 2 and sorted(p.name for p in (tmp_path / "z").iterdir()) == ["lease.json"]
     with pytest.raises(SystemExit) as exit_info:
         main(["exact", "--checkpoint", ckpt, "--data", ds.url, "--out", str(tmp_path / "y"), "--split", "nope"])
     assert exit_info.value.code == 2

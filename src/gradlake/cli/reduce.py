@@ -109,7 +109,11 @@ def exact(
         from gradlake.store import GradientStore
 
         target = GradientStore.open(target, options or None).reduce_url(name)
+    from gradlake.reduce.output import ReduceOutput
+    from gradlake.store import Lease
+
     ensure_ray(job.ray.address, job.ray.num_cpus)
-    summary = run_exact(checkpoint, data, target, job.reduce.exact, job.reduce.damping, job.reduce.pairs,
-                        job.reduce.normalize, options or None)
+    with Lease(ReduceOutput(target, options or None), f"exact {name!r}"):  # one writer per folder
+        summary = run_exact(checkpoint, data, target, job.reduce.exact, job.reduce.damping, job.reduce.pairs,
+                            job.reduce.normalize, options or None)
     typer.echo(json.dumps({**summary, "out": target}, indent=2, default=str))
