@@ -38,7 +38,7 @@ from gradlake.store import GradientStore
 
 SAMPLE_COLUMNS = ["row", "trajectory", "t", "class", "split"]
 BLOCK_BYTES = 16 * 2**20  # φ of one block of a pass, as float32
-READ_AHEAD = 2  # blocks read in threads ahead of the one being scored
+READ_AHEAD = 1  # blocks read ahead of the one being scored (more in flight scatter a disk's reads)
 PART_ROWS = 2**18  # rows of one part of a pass by default (its candidates' labels stay in memory)
 
 
