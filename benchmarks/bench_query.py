@@ -2,6 +2,7 @@
 sequential read, on local disk and on S3 (a moto server), side by side.
 
     python benchmarks/bench_query.py [--quick] [--rows N] [--k K] [--repeats R] [--shard-rows S]
+                                     [--no-ray] [--no-s3]
 
 One store (φ_C only, float16) is written to both backends. Per repeat, interleaved:
   raw        every object of grads.zarr/<checkpoint>/C read once, in order: local files one
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=0, help="rows per shard (default: GradsConfig's)")
     parser.add_argument("--chunk-rows", type=int, default=0, help="rows per chunk (default: ~256 KB chunks)")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--no-s3", action="store_true", help="local disk only: no moto server beside the pass")
     args = parser.parse_args()
     n = args.rows or (32768 if args.quick else 262144)
     repeats = 1 if args.quick else args.repeats
@@ -162,19 +164,19 @@ def main() -> None:
                     chunk_rows=args.chunk_rows or None)
     payload = n * args.k * 2
     root = tempfile.mkdtemp(prefix="bench-query-")
-    server, endpoint = start_moto()
-    so = {"endpoint_url": endpoint}
+    urls, options, server = {"local": os.path.join(root, "store")}, {"local": None}, None
     try:
-        import boto3
+        if not args.no_s3:
+            import boto3
 
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-        urls = {"local": os.path.join(root, "store"), "s3": "s3://bench/store"}
-        options = {"local": None, "s3": so}
+            server, endpoint = start_moto()
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+            urls["s3"], options["s3"] = "s3://bench/store", {"endpoint_url": endpoint}
         started = time.perf_counter()
         for backend, url in urls.items():
             write_store(url, spec, options[backend])
         print(f"N={n} k={args.k} float16 payload={payload / 1e6:.1f} MB shard_rows={spec.shard_rows} "
-              f"chunk_rows={spec.chunk_rows} (both stores written in {time.perf_counter() - started:.1f} s)")
+              f"chunk_rows={spec.chunk_rows} (stores written in {time.perf_counter() - started:.1f} s)")
         metric = Metric(np.eye(args.k))
         for backend, url in urls.items():  # first-call costs (imports) outside the timings
             topk(open_store(url, options[backend]), "row < 1", "row < 64", k=10, metric=metric, damping=1.0)
@@ -210,7 +212,8 @@ def main() -> None:
         per_core = stage_rates(open_store(urls["local"]), metric, args.k)
         recall = index_recall(urls["local"], 16 if args.quick else 64)
     finally:
-        server.kill()
+        if server is not None:
+            server.kill()
         shutil.rmtree(root, ignore_errors=True)
     med = statistics.median
     summary = []
