@@ -77,6 +77,28 @@ def test_batched_topk_equals_dense_numpy(store_url, parts):
     _check(table, phis, queries, candidates, "EC", 4)
 
 
+def test_parts_in_threads_equal_one_at_a_time_and_restore_the_thread_pools(store_url):
+    """Parts run in threads merge in part order: the same table bit for bit as one worker;
+    torch's and BLAS's thread counts are what they were before the pass."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from gradlake.query import in_process
+
+    url, _ = store_url
+    store = open_store(url)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a count the pass changes, so that restoring it shows
+    try:
+        before = [pool["num_threads"] for pool in threadpool_info()]
+        args = dict(query_where="t == 2", train_where="split == 'train'", k=4, damping=LAM, block_rows=5, parts=5)
+        threaded = topk(store, **args, mapper=in_process(store, workers=4))
+        assert threaded.equals(topk(store, **args, mapper=in_process(store, workers=1)))
+        assert torch.get_num_threads() == 2 and [pool["num_threads"] for pool in threadpool_info()] == before
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_topk_parts_on_ray_equal_dense_numpy(store_url, ray_session):
     from gradlake.distributed.query_tasks import topk as ray_topk
 
