@@ -29,11 +29,10 @@ import pyarrow.compute as pc
 from gradlake import __version__, fsio
 from gradlake.errors import InputError
 from gradlake.progress import progress
-from gradlake.query import (LABELS, SAMPLE_COLUMNS, Mapper, block_rows_for, describe, metric_of, open_store,
+from gradlake.query import (LABELS, SAMPLE_COLUMNS, block_rows_for, describe, in_process, metric_of, open_store,
                             topk_table, with_description)
 from gradlake.reduce.metric import Metric
 from gradlake.reduce.pairwise import TopK, whiten
-from gradlake.store import GradientStore
 
 INDEX_DIR = "index"
 RECORD = "index.json"
@@ -63,19 +62,6 @@ def _folder(url: str, name: str, storage_options) -> fsio.Folder:
     return fsio.Folder(fsio.join(url, INDEX_DIR, name), storage_options)
 
 
-def _parts_with_progress(store: GradientStore, desc: str) -> Mapper:
-    """The in-process mapper, with a progress bar over the parts."""
-    def run(fn, args: list[tuple]) -> list:
-        with progress(len(args), desc, "parts") as bar:
-            results = []
-            for part in args:
-                results.append(fn(store, *part))
-                bar.update(1)
-        return results
-
-    return run
-
-
 def build_index(url: str, name: str = "default", where: str = "split == 'train'", observable: str = "C",
                 metric: str = "V", checkpoint: str | None = None, factory: str | None = None,
                 damping: float = 1e-4, train_rows: int = 32_768, seed: int = 0,
@@ -87,9 +73,7 @@ def build_index(url: str, name: str = "default", where: str = "split == 'train'"
     ckpt = store.checkpoint(checkpoint)
     folder = _folder(store.url, name, storage_options)
     for obs in (observable, metric):
-        if obs not in store.observables:
-            raise InputError(f"observable {obs!r} is not in store {store.url}; "
-                             f"it holds: {', '.join(store.observables)}")
+        store.check_observable(obs)
     rows = store.rows(ckpt, where or None)
     if not len(rows):
         raise InputError(f"index: {where!r} selects no sample of store {store.url}")
@@ -99,7 +83,7 @@ def build_index(url: str, name: str = "default", where: str = "split == 'train'"
     except RuntimeError as err:
         raise InputError(f"--factory {factory!r}: faiss cannot build it for k = {store.k} "
                          f"({str(err).strip().rsplit(': ', 1)[-1]})") from None
-    eta = metric_of(store, where, metric, ckpt, mapper=_parts_with_progress(store, f"index {name}: metric")).eta
+    eta = metric_of(store, where, metric, ckpt, mapper=in_process(store, desc=f"index {name}: metric")).eta
     whitener = Metric(eta).whitener(damping)
     sample = np.sort(np.random.default_rng(seed).choice(rows, min(train_rows, len(rows)), replace=False))
     with progress(1, f"index {name}: train {factory} on {len(sample)} rows", "step") as bar:

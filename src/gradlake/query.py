@@ -160,14 +160,23 @@ Mapper = Callable[[Callable[..., Any], list[tuple]], list]
 """``mapper(fn, args)`` returns ``[fn(store, *a) for a in args]`` in order, run anywhere."""
 
 
-def in_process(store: GradientStore, workers: int | None = None) -> Mapper:
+def in_process(store: GradientStore, workers: int | None = None, desc: str | None = None) -> Mapper:
     """The mapper that runs the parts here, ``workers`` at a time (default: one per core) in
-    threads. Reads, casts and GEMMs release the GIL, so parts overlap on the cores."""
+    threads. Reads, casts and GEMMs release the GIL, so parts overlap on the cores. With
+    ``desc``, a progress bar counts the parts done."""
     workers = workers or os.cpu_count() or 1
 
     def run(fn, args):
+        bar = progress(len(args), desc, "parts") if desc else None
+        results = []
         with one_thread_per_call(), ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(lambda a: fn(store, *a), args))
+            for result in pool.map(lambda a: fn(store, *a), args):
+                results.append(result)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return results
 
     return run
 
@@ -280,9 +289,7 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     response, perturbation = pair
     name = store.checkpoint(checkpoint)
     for observable in (response, perturbation, *([metric] if isinstance(metric, str) else [])):
-        if observable not in store.observables:
-            raise InputError(f"observable {observable!r} is not in store {store.url}; "
-                             f"it holds: {', '.join(store.observables)}")
+        store.check_observable(observable)
     queries = store.samples(name, query_where, columns=SAMPLE_COLUMNS)
     if queries.num_rows == 0:
         raise InputError(f"--query-where {query_where!r} selects no sample; {known_values(store, checkpoint)}")

@@ -14,7 +14,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from gradlake import fsio
 from gradlake.errors import GradlakeError, InputError
 from gradlake.store import filters, layout
 from gradlake.store.spec import StoreSpec
@@ -148,7 +147,8 @@ class GradientStore:
                              f"it holds: {', '.join(names)}")
         return name
 
-    def _observable(self, observable: str) -> str:
+    def check_observable(self, observable: str) -> str:
+        """``observable``, or InputError naming the ones the store holds."""
         if observable not in self.spec.observables:
             raise InputError(f"observable {observable!r} is not in store {self.url}; "
                              f"it holds: {', '.join(self.spec.observables)}")
@@ -168,7 +168,7 @@ class GradientStore:
 
     def stored_shards(self, checkpoint: str | None, observable: str) -> set[int]:
         """Shards of an array whose zarr shard object exists (listed once per open or refresh)."""
-        name, obs = self.checkpoint(checkpoint), self._observable(observable)
+        name, obs = self.checkpoint(checkpoint), self.check_observable(observable)
         if (name, obs) not in self._stored:
             chunks = f"{layout.GRADS}/{layout.array_path(name, obs)}/c"  # default chunk key encoding
             self._files.forget_listing(chunks)
@@ -265,7 +265,7 @@ class GradientStore:
         if block_rows <= 0:
             raise InputError(f"block_rows: expected an int > 0, got {block_rows}")
         name, rows = self._prepare(checkpoint, observable, rows)
-        self.load_indices(name, observable, rows)
+        self._load_indices(name, observable, rows)
         for start in range(0, len(rows), block_rows):
             block = rows[start:start + block_rows]
             yield block, _as(self._read_rows(name, observable, block), as_torch)
@@ -274,11 +274,14 @@ class GradientStore:
         """Fetch the chunk indices of the shards holding ``rows`` at once (concurrent reads on
         object stores), so reads of them that follow make one request per run of chunks."""
         name, rows = self._prepare(checkpoint, observable, rows)
+        self._load_indices(name, observable, rows)
+
+    def _load_indices(self, name: str, observable: str, rows: np.ndarray) -> None:
         self._reader(name, observable).load_indices(distinct(self.spec.shard_of(rows)))
 
     def _prepare(self, checkpoint, observable, rows):
         name = self.checkpoint(checkpoint)
-        self._observable(observable)
+        self.check_observable(observable)
         if rows is None:
             rows = self.rows(name)
         else:

@@ -59,7 +59,7 @@ class ShardReader:
     chunks ``bytes`` (little endian) with an optional ``crc32c``; the index ``bytes`` +
     ``crc32c`` at either end). A read fetches each shard's index once, then every run of
     adjacent chunks it needs with one ranged read (all of a call's reads together: concurrent
-    on object stores), verifies the checksums and casts to float32 in one pass. zarr's
+    on object stores), verifies the checksums and casts to the dtype asked for in one pass. zarr's
     generic path makes one request per chunk and costs several times more CPU per byte,
     which bounds a streamed pass on few cores. Chunks or shards not stored read as NaN.
     """
