@@ -17,19 +17,13 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 
 import numpy as np
 
 from gradlake.query import export, open_store
 
 from bench_store import write_store
-
-
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+from timing import timed
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,12 +22,7 @@ import torch
 from gradlake import models, physics
 from gradlake.grads import Projector, compute
 from gradlake.plugins import use_paths
-
-
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+from timing import timed
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 
 from gradlake.data import Dataset
 from gradlake.data.ingest import ingest_well
+from timing import timed
 
 
 def write_file(path: Path, n: int, steps: int, resolution: int) -> None:
@@ -52,12 +53,6 @@ def floor_read(f: h5py.File, ids: list[int]) -> float:
     seconds = time.perf_counter() - start
     del kept
     return seconds
-
-
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
