@@ -3,7 +3,7 @@
 For trained checkpoints (``--checkpoint`` may be repeated; each a UNet of some width) on the
 paper's batch shape (3 classes × ``--per-class`` transitions of the first test trajectory),
 one eigendecomposition of the Gram gives the exact H_CC at every λ of a sweep over decades
-(gradlake.reduce.exact.influence_over_lambdas). Printed per (model, λ): row-std H at Δt = 0,
+(gradlake.reduce.exact.solve_hat, method dense). Printed per (model, λ): row-std H at Δt = 0,
 |Δt| = 1, |Δt| ≥ 3 and across classes, the diagonal's dominance (Δt = 0 over |Δt| = 1), the
 effective dimension Σ μ/(μ+λ) of the NTK, and p / (N·d): with p > N·d and λ → 0, Π → I
 and H collapses onto same-sample blocks (an artefact, not learned locality); with p < N·d the
@@ -27,7 +27,7 @@ from gradlake import physics  # noqa: E402
 from gradlake.data import Dataset  # noqa: E402
 from gradlake.models.checkpoint import load_checkpoint  # noqa: E402
 from gradlake.reduce import minibatch  # noqa: E402
-from gradlake.reduce.exact import BatchJacobian, influence_over_lambdas, normalize_matrix  # noqa: E402
+from gradlake.reduce.exact import BatchJacobian, SolverSettings, normalize_matrix, solve_hat  # noqa: E402
 
 
 def study(checkpoint: str, ds: Dataset, per_class: int, lambdas: list[float]) -> list[dict]:
@@ -36,9 +36,11 @@ def study(checkpoint: str, ds: Dataset, per_class: int, lambdas: list[float]) ->
     model, meta = load_checkpoint(checkpoint)
     jac = BatchJacobian(model, x)
     res = physics.residuals(jac.output, x, y, ("C",), ds.channels)
-    sweep, mu = influence_over_lambdas(jac, res, ("CC",), lambdas)
+    solve = solve_hat(jac, res, ("CC",), lambdas[0], SolverSettings(method="dense"), lambdas=lambdas[1:])
+    mu = solve.eigenvalues
     rows = []
-    for lam, h in sweep.items():
+    for lam in lambdas:
+        h = solve.at(lam, ("CC",))
         head = minibatch.merge_headlines([minibatch.headline(normalize_matrix(h["CC"], "row-std"), batch)])["all"]
         rows.append({"checkpoint": f"p={jac.n_params}", "p": jac.n_params,
                      "Nd": jac.output.numel(), "lambda": lam, **head,

@@ -149,23 +149,29 @@ class ExactConfig:
     checkpoint: str = ""  # empty -> last checkpoint
     per_class: int = rule(positive, 16)  # transitions per minibatch from one trajectory of each class
     minibatches: int = rule(non_negative, 1)  # how many minibatches of the split; 0 -> every one
-    rtol: float = rule(positive, 1e-6)
-    method: Literal["auto", "dense", "pcg"] = "auto"  # auto: dense when it fits in dense_gb
+    # lanczos: stop when the proven bound on H's error, in the units of every normalisation, is <= htol
+    htol: float = rule(positive, 1e-3)
+    rtol: float = rule(positive, 1e-6)  # pcg: relative residual per right-hand side
+    # auto: dense when it fits in dense_gb, else lanczos (block Krylov: one solve, every λ);
+    # pcg: Nyström-preconditioned CG (one λ); paper: the PDEHats solve (float32, stacked, loose)
+    method: Literal["auto", "dense", "lanczos", "pcg", "paper"] = "auto"
     space: Literal["auto", "output", "parameter"] = "auto"  # auto: the smaller of outputs and parameters
     dense_gb: float = rule(positive, 4.0)  # memory of the dense path (J and the Gram, float64)
+    krylov_gb: float = rule(positive, 4.0)  # lanczos: memory of the Krylov basis (float64)
+    deff_probes: int = rule(non_negative, 8)  # lanczos: ±1 probes of d_eff(λ) in the same Krylov space
+    paper_check: int = rule(non_negative, 0)  # minibatches (the first) also solved the paper's way, compared
     rank: int = rule(positive, 64)  # first Nyström rank of the PCG preconditioner (doubled as needed)
     max_rank: int = rule(positive, 1024)
     ks: tuple[int, ...] = (4, 8, 16)  # k_in = k_out settings of the agreement report
     agreement: int = rule(non_negative, 1)  # minibatches (the first ones) with the agreement report
     split: str = "test"  # the minibatches' trajectories come from this split
     classes: int = rule(positive, 3)  # how many classes (sorted by name) a minibatch takes
-    probes: int = rule(positive, 64)  # V probes of the projected estimate's metric
+    probes: int = rule(non_negative, 0)  # V probes of the projected metric; 0: batch × probes >= 2k
     seed: int = 0  # projector and sketch seed
-    max_iter: int = rule(positive, 2000)  # PCG iterations per right-hand side
+    max_iter: int = rule(positive, 2000)  # pcg and paper iterations; lanczos block steps
     block: int = rule(positive, 8)  # vectors per vmapped JVP/VJP (memory vs speed)
     cpus: int = rule(positive, 1)  # CPUs (torch threads) per minibatch task
-    lanczos_steps: int = rule(positive, 40)
-    dtype: Literal["float64", "float32"] = "float64"
+    dtype: Literal["float64", "float32"] = "float64"  # precision of the model's products (J, JVP, VJP)
     device: str = "auto"
 
 
@@ -177,7 +183,8 @@ class ReduceConfig:
     # for reference samples × probes < k (gradlake.reduce.metric; benchmarks/bench_metric.py)
     metric_estimator: Literal["probes", "shrink"] = "probes"
     damping: float = rule(positive, 1e-4)  # lambda
-    lambdas: tuple[float, ...] = ()  # optional lambda sweep
+    # optional λ sweep: the aggregates at each, and the exact H at each from the same solve
+    lambdas: tuple[float, ...] = rule(lambda xs: _check(all(x > 0 for x in xs), "every λ > 0"), ())
     reference_split: str = "train"
     pairs: tuple[str, ...] = ("CC", "MC", "EC")  # response observable, perturbation observable
     normalize: tuple[str, ...] = NORMALIZATIONS

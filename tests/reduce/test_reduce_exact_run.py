@@ -38,7 +38,7 @@ def setup(tmp_path_factory, ray_session):
     return ds, ckpt, root / "out", summary, settings
 
 
-def dense_h(model, ds, rows):
+def dense_h(model, ds, rows, lam=LAM):
     """Every solved pair's H from a dense reverse-mode J (independent of the JVP/VJP path)."""
     x, y = (torch.from_numpy(a).double() for a in ds.samples(rows))
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -50,7 +50,7 @@ def dense_h(model, ds, rows):
     n = len(rows)
     g = {o: np.stack([J[i * (J.shape[0] // n):(i + 1) * (J.shape[0] // n)].T @ r[i].reshape(-1).numpy()
                       for i in range(n)]) for o, r in res.items()}
-    inv = np.linalg.inv(J.T @ J + LAM * np.eye(J.shape[1]))
+    inv = np.linalg.inv(J.T @ J + lam * np.eye(J.shape[1]))
     return {a + b: g[a] @ inv @ g[b].T for a in "CE" for b in "CE"}, J
 
 
@@ -177,3 +177,41 @@ def test_exact_cli_writes_into_a_folder(setup, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["exact", "--checkpoint", ckpt, "--data", ds.url, "--out", str(tmp_path / "y"), "--split", "nope"])
     assert exit_info.value.code == 2
+
+
+def test_lanczos_sweep_spectrum_and_effective_ridge(setup, tmp_path):
+    """method = "lanczos" with a λ sweep: H at every λ of one solve against the dense J, d_eff(λ) from the
+    probes, the sweep table, μ_k in the agreement rows, and the paper's solve compared on minibatch 0."""
+    ds, ckpt, _, _, _ = setup
+    from gradlake.models.checkpoint import load_checkpoint
+
+    settings = ExactConfig(enabled=True, per_class=2, classes=2, minibatches=2, agreement=1, htol=1e-9,
+                           ks=(2,), device="cpu", method="lanczos", deff_probes=64, paper_check=1, max_iter=40)
+    sweep = (1e-3, 1.0)
+    summary = run_exact(ckpt, ds.url, str(tmp_path / "out"), settings, LAM, lambdas=sweep, pairs=("CC", "EC"),
+                        normalize=("none", "row-std"))
+    model = load_checkpoint(ckpt)[0].double().eval()
+    group = zarr.open_group(str(tmp_path / "out" / "results.zarr"), mode="r")["exact"]
+    assert group["lambda"][...].tolist() == list(sweep)
+    table = pq.read_table(tmp_path / "out" / "exact_batches.parquet").to_pylist()
+    solved = group["solved_pair"][...].tolist()
+    for m in range(2):
+        rows = np.array([r["row"] for r in table if r["minibatch"] == m])
+        for li, lam in enumerate((LAM, *sweep)):
+            want, J = dense_h(model, ds, rows, lam)
+            got = group["H"][m] if li == 0 else group["H_sweep"][m, li - 1]
+            for p, pair in enumerate(solved):
+                np.testing.assert_allclose(got[p], want[pair], rtol=1e-6, atol=1e-7 * np.abs(want[pair]).max())
+    mu = np.clip(np.linalg.eigvalsh(J @ J.T), 0, None)  # the last minibatch's spectrum
+    spectrum = [r for r in pq.read_table(tmp_path / "out" / "exact_spectrum.parquet").to_pylist() if r["minibatch"] == 1]
+    for r in spectrum:
+        if r["lambda"] in (LAM, *sweep):
+            want = (mu / (mu + r["lambda"])).sum()
+            assert abs(r["d_eff"] - want) <= 4 * np.sqrt(2 * want / 64) + 1e-6
+    rows = pq.read_table(tmp_path / "out" / "exact_sweep.parquet").to_pylist()
+    assert {r["lambda"] for r in rows} == {LAM, *sweep} and all(r["converged"] for r in rows)
+    agreement = summary["agreement"]
+    assert all(r["mu_k"] > 0 and np.isfinite(r["relative_frobenius_mu_k"]) for r in agreement)
+    assert summary["solver"]["method"] == ["lanczos"] and summary["solver"]["max_h_error_bound"] <= 1e-9
+    paper = summary["paper_solver"]
+    assert {r["minibatch"] for r in paper} == {0} and all(r["relative_frobenius"] > 0 for r in paper)

@@ -48,3 +48,13 @@ def storage_options(endpoint_url: str = "", profile: str = "") -> dict[str, str]
 def names(text: str) -> list[str]:
     """A comma-separated list on the command line."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def numbers(text: str, option: str) -> list[float]:
+    """A comma-separated list of numbers on the command line (bad input: one line, exit 2)."""
+    try:
+        return [float(part) for part in names(text)]
+    except ValueError:
+        from gradlake.errors import InputError
+
+        raise InputError(f"{option}: expected comma-separated numbers, got {text!r}") from None

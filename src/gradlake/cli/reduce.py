@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, names, storage_options
+from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, names, numbers, storage_options
 
 
 @app.command()
@@ -62,20 +62,24 @@ def exact(
     out: str = typer.Option("", "--out", help="A gradient store (results go to STORE/reduce/NAME/) or a folder; default ./exact-<checkpoint>."),
     name: str = typer.Option("exact", "--name", help="Results name inside a gradient store."),
     damping: float = typer.Option(1e-4, "--lambda", help="Damping λ."),
-    rtol: float = typer.Option(1e-6, "--rtol", help="Bound on every entry's error, relative to ‖r_A,i‖‖r_B,j‖."),
+    lambdas: str = typer.Option("", "--lambdas", help="Further λ values, comma-separated: H at each from the same solve (dense, lanczos)."),
+    htol: float = typer.Option(1e-3, "--htol", help="lanczos: stop when the proven bound on H's error (units of every normalisation) is at most this."),
+    rtol: float = typer.Option(1e-6, "--rtol", help="pcg: relative residual per right-hand side (bounds every entry's error by rtol ‖r_A,i‖‖r_B,j‖)."),
     per_class: int = typer.Option(16, "--per-class", help="Transitions of the trajectory of each class."),
     minibatches: int = typer.Option(1, "--minibatches", help="Minibatches of the split (0 = every one); minibatch 0 is the paper's."),
-    method: str = typer.Option("auto", "--method", help="auto, dense (factor the Gram) or pcg (Nyström-preconditioned CG)."),
+    method: str = typer.Option("auto", "--method", help="auto (dense when it fits, else lanczos), dense, lanczos (block Krylov: every λ from one solve), pcg (one λ) or paper (the PDEHats solve)."),
+    paper_check: int = typer.Option(0, "--paper-check", help="Minibatches (the first ones) also solved the paper's way and compared with the converged H."),
+    krylov_gb: float = typer.Option(4.0, "--krylov-gb", help="lanczos: memory of the Krylov basis."),
     space: str = typer.Option("auto", "--space", help="auto, output or parameter."),
     agreement: int = typer.Option(1, "--agreement", help="Minibatches (the first ones) with the projected-vs-exact report."),
     cpus: int = typer.Option(1, "--cpus", help="CPUs (torch threads) per minibatch task."),
     classes: int = typer.Option(3, "--num-classes", help="How many classes a minibatch takes (the first, sorted by name)."),
     split: str = typer.Option("test", "--split", help="Split the batch's trajectories come from."),
     ks: str = typer.Option("4,8,16", "--ks", help="k_in = k_out values of the agreement report, comma-separated."),
-    probes: int = typer.Option(64, "--probes", help="V probes of the projected estimate's metric."),
+    probes: int = typer.Option(0, "--probes", help="V probes of the projected estimate's metric (0: batch × probes >= 2k)."),
     pairs: str = typer.Option("CC,MC,EC", "--pairs", help="Observable pairs, comma-separated."),
     normalize: str = typer.Option("none,row-std,cosine", "--normalize", help="Normalisations of the agreement report."),
-    max_iter: int = typer.Option(2000, "--max-iter", help="PCG iterations per right-hand side."),
+    max_iter: int = typer.Option(2000, "--max-iter", help="pcg and paper iterations; lanczos block steps."),
     block: int = typer.Option(8, "--block", help="Vectors per vmapped JVP/VJP (memory vs speed)."),
     dtype: str = typer.Option("float64", "--dtype", help="float64 or float32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -93,8 +97,10 @@ def exact(
 
     job = config.parse_job({
         "stages": ["reduce"],
-        "reduce": {"damping": damping, "pairs": names(pairs), "normalize": names(normalize),
-                   "exact": {"enabled": True, "rtol": rtol, "per_class": per_class, "classes": classes,
+        "reduce": {"damping": damping, "lambdas": numbers(lambdas, "--lambdas"), "pairs": names(pairs),
+                   "normalize": names(normalize),
+                   "exact": {"enabled": True, "htol": htol, "rtol": rtol, "per_class": per_class, "classes": classes,
+                             "paper_check": paper_check, "krylov_gb": krylov_gb,
                              "minibatches": minibatches, "method": method, "space": space, "agreement": agreement,
                              "cpus": cpus, "split": split, "ks": [int(k) for k in names(ks)], "probes": probes,
                              "max_iter": max_iter, "block": block, "dtype": dtype, "device": device}},
@@ -114,6 +120,7 @@ def exact(
 
     ensure_ray(job.ray.address, job.ray.num_cpus)
     with Lease(ReduceOutput(target, options or None), f"exact {name!r}"):  # one writer per folder
-        summary = run_exact(checkpoint, data, target, job.reduce.exact, job.reduce.damping, job.reduce.pairs,
+        summary = run_exact(checkpoint, data, target, job.reduce.exact, job.reduce.damping, job.reduce.lambdas,
+                            job.reduce.pairs,
                             job.reduce.normalize, options or None)
     typer.echo(json.dumps({**summary, "out": target}, indent=2, default=str))

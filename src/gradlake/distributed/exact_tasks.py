@@ -27,7 +27,7 @@ def _minibatch(cpus: int, *args):
 
 
 def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfig, damping: float,
-              pairs=("CC", "MC", "EC"), normalize=("none", "row-std", "cosine"),
+              lambdas=(), pairs=("CC", "MC", "EC"), normalize=("none", "row-std", "cosine"),
               storage_options: dict[str, Any] | None = None, identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Exact H on the planned minibatches, their statistics and the agreement report, under ``out_url``.
 
@@ -44,7 +44,8 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfi
                              settings.minibatches)
     identity = {"checkpoint": checkpoint, "dataset": data_url, **(identity or {})}
     out = ReduceOutput(out_url, so)
-    record, done = exact_run.prepare(out, batches, settings, damping, pairs, normalize, identity)
+    lambdas = tuple(lam for lam in dict.fromkeys(lambdas) if lam != damping)
+    record, done = exact_run.prepare(out, batches, settings, damping, lambdas, pairs, normalize, identity)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and settings.device != "cpu" else 0
     task = _minibatch.options(num_cpus=settings.cpus, num_gpus=gpus)
     window = max(1, int(ray.cluster_resources().get("CPU", 1)) // settings.cpus + 1)
@@ -56,12 +57,13 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfi
         while todo and len(pending) < window:
             m = todo.pop(0)
             pending.append(task.remote(settings.cpus, checkpoint, data_url, out.url, m, batches[m], settings,
-                                       damping, pairs, normalize, so, record))
+                                       damping, lambdas, pairs, normalize, so, record))
         finished, pending = ray.wait(pending, num_returns=1)
         for result in ray.get(finished):
-            solve = result["solves"][sorted(result["solves"])[0]]
-            bar.set_postfix(method=solve["method"], iterations=solve["iterations"],
-                            residual=f"{solve['max_relative_residual']:.1e}", seconds=result["seconds"])
+            solve = result["solve"]
+            bound = solve["h_error_bound"]
+            bar.set_postfix(method=solve["method"], products=solve["products"], seconds=result["seconds"],
+                            **({"bound": f"{bound:.1e}"} if bound is not None else {}))
             bar.update(1)
     bar.close()
-    return exact_run.finish(out, batches, settings, damping, pairs, normalize, identity, started)
+    return exact_run.finish(out, batches, settings, damping, lambdas, pairs, normalize, identity, started)

@@ -421,5 +421,6 @@ def _exact(store, settings: ReduceConfig, out: ReduceOutput, so) -> dict:
                          f"{name!r} lives; run `gradlake exact --checkpoint PATH` instead")
     if out.exists(EXACT_JSON):
         return out.read_json(EXACT_JSON)
-    return run_exact(path, store.spec.dataset["url"], out.url, settings.exact, settings.damping, settings.pairs,
+    return run_exact(path, store.spec.dataset["url"], out.url, settings.exact, settings.damping, settings.lambdas,
+                     settings.pairs,
                      settings.normalize, so or None, identity={"store_checkpoint": name})

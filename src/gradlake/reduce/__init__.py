@@ -90,7 +90,7 @@ def run_reduce(store_url: str, settings, ray, storage_options: dict[str, Any] | 
     return run(store_url, settings, ray, storage_options)
 
 
-def run_exact(checkpoint: str, data_url: str, out_url: str, settings, damping: float = 1e-4,
+def run_exact(checkpoint: str, data_url: str, out_url: str, settings, damping: float = 1e-4, lambdas=(),
               pairs=("CC", "MC", "EC"), normalize=("none", "row-std", "cosine"),
               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The exact minibatch mode and its agreement report, one Ray task per minibatch."""
@@ -98,7 +98,7 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings, damping: f
     from gradlake.distributed.exact_tasks import run_exact as run
 
     ensure_ray()
-    return run(checkpoint, data_url, out_url, settings, damping, pairs, normalize, storage_options)
+    return run(checkpoint, data_url, out_url, settings, damping, lambdas, pairs, normalize, storage_options)
 
 
 __all__ = ["run_exact", "run_reduce"]

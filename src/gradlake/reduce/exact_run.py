@@ -22,6 +22,7 @@ too when cosine is asked for).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -32,13 +33,15 @@ from gradlake import physics
 from gradlake.config import ExactConfig, settings_hash
 from gradlake.errors import InputError
 from gradlake.reduce import minibatch
-from gradlake.reduce.exact import (BatchJacobian, SolverSettings, exact_influence, lanczos_top, normalize_matrix,
-                                   relative_frobenius, spearman)
+from gradlake.reduce.agreement import normalize_matrix, relative_frobenius, spearman
+from gradlake.reduce.exact import PAPER, SolverSettings, solve_hat
+from gradlake.reduce.jacobian import BatchJacobian
 from gradlake.reduce.metric import Metric, Moments
 from gradlake.reduce.output import RESULTS, ReduceOutput
 
 EXACT_JSON = "exact.json"
 H_ARRAY = "exact/H"
+SWEEP_ARRAY = "exact/H_sweep"
 PROJECTED_ARRAY = "exact/projected"
 
 
@@ -55,9 +58,40 @@ def normalized(h: dict[str, np.ndarray], pair: str, norm: str) -> np.ndarray:
 
 
 def solver_settings(settings: ExactConfig) -> SolverSettings:
-    return SolverSettings(method=settings.method, space=settings.space, rtol=settings.rtol,
+    return SolverSettings(method=settings.method, space=settings.space, htol=settings.htol, rtol=settings.rtol,
                           max_iter=settings.max_iter, block=settings.block, dense_gb=settings.dense_gb,
-                          rank=settings.rank, max_rank=settings.max_rank, seed=settings.seed)
+                          krylov_gb=settings.krylov_gb, rank=settings.rank, max_rank=settings.max_rank,
+                          probes=settings.deff_probes, seed=settings.seed)
+
+
+DEFF_GRID = tuple(float(x) for x in np.logspace(-8, 4, 25))  # λ at which every minibatch reports d_eff
+
+
+def effective_ridge(d_eff, k: float) -> float:
+    """μ_k with d_eff(μ_k) = k (bisection in log μ; d_eff decreases in μ): the ridge at which a rank-k
+    sketch answers. 0 where k ≥ d_eff at every μ ≥ 1e-12 (the sketch holds the whole spectrum)."""
+    lo, hi = -12.0, 12.0
+    if d_eff(10 ** lo) <= k:
+        return 0.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if d_eff(10 ** mid) > k else (lo, mid)
+    return float(10 ** hi)
+
+
+def _solve_record(solve, damping: float, lambdas) -> dict[str, Any]:
+    i = solve.info
+    record = {"method": i.method, "space": i.space, "iterations": i.iterations, "krylov_dimension": i.rank,
+              "products": i.products, "seconds": i.seconds, "converged": bool(i.converged),
+              "max_relative_residual": float(i.relative_residual.max()) if i.relative_residual.size else 0.0,
+              "h_error_bound": None if np.isnan(i.bound) else float(i.bound),
+              "sweep": [{"lambda": lam, **v} for lam, v in sorted(i.sweep.items())]}
+    values = solve.eigenvalues
+    if values.size:
+        record["top_eigenvalue"] = float(values[0])
+        record["d_eff"] = [{"lambda": lam, "d_eff": solve.d_eff(lam)}
+                           for lam in sorted({damping, *lambdas, *DEFF_GRID})]
+    return record
 
 
 def check_pairs(channels, pairs) -> tuple[str, ...]:
@@ -70,7 +104,7 @@ def check_pairs(channels, pairs) -> tuple[str, ...]:
 
 
 def minibatch_work(checkpoint: str, data_url: str, out_url: str, m: int, batch: pa.Table,
-                   settings: ExactConfig, damping: float, pairs, normalize,
+                   settings: ExactConfig, damping: float, lambdas, pairs, normalize,
                    storage_options: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any]:
     """Solve minibatch ``m``, write its chunk of H (and of the projected estimates), then its record."""
     from gradlake.data import Dataset
@@ -89,23 +123,23 @@ def minibatch_work(checkpoint: str, data_url: str, out_url: str, m: int, batch: 
     observables = sorted({o for pair in solved for o in pair})
     jac = BatchJacobian(model, x, dtype)
     residuals = physics.residuals(jac.output, x, y, observables, ds.channels)
-    h, infos = exact_influence(jac, residuals, solved, damping, solver_settings(settings))
+    solve = solve_hat(jac, residuals, solved, damping, solver_settings(settings), lambdas, normalize)
+    h = solve.at(damping, solved)
     out = ReduceOutput(out_url, storage_options)
     out.open_array(H_ARRAY)[m] = np.stack([h[p] for p in solved])
-    info = {o: {"method": i.method, "space": i.space, "iterations": i.iterations, "rank": i.rank,
-                "products": i.products, "seconds": i.seconds,
-                "max_relative_residual": float(i.relative_residual.max())} for o, i in infos.items()}
+    if lambdas:
+        out.open_array(SWEEP_ARRAY)[m] = np.stack([np.stack([v[p] for p in solved])
+                                                   for v in (solve.at(lam, solved) for lam in lambdas)])
     result = {**record, "minibatch": m, "n_outputs": jac.output.numel(), "n_params": jac.n_params,
-              "solves": info, "agreement": []}
-    if m == 0:
-        top = lanczos_top(jac.gram, tuple(jac.output.shape), damping, settings.lanczos_steps, device=device)
-        result.update(top_eigenvalue=top["top"], top_eigenvalue_bound=top["bound"], lanczos_steps=top["steps"])
+              "solve": _solve_record(solve, damping, lambdas), "agreement": []}
+    if m < settings.paper_check and solve.quad is not None:
+        result["paper_check"] = _paper_check(jac, residuals, solved, pairs, normalize, damping, settings, h)
     if m < settings.agreement:
         from gradlake.grads.allocation import calibration_rows
 
         picked = calibration_rows(ds.index().select(splits=["train"]), 8)
         calibration = (*ds.samples(picked), picked.tolist())
-        result["agreement"], projected = _agreement(model, inputs, targets, rows, ds.channels, h, settings,
+        result["agreement"], projected = _agreement(model, inputs, targets, rows, ds.channels, solve, settings,
                                                     damping, pairs, normalize, solved, calibration)
         out.open_array(PROJECTED_ARRAY)[m] = projected
     result["seconds"] = round(time.monotonic() - started, 2)
@@ -113,12 +147,30 @@ def minibatch_work(checkpoint: str, data_url: str, out_url: str, m: int, batch: 
     return result
 
 
+def _paper_check(jac, residuals, solved, pairs, normalize, damping, settings, converged) -> list[dict[str, Any]]:
+    """The paper's own solve (method "paper") on the same minibatch, against the converged H."""
+    paper = solve_hat(jac, residuals, solved, damping, replace(solver_settings(settings), method="paper"))
+    h = paper.at(damping, solved)
+    i = paper.info
+    return [{"pair": pair, "normalization": norm, "relative_frobenius": relative_frobenius(
+        normalized(h, pair, norm), normalized(converged, pair, norm)), "spearman": spearman(
+        normalized(h, pair, norm), normalized(converged, pair, norm)), "products": i.products,
+        "iterations": i.iterations, "reached_stop": bool(i.converged), "stacked_residual": i.history[-1] if i.history else None,
+        "stop": PAPER["rtol"], "restart": PAPER["restart"]} for pair in pairs for norm in normalize]
+
+
 ALLOCATIONS = ("uniform", "energy")
 
 
-def _agreement(model, inputs, targets, rows, channels, exact, settings, damping, pairs, normalize, solved,
+def metric_probes(settings: ExactConfig, batch: int, k_total: int) -> int:
+    """V probes of the projected metric: as set, or (0) enough that batch × probes ≥ 2k (a full-rank metric)."""
+    return settings.probes or -(-2 * k_total // batch)
+
+
+def _agreement(model, inputs, targets, rows, channels, solve, settings, damping, pairs, normalize, solved,
                calibration):
-    """Projected estimates of the solved pairs per (allocation, k) and their agreement rows.
+    """Projected estimates of the solved pairs per (allocation, k) and their agreement rows: against the
+    exact H at λ, and (spectral solves) at the sketch's effective ridge μ_k, d_eff(μ_k) = k.
 
     ``calibration``: (inputs, targets, rows) of train samples for the energy allocation (as
     the grads stage calibrates: on samples other than those compared)."""
@@ -126,6 +178,7 @@ def _agreement(model, inputs, targets, rows, channels, exact, settings, damping,
     from gradlake.grads.allocation import calibrate
 
     observables = sorted({o for pair in solved for o in pair})
+    exact = solve.at(damping, solved)
     rows_out, stacked = [], []
     for allocation in ALLOCATIONS:
         per_k = []
@@ -136,30 +189,39 @@ def _agreement(model, inputs, targets, rows, channels, exact, settings, damping,
                 projector = calibrate(model, cx, cy, projector.k(model), seed=settings.seed,
                                       observables=observables, channels=channels, rows=crows)
             phi = compute(model, inputs, targets, observables=(*observables, "V"), channels=channels,
-                          projector=projector, sample_ids=rows, probes=settings.probes)
+                          projector=projector, sample_ids=rows,
+                          probes=metric_probes(settings, len(rows), projector.k(model)))
             phi = {o: v.detach().double().cpu().numpy() for o, v in phi.items()}
             whitener = Metric.from_moments(Moments(phi["V"].shape[-1]).add(phi["V"]),
                                            f"exact k={k} metric").whitener(damping)
             est = {p: (phi[p[0]] @ whitener) @ (phi[p[1]] @ whitener).T for p in solved}
             per_k.append(np.stack([est[p] for p in solved]))
+            k_total = phi["V"].shape[-1]
+            mu = effective_ridge(solve.d_eff, k_total) if solve.quad is not None else None
+            at_mu = solve.at(mu, solved) if mu else None
             for pair in pairs:
                 for norm in normalize:
                     e, h = normalized(est, pair, norm), normalized(exact, pair, norm)
-                    rows_out.append({"allocation": allocation, "k": k, "k_total": phi["V"].shape[-1], "pair": pair,
-                                     "normalization": norm, "relative_frobenius": relative_frobenius(e, h),
-                                     "spearman": spearman(e, h)})
+                    row = {"allocation": allocation, "k": k, "k_total": k_total, "probes": phi["V"].shape[1],
+                           "pair": pair, "normalization": norm, "relative_frobenius": relative_frobenius(e, h),
+                           "spearman": spearman(e, h), "mu_k": mu, "relative_frobenius_mu_k": None,
+                           "spearman_mu_k": None}
+                    if at_mu is not None:
+                        h_mu = normalized(at_mu, pair, norm)
+                        row.update(relative_frobenius_mu_k=relative_frobenius(e, h_mu), spearman_mu_k=spearman(e, h_mu))
+                    rows_out.append(row)
         stacked.append(np.stack(per_k))
     return rows_out, np.stack(stacked)
 
 
-def prepare(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, damping: float, pairs,
+def prepare(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, damping: float, lambdas, pairs,
             normalize, identity: dict[str, Any]) -> tuple[dict[str, Any], set[int]]:
     """Arrays and the batch table for the planned minibatches; returns (record, finished minibatches).
 
     A previous run with other settings (different hash in its records) is removed first.
     """
     solved = solve_pairs(pairs, normalize)
-    record = {"settings": settings_hash(settings, {"damping": damping, "pairs": list(pairs),
+    record = {"settings": settings_hash(settings, {"damping": damping, "lambdas": list(lambdas), "pairs": list(pairs),
                                                    "normalize": list(normalize), **identity})}
     out.remove(EXACT_JSON)
     done = {}
@@ -169,13 +231,20 @@ def prepare(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, d
     size = batches[0].num_rows
     if any(r.get("settings") != record["settings"] for r in done.values()) or not out.exists(f"{RESULTS}/{H_ARRAY}/zarr.json"):
         for rel in ("exact", "results.zarr/exact", "exact_batches.parquet", "exact_agreement.parquet",
-                    "exact_lags.parquet"):
+                    "exact_lags.parquet", "exact_sweep.parquet", "exact_spectrum.parquet"):
             out.remove(rel)
         done = {}
         out.create_array(H_ARRAY, (len(batches), len(solved), size, size), (1, len(solved), size, size), "float64",
                          ("minibatch", "solved_pair", "response", "perturbation"),
                          coords={"minibatch": np.arange(len(batches)), "solved_pair": list(solved)},
                          description="exact H_AB(i, j) per minibatch (rows of exact_batches.parquet)")
+        if lambdas:
+            out.create_array(SWEEP_ARRAY, (len(batches), len(lambdas), len(solved), size, size),
+                             (1, len(lambdas), len(solved), size, size), "float64",
+                             ("minibatch", "lambda", "solved_pair", "response", "perturbation"),
+                             coords={"minibatch": np.arange(len(batches)), "lambda": list(lambdas),
+                                     "solved_pair": list(solved)},
+                             description="exact H_AB(i, j) per minibatch at each λ of the sweep (from the same solve)")
         agreement = min(settings.agreement, len(batches))
         if agreement:
             shape = (len(ALLOCATIONS), len(settings.ks), len(solved), size, size)
@@ -190,7 +259,14 @@ def prepare(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, d
     return record, {m for m in done if m < len(batches)}
 
 
-def finish(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, damping: float, pairs,
+def _headlines(hs: list[dict[str, np.ndarray]], batches, pairs, normalize) -> dict:
+    """{pair: {normalisation: merged headline}} of the minibatches' H (dicts of solved pairs)."""
+    return {pair: {norm: minibatch.merge_headlines([minibatch.headline(normalized(h, pair, norm), batch)
+                                                    for h, batch in zip(hs, batches)])
+                   for norm in normalize} for pair in pairs}
+
+
+def finish(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, damping: float, lambdas, pairs,
            normalize, identity: dict[str, Any], started: float) -> dict[str, Any]:
     """Aggregate every minibatch, write the statistics, then exact.json (last); returns the summary."""
     solved = solve_pairs(pairs, normalize)
@@ -199,16 +275,15 @@ def finish(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, da
     classes = sorted({c for b in batches for c in b.column("class").to_pylist()})
     n_t = 1 + max(int(np.max(b.column("t").to_numpy())) for b in batches)
     twotime = np.full((len(pairs), len(normalize), len(minibatch.RELATIONS), len(classes), n_t, n_t), np.nan)
-    lags, heads = [], {}
+    lags = []
+    hs = [dict(zip(solved, values[m])) for m in range(len(batches))]
     for p, pair in enumerate(pairs):
         for q, norm in enumerate(normalize):
-            hs = [normalized(dict(zip(solved, values[m])), pair, norm) for m in range(len(batches))]
-            twotime[p, q] = minibatch.twotime(hs, batches, classes, n_t)
-            parts = []
-            for m, (h, batch) in enumerate(zip(hs, batches)):
+            normed = [normalized(h, pair, norm) for h in hs]
+            twotime[p, q] = minibatch.twotime(normed, batches, classes, n_t)
+            for m, (h, batch) in enumerate(zip(normed, batches)):
                 lags += [{"pair": pair, "normalization": norm, **row} for row in minibatch.lag_rows(h, batch, m)]
-                parts.append(minibatch.headline(h, batch))
-            heads.setdefault(pair, {})[norm] = minibatch.merge_headlines(parts)
+    heads = _headlines(hs, batches, pairs, normalize)
     out.write_array("exact/twotime", twotime, ("pair", "normalization", "relation", "class", "t_response",
                                                "t_perturbation"),
                     coords={"pair": list(pairs), "normalization": list(normalize),
@@ -219,25 +294,59 @@ def finish(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, da
     agreement = [{"minibatch": r["minibatch"], **row} for r in records for row in r["agreement"]]
     if agreement:
         out.write_table("exact_agreement.parquet", pa.Table.from_pylist(agreement))
-    solves = [s for r in records for s in r["solves"].values()]
+    solves = [r["solve"] for r in records]
+    spectrum = [{"minibatch": r["minibatch"], **row} for r in records for row in r["solve"].get("d_eff", [])]
+    if spectrum:
+        out.write_table("exact_spectrum.parquet", pa.Table.from_pylist(spectrum))
+    sweep = _sweep_rows(out, batches, records, damping, lambdas, pairs, normalize, heads)
+    if sweep:
+        out.write_table("exact_sweep.parquet", pa.Table.from_pylist(sweep))
+    d_eff = [row["d_eff"] for row in spectrum if row["lambda"] == damping]
+    bounds = [s["h_error_bound"] for s in solves if s["h_error_bound"] is not None]
+    paper = [{"minibatch": r["minibatch"], **row} for r in records for row in r.get("paper_check", [])]
     first = records[0]
     summary = {
         **identity, "minibatches": len(batches), "batch_size": batches[0].num_rows, "classes": classes,
         "split": settings.split, "per_class": settings.per_class,
         "pairs": list(pairs), "solved_pairs": list(solved), "normalize": list(normalize), "damping": damping,
-        "rtol": settings.rtol, "dtype": settings.dtype, "n_params": first["n_params"],
-        "n_outputs": first["n_outputs"],
+        "lambdas": list(lambdas), "htol": settings.htol, "rtol": settings.rtol, "dtype": settings.dtype,
+        "n_params": first["n_params"], "n_outputs": first["n_outputs"],
         "solver": {"method": sorted({s["method"] for s in solves}), "space": sorted({s["space"] for s in solves}),
-                   "median_iterations": float(np.median([s["iterations"] for s in solves])),
-                   "max_iterations": int(max(s["iterations"] for s in solves)),
-                   "max_rank": int(max(s["rank"] for s in solves)),
+                   "median_products": float(np.median([s["products"] for s in solves])),
+                   "max_krylov_dimension": int(max(s["krylov_dimension"] for s in solves)),
+                   "max_h_error_bound": max(bounds) if bounds else None,
                    "max_relative_residual": float(max(s["max_relative_residual"] for s in solves)),
                    "median_seconds_per_minibatch": float(np.median([r["seconds"] for r in records]))},
-        "top_eigenvalue": first.get("top_eigenvalue"), "top_eigenvalue_bound": first.get("top_eigenvalue_bound"),
+        "top_eigenvalue": max((s["top_eigenvalue"] for s in solves if "top_eigenvalue" in s), default=None),
+        "d_eff": float(np.median(d_eff)) if d_eff else None,
+        "effective_ridge": sorted({(row["k_total"], row["mu_k"]) for row in agreement if row["mu_k"] is not None}),
         "headline": heads, "paper": {"CC": {"row-std": {"all": minibatch.PAPER_CE_UNET}},
                                       "source": "Amarel et al. 2025, UNet on CE (tail 0.7-0.9)"},
-        "probes": settings.probes, "agreement": agreement,
+        "paper_solver": paper, "probes": settings.probes, "agreement": agreement,
         "seconds": round(time.monotonic() - started, 2), "complete": True,
     }
     out.write_json(EXACT_JSON, summary)
     return summary
+
+
+def _sweep_rows(out, batches, records, damping, lambdas, pairs, normalize, heads) -> list[dict[str, Any]]:
+    """The headline numbers at the run's λ and every λ of the sweep, with d_eff and whether every
+    minibatch's solve met its bound there."""
+    solved = solve_pairs(pairs, normalize)
+    per_lambda = {damping: heads}
+    if lambdas:
+        sweep = out.open_array(SWEEP_ARRAY)[...]
+        for li, lam in enumerate(lambdas):
+            per_lambda[lam] = _headlines([dict(zip(solved, sweep[m, li])) for m in range(len(batches))], batches,
+                                         pairs, normalize)
+    rows = []
+    for lam, head in sorted(per_lambda.items()):
+        d_eff = [row["d_eff"] for r in records for row in r["solve"].get("d_eff", []) if row["lambda"] == lam]
+        met = [v["converged"] for r in records for v in r["solve"]["sweep"] if v["lambda"] == lam]
+        for pair, by_norm in head.items():
+            for norm, cells in by_norm.items():
+                for name, numbers in cells.items():
+                    rows.append({"lambda": lam, "pair": pair, "normalization": norm, "class": name, **numbers,
+                                 "d_eff": float(np.median(d_eff)) if d_eff else None,
+                                 "converged": all(met) if met else True})
+    return rows

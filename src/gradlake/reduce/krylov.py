@@ -13,8 +13,8 @@ to A V. Three pieces, all pure functions of tensors:
 - :func:`pcg` — preconditioned conjugate gradients on all columns at once, each column
   stopping when its true residual ‖b − (A + μI)x‖ ≤ tol ‖b‖.
 
-:func:`cholesky_factor` serves problems small enough to form A and factor it, which is
-exact up to round-off and often faster than a Krylov solve of a badly conditioned A.
+:func:`minres_stacked` is the paper's own solve (see reduce.exact, method "paper"), kept to
+measure how far it is from converged.
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ class SolveInfo:
     history: list[float] = field(default_factory=list)  # worst relative residual per iteration
     seconds: float = 0.0
     space: str = "output"
+    bound: float = float("nan")  # lanczos: bound on H's error at the run's λ (units of the normalisations)
+    sweep: dict = field(default_factory=dict)  # lanczos: {λ: {bound, converged}}
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -173,6 +175,53 @@ def pcg(apply: Apply, b: torch.Tensor, damping: float, tol: float | torch.Tensor
     return x, SolveInfo(it, rel, bool((rel <= tol.cpu().numpy() * 1.01).all()), "pcg", 0, products, history)
 
 
-def cholesky_factor(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """The lower Cholesky factor of A + μI (solve with ``torch.cholesky_solve``)."""
-    return torch.linalg.cholesky(gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
+def minres_stacked(apply: Apply, b: torch.Tensor, damping: float, rtol: float, restart: int, max_iter: int,
+                   progress=None) -> tuple[torch.Tensor, SolveInfo]:
+    """MINRES on (A + μI) X = B with every row of B [m, n] stacked into one vector, restarted every
+    ``restart`` iterations from the current X, stopped when ‖B − (A + μI)X‖_F ≤ rtol ‖B‖_F.
+
+    The PDEHats solve (its CRAIG-MR on J is MINRES on JJᵀ + λI): the scalars of the recurrence
+    are shared by all rows, so one stacked norm decides for every right-hand side. Runs in
+    ``b``'s dtype. Returns (X, info); info.converged says whether the stop was reached.
+    """
+    x, products, history, it = torch.zeros_like(b), 0, [], 0
+    b_norm = float(torch.linalg.vector_norm(b))
+    while True:
+        r = b - apply(x) - damping * x
+        products += b.shape[0]
+        rel = float(torch.linalg.vector_norm(r)) / max(b_norm, 1e-300)
+        if rel <= rtol or it >= max_iter:
+            break
+        beta = float(torch.linalg.vector_norm(r))
+        y, r1, r2 = r, r, r
+        old_beta, dbar, eps_ln, phibar, cs, sn = 0.0, 0.0, 0.0, beta, -1.0, 0.0
+        w, w2 = torch.zeros_like(b), torch.zeros_like(b)
+        for k in range(min(restart, max_iter - it)):  # Paige & Saunders' recurrences
+            v = y / beta
+            y = apply(v) + damping * v
+            products += b.shape[0]
+            if k:
+                y = y - (beta / old_beta) * r1
+            alpha = float((v * y).sum())
+            y = y - (alpha / beta) * r2
+            r1, r2 = r2, y
+            old_beta, beta = beta, float(torch.linalg.vector_norm(y))
+            old_eps = eps_ln
+            delta = cs * dbar + sn * alpha
+            gbar = sn * dbar - cs * alpha
+            eps_ln, dbar = sn * beta, -cs * beta
+            gamma = max(float(np.hypot(gbar, beta)), 1e-300)
+            cs, sn = gbar / gamma, beta / gamma
+            phi, phibar = cs * phibar, sn * phibar
+            w1, w2 = w2, w
+            w = (v - old_eps * w1 - delta * w2) / gamma
+            x = x + phi * w
+            it += 1
+            history.append(phibar / max(b_norm, 1e-300))
+            if progress is not None:
+                progress.set_postfix(residual=f"{history[-1]:.2e}")
+                progress.update(1)
+            if history[-1] <= rtol or beta <= 1e-300:
+                break
+    per_row = (torch.linalg.vector_norm(r, dim=1) / torch.linalg.vector_norm(b, dim=1).clamp_min(1e-300)).cpu()
+    return x, SolveInfo(it, per_row.double().numpy(), rel <= rtol, "paper", 0, products, history)
