@@ -35,6 +35,7 @@ from gradlake.reduce.metric import Metric, Moments
 from gradlake.reduce.pairwise import TopK, precondition, tile
 from gradlake.reduce.work import OrderedSum, prefetched, row_blocks
 from gradlake.store import GradientStore
+from gradlake.topk_table import topk_table
 
 SAMPLE_COLUMNS = ["row", "trajectory", "t", "class", "split"]
 BLOCK_BYTES = 16 * 2**20  # φ of one block of a pass, as float32
@@ -310,32 +311,6 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     description = describe(store, name, kind="topk", pair=pair, response=response, perturbation=perturbation,
                            normalization="none", metric=metric_name, damping=damping, query_where=query_where,
                            train_where=train_where, k=k)
-    table = topk_table(best.result(), queries, pa.concat_tables([t for _, t, _ in results]).sort_by("row"))
+    table = topk_table(pair, best.result(), queries, pa.concat_tables([t for _, t, _ in results]).sort_by("row"))
     return with_description(table, description)
 
-
-def topk_table(result: dict[str, np.ndarray], queries: pa.Table, labels: pa.Table) -> pa.Table:
-    """One row per (query, kind, rank) with both samples' trajectory, t and class
-    (``labels``: the listed candidates' rows, sorted)."""
-    label_rows = labels.column("row").to_numpy()
-    columns: dict[str, Any] = {}
-    for kind in ("top", "bottom"):
-        ids, values = result[f"{kind}_ids"], result[kind]
-        qi, rank = np.nonzero(ids >= 0)
-        rows = ids[qi, rank]
-        at = np.searchsorted(label_rows, rows)
-        part = {"query_row": queries.column("row").take(pa.array(qi)),
-                "query_trajectory": queries.column("trajectory").take(pa.array(qi)),
-                "query_t": queries.column("t").take(pa.array(qi)).cast(pa.int64()),
-                "query_class": queries.column("class").take(pa.array(qi)),
-                "kind": pa.array([kind] * len(qi), pa.string()),
-                "rank": pa.array(rank + 1, pa.int64()),
-                "row": pa.array(rows, pa.int64()),
-                "trajectory": labels.column("trajectory").take(pa.array(at)),
-                "t": labels.column("t").take(pa.array(at)).cast(pa.int64()),
-                "class": labels.column("class").take(pa.array(at)),
-                "influence": pa.array(values[qi, rank], pa.float64())}
-        for key, value in part.items():
-            columns.setdefault(key, []).append(value)
-    return pa.table({key: pa.concat_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
-                                             for c in value]) for key, value in columns.items()})

@@ -105,14 +105,23 @@ def test_pairwise_outputs_match_dense(reduced):
     assert len(r) == 12 and len(c) == 12 and set(cols["split"][c]) == {"train"}
     np.testing.assert_allclose(tiles["EC"][:], H[np.ix_(r, c)], rtol=1e-4, atol=1e-6 * np.abs(H).max())
 
-    top = pads.dataset(url + "/topk.parquet", partitioning="hive").to_table().to_pylist()
-    top = [t for t in top if t["checkpoint"] == ckpt and t["pair"] == "EC"]
+    table = pads.dataset(url + "/topk.parquet", partitioning="hive").to_table()
+    top = [t for t in table.to_pylist() if t["checkpoint"] == ckpt and t["pair"] == "EC"]
     train = np.flatnonzero(cols["split"] == "train")
     for q in np.flatnonzero(cols["split"] == "test")[:3]:
         mine = sorted((t for t in top if t["query_row"] == q and t["kind"] == "top"), key=lambda t: t["rank"])
         want = train[np.argsort(-H[q, train])][:3]
         assert [t["row"] for t in mine] == want.tolist()
+        assert [t["rank"] for t in mine] == [1, 2, 3]
+        np.testing.assert_allclose([t["influence"] for t in mine], H[q, want], rtol=1e-4)
         assert mine[0]["query_class"] == cols["class"][q] and mine[0]["t"] == cols["t"][want[0]]
+    # One top-k table: the query's for the same settings has the reduce's schema and rows.
+    from gradlake.query import topk
+
+    asked = topk(store, "split == 'test'", "split == 'train'", k=3, pair="EC", checkpoint=ckpt, damping=LAM)
+    assert table.drop_columns(["checkpoint"]).schema.equals(asked.schema, check_metadata=False)
+    reduce_rows = sorted((t["query_row"], t["kind"], t["rank"], t["row"]) for t in top)
+    assert reduce_rows == sorted(zip(*(asked[c].to_pylist() for c in ("query_row", "kind", "rank", "row"))))
 
     selfinf = pads.dataset(url + "/self_influence.parquet", partitioning="hive").to_table().to_pylist()
     got = {s["row"]: s["h_self"] for s in selfinf if s["checkpoint"] == ckpt and s["pair"] == "EC" and s["lambda"] == LAM}

@@ -57,10 +57,10 @@ in exact/: pair, k, response and perturbation (the batch's sample rows).
                               pair, normalization, relation, lag, median, q25, q75, checkpoints
     self_influence.parquet/   per sample: row, trajectory, t, class, split, lambda, pair,
                               h_self = H_AB(i, i), row_std = σ_i (the row-std divisor)
-    topk.parquet/             pair, kind ("top" most / "bottom" least influential), query_row,
-                              rank, row (-1: fewer candidates than k), value, query_trajectory,
-                              query_t, query_class, trajectory, t, class; candidates are the
-                              reference split, a query never lists itself
+    topk.parquet/             the top-k table of gradlake.topk_table (pair, kind, query_row,
+                              query_trajectory, query_t, query_class, rank from 1, row,
+                              trajectory, t, class, influence; the same as `gradlake topk`);
+                              candidates are the reference split, a query never lists itself
     distance_pairs.parquet/   pair, normalization, row_i, row_j, distance (RMS of x_i - x_j), h
     distance_curve.parquet/   pair, normalization, bin, lo, hi, pairs, distance, mean,
                               median, q25, q75 (equal-count distance bins)

@@ -23,6 +23,7 @@ from gradlake.reduce.aggregates import (RELATIONS, AggregateReducer, Sums, Traje
 from gradlake.reduce.metric import Moments
 from gradlake.reduce.output import ReduceOutput
 from gradlake.reduce.pairwise import TopK, precondition, tile, whiten
+from gradlake.topk_table import topk_table
 
 BLOCK_COLUMNS = ("row", "trajectory", "t", "class", "split", "class_index", "response", "perturbation")
 
@@ -452,7 +453,7 @@ def topk_work(src: StoreRef, pairs: tuple[str, ...], inverse: np.ndarray, query_
               path: str) -> int:
     """Top-k / bottom-k of H_AB(query, ·) over the reference samples (candidates), for the
     queries in rows [lo, hi), merged block by block; written as the Parquet file ``path``
-    (see :func:`topk_table`). Returns the number of queries."""
+    (:mod:`gradlake.topk_table`). Returns the number of queries."""
     query_labels = src.span_samples(query_span, query_where, ["row", "trajectory", "t", "class"])
     queries = query_labels.column("row").to_numpy().astype(np.int64)
     labels = [query_labels]  # of the queries and of the candidates listed so far
@@ -474,30 +475,10 @@ def topk_work(src: StoreRef, pairs: tuple[str, ...], inverse: np.ndarray, query_
     results = {pair: top.result() for pair, top in tops.items()}
     index = pa.concat_tables(labels)
     _, first = np.unique(index.column("row").to_numpy(), return_index=True)  # queries may be candidates
-    out.write_table(path, topk_table(queries, results, index.take(pa.array(first))))
+    labels = index.take(pa.array(first))
+    out.write_table(path, pa.concat_tables([topk_table(pair, result, query_labels, labels)
+                                            for pair, result in results.items()]))
     return len(queries)
-
-
-def topk_table(queries: np.ndarray, results: dict[str, dict[str, np.ndarray]], index: pa.Table) -> pa.Table:
-    """Long table: pair, kind (top|bottom), query_row, rank, row, value, with each side's
-    trajectory, t and class from the samples ``index`` (sorted by row)."""
-    index_rows = index.column("row").to_numpy()
-    parts = []
-    for pair, res in results.items():
-        for kind in ("top", "bottom"):
-            ids, vals = res[kind + "_ids"], res[kind]
-            n, k = ids.shape
-            q = np.repeat(queries, k)
-            rows = ids.ravel()
-            cols = {"pair": [pair] * (n * k), "kind": [kind] * (n * k), "query_row": q,
-                    "rank": np.tile(np.arange(k), n).astype(np.int32), "row": rows, "value": vals.ravel()}
-            for side, r in (("query_", q), ("", rows)):
-                at = np.clip(np.searchsorted(index_rows, r), 0, len(index_rows) - 1)
-                for name in ("trajectory", "t", "class"):
-                    col = index.column(name).take(pa.array(at))
-                    cols[side + name] = pa.array(col.to_pylist(), mask=r < 0, type=col.type)
-            parts.append(pa.table(cols))
-    return pa.concat_tables(parts)
 
 
 def check_complete(store, checkpoint: str) -> None:
