@@ -13,9 +13,10 @@ whitened row a_i^(b) = (φ_A,i restricted to b) w, which is how the aggregates s
 
 Layer groups are named from the parameter names: for the UNet (model name ``unet``) the
 encoder (``proj_in.*``, ``down.*``), the bottleneck (``across.*``) and the decoder
-(``up.*``, ``proj_out.*``); for any other model the first component of the name, with the
-second when it is an index (``blocks.3.attn.qkv.weight`` -> ``blocks.3``: one group per
-transformer block of the ViT, and ``embed``, ``position``, ``norm``, ``unpatch``).
+(``up.*``, ``proj_out.*``); for any other model (or names outside these) the first component of the name, with the
+second when it is one of several indices under it (a list of repeated blocks:
+``blocks.3.attn.qkv.weight`` -> ``blocks.3``, one group per transformer block of the ViT,
+beside ``embed``, ``position``, ``norm``, ``unpatch``).
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ UNET_GROUPS = {"proj_in": "encoder", "down": "encoder", "across": "bottleneck", 
 CHUNK = 4096  # entries of a share computation at a time
 
 
-def layer_group(name: str, model: str = "") -> str:
-    """The layer group of parameter ``name`` of a model named ``model`` (module docstring)."""
-    parts = name.split(".")
-    if model == "unet" and parts[0] in UNET_GROUPS:
-        return UNET_GROUPS[parts[0]]
-    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+def layer_groups(names: list[str], model: str = "") -> list[str]:
+    """The layer group of each parameter of ``names`` of a model named ``model`` (module docstring)."""
+    parts = [name.split(".") for name in names]
+    indices: dict[str, set[str]] = {}
+    for p in parts:
+        if len(p) > 2 and p[1].isdigit():
+            indices.setdefault(p[0], set()).add(p[1])
+    if model == "unet" and all(p[0] in UNET_GROUPS for p in parts):
+        return [UNET_GROUPS[p[0]] for p in parts]
+    return [".".join(p[:2]) if len(indices.get(p[0], ())) > 1 else p[0] for p in parts]
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class Layers:
                 p["offset"] + p["k"] != offsets[i + 1] for i, p in enumerate(params)):
             raise InputError(f"by layer: the projector spec's parameter blocks do not tile φ's {k} entries")
         names = tuple(p["name"] for p in params)
-        labels = [layer_group(n, model.get("name", "")) for n in names]
+        labels = layer_groups(list(names), model.get("name", ""))
         groups = tuple(dict.fromkeys(labels))
         return cls(names, offsets, groups, np.array([groups.index(g) for g in labels]))
 
