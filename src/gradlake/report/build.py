@@ -358,7 +358,7 @@ def _layer_shares(plan: Plan, section: Section, part, ckpt: str, pair: str, norm
                 "the shares sum to the black curve, so they show which part of the network carries the "
                 "influence at each Δt.",
                 figures.lag_curves, group=f"checkpoint {ckpt}", panels=panels, ylabel=norm_label(norm),
-                legend="layer group (pooled mean)",
+                legend="layer group (pooled mean); all: their sum",
                 title=f"{pair_title(pair)} by layer group versus lag\n{norm_label(norm)}, checkpoint {ckpt}")
 
 
