@@ -146,3 +146,13 @@ def test_cli_group_by_and_by_layer(store_url, tmp_path, cli):
     assert written.equals(expected)
     code, _, stderr = cli(["topk", url, "--query-where", "t == 1", "--index", "default", "--group-by", "t"])
     assert code == 2 and "--group-by" in stderr and "Traceback" not in stderr
+
+
+def test_groups_and_layers_on_ray_equal_in_process(store_url, ray_session):
+    from gradlake.distributed.query_tasks import topk as ray_topk
+
+    url, _ = store_url
+    settings = dict(k=3, pair="CE", damping=LAM, group_by="trajectory", aggregate="sum", by_layer=True)
+    here = topk(open_store(url), "t >= 1", block_rows=5, parts=3, **settings)
+    there = ray_topk(url, "t >= 1", block_rows=5, parts=3, **settings)
+    assert there.equals(here) and description_of(there) == description_of(here)
