@@ -129,7 +129,7 @@ def test_groups_and_layers_bad_input(store_url, tmp_path):
     with pytest.raises(InputError, match="--aggregate: expected one of mean, sum"):
         topk(store, "split == 'test'", aggregate="max")
     _write_store(str(tmp_path / "plain"), {"seed": 0})  # a projector spec without blocks
-    with pytest.raises(InputError, match="records no parameter blocks"):
+    with pytest.raises(InputError, match="--by-layer: the store's projector spec records no parameter blocks"):
         topk(open_store(str(tmp_path / "plain")), "split == 'test'", by_layer=True)
 
 

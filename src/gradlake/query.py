@@ -302,7 +302,8 @@ def query_groups(queries: pa.Table, phi: np.ndarray, group_by: str | None,
         column = queries.column(name).to_numpy(zero_copy_only=False)
         shared = [column[member_of == g].tolist() for g in range(len(values))]
         columns[name] = [v[0] if v.count(v[0]) == len(v) else None for v in shared]
-    table = pa.table({"row": pa.nulls(len(values), pa.int64()), "trajectory": pa.array(columns["trajectory"], pa.int64()),
+    table = pa.table({"row": pa.nulls(len(values), pa.int64()),
+                      "trajectory": pa.array(columns["trajectory"], pa.int64()),
                       "t": pa.array(columns["t"], pa.int64()), "class": pa.array(columns["class"], pa.string()),
                       "group": [f"{group_by}={v}" if group_by else "all" for v in values.tolist()],
                       "group_size": pa.array(counts, pa.int64())})
@@ -339,7 +340,10 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
         raise InputError(f"--group-by: expected one of {', '.join(GROUP_BY)}, got {group_by!r}")
     if aggregate is not None and aggregate not in AGGREGATES:
         raise InputError(f"--aggregate: expected one of {', '.join(AGGREGATES)}, got {aggregate!r}")
-    layers = Layers.from_spec(store.spec.projector, store.spec.model, store.k) if by_layer else None
+    try:
+        layers = Layers.from_spec(store.spec.projector, store.spec.model, store.k) if by_layer else None
+    except InputError as err:
+        raise InputError(f"--by-layer: {err}") from None
     response, perturbation = pair
     name = store.checkpoint(checkpoint)
     for observable in (response, perturbation, *([metric] if isinstance(metric, str) else [])):

@@ -196,6 +196,13 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
         run_reduce(store.url, dataclasses.replace(settings, pairs=("CV",)), RayConfig())
 
 
+def test_by_layer_needs_parameter_blocks(tmp_path, ray_session, cli):
+    store = make_store(str(tmp_path / "store"), make_dataset(str(tmp_path / "data")))  # no blocks recorded
+    code, _, err = cli(["reduce", store.url, "--pairs", "CC", "--by-layer"])
+    assert code == 2 and "reduce.by_layer: the store's projector spec records no parameter blocks" in err
+    assert "Traceback" not in err and not (tmp_path / "store" / "reduce").exists()
+
+
 def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, ray_session):
     import torch
 

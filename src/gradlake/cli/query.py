@@ -146,7 +146,8 @@ def topk(
                    f"re-scored exactly")
     if about.get("groups"):
         groups = about["groups"]
-        typer.echo(f"query groups: {groups['aggregate']} of {groups['of']} per {groups['by']} ({groups['groups']} groups)")
+        typer.echo(f"query groups: {groups['aggregate']} of {groups['of']} per {groups['by']} "
+                   f"({groups['groups']} groups)")
     shares = [c for c in table.column_names if c.startswith("share:")]
     for row in table.to_pylist():
         query = (f"group {row['group']} ({row['group_size']})" if "group" in row else

@@ -60,13 +60,13 @@ class Layers:
         no blocks or they do not tile φ's k entries."""
         params = projector.get("parameters") or []
         if not params:
-            raise InputError("by layer: the store's projector spec records no parameter blocks "
+            raise InputError("the store's projector spec records no parameter blocks "
                              "(a store written by an older gradlake or without a projector)")
         params = sorted(params, key=lambda p: p["offset"])
         offsets = np.array([p["offset"] for p in params] + [params[-1]["offset"] + params[-1]["k"]])
         if offsets[0] != 0 or offsets[-1] != k or (np.diff(offsets) <= 0).any() or any(
                 p["offset"] + p["k"] != offsets[i + 1] for i, p in enumerate(params)):
-            raise InputError(f"by layer: the projector spec's parameter blocks do not tile φ's {k} entries")
+            raise InputError(f"the projector spec's parameter blocks do not tile φ's {k} entries")
         names = tuple(p["name"] for p in params)
         labels = layer_groups(list(names), model.get("name", ""))
         groups = tuple(dict.fromkeys(labels))

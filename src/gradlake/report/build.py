@@ -353,10 +353,10 @@ def _layer_shares(plan: Plan, section: Section, part, ckpt: str, pair: str, norm
 
     panels = [(RELATION_NAMES[rel], curves(rel)) for rel in RELATION_NAMES if select(every, relation=rel).num_rows]
     plan.figure(section, f"lags-layers-{ckpt}-{pair}-{norm}",
-                f"{pair_title(pair)}, {norm}, checkpoint {ckpt}: the pooled lag curve (black, all classes) split "
-                "into the share of each layer group, φ_A[g] · ((η̃ + λI)⁻¹ φ_B)[g] averaged over the same pairs; "
-                "the shares sum to the black curve, so they show which part of the network carries the "
-                "influence at each Δt.",
+                f"{pair_title(pair)}, {norm}, checkpoint {ckpt}: the pooled lag curve (black, all classes) "
+                "split into the share of each layer group, φ_A[g] · ((η̃ + λI)⁻¹ φ_B)[g] averaged over the "
+                "same pairs; the shares sum to the black curve, so they show which part of the network "
+                "carries the influence at each Δt.",
                 figures.lag_curves, group=f"checkpoint {ckpt}", panels=panels, ylabel=norm_label(norm),
                 legend="layer group (pooled mean); all: their sum",
                 title=f"{pair_title(pair)} by layer group versus lag\n{norm_label(norm)}, checkpoint {ckpt}")
