@@ -295,12 +295,10 @@ class AggregateReducer:
         for lam, w in self.whiteners.items():
             yield lam, {obs: (vals @ w, ok) for obs, (vals, ok) in padded.items()}, padded
 
-    def _shares(self, lam: float, phi_a: np.ndarray, scale: np.ndarray, mask_a: np.ndarray) -> list:
-        """Each layer group's part of the response vectors: s_i (φ_A,i on g) w, masked."""
-        if self.layers is None:
-            return []
+    def _group_parts(self, lam: float, phi: np.ndarray) -> list[np.ndarray]:
+        """Each layer group's part of the whitened rows: (φ on g's entries) w (none without layers)."""
         w = self.whiteners[lam]
-        return [(phi_a[..., idx] @ w[idx]) * (scale * mask_a)[..., None] for idx in self.layers.group_slices()]
+        return [phi[..., idx] @ w[idx] for idx in self.layers.group_slices()] if self.layers else []
 
     def _variant_vectors(self, lam, psi, pair, norm, block):
         (psi_a, ok_a), (psi_b, ok_b) = psi[pair[0]], psi[pair[1]]
@@ -325,6 +323,7 @@ class AggregateReducer:
         σ_i [n, T])})."""
         out, diagonal = {}, {}
         for lam, psi, padded in self._whitened(block, phis):
+            parts = {obs: self._group_parts(lam, padded[obs][0]) for obs in {pair[0] for pair in self.pairs}}
             for pair in self.pairs:
                 (psi_a, ok_a), (psi_b, ok_b) = psi[pair[0]], psi[pair[1]]
                 mean_b, second_b = self.ref[lam, pair[1]]
@@ -334,7 +333,7 @@ class AggregateReducer:
                 for norm in self.norms:
                     a, mask_a, b, mask_b = self._variant_vectors(lam, psi, pair, norm, block)
                     sums, n_sums = perturbation[lam, pair, norm]
-                    shares = self._shares(lam, padded[pair[0]][0], response_scale(psi_a, norm, mean_b, second_b),
-                                          mask_a)
+                    scale = response_scale(psi_a, norm, mean_b, second_b) * mask_a if self.layers else None
+                    shares = [part * scale[..., None] for part in parts[pair[0]]]
                     out[lam, pair, norm] = response_block(a, mask_a, b, mask_b, block.classes, sums, n_sums, shares)
         return out, diagonal
