@@ -30,9 +30,10 @@ from gradlake import __version__, fsio
 from gradlake.errors import InputError
 from gradlake.progress import progress
 from gradlake.query import (LABELS, SAMPLE_COLUMNS, block_rows_for, describe, in_process, metric_of, open_store,
-                            topk_table, with_description)
+                            with_description)
 from gradlake.reduce.metric import Metric
 from gradlake.reduce.pairwise import TopK, whiten
+from gradlake.topk_table import topk_table
 
 INDEX_DIR = "index"
 RECORD = "index.json"
@@ -213,4 +214,4 @@ class ApproximateIndex:
                                                  "nprobe": nprobe if self.ivf is not None else None,
                                                  "refine": refine, "rows": record["rows"],
                                                  "built": record["built"]})
-        return with_description(topk_table(best.result(), queries, labels), description)
+        return with_description(topk_table(response + observable, best.result(), queries, labels), description)

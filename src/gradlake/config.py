@@ -203,6 +203,8 @@ class ReduceConfig:
     tile_size: int = rule(positive, 1024)  # rows per side of one tile (one task, one zarr chunk)
     distance_bins: int = rule(positive, 20)
     seed: int = 0  # sampling of the distance pairs
+    # also split the lag curves and top-k lists into per-layer shares (gradlake.reduce.layers)
+    by_layer: bool = False
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,12 @@ import pyarrow.parquet as pq
 from gradlake import fsio
 from gradlake.errors import InputError
 from gradlake.progress import progress
+from gradlake.reduce.layers import Layers, pair_shares
 from gradlake.reduce.metric import Metric, Moments
 from gradlake.reduce.pairwise import TopK, precondition, tile
 from gradlake.reduce.work import OrderedSum, prefetched, row_blocks
 from gradlake.store import GradientStore
+from gradlake.topk_table import topk_table
 
 SAMPLE_COLUMNS = ["row", "trajectory", "t", "class", "split"]
 BLOCK_BYTES = 16 * 2**20  # φ of one block of a pass, as float32
@@ -241,14 +243,16 @@ class TopKPlan:
     checkpoint: str
     candidates: str  # filter of the candidate samples
     observable: str  # perturbation observable B
-    query_rows: np.ndarray  # [Q]
-    queries: np.ndarray  # φ_A (η̃ + λI)⁻¹ of the query rows, float32 [Q, k]
+    queries: np.ndarray  # φ_A (η̃ + λI)⁻¹ of the queries (samples or groups), float32 [Q, k]
+    members: np.ndarray  # sorted rows never listed for ...
+    member_of: np.ndarray  # ... the query at this index (the query itself, a group's members)
     k: int
     block_rows: int
-    exclude_self: bool = True
 
 
 LABELS = ["row", "trajectory", "t", "class"]
+GROUP_BY = ("trajectory", "class", "t")
+AGGREGATES = ("mean", "sum")
 
 
 def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> tuple[dict[str, np.ndarray], pa.Table, int]:
@@ -256,36 +260,90 @@ def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> 
     trajectory, t, class) of the candidates in them, and how many candidates there were.
 
     Reads up to READ_AHEAD blocks of candidate rows in threads while one is scored."""
-    best = TopK(plan.query_rows, plan.k, plan.exclude_self)
+    best = TopK(np.arange(len(plan.queries)), plan.k, exclude_self=False)
     candidates = store.samples(plan.checkpoint, plan.candidates.strip() or None, shards=shards, columns=LABELS)
     rows = candidates.column("row").to_numpy().astype(np.int64)
     store.load_indices(plan.checkpoint, plan.observable, rows)
     blocks = row_blocks(rows, plan.block_rows)
     read = lambda block: store.read(plan.checkpoint, plan.observable, block, dtype=store.spec.dtype)  # noqa: E731
     for block, phi in zip(blocks, prefetched(read, blocks, READ_AHEAD)):
-        best.update(tile(plan.queries, phi), block)
+        best.update(_without_members(tile(plan.queries, phi), block, plan), block)
     result = best.result()
     listed = np.unique(np.concatenate([result["top_ids"].ravel(), result["bottom_ids"].ravel()]))
     return result, candidates.take(pa.array(np.searchsorted(rows, listed[listed >= 0]))), len(rows)
 
 
+def _without_members(h: np.ndarray, rows: np.ndarray, plan: TopKPlan) -> np.ndarray:
+    """``h`` (a fresh tile) with NaN where candidate ``rows[j]`` is a member of query i."""
+    if len(plan.members):
+        at = np.clip(np.searchsorted(plan.members, rows), 0, len(plan.members) - 1)
+        hit = np.flatnonzero(plan.members[at] == rows)
+        h[plan.member_of[at[hit]], hit] = np.nan
+    return h
+
+
+def query_groups(queries: pa.Table, phi: np.ndarray, group_by: str | None,
+                 aggregate: str) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """The query groups of ``group_by`` (None: one group, "all"): a table with a row per
+    group (row null; trajectory, t, class where all its members share them, else null;
+    group, group_size), the groups' φ [G, k] (``aggregate`` "mean" or "sum" of their
+    members' finite φ rows, float64; NaN for none) and each query's group index."""
+    keys = queries.column(group_by).to_numpy(zero_copy_only=False) if group_by else np.zeros(queries.num_rows)
+    values, member_of = np.unique(keys, return_inverse=True)
+    phi = np.asarray(phi, dtype=np.float64)
+    finite = np.isfinite(phi).all(axis=1)
+    sums = np.zeros((len(values), phi.shape[1]))
+    np.add.at(sums, member_of[finite], phi[finite])
+    counts = np.bincount(member_of[finite], minlength=len(values))
+    scale = 1.0 / np.maximum(counts, 1) if aggregate == "mean" else np.ones(len(values))
+    group_phi = np.where(counts[:, None] > 0, sums * scale[:, None], np.nan)
+    columns = {}
+    for name in ("trajectory", "t", "class"):
+        column = queries.column(name).to_numpy(zero_copy_only=False)
+        shared = [column[member_of == g].tolist() for g in range(len(values))]
+        columns[name] = [v[0] if v.count(v[0]) == len(v) else None for v in shared]
+    table = pa.table({"row": pa.nulls(len(values), pa.int64()),
+                      "trajectory": pa.array(columns["trajectory"], pa.int64()),
+                      "t": pa.array(columns["t"], pa.int64()), "class": pa.array(columns["class"], pa.string()),
+                      "group": [f"{group_by}={v}" if group_by else "all" for v in values.tolist()],
+                      "group_size": pa.array(counts, pa.int64())})
+    return table, group_phi, member_of
+
+
 def topk(store: GradientStore, query_where: str, train_where: str = "split == 'train'",
          k: int = 10, pair: str = "CC", checkpoint: str | None = None, metric: str | Metric = "V",
          damping: float = 1e-4, block_rows: int | None = None, mapper: Mapper | None = None,
-         parts: int | None = None, exclude_self: bool = True) -> pa.Table:
-    """The k most and least influential ``train_where`` samples for each ``query_where`` sample.
+         parts: int | None = None, exclude_self: bool = True, group_by: str | None = None,
+         aggregate: str | None = None, by_layer: bool = False) -> pa.Table:
+    """The k most and least influential ``train_where`` samples for each ``query_where`` sample
+    (or query group).
 
     H(i, j) = φ_{A,i}ᵀ (η̃ + λI)⁻¹ φ_{B,j} with pair = "AB" (response A on the query i,
     perturbation B on the training sample j); η̃ from the ``metric`` φ's of the training
     selection (or a given :class:`Metric`). All queries are scored in one pass over the
     candidates, cut into ``parts`` (default: of about PART_ROWS rows) run by ``mapper``, in
-    blocks of ``block_rows`` rows (default: about BLOCK_BYTES of φ). One row per (query,
-    kind, rank), with both samples' trajectory, t and class; a sample is never its own
-    candidate unless ``exclude_self`` is False. The schema metadata (:func:`description_of`)
-    names the checkpoint, the pair, the normalisation (none: raw H) and the metric and λ.
+    blocks of ``block_rows`` rows (default: about BLOCK_BYTES of φ). The table is
+    :mod:`gradlake.topk_table`'s; a sample is never its own candidate unless ``exclude_self``
+    is False. The schema metadata (:func:`description_of`) names the checkpoint, the pair,
+    the normalisation (none: raw H) and the metric and λ.
+
+    ``group_by`` ("trajectory", "class" or "t") and/or ``aggregate`` ("mean" or "sum", the
+    default mean; alone: one group of every query) score each group's aggregated φ_A in
+    the same pass: by linearity its H row is the mean or sum of its members' rows; a
+    group's members are never its candidates (unless ``exclude_self`` is False).
+    ``by_layer`` adds the listed pairs' shares per layer group and parameter block
+    (:mod:`gradlake.reduce.layers`).
     """
     if len(pair) != 2:
         raise InputError(f"--pair: expected two observable letters like 'CC', got {pair!r}")
+    if group_by is not None and group_by not in GROUP_BY:
+        raise InputError(f"--group-by: expected one of {', '.join(GROUP_BY)}, got {group_by!r}")
+    if aggregate is not None and aggregate not in AGGREGATES:
+        raise InputError(f"--aggregate: expected one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    try:
+        layers = Layers.from_spec(store.spec.projector, store.spec.model, store.k) if by_layer else None
+    except InputError as err:
+        raise InputError(f"--by-layer: {err}") from None
     response, perturbation = pair
     name = store.checkpoint(checkpoint)
     for observable in (response, perturbation, *([metric] if isinstance(metric, str) else [])):
@@ -298,44 +356,35 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     if isinstance(metric, str):
         metric = metric_of(store, train_where, metric, name, block_rows, mapper, parts, "--train-where")
     query_rows = queries.column("row").to_numpy().astype(np.int64)
-    plan = TopKPlan(name, train_where, perturbation, query_rows,
-                    precondition(store.read(name, response, query_rows), metric.inverse(damping)),
-                    k, block_rows or block_rows_for(store, perturbation), exclude_self)
+    phi_a = store.read(name, response, query_rows)
+    grouped = group_by is not None or aggregate is not None
+    if grouped:
+        aggregate = aggregate or "mean"
+        queries, phi_a, member_of = query_groups(queries, phi_a, group_by, aggregate)
+    else:
+        member_of = np.arange(len(query_rows))
+    order = np.argsort(query_rows, kind="stable") if exclude_self else np.zeros(0, np.int64)
+    inverse = metric.inverse(damping)
+    plan = TopKPlan(name, train_where, perturbation, precondition(phi_a, inverse), query_rows[order],
+                    member_of[order], k, block_rows or block_rows_for(store, perturbation))
     results = mapper(part_topk, [(plan, p) for p in shard_parts(store, parts)])
     if sum(n for _, _, n in results) == 0:
         raise InputError(f"--train-where {train_where!r} selects no sample; {known_values(store, checkpoint)}")
-    best = TopK(query_rows, k, exclude_self)
+    best = TopK(np.arange(len(plan.queries)), k, exclude_self=False)
     for result, _, _ in results:
         best.merge(result)
+    result, extra, about = best.result(), None, {}
+    if grouped:
+        about["groups"] = {"by": group_by or "all", "aggregate": aggregate, "of": f"phi_{response} of the members",
+                           "groups": len(plan.queries)}
+    if layers is not None:
+        listed = np.unique(np.concatenate([result["top_ids"].ravel(), result["bottom_ids"].ravel()]))
+        listed = listed[listed >= 0]
+        w_phi_b = np.asarray(store.read(name, perturbation, listed), np.float64) @ inverse
+        extra = pair_shares(layers, np.asarray(phi_a, np.float64), w_phi_b, result, listed)
+        about["by_layer"] = layers.describe()
     description = describe(store, name, kind="topk", pair=pair, response=response, perturbation=perturbation,
                            normalization="none", metric=metric_name, damping=damping, query_where=query_where,
-                           train_where=train_where, k=k)
-    table = topk_table(best.result(), queries, pa.concat_tables([t for _, t, _ in results]).sort_by("row"))
+                           train_where=train_where, k=k, **about)
+    table = topk_table(pair, result, queries, pa.concat_tables([t for _, t, _ in results]).sort_by("row"), extra)
     return with_description(table, description)
-
-
-def topk_table(result: dict[str, np.ndarray], queries: pa.Table, labels: pa.Table) -> pa.Table:
-    """One row per (query, kind, rank) with both samples' trajectory, t and class
-    (``labels``: the listed candidates' rows, sorted)."""
-    label_rows = labels.column("row").to_numpy()
-    columns: dict[str, Any] = {}
-    for kind in ("top", "bottom"):
-        ids, values = result[f"{kind}_ids"], result[kind]
-        qi, rank = np.nonzero(ids >= 0)
-        rows = ids[qi, rank]
-        at = np.searchsorted(label_rows, rows)
-        part = {"query_row": queries.column("row").take(pa.array(qi)),
-                "query_trajectory": queries.column("trajectory").take(pa.array(qi)),
-                "query_t": queries.column("t").take(pa.array(qi)).cast(pa.int64()),
-                "query_class": queries.column("class").take(pa.array(qi)),
-                "kind": pa.array([kind] * len(qi), pa.string()),
-                "rank": pa.array(rank + 1, pa.int64()),
-                "row": pa.array(rows, pa.int64()),
-                "trajectory": labels.column("trajectory").take(pa.array(at)),
-                "t": labels.column("t").take(pa.array(at)).cast(pa.int64()),
-                "class": labels.column("class").take(pa.array(at)),
-                "influence": pa.array(values[qi, rank], pa.float64())}
-        for key, value in part.items():
-            columns.setdefault(key, []).append(value)
-    return pa.table({key: pa.concat_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
-                                             for c in value]) for key, value in columns.items()})

@@ -24,8 +24,9 @@ def make_dataset(url, classes=("a", "b", "c"), per_class=3, n_times=5, resolutio
 
 
 def make_store(url, ds, checkpoints=("epoch-0001", "epoch-0002"), k=6, probes=2, shard_rows=8,
-               seed=0, paths=None):
-    """A complete store over every sample of ``ds`` with random φ (C with a non-zero mean)."""
+               seed=0, paths=None, projector=None):
+    """A complete store over every sample of ``ds`` with random φ (C with a non-zero mean);
+    ``projector``: its spec (default: one without parameter blocks)."""
     from gradlake.store import ShardWriter, StoreSpec, create_store
 
     index = ds.index().table
@@ -33,7 +34,7 @@ def make_store(url, ds, checkpoints=("epoch-0001", "epoch-0002"), k=6, probes=2,
     spec = StoreSpec(dataset={"url": ds.url, "fingerprint": ds.fingerprint, "family": ds.family,
                               "channels": list(ds.channels), "n_trajectories": ds.n_trajectories,
                               "n_times": ds.n_times},
-                     model={"name": "random"}, projector={"seed": 0}, observables=("C", "M", "E", "V"),
+                     model={"name": "random"}, projector=projector or {"seed": 0}, observables=("C", "M", "E", "V"),
                      probes=probes, probe_seed=0, k=k, dtype="float32", n_rows=n_rows,
                      shard_rows=shard_rows, chunk_rows=shard_rows, splits=("train", "val", "test"),
                      n_samples=n_rows, n_shards=-(-n_rows // shard_rows))

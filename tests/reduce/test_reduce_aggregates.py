@@ -6,6 +6,7 @@ from reduce_helpers import dense_h, eta_from_probes
 
 from gradlake.reduce.aggregates import (AggregateReducer, RELATIONS, TrajectoryBlock, complete,
                                         finalize, lag_values)
+from gradlake.reduce.layers import Layers
 from gradlake.reduce.metric import Metric, Moments, tree_merge
 
 LAM = 1e-2
@@ -42,13 +43,13 @@ def _dense(d, pair, norm):
     return dense_h(phi[pair[0]], phi[pair[1]], eta, LAM, norm, reference=np.flatnonzero(d["reference"]))
 
 
-def _reduce(d, norms, blocks=2):
+def _reduce(d, norms, blocks=2, layers=None):
     phi = d["phi"]
     ref = d["reference"]
     metric = Metric.from_moments(tree_merge([Moments(d["k"]).add(phi["V"][ref][:7]),
                                              Moments(d["k"]).add(phi["V"][ref][7:])]))
     reference = {"C": Moments(d["k"]).add(phi["C"][ref])}
-    reducer = AggregateReducer({LAM: metric.whitener(LAM)}, reference, ("CC", "MC"), norms, d["C"])
+    reducer = AggregateReducer({LAM: metric.whitener(LAM)}, reference, ("CC", "MC"), norms, d["C"], layers)
     rows = np.flatnonzero(d["present"])
     split = np.array_split(np.unique(d["traj"][rows]), blocks)
     made = []
@@ -109,7 +110,8 @@ def test_aggregates_match_dense(data, pair, norm):
     # Per-trajectory lag curves: mean over the pairs at each lag, by relation.
     lag = d["t"][:, None] - d["t"][None, :]
     for (block, _), part in zip(made, resp):
-        _, lag_s, lag_n = part[0][LAM, pair, norm]
+        _, lag_s, lag_n, shares = part[0][LAM, pair, norm]
+        assert shares is None
         values = lag_values(lag_s, lag_n)
         for pos, n in enumerate(block.trajectories):
             for r, rel in enumerate(RELATIONS):
@@ -117,6 +119,41 @@ def test_aggregates_match_dense(data, pair, norm):
                     sel = valid & masks[rel] & (d["traj"] == n)[:, None] & (lag == delta)
                     expected = H[sel].mean() if sel.any() else np.nan
                     np.testing.assert_allclose(values[pos, r, li], expected, rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["none", "row-std", "cosine"])
+def test_lag_curves_split_into_layer_shares(data, norm):
+    """share_g(i, j) = φ_A,i[g] · (W φ_B,j)[g] (times the row's normalisation), averaged like H."""
+    d, pair = data, "MC"
+    params = [("blocks.0.w", 2), ("blocks.1.w", 1), ("head.w", 3)]
+    offsets = np.cumsum([0] + [k for _, k in params])
+    layers = Layers.from_spec({"parameters": [{"name": n, "offset": int(o), "k": k}
+                                              for (n, k), o in zip(params, offsets)]}, {"name": "vit"}, d["k"])
+    assert layers.groups == ("blocks.0", "blocks.1", "head")
+    _, made, _, resp = _reduce(d, (norm,), layers=layers)
+    H = _dense(d, pair, norm)
+    raw = _dense(d, pair, "none")
+    phi_a, phi_b = (np.nan_to_num(d["phi"][o]) for o in pair)
+    inverse = np.linalg.inv(eta_from_probes(d["phi"]["V"][d["reference"]]) + LAM * np.eye(d["k"]))
+    scale = np.divide(H, raw, out=np.zeros_like(H), where=raw != 0)  # the normalisation's factor per pair
+    dense = [(phi_a * (np.arange(d["k"]) >= lo) * (np.arange(d["k"]) < hi)) @ inverse @ phi_b.T * scale
+             for lo, hi in ((0, 2), (2, 3), (3, 6))]
+    valid = (d["response"] & np.isfinite(d["phi"][pair[0]]).all(1))[:, None] & \
+        (d["perturbation"] & np.isfinite(d["phi"][pair[1]]).all(1))[None, :]
+    masks = _relation_masks(d)
+    lag = d["t"][:, None] - d["t"][None, :]
+    T = d["T"]
+    for (block, _), part in zip(made, resp):
+        _, lag_s, lag_n, shares = part[0][LAM, pair, norm]
+        np.testing.assert_allclose(shares.sum(0), lag_s, rtol=1e-9, atol=1e-12)  # shares sum to the curve
+        for g in range(3):
+            values = lag_values(shares[g], lag_n)
+            for pos, n in enumerate(block.trajectories):
+                for r, rel in enumerate(RELATIONS):
+                    for li, delta in enumerate(range(-(T - 1), T)):
+                        sel = valid & masks[rel] & (d["traj"] == n)[:, None] & (lag == delta)
+                        expected = dense[g][sel].mean() if sel.any() else np.nan
+                        np.testing.assert_allclose(values[pos, r, li], expected, rtol=RTOL, atol=1e-12)
 
 
 def test_diagonal_and_row_std_match_dense(data):

@@ -15,6 +15,8 @@ from gradlake.reduce.output import coordinates
 
 LAM = 1e-3
 RTOL = 1e-6
+BLOCKS = [("down.0.w", 2, "down"), ("across.w", 1, "across"), ("up.0.w", 3, "up")]  # φ's parameter blocks
+
 pytestmark = pytest.mark.slow  # a real Ray: ~10-30 s of worker start-up on 2 busy cores
 
 
@@ -22,22 +24,27 @@ pytestmark = pytest.mark.slow  # a real Ray: ~10-30 s of worker start-up on 2 bu
 def reduced(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("reduce")
     ds = make_dataset(str(root / "data"))
-    store = make_store(str(root / "store"), ds)
+    offsets = np.cumsum([0] + [k for _, k, _ in BLOCKS])
+    store = make_store(str(root / "store"), ds, projector={"seed": 0, "parameters": [
+        {"name": n, "offset": int(o), "k": k} for (n, k, _), o in zip(BLOCKS, offsets)]})
     settings = ReduceConfig(damping=LAM, lambdas=(1e-2,), block_rows=7, topk=3, distance_pairs=50,
                             distance_bins=4, tile_rows="", tile_cols="split == 'train'", tile_size=5,
-                            tile_max=12, topk_queries="split == 'test'")
+                            tile_max=12, topk_queries="split == 'test'", by_layer=True)
     summary = __import__("gradlake.reduce", fromlist=["run_reduce"]).run_reduce(
         store.url, settings, RayConfig())
     return store, settings, summary
 
 
-def _ckpt_dense(store, ckpt, pair, norm, lam=LAM):
+def _ckpt_dense(store, ckpt, pair, norm, lam=LAM, entries=None):
+    """Samples columns, dense H (or the share of H of φ_A's ``entries``) and η̃."""
     table = store.samples(ckpt)
     cols = samples_columns(table)
     ref = cols["split"] == "train"
     v = store.read(ckpt, "V", cols["row"]).astype(np.float64)
     eta = eta_from_probes(v[ref])
     pa_, pb_ = (store.read(ckpt, o, cols["row"]).astype(np.float64) for o in pair)
+    if entries is not None:  # share: φ_A[g] · (W φ_B)[g]
+        return cols, (pa_[:, entries] @ np.linalg.inv(eta + lam * np.eye(len(eta)))[entries] @ pb_.T), eta
     return cols, dense_h(pa_, pb_, eta, lam, norm, reference=np.flatnonzero(ref)), eta
 
 
@@ -91,6 +98,14 @@ def test_lag_statistics_match_dense(reduced):
         np.testing.assert_allclose(row[0]["q75"], np.percentile(per_traj, 75), rtol=RTOL)
         pooled = H[same_class & (lag == delta)].mean()
         np.testing.assert_allclose(row[0]["pooled_mean"], pooled, rtol=RTOL)
+        # by layer: each layer group's pooled share, against the dense share; they sum to the mean
+        start = 0
+        for _, k, group in BLOCKS:
+            _, share, _ = _ckpt_dense(store, ckpt, "CC", "none", entries=np.arange(start, start + k))
+            np.testing.assert_allclose(row[0][f"pooled_share:{group}"], share[same_class & (lag == delta)].mean(),
+                                       rtol=RTOL)
+            start += k
+        np.testing.assert_allclose(sum(row[0][f"pooled_share:{g}"] for _, _, g in BLOCKS), pooled, rtol=RTOL)
     over = pads.dataset(url + "/lag_checkpoints.parquet").to_table().to_pylist()
     assert {r["checkpoints"] for r in over} == {2}
 
@@ -105,14 +120,30 @@ def test_pairwise_outputs_match_dense(reduced):
     assert len(r) == 12 and len(c) == 12 and set(cols["split"][c]) == {"train"}
     np.testing.assert_allclose(tiles["EC"][:], H[np.ix_(r, c)], rtol=1e-4, atol=1e-6 * np.abs(H).max())
 
-    top = pads.dataset(url + "/topk.parquet", partitioning="hive").to_table().to_pylist()
-    top = [t for t in top if t["checkpoint"] == ckpt and t["pair"] == "EC"]
+    table = pads.dataset(url + "/topk.parquet", partitioning="hive").to_table()
+    top = [t for t in table.to_pylist() if t["checkpoint"] == ckpt and t["pair"] == "EC"]
     train = np.flatnonzero(cols["split"] == "train")
     for q in np.flatnonzero(cols["split"] == "test")[:3]:
         mine = sorted((t for t in top if t["query_row"] == q and t["kind"] == "top"), key=lambda t: t["rank"])
         want = train[np.argsort(-H[q, train])][:3]
         assert [t["row"] for t in mine] == want.tolist()
+        assert [t["rank"] for t in mine] == [1, 2, 3]
+        np.testing.assert_allclose([t["influence"] for t in mine], H[q, want], rtol=1e-4)
+        start = 0
+        for b, (_, k, group) in enumerate(BLOCKS):  # by layer: the listed pairs' shares
+            _, share, _ = _ckpt_dense(store, ckpt, "EC", "none", entries=np.arange(start, start + k))
+            np.testing.assert_allclose([t[f"share:{group}"] for t in mine], share[q, want], rtol=1e-9)
+            np.testing.assert_allclose([t["block_shares"][b] for t in mine], share[q, want], rtol=1e-9)
+            start += k
         assert mine[0]["query_class"] == cols["class"][q] and mine[0]["t"] == cols["t"][want[0]]
+    # One top-k table: the query's for the same settings has the reduce's schema and rows.
+    from gradlake.query import topk
+
+    asked = topk(store, "split == 'test'", "split == 'train'", k=3, pair="EC", checkpoint=ckpt, damping=LAM,
+                 by_layer=True)
+    assert table.drop_columns(["checkpoint"]).schema.equals(asked.schema, check_metadata=False)
+    reduce_rows = sorted((t["query_row"], t["kind"], t["rank"], t["row"]) for t in top)
+    assert reduce_rows == sorted(zip(*(asked[c].to_pylist() for c in ("query_row", "kind", "rank", "row"))))
 
     selfinf = pads.dataset(url + "/self_influence.parquet", partitioning="hive").to_table().to_pylist()
     got = {s["row"]: s["h_self"] for s in selfinf if s["checkpoint"] == ckpt and s["pair"] == "EC" and s["lambda"] == LAM}
@@ -163,6 +194,13 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
         run_reduce(store.url, dataclasses.replace(settings, perturbation="class == 'zzz'"), RayConfig())
     with pytest.raises(InputError, match="reduce.pairs"):
         run_reduce(store.url, dataclasses.replace(settings, pairs=("CV",)), RayConfig())
+
+
+def test_by_layer_needs_parameter_blocks(tmp_path, ray_session, cli):
+    store = make_store(str(tmp_path / "store"), make_dataset(str(tmp_path / "data")))  # no blocks recorded
+    code, _, err = cli(["reduce", store.url, "--pairs", "CC", "--by-layer"])
+    assert code == 2 and "reduce.by_layer: the store's projector spec records no parameter blocks" in err
+    assert "Traceback" not in err and not (tmp_path / "store" / "reduce").exists()
 
 
 def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, ray_session):

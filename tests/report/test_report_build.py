@@ -48,10 +48,12 @@ def inputs(tmp_path_factory, ray_session):
     model = ModelConfig("vit", "tiny", {"dim": 8, "depth": 1, "mlp_ratio": 1})
     paths = train(ds.url, model, TrainConfig(epochs=2, batch_size=8, device="cpu"), str(root / "train"))
     rollout(paths[-1], ds.url, device="cpu", out=paths[-1])
+    blocks = [("embed.1.weight", 0, 2), ("blocks.0.mlp.weight", 2, 3), ("unpatch.weight", 5, 1)]
     store = helpers.make_store(str(root / "store"), ds, CHECKPOINTS,
-                               paths={p.rsplit("/", 1)[-1]: p for p in paths})
+                               paths={p.rsplit("/", 1)[-1]: p for p in paths}, projector={
+                                   "seed": 0, "parameters": [{"name": n, "offset": o, "k": k} for n, o, k in blocks]})
     settings = ReduceConfig(damping=DAMPING, lambdas=(SWEEP,), pairs=("MC",), normalize=("none", "row-std"),
-                            block_rows=16, topk=0, tile_max=0, distance_pairs=60, distance_bins=3,
+                            block_rows=16, topk=0, tile_max=0, distance_pairs=60, distance_bins=3, by_layer=True,
                             exact=ExactConfig(enabled=True, per_class=2, classes=2, ks=(2, 4), probes=8,
                                               rtol=1e-4, device="cpu"))
     run_reduce(store.url, settings, RayConfig())
@@ -114,7 +116,7 @@ def test_full_report(inputs, tmp_path):
     assert page.notes == []  # every input is there
     assert_links_complete(out, page)
     per_checkpoint = [f"figures/{kind}-{c}-{pair}-row-std.png" for c in CHECKPOINTS
-                      for kind in ("intra", "inter", "lags", "transfer", "distance") for pair in ("MC",)]
+                      for kind in ("intra", "inter", "lags", "lags-layers", "transfer", "distance") for pair in ("MC",)]
     overall = ["figures/training-curves.png", "figures/rollout-epoch-0002.png", "figures/metric-spectrum.png",
                "figures/exact-none.png", "figures/exact-row-std.png", "figures/lags-training-MC-row-std.png",
                "figures/exact-twotime-MC-row-std.png"]
@@ -220,6 +222,14 @@ def test_figures_show_the_damping_slice(inputs, tmp_path, monkeypatch):
     assert stats.num_rows == len(x) > 1
     for name, got_values in (("lag", x), ("median", median), ("q25", q25), ("q75", q75)):
         np.testing.assert_array_equal(got_values, stats.column(name).to_numpy())
+    layers = [c for c in calls["lag_curves"] if "by layer group" in c["title"] and ckpt in c["title"]]
+    curves = layers[0]["panels"][0][1]  # same trajectory: the pooled share of each layer group, and the total
+    assert list(curves) == ["embed", "blocks", "unpatch", "all"] and layers[0]["legend"].startswith("layer group")
+    for group, (x, share, _, _) in curves.items():
+        name = "pooled_mean" if group == "all" else f"pooled_share:{group}"
+        np.testing.assert_array_equal(share, stats.column(name).to_numpy())
+    np.testing.assert_allclose(sum(curves[g][1] for g in ("embed", "blocks", "unpatch")), curves["all"][1],
+                               rtol=1e-9)
 
     spectrum = calls["metric_spectrum"][0]
     assert spectrum["damping"] == DAMPING

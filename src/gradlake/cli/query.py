@@ -93,6 +93,12 @@ def topk(
     nprobe: int = typer.Option(16, "--nprobe", min=1, help="With --index: IVF lists searched per query."),
     refine: int = typer.Option(16, "--refine", min=1, help="With --index: refine × k candidates per query (each "
                                                            "of the top and bottom searches) re-scored exactly."),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="Score query groups, not samples: the "
+                                                                    "queries of each trajectory, class or t."),
+    aggregate: Optional[str] = typer.Option(None, "--aggregate", help="A group's φ: the mean (default) or sum of "
+                                                                      "its members'; alone: one group of all queries."),
+    by_layer: bool = typer.Option(False, "--by-layer", help="Add each listed pair's share of H per layer group and "
+                                                            "parameter block."),
     endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
     """The most and least influential training samples for each query sample (raw H, no normalisation).
@@ -106,15 +112,16 @@ def topk(
     if out:
         fsio.check_access(out, options, "--out")
     if index is not None:
-        if use_ray or parts:
-            raise InputError("--index searches the index in this process; --ray, --address and --parts are "
-                             "for the exact pass")
+        if use_ray or parts or group_by or aggregate or by_layer:
+            raise InputError("--index searches the index in this process; --ray, --address, --parts, --group-by, "
+                             "--aggregate and --by-layer are for the exact pass")
         table = _approximate_topk(store, index, query_where, train_where, k, pair, checkpoint, metric, damping,
                                   nprobe, refine, options)
     else:
         settings = dict(query_where=query_where, train_where="split == 'train'" if train_where is None else train_where,
                         k=k, pair=pair, checkpoint=checkpoint, metric=metric or "V",
-                        damping=1e-4 if damping is None else damping)
+                        damping=1e-4 if damping is None else damping, group_by=group_by, aggregate=aggregate,
+                        by_layer=by_layer)
         opened = _open(store, endpoint_url, profile)
         if use_ray:
             from gradlake.distributed.query_tasks import topk as ray_topk
@@ -137,10 +144,17 @@ def topk(
         typer.echo(f"approximate: index {approx['index']} ({approx['factory']} over {approx['rows']} samples of "
                    f"{about['train_where']!r}), nprobe {approx['nprobe']}, {approx['refine']} × k candidates "
                    f"re-scored exactly")
+    if about.get("groups"):
+        groups = about["groups"]
+        typer.echo(f"query groups: {groups['aggregate']} of {groups['of']} per {groups['by']} "
+                   f"({groups['groups']} groups)")
+    shares = [c for c in table.column_names if c.startswith("share:")]
     for row in table.to_pylist():
-        typer.echo(f"query traj {row['query_trajectory']:>4} t {row['query_t']:>3} {row['query_class']:<6} "
-                   f"{row['kind']:<6} #{row['rank']:<3} traj {row['trajectory']:>4} t {row['t']:>3} "
-                   f"{row['class']:<6} H = {row['influence']:+.4e}")
+        query = (f"group {row['group']} ({row['group_size']})" if "group" in row else
+                 f"traj {row['query_trajectory']:>4} t {row['query_t']:>3} {row['query_class']:<6}")
+        typer.echo(f"query {query} {row['kind']:<6} #{row['rank']:<3} traj {row['trajectory']:>4} t {row['t']:>3} "
+                   f"{row['class']:<6} H = {row['influence']:+.4e}"
+                   + "".join(f" {c[6:]} {row[c]:+.3e}" for c in shares))
 
 
 def _approximate_topk(store: str, name: str, query_where: str, train_where: Optional[str], k: int, pair: str,

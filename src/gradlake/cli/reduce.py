@@ -30,6 +30,8 @@ def reduce(
     distance_pairs: int = typer.Option(2000, "--distance-pairs", help="Sampled pairs of influence vs input distance; 0 = none."),
     block_rows: int = typer.Option(4096, "--block-rows", help="Rows per task."),
     exact: bool = typer.Option(False, "--exact", help="Also run the exact minibatch mode (last checkpoint)."),
+    by_layer: bool = typer.Option(False, "--by-layer", help="Also split the lag curves and top-k lists into "
+                                                            "per-layer shares."),
     address: str = Address,
     num_cpus: int = NumCpus,
     endpoint_url: str = EndpointUrl,
@@ -48,7 +50,7 @@ def reduce(
                    "checkpoints": names(checkpoints), "response": response, "perturbation": perturbation,
                    "topk": topk, "topk_queries": topk_queries, "tile_rows": tile_rows, "tile_cols": tile_cols,
                    "tile_max": tile_max, "distance_pairs": distance_pairs, "block_rows": block_rows,
-                   "exact": {"enabled": exact}},
+                   "by_layer": by_layer, "exact": {"enabled": exact}},
         "ray": {"address": address, "num_cpus": num_cpus},
     }, source="gradlake reduce")
     summary = run_reduce(store, job.reduce, job.ray, storage_options(endpoint_url, profile))

@@ -54,12 +54,13 @@ def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: st
 def topk(url: str, query_where: str, train_where: str = "split == 'train'", k: int = 10, pair: str = "CC",
          checkpoint: str | None = None, metric: str = "V", damping: float = 1e-4, block_rows: int | None = None,
          storage_options: dict[str, Any] | None = None, parts: int = 0, address: str = "",
-         num_cpus: int = 0) -> pa.Table:
+         num_cpus: int = 0, **options: Any) -> pa.Table:
     """:func:`gradlake.query.topk` with its passes cut into ``parts`` Ray tasks (0: two per CPU
     of the cluster or parts of about PART_ROWS rows, whichever are more; at most one per shard)
-    on the Ray at ``address`` (:func:`ensure_ray`; ``num_cpus`` for an embedded one)."""
+    on the Ray at ``address`` (:func:`ensure_ray`; ``num_cpus`` for an embedded one);
+    ``options``: its group_by, aggregate, by_layer."""
     ensure_ray(address, num_cpus)
     store = query.open_store(url, storage_options)
     parts = parts or max(2 * int(ray.cluster_resources().get("CPU", 1)), len(query.shard_parts(store)))
     return query.topk(store, query_where, train_where, k, pair, checkpoint, metric, damping, block_rows,
-                      mapper=ray_mapper(url, storage_options, "topk"), parts=parts)
+                      mapper=ray_mapper(url, storage_options, "topk"), parts=parts, **options)

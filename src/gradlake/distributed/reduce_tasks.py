@@ -36,6 +36,7 @@ from gradlake.progress import progress
 from gradlake.query import shard_parts
 from gradlake.reduce import work
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
+from gradlake.reduce.layers import Layers
 from gradlake.distributed.exact_tasks import run_exact
 from gradlake.reduce.exact_run import EXACT_JSON
 from gradlake.reduce.metric import Metric, metric_warnings, numerical_rank
@@ -132,6 +133,11 @@ def check_settings(store, settings: ReduceConfig) -> list[str]:
     for lam in (settings.damping, *settings.lambdas):
         if not lam > 0:
             raise InputError(f"reduce.lambdas: expected values > 0, got {lam!r}")
+    if settings.by_layer:
+        try:
+            Layers.from_spec(store.spec.projector, store.spec.model, store.k)
+        except InputError as err:
+            raise InputError(f"reduce.by_layer: {err}") from None
     names = [store.checkpoint(c) for c in settings.checkpoints] or store.checkpoints
     if not names:
         raise InputError(f"{store.url}: the store holds no checkpoint; run `gradlake grads` first")
@@ -177,9 +183,10 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     probe_metric = Metric.from_moments(mom[settings.metric], source)
     metric = probe_metric if settings.metric_estimator == "probes" else \
         Metric.from_moments(mom[settings.metric], source, settings.metric_estimator)
+    layers = Layers.from_spec(store.spec.projector, store.spec.model, store.k) if settings.by_layer else None
     reducer = AggregateReducer({lam: metric.whitener(lam) for lam in lambdas},
                                {o: mom[o] for o in perturbation_obs}, settings.pairs, settings.normalize,
-                               len(classes))
+                               len(classes), layers)
     reducer_ref = ray.put(reducer)
 
     blocks = plan.trajectory_blocks(n_rows)
@@ -227,7 +234,7 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
               file=sys.stderr, flush=True)
     inverse = metric.inverse(settings.damping)
     summary["tiles"] = _tiles(name, src, settings, inverse, plan, out)
-    summary["topk"] = _topk_lists(name, src, settings, inverse, plan, reference_blocks, out)
+    summary["topk"] = _topk_lists(name, src, settings, inverse, plan, reference_blocks, out, layers)
     summary["distance"] = _distance_curve(store, name, src, settings, reducer_ref, plan, window, out)
     summary["seconds"] = round(time.monotonic() - started, 2)
     return summary
@@ -257,14 +264,14 @@ def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
     return {"response_rows": len(rows_r), "perturbation_rows": len(rows_c), "entries": int(entries)}
 
 
-def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_blocks, out) -> dict:
+def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_blocks, out, layers) -> dict:
     if settings.topk == 0:
         return {"skipped": "reduce.topk = 0"}
     if not plan.queries:
         return {"skipped": "reduce.topk_queries selects no sample"}
     refs = [_topk.remote(src, settings.pairs, inverse, span, settings.topk_queries, reference_blocks,
                          settings.reference_split, settings.topk, out,
-                         f"topk.parquet/checkpoint={name}/part-{i:06d}.parquet")
+                         f"topk.parquet/checkpoint={name}/part-{i:06d}.parquet", layers)
             for i, span in enumerate(plan.query_blocks(src.store.n_rows))]
     _run_all(refs, f"reduce {name}: top-k", "query blocks")
     return {"queries": plan.queries, "candidates": plan.reference, "k": settings.topk}

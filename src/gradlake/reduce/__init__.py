@@ -48,19 +48,22 @@ in exact/: pair, k, response and perturbation (the batch's sample rows).
                           normalisation) for tiles/response_rows x tiles/perturbation_rows
     lags.parquet/             per trajectory: lambda, pair, normalization, relation,
                               trajectory, class, lag (= t_response - t_perturbation), value
-                              (mean H over that trajectory's pairs at that lag), pairs
+                              (mean H over that trajectory's pairs at that lag), pairs; with
+                              by_layer, share:<group> (gradlake.reduce.layers), summing to value
     lag_stats.parquet/        over trajectories: lambda, pair, normalization, relation, class
                               ("all" or a response class), lag, median, q25, q75,
-                              trajectories, pooled_mean (pair-weighted), pairs
+                              trajectories, pooled_mean (pair-weighted), pairs; with by_layer,
+                              pooled_share:<group> (the same pooling), summing to pooled_mean
     lag_checkpoints.parquet   over checkpoints of pooled_mean: group ("*" = all checkpoints,
                               else the name after "seed-<s>-", i.e. across seeds), lambda,
                               pair, normalization, relation, lag, median, q25, q75, checkpoints
     self_influence.parquet/   per sample: row, trajectory, t, class, split, lambda, pair,
                               h_self = H_AB(i, i), row_std = σ_i (the row-std divisor)
-    topk.parquet/             pair, kind ("top" most / "bottom" least influential), query_row,
-                              rank, row (-1: fewer candidates than k), value, query_trajectory,
-                              query_t, query_class, trajectory, t, class; candidates are the
-                              reference split, a query never lists itself
+    topk.parquet/             the top-k table of gradlake.topk_table (pair, kind, query_row,
+                              query_trajectory, query_t, query_class, rank from 1, row,
+                              trajectory, t, class, influence; the same as `gradlake topk`);
+                              candidates are the reference split, a query never lists itself;
+                              with by_layer, share:<group> and block_shares columns
     distance_pairs.parquet/   pair, normalization, row_i, row_j, distance (RMS of x_i - x_j), h
     distance_curve.parquet/   pair, normalization, bin, lo, hi, pairs, distance, mean,
                               median, q25, q75 (equal-count distance bins)

@@ -22,6 +22,11 @@ relation excludes them. Relations of a pair (i, j):
 
 Work happens on blocks of whole trajectories laid out as slots [trajectory, t]; a slot
 without a sample (or not selected, or with a non-finite φ) holds zeros and a False mask.
+
+By layer (gradlake.reduce.layers), the lag curves also split into the shares of layer
+groups g: a_i = s_i ψ_{A,i} (s_i: the normalisation's factor of the whole row) and
+ψ_{A,i} = φ_{A,i} w = Σ_g (φ_{A,i} on g's entries) w, so the pair sums with a_i replaced
+by s_i (φ_{A,i} on g) w are g's share of every mean; the shares sum to the curve.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from gradlake.errors import InputError
+from gradlake.reduce.layers import Layers
 
 RELATIONS = ("same_trajectory", "same_class", "other_class")
 
@@ -96,17 +102,26 @@ def _divide_rows(x: np.ndarray, denom: np.ndarray) -> np.ndarray:
     return x * scale[..., None]
 
 
+def response_scale(psi_a, norm: str, mean_b=None, second_b=None) -> np.ndarray:
+    """The row factor s_i of a normalisation: a_i = s_i ψ_{A,i} (0 where its divisor is 0)."""
+    if norm == "none":
+        return np.ones(psi_a.shape[:-1])
+    if norm == "row-std":
+        denom = row_std(psi_a, mean_b, second_b)
+    elif norm == "cosine":
+        denom = np.linalg.norm(psi_a, axis=-1)
+    else:
+        raise InputError(f"reduce.normalize: unknown normalisation {norm!r}")
+    return np.divide(1.0, denom, out=np.zeros_like(denom), where=denom > 0)
+
+
 def normalized(psi_a, psi_b, norm: str, mean_b=None, second_b=None):
     """(a, b) of a normalisation (see the module docstring). mean_b/second_b: whitened
     reference moments of the perturbation observable (row-std only)."""
     if norm == "none":
         return psi_a, psi_b
-    if norm == "row-std":
-        return _divide_rows(psi_a, row_std(psi_a, mean_b, second_b)), psi_b
-    if norm == "cosine":
-        return (_divide_rows(psi_a, np.linalg.norm(psi_a, axis=-1)),
-                _divide_rows(psi_b, np.linalg.norm(psi_b, axis=-1)))
-    raise InputError(f"reduce.normalize: unknown normalisation {norm!r}")
+    a = psi_a * response_scale(psi_a, norm, mean_b, second_b)[..., None]
+    return a, (psi_b if norm == "row-std" else _divide_rows(psi_b, np.linalg.norm(psi_b, axis=-1)))
 
 
 # --------------------------------------------------------------------------- accumulation
@@ -155,12 +170,14 @@ def lag_matrix(n_times: int) -> np.ndarray:
     return out
 
 
-def response_block(a, mask_a, b, mask_b, classes, pert_sums, n_pert):
+def response_block(a, mask_a, b, mask_b, classes, pert_sums, n_pert, shares=()):
     """Pass 2 on one block of whole trajectories.
 
     a, b: [n, T, k] (zeros outside the masks); pert_sums [C, T, k], n_pert [C, T]: the
     complete perturbation sums from pass 1. Returns (block's Sums without the
-    perturbation part, per-trajectory lag sums [n, 3, 2T-1], lag pair counts [n, 3, 2T-1]).
+    perturbation part, per-trajectory lag sums [n, 3, 2T-1], lag pair counts [n, 3, 2T-1],
+    the lag sums [G, n, 3, 2T-1] of each response part of ``shares`` (G × [n, T, k], summing
+    to a) in place of a).
     """
     n, T, _ = a.shape
     C = pert_sums.shape[0]
@@ -180,10 +197,12 @@ def response_block(a, mask_a, b, mask_b, classes, pert_sums, n_pert):
     lags = lag_matrix(T)
     lag_sums = pair_sums.reshape(n, 3, T * T) @ lags
     lag_counts = pair_counts.reshape(n, 3, T * T) @ lags
+    share_sums = np.stack([np.stack([part @ x.transpose(0, 2, 1) for x in (b, class_b, other_b)], 1)
+                           .reshape(n, 3, T * T) @ lags for part in shares]) if len(shares) else None
     sums = Sums(resp_sums, n_resp, np.zeros_like(pert_sums), np.zeros_like(n_pert),
                 (onehot @ same.reshape(n, T * T)).reshape(C, T, T),
                 (onehot @ n_same.reshape(n, T * T)).reshape(C, T, T))
-    return sums, lag_sums, lag_counts
+    return sums, lag_sums, lag_counts, share_sums
 
 
 def _mean(total, count):
@@ -249,11 +268,14 @@ class AggregateReducer:
     (damping λ, pair "AB", normalisation) variant. Pure: arrays in, arrays out.
 
     whiteners: {λ: W}; reference: {observable B: Moments of φ_B over the reference set}
-    (for row-std); pairs like "CC", "MC" (response A, perturbation B).
+    (for row-std); pairs like "CC", "MC" (response A, perturbation B); ``layers``
+    (:class:`Layers`): also split the lag curves into layer-group shares.
     """
 
-    def __init__(self, whiteners: dict[float, np.ndarray], reference: dict, pairs, norms, n_classes: int):
+    def __init__(self, whiteners: dict[float, np.ndarray], reference: dict, pairs, norms, n_classes: int,
+                 layers: Layers | None = None):
         self.whiteners = dict(whiteners)
+        self.layers = layers
         self.pairs = tuple(pairs)
         self.norms = tuple(norms)
         self.n_classes = n_classes
@@ -271,7 +293,12 @@ class AggregateReducer:
     def _whitened(self, block: TrajectoryBlock, phis: dict[str, np.ndarray]):
         padded = {obs: block.scatter(phis[obs]) for obs in self.observables}
         for lam, w in self.whiteners.items():
-            yield lam, {obs: (vals @ w, ok) for obs, (vals, ok) in padded.items()}
+            yield lam, {obs: (vals @ w, ok) for obs, (vals, ok) in padded.items()}, padded
+
+    def _group_parts(self, lam: float, phi: np.ndarray) -> list[np.ndarray]:
+        """Each layer group's part of the whitened rows: (φ on g's entries) w (none without layers)."""
+        w = self.whiteners[lam]
+        return [phi[..., idx] @ w[idx] for idx in self.layers.group_slices()] if self.layers else []
 
     def _variant_vectors(self, lam, psi, pair, norm, block):
         (psi_a, ok_a), (psi_b, ok_b) = psi[pair[0]], psi[pair[1]]
@@ -283,7 +310,7 @@ class AggregateReducer:
     def perturbation(self, block: TrajectoryBlock, phis: dict[str, np.ndarray]) -> dict:
         """Pass 1: {(λ, pair, norm): (perturbation sums [C, T, k], counts [C, T])}."""
         out = {}
-        for lam, psi in self._whitened(block, phis):
+        for lam, psi, _ in self._whitened(block, phis):
             for pair in self.pairs:
                 for norm in self.norms:
                     _, _, b, mask_b = self._variant_vectors(lam, psi, pair, norm, block)
@@ -291,10 +318,12 @@ class AggregateReducer:
         return out
 
     def response(self, block: TrajectoryBlock, phis: dict[str, np.ndarray], perturbation: dict):
-        """Pass 2: ({variant: (Sums, lag sums [n, 3, L], lag counts [n, 3, L])},
-        per-sample diagonal {(λ, pair): (H_AB(i, i) [n, T], σ_i [n, T])})."""
+        """Pass 2: ({variant: (Sums, lag sums [n, 3, L], lag counts [n, 3, L], layer-group
+        lag sums [G, n, 3, L] or None)}, per-sample diagonal {(λ, pair): (H_AB(i, i) [n, T],
+        σ_i [n, T])})."""
         out, diagonal = {}, {}
-        for lam, psi in self._whitened(block, phis):
+        for lam, psi, padded in self._whitened(block, phis):
+            parts = {obs: self._group_parts(lam, padded[obs][0]) for obs in {pair[0] for pair in self.pairs}}
             for pair in self.pairs:
                 (psi_a, ok_a), (psi_b, ok_b) = psi[pair[0]], psi[pair[1]]
                 mean_b, second_b = self.ref[lam, pair[1]]
@@ -304,6 +333,7 @@ class AggregateReducer:
                 for norm in self.norms:
                     a, mask_a, b, mask_b = self._variant_vectors(lam, psi, pair, norm, block)
                     sums, n_sums = perturbation[lam, pair, norm]
-                    part, lag_s, lag_n = response_block(a, mask_a, b, mask_b, block.classes, sums, n_sums)
-                    out[lam, pair, norm] = (part, lag_s, lag_n)
+                    scale = response_scale(psi_a, norm, mean_b, second_b) * mask_a if self.layers else None
+                    shares = [part * scale[..., None] for part in parts[pair[0]]]
+                    out[lam, pair, norm] = response_block(a, mask_a, b, mask_b, block.classes, sums, n_sums, shares)
         return out, diagonal

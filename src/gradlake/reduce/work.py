@@ -20,9 +20,11 @@ import pyarrow as pa
 from gradlake.errors import GradlakeError
 from gradlake.reduce.aggregates import (RELATIONS, AggregateReducer, Sums, TrajectoryBlock, complete,
                                         finalize, lag_statistics, lag_values)
+from gradlake.reduce.layers import Layers, pair_shares
 from gradlake.reduce.metric import Moments
 from gradlake.reduce.output import ReduceOutput
 from gradlake.reduce.pairwise import TopK, precondition, tile, whiten
+from gradlake.topk_table import topk_table
 
 BLOCK_COLUMNS = ("row", "trajectory", "t", "class", "split", "class_index", "response", "perturbation")
 
@@ -317,9 +319,11 @@ def response_work(src: StoreRef, span: tuple[int, int], settings, class_names: t
     L = 2 * n_times - 1
     lag_axis = np.arange(L) - (n_times - 1)
     lag_parts = []
-    for (lam, pair, norm), (_, lag_s, lag_n) in results.items():
+    for (lam, pair, norm), (_, lag_s, lag_n, share_s) in results.items():
         values = lag_values(lag_s, lag_n)  # [n, 3, L]
         shape = values.shape
+        shares = {f"share:{g}": lag_values(share, lag_n).ravel()
+                  for g, share in zip(reducer.layers.groups, share_s)} if reducer.layers else {}
         lag_parts.append(pa.table({
             "lambda": np.full(values.size, lam), "pair": _labels([pair], np.zeros(values.size, np.int32)),
             "normalization": _labels([norm], np.zeros(values.size, np.int32)),
@@ -327,7 +331,7 @@ def response_work(src: StoreRef, span: tuple[int, int], settings, class_names: t
             "trajectory": np.broadcast_to(block.trajectories[:, None, None], shape).ravel(),
             "class": _labels(class_names, np.broadcast_to(block.classes[:, None, None].astype(np.int32), shape).ravel()),
             "lag": np.broadcast_to(lag_axis[None, None, :], shape).ravel().astype(np.int32),
-            "value": values.ravel(), "pairs": lag_n.ravel(),
+            "value": values.ravel(), **shares, "pairs": lag_n.ravel(),
         }))
     out.write_table(f"lags.parquet/checkpoint={src.checkpoint}/{part}.parquet", pa.concat_tables(lag_parts))
     slot_rows = table.take(np.argsort(block.slots, kind="stable"))  # reading order -> slot order
@@ -367,20 +371,23 @@ def finalize_variants(reducer: AggregateReducer, response: dict, perturbation: d
 def lag_tables(out: ReduceOutput, checkpoint: str, reducer: AggregateReducer,
                class_names: tuple[str, ...]) -> pa.Table:
     """Median and quartiles over trajectories of one checkpoint's per-trajectory lag curves
-    (all trajectories, then per response class), plus the pair-weighted pooled mean."""
+    (all trajectories, then per response class), plus the pair-weighted pooled mean (and,
+    by layer, each layer group's pooled share ``pooled_share:<g>``, summing to it)."""
     import pyarrow.compute as pc
 
     rows = []
+    share_names = [f"share:{g}" for g in reducer.layers.groups] if reducer.layers else []
     for lam, pair, norm in reducer.variants:
         expr = (pc.field("lambda") == lam) & (pc.field("pair") == pair) & (pc.field("normalization") == norm)
         t = out.read_tables(f"lags.parquet/checkpoint={checkpoint}", filters=expr, partitioned=False,
-                            columns=["trajectory", "relation", "class", "lag", "value", "pairs"])
+                            columns=["trajectory", "relation", "class", "lag", "value", *share_names, "pairs"])
         rank = pc.index_in(pc.cast(t.column("relation"), pa.string()), value_set=pa.array(RELATIONS))
         t = t.append_column("relation_rank", rank)
         t = t.sort_by([("trajectory", "ascending"), ("relation_rank", "ascending"), ("lag", "ascending")])
         lags = t.column("lag").to_numpy()
         L = len(np.unique(lags))
         values = t.column("value").to_numpy().reshape(-1, len(RELATIONS), L)
+        shares = {n: t.column(n).to_numpy().reshape(values.shape) for n in share_names}
         counts = t.column("pairs").to_numpy().reshape(-1, len(RELATIONS), L)
         per_trajectory = np.arange(0, t.num_rows, len(RELATIONS) * L)
         classes = pc.cast(t.column("class").take(per_trajectory), pa.string()).to_numpy(zero_copy_only=False)
@@ -391,18 +398,24 @@ def lag_tables(out: ReduceOutput, checkpoint: str, reducer: AggregateReducer,
                 continue
             stats = lag_statistics(values[sel])
             weights = counts[sel]
-            pooled_sum = np.nansum(np.where(weights > 0, values[sel] * weights, 0), 0)
-            pooled = np.divide(pooled_sum, weights.sum(0), out=np.full(pooled_sum.shape, np.nan),
-                               where=weights.sum(0) > 0)
+            pooled = _pooled(values[sel], weights)
+            pooled_shares = {"pooled_" + n: _pooled(v[sel], weights) for n, v in shares.items()}
             for r, rel in enumerate(RELATIONS):
                 rows.append(pa.table({
                     "lambda": np.full(L, lam), "pair": [pair] * L,
                     "normalization": [norm] * L, "relation": [rel] * L, "class": [group] * L,
                     "lag": lag_axis.astype(np.int32), "median": stats["median"][r], "q25": stats["q25"][r],
                     "q75": stats["q75"][r], "trajectories": stats["n"][r].astype(np.int64),
-                    "pooled_mean": pooled[r], "pairs": weights.sum(0)[r],
+                    "pooled_mean": pooled[r], **{n: v[r] for n, v in pooled_shares.items()},
+                    "pairs": weights.sum(0)[r],
                 }))
     return pa.concat_tables(rows)
+
+
+def _pooled(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Pair-weighted mean over trajectories (axis 0) of per-trajectory means."""
+    pooled_sum = np.nansum(np.where(weights > 0, values * weights, 0), 0)
+    return np.divide(pooled_sum, weights.sum(0), out=np.full(pooled_sum.shape, np.nan), where=weights.sum(0) > 0)
 
 
 # --------------------------------------------------------------------------- pairwise
@@ -449,10 +462,11 @@ def tile_work(src: StoreRef, pair: str, inverse: np.ndarray, rows_a: np.ndarray,
 
 def topk_work(src: StoreRef, pairs: tuple[str, ...], inverse: np.ndarray, query_span: tuple[int, int],
               query_where: str, candidate_spans: list, reference_split: str, k: int, out: ReduceOutput,
-              path: str) -> int:
+              path: str, layers: Layers | None = None) -> int:
     """Top-k / bottom-k of H_AB(query, ·) over the reference samples (candidates), for the
     queries in rows [lo, hi), merged block by block; written as the Parquet file ``path``
-    (see :func:`topk_table`). Returns the number of queries."""
+    (:mod:`gradlake.topk_table`, with the layer shares of the listed pairs given
+    ``layers``). Returns the number of queries."""
     query_labels = src.span_samples(query_span, query_where, ["row", "trajectory", "t", "class"])
     queries = query_labels.column("row").to_numpy().astype(np.int64)
     labels = [query_labels]  # of the queries and of the candidates listed so far
@@ -474,30 +488,22 @@ def topk_work(src: StoreRef, pairs: tuple[str, ...], inverse: np.ndarray, query_
     results = {pair: top.result() for pair, top in tops.items()}
     index = pa.concat_tables(labels)
     _, first = np.unique(index.column("row").to_numpy(), return_index=True)  # queries may be candidates
-    out.write_table(path, topk_table(queries, results, index.take(pa.array(first))))
+    labels = index.take(pa.array(first))
+    out.write_table(path, pa.concat_tables([
+        topk_table(pair, result, query_labels, labels, _shares(src, layers, pair, inverse, queries, result))
+        for pair, result in results.items()]))
     return len(queries)
 
 
-def topk_table(queries: np.ndarray, results: dict[str, dict[str, np.ndarray]], index: pa.Table) -> pa.Table:
-    """Long table: pair, kind (top|bottom), query_row, rank, row, value, with each side's
-    trajectory, t and class from the samples ``index`` (sorted by row)."""
-    index_rows = index.column("row").to_numpy()
-    parts = []
-    for pair, res in results.items():
-        for kind in ("top", "bottom"):
-            ids, vals = res[kind + "_ids"], res[kind]
-            n, k = ids.shape
-            q = np.repeat(queries, k)
-            rows = ids.ravel()
-            cols = {"pair": [pair] * (n * k), "kind": [kind] * (n * k), "query_row": q,
-                    "rank": np.tile(np.arange(k), n).astype(np.int32), "row": rows, "value": vals.ravel()}
-            for side, r in (("query_", q), ("", rows)):
-                at = np.clip(np.searchsorted(index_rows, r), 0, len(index_rows) - 1)
-                for name in ("trajectory", "t", "class"):
-                    col = index.column(name).take(pa.array(at))
-                    cols[side + name] = pa.array(col.to_pylist(), mask=r < 0, type=col.type)
-            parts.append(pa.table(cols))
-    return pa.concat_tables(parts)
+def _shares(src: StoreRef, layers: Layers | None, pair: str, inverse: np.ndarray, queries: np.ndarray,
+            result: dict[str, np.ndarray]) -> dict | None:
+    """The layer shares of a top-k result's listed pairs (None without ``layers``)."""
+    if layers is None:
+        return None
+    listed = np.unique(np.concatenate([result["top_ids"].ravel(), result["bottom_ids"].ravel()]))
+    listed = listed[listed >= 0]
+    w_phi_b = np.asarray(src.read(pair[1], listed), np.float64) @ inverse
+    return pair_shares(layers, np.asarray(src.read(pair[0], queries), np.float64), w_phi_b, result, listed)
 
 
 def check_complete(store, checkpoint: str) -> None:

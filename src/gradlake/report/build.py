@@ -333,8 +333,33 @@ def _lags(plan: Plan, results: ReduceResults) -> None:
                         figures.lag_curves, group=f"checkpoint {ckpt}", panels=panels,
                         ylabel=norm_label(norm),
                         title=f"{pair_title(pair)} versus lag\n{norm_label(norm)}, checkpoint {ckpt}")
+            _layer_shares(plan, section, part, ckpt, pair, norm)
     if len(results.checkpoints) > 1:
         _lags_over_training(plan, section, results, stats)
+
+
+def _layer_shares(plan: Plan, section: Section, part, ckpt: str, pair: str, norm: str) -> None:
+    """With ``[reduce] by_layer``: each layer group's pooled share of the lag curve."""
+    shares = [c for c in part.column_names if c.startswith("pooled_share:")]
+    if not shares:
+        return
+    every = select(part, **{"class": "all"})
+
+    def curves(rel):
+        rows = select(every, relation=rel).sort_by("lag")
+        lag = column(rows, "lag")
+        return {**{c.split(":", 1)[1]: (lag, column(rows, c), None, None) for c in shares},
+                "all": (lag, column(rows, "pooled_mean"), None, None)}
+
+    panels = [(RELATION_NAMES[rel], curves(rel)) for rel in RELATION_NAMES if select(every, relation=rel).num_rows]
+    plan.figure(section, f"lags-layers-{ckpt}-{pair}-{norm}",
+                f"{pair_title(pair)}, {norm}, checkpoint {ckpt}: the pooled lag curve (black, all classes) "
+                "split into the share of each layer group, φ_A[g] · ((η̃ + λI)⁻¹ φ_B)[g] averaged over the "
+                "same pairs; the shares sum to the black curve, so they show which part of the network "
+                "carries the influence at each Δt.",
+                figures.lag_curves, group=f"checkpoint {ckpt}", panels=panels, ylabel=norm_label(norm),
+                legend="layer group (pooled mean); all: their sum",
+                title=f"{pair_title(pair)} by layer group versus lag\n{norm_label(norm)}, checkpoint {ckpt}")
 
 
 def _lags_over_training(plan: Plan, section: Section, results: ReduceResults, stats) -> None:

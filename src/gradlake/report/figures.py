@@ -165,11 +165,11 @@ def _bands(ax, curves: Mapping[str, Band], colors: dict[str, Any] | None = None)
 
 def lag_curves(
     panels: Sequence[tuple[str, Mapping[str, Band]]], out: Out, *, title: str, ylabel: str,
-    ordered: bool = False,
+    ordered: bool = False, legend: str = "median, IQR band",
 ) -> None:
     """Influence versus time lag: one panel per (title, curves), a median line and shaded
-    IQR per curve, panels sharing the y axis; ``ordered`` curves (e.g. checkpoints in
-    training order) get a sequential colour ramp."""
+    IQR per curve (or any curves, named by ``legend``), panels sharing the y axis;
+    ``ordered`` curves (e.g. checkpoints in training order) get a sequential colour ramp."""
     if not panels:
         raise ValueError("lag_curves: no panels")
     fig = _figure(0.8 + 4.2 * len(panels), 3.9)
@@ -189,8 +189,7 @@ def lag_curves(
     for ax in axes:  # one legend with every curve of any panel
         handles |= dict(zip(*reversed(ax.get_legend_handles_labels())))
     if handles:
-        axes[0].legend(list(handles.values()), list(handles), fontsize=7, title="median, IQR band",
-                       title_fontsize=7)
+        axes[0].legend(list(handles.values()), list(handles), fontsize=7, title=legend, title_fontsize=7)
     fig.suptitle(title, fontsize=11)
     _save(fig, out)
 
