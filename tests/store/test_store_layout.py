@@ -189,13 +189,13 @@ def test_empty_or_truncated_store_json_is_an_input_error(tmp_path, content):
 
 def test_a_second_driver_is_refused_and_a_stale_lease_taken_over(tmp_path):
     files = StoreFiles(str(tmp_path / "store"))
-    with Lease(files, "first", settle_s=0) as first:
+    with Lease(files, "first") as first:
         with pytest.raises(InputError, match=r"being written by .*first.*lease expires in"):
-            Lease(files, "second", settle_s=0).acquire()
+            Lease(files, "second").acquire()
         first.renew()
     assert not files.exists("lease.json")  # released
     files.write_json("lease.json", {"owner": "elsewhere:1:x", "purpose": "old", "expires": time.time() - 1})
-    with Lease(files, "second", settle_s=0) as second:  # expired: taken over
+    with Lease(files, "second") as second:  # expired: taken over
         assert files.read_json("lease.json")["owner"] == second.owner
         files.write_json("lease.json", {"owner": "other:2:y", "expires": time.time() + 60})
         with pytest.raises(GradlakeError, match="was taken by other:2:y"):
@@ -207,12 +207,12 @@ def test_a_dead_local_drivers_lease_is_taken_over(tmp_path):
     files = StoreFiles(str(tmp_path / "store"))
     files.write_json("lease.json", {"owner": f"{socket.gethostname()}:{proc.stdout.strip()}:z",
                                     "expires": time.time() + 60})
-    with Lease(files, "next", settle_s=0):
+    with Lease(files, "next"):
         pass
     files.write_json("lease.json", {"owner": f"{socket.gethostname()}:{os.getpid()}:other",  # alive
                                     "expires": time.time() + 60})
     with pytest.raises(InputError, match="being written by"):
-        Lease(files, "next", settle_s=0).acquire()
+        Lease(files, "next").acquire()
 
 
 def test_auto_shard_rows_give_large_objects_and_enough_shards():
@@ -243,9 +243,9 @@ def test_on_s3_compaction_damage_and_lease(s3_bucket):
     with pytest.raises(GradlakeError, match=r"array grads.zarr/epoch-1/C: the data of committed shard 1"):
         store.read(None, "C", [20])
     files = StoreFiles(url, options)
-    with Lease(files, "first", settle_s=0):
+    with Lease(files, "first"):
         with pytest.raises(InputError, match="being written by"):
-            Lease(files, "second", settle_s=0).acquire()
+            Lease(files, "second").acquire()
     fs.pipe_file(f"{root}/store.json", b'{"format": ')
     with pytest.raises(InputError, match="not valid JSON"):
         GradientStore.open(url, options)
