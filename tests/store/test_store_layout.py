@@ -49,14 +49,14 @@ def test_compaction_keeps_every_committed_row_once_and_hides_uncommitted_ones(tm
     fill(url, spec, held, shards=[0, 2, 3])
     commit_half(url, spec, held, 1)
     assert plain_rows(url) == []  # nothing compacted yet: plain readers see nothing
-    assert GradientStore.open(url).rows().tolist() == shard_rows(spec, held, {0, 2, 3})
+    assert GradientStore.open(url, allow_partial=True).rows().tolist() == shard_rows(spec, held, {0, 2, 3})
 
     assert compact(GradientStore.open(url)) == {"epoch-1": 3}
     assert plain_rows(url) == shard_rows(spec, held, {0, 2, 3})  # not shard 1's rows
     assert os.listdir(os.path.join(url, "commits", "epoch-1")) == []
 
     fill(url, spec, held, shards=[1, 4, 5, 6])  # the rest, into the same group file
-    store = GradientStore.open(url)
+    store = GradientStore.open(url, allow_partial=True)
     assert store.rows().tolist() == list(range(N)) and store.is_complete()
     assert compact(store) == {"epoch-1": 4} and compact(store) == {"epoch-1": 0}  # idempotent
     assert plain_rows(url) == list(range(N))
@@ -93,7 +93,7 @@ def test_a_killed_compaction_loses_and_duplicates_nothing(tmp_path, monkeypatch,
     def kill(*args, **kwargs):
         raise KeyboardInterrupt
 
-    store = GradientStore.open(url)
+    store = GradientStore.open(url, allow_partial=True)
     with pytest.raises(KeyboardInterrupt):
         if crash == "after_files":  # group file rewritten, store.json not yet
             compact(store, after_files=kill)
@@ -103,11 +103,11 @@ def test_a_killed_compaction_loses_and_duplicates_nothing(tmp_path, monkeypatch,
     monkeypatch.undo()
     committed = shard_rows(spec, held, {0, 1, 2, 3, 5})
     assert plain_rows(url) == committed  # each committed row once
-    store = GradientStore.open(url)
+    store = GradientStore.open(url, allow_partial=True)
     assert store.rows().tolist() == committed and store.committed_shards() == {0, 1, 2, 3, 5}
     compact(store)  # the next pass finishes the job
     assert plain_rows(url) == committed and os.listdir(os.path.join(url, "commits", "epoch-1")) == []
-    assert GradientStore.open(url).rows().tolist() == committed
+    assert GradientStore.open(url, allow_partial=True).rows().tolist() == committed
 
 
 def test_duckdb_and_xarray_read_the_store(tmp_path):
@@ -258,7 +258,7 @@ def test_samples_of_a_shard_range_read_only_those_shards(tmp_path):
     fill(url, spec, held, shards=[0, 2, 3])
     compact(GradientStore.open(url))  # 0, 2, 3 in a samples.parquet file, 1 and 4 in commits/
     fill(url, spec, held, shards=[1, 4])
-    store = GradientStore.open(url)
+    store = GradientStore.open(url, allow_partial=True)
     committed = {0, 1, 2, 3, 4}
     for first, stop in [(0, 7), (0, 1), (1, 3), (3, 5), (5, 7)]:
         inside = committed & set(range(first, stop))

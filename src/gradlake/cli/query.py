@@ -14,10 +14,22 @@ from gradlake.errors import InputError
 StoreArg = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...).")
 
 
-def _open(store: str, endpoint_url: str, profile: str):
+AllowPartial = typer.Option(False, "--allow-partial", help="Answer from the committed shards of a store whose "
+                                                           "`grads` did not finish (recorded in the output).")
+
+
+def _open(store: str, endpoint_url: str, profile: str, allow_partial: bool = False):
     from gradlake.query import open_store
 
-    return open_store(store, storage_options(endpoint_url, profile) or None)
+    return open_store(store, storage_options(endpoint_url, profile) or None, allow_partial)
+
+
+def _note_partial(about: dict) -> None:
+    """Say that an answer comes from some of the shards only (--allow-partial)."""
+    if about.get("partial"):
+        typer.secho(f"note: partial answer (--allow-partial): from {about['partial']['shards_committed']} of "
+                    f"{about['partial']['shards_total']} shards of checkpoint {about['checkpoint']}", err=True,
+                    fg="yellow")
 
 
 @app.command()
@@ -53,15 +65,16 @@ def query(
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint name (default: the latest)."),
     out: str = typer.Option(..., help="Output file, any fsspec URL: .parquet (samples + phi; what they are in "
                                       "the schema metadata) or .npy (phi; rows in .rows.npy, what they are in .meta.json)."),
-    endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
+    allow_partial: bool = AllowPartial, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
     """Selected samples with their φ rows, streamed to a Parquet or npy file."""
-    from gradlake.query import export, known_values
+    from gradlake.query import describe, export, known_values
 
-    opened = _open(store, endpoint_url, profile)
+    opened = _open(store, endpoint_url, profile, allow_partial)
     n = export(opened, out, where, observable, checkpoint,
                storage_options=storage_options(endpoint_url, profile) or None)
     typer.echo(f"{n} samples (checkpoint {opened.checkpoint(checkpoint)}, observable {observable}) -> {out}")
+    _note_partial(describe(opened, checkpoint))
     if n == 0:
         typer.secho(f"note: 0 rows match {where!r}; {known_values(opened, checkpoint)}", err=True, fg="yellow")
 
@@ -93,7 +106,7 @@ def topk(
     nprobe: int = typer.Option(16, "--nprobe", min=1, help="With --index: IVF lists searched per query."),
     refine: int = typer.Option(16, "--refine", min=1, help="With --index: refine × k candidates per query (each "
                                                            "of the top and bottom searches) re-scored exactly."),
-    endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
+    allow_partial: bool = AllowPartial, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
     """The most and least influential training samples for each query sample (raw H, no normalisation).
 
@@ -115,12 +128,12 @@ def topk(
         settings = dict(query_where=query_where, train_where="split == 'train'" if train_where is None else train_where,
                         k=k, pair=pair, checkpoint=checkpoint, metric=metric or "V",
                         damping=1e-4 if damping is None else damping)
-        opened = _open(store, endpoint_url, profile)
+        opened = _open(store, endpoint_url, profile, allow_partial)
         if use_ray:
             from gradlake.distributed.query_tasks import topk as ray_topk
 
             table = ray_topk(opened.url, **settings, storage_options=options, parts=parts, address=address,
-                             num_cpus=num_cpus)
+                             num_cpus=num_cpus, allow_partial=allow_partial)
         else:
             from gradlake.query import topk as run_topk
 
@@ -132,6 +145,7 @@ def topk(
                f"(response {about['response']} on the query, perturbation {about['perturbation']} on the "
                f"training sample), normalisation {about['normalization']}, metric {about['metric']}, "
                f"λ = {about['damping']:g}")
+    _note_partial(about)
     if about.get("approximate"):
         approx = about["approximate"]
         typer.echo(f"approximate: index {approx['index']} ({approx['factory']} over {approx['rows']} samples of "

@@ -74,24 +74,27 @@ def shard_ranges(shards) -> list[list[int]]:
 
 
 class GradientStore:
-    """A gradient store opened read-only. Only committed shards are ever read."""
+    """A gradient store opened read-only. Only committed shards are ever read, and a selection
+    of a checkpoint whose shards are not all committed is refused unless ``allow_partial``."""
 
-    def __init__(self, files: layout.StoreFiles, meta: dict[str, Any]):
+    def __init__(self, files: layout.StoreFiles, meta: dict[str, Any], allow_partial: bool = False):
         self._files = files
         self._meta = meta
+        self.allow_partial = allow_partial
         self.spec = StoreSpec.from_json(meta["spec"])
         self._parts: dict[str, set[int]] = {}  # checkpoint -> shards in commits/ (one listing)
         self._stored: dict[tuple[str, str], set[int]] = {}  # (checkpoint, obs) -> shards with data
         self._readers: dict[tuple[str, str], ShardReader] = {}  # (checkpoint, obs) -> its array's reader
 
     @classmethod
-    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> GradientStore:
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None,
+             allow_partial: bool = False) -> GradientStore:
         files = layout.StoreFiles(url, storage_options)
         meta = read_metadata(files)
         if meta is None:
             raise InputError(f"{url}: no gradient store here (no {layout.STORE_JSON}); "
                              "run `gradlake grads` first")
-        return cls(files, meta)
+        return cls(files, meta, allow_partial)
 
     def refresh(self) -> None:
         """Forget cached shard listings and reread store.json (after other writers)."""
@@ -189,6 +192,26 @@ class GradientStore:
         missing = {obs: sorted(committed - self.stored_shards(name, obs)) for obs in self.observables}
         return {obs: shards for obs, shards in missing.items() if shards}
 
+    def partial(self, checkpoint: str | None = None) -> dict[str, int] | None:
+        """{"shards_committed", "shards_total"} while not every shard of the checkpoint is
+        committed, else None."""
+        done = len(self.committed_shards(checkpoint))
+        return None if done >= self.spec.n_shards else {"shards_committed": done, "shards_total": self.spec.n_shards}
+
+    def check_complete(self, checkpoint: str | None = None) -> None:
+        """InputError (how many shards are committed, how to resume) while the checkpoint's
+        shards are not all committed, unless the store was opened with ``allow_partial``."""
+        name = self.checkpoint(checkpoint)
+        partial = None if self.allow_partial else self.partial(name)
+        if partial is not None:
+            path = self._meta["checkpoints"][name].get("path", name)
+            raise InputError(
+                f"store {self.url}, checkpoint {name}: only {partial['shards_committed']} of "
+                f"{partial['shards_total']} shards are committed (its `gradlake grads` did not finish); resume "
+                f"it with the same command (`gradlake grads --data {self.spec.dataset.get('url', '...')} "
+                f"--checkpoint {path} --out {self.url} ...`; committed shards are kept), or answer from the "
+                f"committed shards with `query`/`topk --allow-partial`")
+
     def is_complete(self, checkpoint: str | None = None) -> bool:
         """Every shard committed, and its data in every array (see :meth:`missing_data`)."""
         return len(self.committed_shards(checkpoint)) == self.spec.n_shards and not self.missing_data(checkpoint)
@@ -202,9 +225,11 @@ class GradientStore:
         Columns: row, trajectory, t, class, split, shard, loss, norm_<obs>..., checkpoint.
         ``where`` is a pyarrow expression or a string in the language of store.filters.
         ``shards`` = [first, stop) reads only the files holding those shards (a part of a
-        large store costs the part, not a look at every file).
+        large store costs the part, not a look at every file). Refused on a checkpoint whose
+        shards are not all committed (:meth:`check_complete`).
         """
         name = self.checkpoint(checkpoint)
+        self.check_complete(name)
         schema = self._samples_dataset_schema()
         if isinstance(where, str):
             where = filters.parse_where(where, schema)
