@@ -9,7 +9,7 @@ import typer
 
 from gradlake import fsio
 from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, storage_options
-from gradlake.errors import InputError
+from gradlake.errors import GradlakeError, InputError
 
 StoreArg = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...).")
 
@@ -34,12 +34,27 @@ def _note_partial(about: dict) -> None:
 
 @app.command()
 def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile,
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."), quiet: bool = Quiet):
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+         verify: bool = typer.Option(False, "--verify", help="Also read every object of the store whole and check "
+                                                             "its checksums; exit 1 naming each damaged one."),
+         quiet: bool = Quiet):
     """N, k, dtype, checkpoints, observables, shards done, bytes and provenance of a store."""
-    summary = _open(store, endpoint_url, profile).summary()
+    opened = _open(store, endpoint_url, profile)
+    summary = opened.summary()
+    if verify:
+        from gradlake.store.verify import verify as verify_store
+
+        summary["findings"] = [str(f) for f in verify_store(opened)]
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
-        return
+    else:
+        _print_info(summary)
+    if summary.get("findings"):
+        raise GradlakeError(f"{store}: {len(summary['findings'])} damaged object(s); `gradlake repair {store}` "
+                            "drops them, then a resumed `gradlake grads` recomputes their shards")
+
+
+def _print_info(summary: dict) -> None:
     typer.echo(f"store        {summary['url']}")
     typer.echo(f"samples      {summary['n_samples']} of {summary['n_rows']} rows (splits: {', '.join(summary['splits'])})")
     typer.echo(f"k            {summary['k']}  ({summary['dtype']}; observables {', '.join(summary['observables'])}; "
@@ -51,10 +66,16 @@ def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = 
         for obs, shards in ck["missing_data"].items():
             typer.echo(f"             DAMAGED: grads.zarr/{name}/{obs} has no data for committed shard(s) "
                        f"{', '.join(map(str, shards[:10]))}{' ...' if len(shards) > 10 else ''}")
+        for finding in ck["damaged"]:
+            typer.echo(f"             DAMAGED: {finding}")
     prov = summary["provenance"]
     typer.echo(f"dataset      {prov['dataset']}")
     typer.echo(f"model        {json.dumps(prov['model'], default=str)[:200]}")
     typer.echo(f"gradlake     {prov.get('gradlake_version', '?')}, created {prov.get('created', '?')}")
+    if "findings" in summary:
+        typer.echo(f"verified     every object read: {len(summary['findings'])} damaged")
+        for finding in summary["findings"]:
+            typer.echo(f"FINDING      {finding}")
 
 
 @app.command()

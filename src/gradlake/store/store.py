@@ -247,15 +247,28 @@ class GradientStore:
         tables = []
         if groups:  # a file may hold shards its record does not list yet (compaction cut short)
             paths = [layout.samples_file(name, g) for g in sorted(groups)]
-            tables.append(self._parquet(paths, name).to_table(
-                filter=filters.combine(expr, pc.field("shard").isin(sorted(compacted)))))
+            tables.append(self._scan(paths, name, filters.combine(expr, pc.field("shard").isin(sorted(compacted)))))
         if parts:
-            paths = [layout.commit_part(name, s) for s in parts]
-            tables.append(self._parquet(paths, name).to_table(filter=expr))
+            tables.append(self._scan([layout.commit_part(name, s) for s in parts], name, expr))
         table = pa.concat_tables(tables).sort_by("row") if tables else schema.empty_table()
         if not tables and expr is not None:
             table = table.filter(expr)
         return table.select(columns or schema.names)
+
+    def _scan(self, rel_paths: list[str], checkpoint: str, expr: pc.Expression | None) -> pa.Table:
+        """The rows of Parquet files matching ``expr``; GradlakeError naming a damaged file."""
+        try:
+            return self._parquet(rel_paths, checkpoint).to_table(filter=expr)
+        except (pa.ArrowException, OSError):
+            from gradlake.store.verify import parquet_problem
+
+            for path in rel_paths:
+                problem = parquet_problem(self, path, ())
+                if problem is not None:
+                    raise GradlakeError(
+                        f"store {self.url}: {path} {problem}; the store is damaged: `gradlake repair {self.url}` "
+                        "drops it, then a resumed `gradlake grads` recomputes its shards") from None
+            raise
 
     def _parquet(self, rel_paths: list[str], checkpoint: str) -> pads.Dataset:
         """Parquet files of one checkpoint as a dataset with its ``checkpoint`` column."""
@@ -371,14 +384,19 @@ class GradientStore:
         return data
 
     def summary(self) -> dict[str, Any]:
-        """N, k, dtype, shards done / total per checkpoint, bytes on storage, provenance."""
+        """N, k, dtype, shards done / total per checkpoint (complete only when every sample
+        file's footer reads and every data object is there), bytes on storage, provenance."""
+        from gradlake.store.verify import check_parquet
+
         checkpoints = {}
+        unreadable = check_parquet(self)  # footers: the commits counted are readable
         for name, info in self._meta["checkpoints"].items():
             done = len(self.committed_shards(name))
             missing = self.missing_data(name)
+            damaged = [str(f) for f in unreadable if f.checkpoint == name]
             checkpoints[name] = {"shards_done": done, "shards_total": self.spec.n_shards,
-                                 "complete": done == self.spec.n_shards and not missing,
-                                 "missing_data": missing, "sha256": info["sha256"]}
+                                 "complete": done == self.spec.n_shards and not missing and not damaged,
+                                 "missing_data": missing, "damaged": damaged, "sha256": info["sha256"]}
         return {
             "url": self.url,
             "n_rows": self.spec.n_rows,
