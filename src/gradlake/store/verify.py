@@ -6,9 +6,10 @@ what is wrong. :func:`check_parquet` reads the sample files (commits/ and the co
 samples.parquet files store.json lists): their footers, or with ``deep`` every page;
 :func:`check_missing` names committed shards' gradient objects that are absent (a listing);
 :func:`verify` does both and reads every committed shard's gradient objects whole, their crc32c
-checksums verified. A resumed ``grads`` drops what the footers and the listing find. :func:`repair` drops the damaged shards, so that they are no longer committed and a
-resumed ``grads`` recomputes them: store.json first (a compacted file then holds rows it does
-not list, which readers ignore), then the files, then compaction of what is left in commits/.
+checksums verified. :func:`repair` drops the shards of findings, so that they are no longer
+committed and a resumed ``grads`` recomputes them: store.json first (a compacted file then
+holds rows it does not list, which readers ignore), then the files, then compaction of what is
+left in commits/. A resumed ``grads`` repairs what the footers and the listing find.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def parquet_problem(store: GradientStore, path: str, shards: tuple[int, ...], de
     except FileNotFoundError:
         return "missing"
     except (pa.ArrowException, OSError) as err:
+        if isinstance(err, OSError) and err.errno is not None:  # the storage failed, not the file's bytes
+            raise
         return f"cannot be read ({_first_line(err)})"
     missing = [c for c in store._samples_dataset_schema().names if c != "checkpoint" and c not in table.column_names]
     if missing:
