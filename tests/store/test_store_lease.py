@@ -61,6 +61,13 @@ def folder(request, tmp_path):
 
 
 def test_racing_drivers_one_wins_every_round(folder):
+    write = folder.write_bytes
+
+    def slow_write(rel, data):  # a slow storage: every racer reads before any write lands
+        time.sleep(0.02)
+        write(rel, data)
+
+    folder.write_bytes = slow_write
     check_rounds(folder)
 
 
