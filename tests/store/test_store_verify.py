@@ -15,6 +15,7 @@ from test_store_io import CKPT, fill, make_spec
 C_SHARD_1 = "grads.zarr/epoch-1/C/c/1/0"  # compacted shard 1: a byte flipped
 COMMIT_2 = "commits/epoch-1/shard-000002.parquet"  # not compacted: truncated
 V_SHARD_3 = "grads.zarr/epoch-1/V/c/3/0/0"  # shard 3's V data: deleted
+GROUP_0 = "samples.parquet/checkpoint=epoch-1/part-000000.parquet"  # shards 0 and 1, compacted
 
 
 def build(url):
@@ -86,17 +87,46 @@ def test_deep_checks_find_what_footers_cannot(tmp_path):
     assert [(f.path, f.shards) for f in found] == [(COMMIT_2, (2,))], found
 
 
+@pytest.mark.parametrize("damaged_file", [COMMIT_2, GROUP_0])
 @pytest.mark.parametrize("argv", [["query", "{url}", "--out", "{tmp}/q.npy"],
                                   ["topk", "{url}", "--query-where", "split == 'test'", "--k", "2", "--metric", "C"]])
-def test_a_truncated_commit_file_is_a_named_error(tmp_path, cli, argv):
+def test_a_truncated_sample_file_is_a_named_error(tmp_path, cli, argv, damaged_file):
     url = str(tmp_path / "store")
     build(url)
-    path = os.path.join(url, COMMIT_2)
+    path = os.path.join(url, damaged_file)
     open(path, "r+b").truncate(os.path.getsize(path) - 9)
     code, out, err = cli([a.format(url=url, tmp=tmp_path) for a in argv])
     assert code == 1 and len(lines(err)) == 1 and "Traceback" not in err, (out, err)
-    assert f"store {url}: {COMMIT_2} cannot be read (" in err and f"`gradlake repair {url}`" in err
+    assert f"store {url}: {damaged_file} cannot be read (" in err and f"`gradlake repair {url}`" in err
     assert not (tmp_path / "q.npy").exists()
+    code, out, _ = cli(["info", url])
+    assert code == 0 and "INCOMPLETE" in out and f"DAMAGED: {damaged_file}: cannot be read" in out
+
+
+@pytest.mark.s3
+@pytest.mark.slow  # ~5-7 s on a loaded machine
+def test_verify_and_repair_on_s3(s3_bucket):
+    import fsspec
+
+    from gradlake.store.verify import repair
+
+    url, options = s3_bucket[0] + "/store", s3_bucket[1]
+    spec, held = make_spec(shard_rows=16)
+    create_store(url, spec, CKPT, storage_options=options)
+    fill(url, spec, held, shards=[0, 1], storage_options=options)
+    compact(GradientStore.open(url, options, allow_partial=True))
+    fill(url, spec, held, shards=[2, 3], storage_options=options)
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    fs.pipe_file(f"{root}/{GROUP_0}", fs.cat_file(f"{root}/{GROUP_0}")[:-9])
+    fs.rm(f"{root}/{V_SHARD_3}")
+    store = GradientStore.open(url, options)
+    found = sorted((f.path, f.shards) for f in verify(store))
+    assert found == [(V_SHARD_3, (3,)), (GROUP_0, (0, 1))], found
+    assert repair(store, verify(store)) == {"epoch-1": [0, 1, 3]}
+    store = GradientStore.open(url, options, allow_partial=True)
+    assert store.committed_shards() == {2} and verify(store) == []
+    held = pq.read_table(f"{root}/{GROUP_0}", filesystem=fs)["shard"].to_pylist()
+    assert held == [2] * 16  # rewritten by the compaction of what commits/ still held
 
 
 def test_repair_then_recompute_equals_a_clean_store(damaged, tmp_path, cli):
