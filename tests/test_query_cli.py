@@ -132,10 +132,10 @@ def test_cli_index_errors_are_one_line(tmp_path, cli):
     _add_checkpoint(url, "epoch-0002", [0])  # the latest checkpoint is now another one
     fails([*query, "--index", "ivf"], f"index 'ivf' was built from checkpoint {CHECKPOINT}, not epoch-0002 (the latest)")
     assert cli([*query, "--index", "ivf", "--checkpoint", CHECKPOINT])[0] == 0
-    assert cli(["index", "build", url, "--name", "late"])[0] == 0  # on epoch-0002's one committed shard
+    fails(["index", "build", url, "--name", "late"], "checkpoint epoch-0002: only 1 of 2 shards are committed")
+    _add_checkpoint(url, "epoch-0002", [1])  # its second shard commits: the build may go
+    assert cli(["index", "build", url, "--name", "late"])[0] == 0
     assert cli([*query, "--index", "late"])[0] == 0
-    _add_checkpoint(url, "epoch-0002", [1])  # its second shard commits after the build
-    fails([*query, "--index", "late"], "index 'late' holds 824 rows but \"split == 'train'\" selects 1648 now")
 
 
 def test_cli_index_without_faiss_is_one_line(store_url, cli, monkeypatch):  # noqa: F811
@@ -145,3 +145,47 @@ def test_cli_index_without_faiss_is_one_line(store_url, cli, monkeypatch):  # no
         code, _, stderr = cli(argv)
         assert code == 2 and len(stderr.strip().splitlines()) == 1
         assert "error: the approximate index needs faiss-cpu: pip install 'gradlake[index]'" in stderr
+
+
+@pytest.fixture()
+def partial_store(tmp_path):
+    """Checkpoint epoch-0002 (the latest) with 1 of its 2 shards committed: an interrupted grads."""
+    url = str(tmp_path / "store")
+    write_store(url, spec_for(2048, 16, shard_rows=1024), steps=10)
+    _add_checkpoint(url, "epoch-0002", [0])
+    return url
+
+
+def test_query_and_topk_refuse_a_partial_store_unless_allowed(partial_store, tmp_path, cli):
+    url = partial_store
+    topk = ["topk", url, "--query-where", "split == 'test' and t == 3", "--k", "2", "--metric", "C"]
+    for argv in (["query", url, "--out", str(tmp_path / "q.parquet")], topk):
+        code, out, err = cli(argv)
+        assert code == 2 and not out and len(err.strip().splitlines()) == 1, (out, err)
+        assert "checkpoint epoch-0002: only 1 of 2 shards are committed" in err
+        assert f"gradlake grads --data synthetic --checkpoint epoch-0002 --out {url}" in err
+        assert "--allow-partial" in err
+    assert not (tmp_path / "q.parquet").exists()
+    partial = {"shards_committed": 1, "shards_total": 2}
+    for suffix in (".parquet", ".npy"):
+        out = str(tmp_path / f"q{suffix}")
+        code, stdout, err = cli(["query", url, "--out", out, "--allow-partial"])
+        assert code == 0 and stdout.startswith("1024 samples"), err
+        assert "note: partial answer (--allow-partial): from 1 of 2 shards of checkpoint epoch-0002" in err
+    assert description_of(pq.read_schema(tmp_path / "q.parquet"))["partial"] == partial
+    assert json.loads((tmp_path / "q.meta.json").read_text())["partial"] == partial
+    code, stdout, err = cli([*topk, "--allow-partial", "--out", str(tmp_path / "t.parquet")])
+    assert code == 0 and "note: partial answer" in err, err
+    assert description_of(pq.read_table(tmp_path / "t.parquet"))["partial"] == partial
+    code, stdout, err = cli([*topk, "--checkpoint", CHECKPOINT, "--out", str(tmp_path / "whole.parquet")])
+    assert code == 0 and "partial" not in err and "partial" not in description_of(pq.read_schema(tmp_path / "whole.parquet"))
+
+
+def test_topk_on_ray_allows_partial_only_when_asked(partial_store, tmp_path, cli, ray_session):
+    url = partial_store
+    topk = ["topk", url, "--query-where", "split == 'test' and t == 3", "--k", "2", "--metric", "C", "--ray",
+            "--parts", "2"]
+    code, _, err = cli(topk)
+    assert code == 2 and "only 1 of 2 shards are committed" in err
+    code, _, err = cli([*topk, "--allow-partial"])
+    assert code == 0 and "note: partial answer" in err, err

@@ -9,11 +9,11 @@ except PackageNotFoundError:  # running from a source tree without an install
 
 
 
-def open_store(url: str, storage_options: dict | None = None):
+def open_store(url: str, storage_options: dict | None = None, allow_partial: bool = False):
     """Open a gradient store read-only; see :class:`gradlake.store.GradientStore`."""
     from gradlake.query import open_store as _open_store
 
-    return _open_store(url, storage_options)
+    return _open_store(url, storage_options, allow_partial)
 
 
 __all__ = ["__version__", "open_store"]

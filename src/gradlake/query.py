@@ -49,9 +49,10 @@ def block_rows_for(store: GradientStore, observable: str) -> int:
     return max(16, BLOCK_BYTES // (4 * int(np.prod(store.spec.row_shape(observable)))))
 
 
-def open_store(url: str, storage_options: dict[str, Any] | None = None) -> GradientStore:
-    """Open a gradient store read-only (any fsspec URL)."""
-    return GradientStore.open(url, storage_options=storage_options)
+def open_store(url: str, storage_options: dict[str, Any] | None = None, allow_partial: bool = False) -> GradientStore:
+    """Open a gradient store read-only (any fsspec URL); ``allow_partial`` answers from the
+    committed shards of a checkpoint whose shards are not all committed."""
+    return GradientStore.open(url, storage_options=storage_options, allow_partial=allow_partial)
 
 
 OUTPUT_FORMAT = "gradlake-query/1"
@@ -60,13 +61,15 @@ METADATA_KEY = b"gradlake"  # Parquet schema metadata: what the table holds (JSO
 
 def describe(store: GradientStore, checkpoint: str | None, **settings: Any) -> dict[str, Any]:
     """What an output was computed from: the store, its checkpoint (name and weights sha256),
-    gradlake's version, and ``settings`` (observable, filters, pair, ...)."""
+    gradlake's version, ``settings`` (observable, filters, pair, ...), and "partial" (shards
+    committed and total) when it was answered from some of the checkpoint's shards only."""
     from gradlake import __version__
 
     name = store.checkpoint(checkpoint)
+    partial = store.partial(name)
     return {"format": OUTPUT_FORMAT, "store": store.url, "checkpoint": name,
             "checkpoint_sha256": store.provenance["checkpoints"][name].get("sha256", ""),
-            **settings, "gradlake_version": __version__}
+            **settings, **({"partial": partial} if partial else {}), "gradlake_version": __version__}
 
 
 def with_description(table: pa.Table, description: dict[str, Any]) -> pa.Table:

@@ -228,7 +228,7 @@ def test_the_grads_stage_refuses_a_store_another_driver_holds(grads_inputs, tmp_
 
     data, checkpoints = grads_inputs
     url = str(tmp_path / "store")
-    with Lease(StoreFiles(url), "another driver", settle_s=0):
+    with Lease(StoreFiles(url), "another driver"):
         with pytest.raises(InputError, match="being written by"):
             run_grads(data, checkpoints[:1], url, SETTINGS)
     assert not (tmp_path / "store" / "store.json").exists()

@@ -145,6 +145,12 @@ def test_uncommitted_shard_is_invisible_and_refused(tmp_path):
         ShardWriter(url).commit("epoch-1", 1, index_table(rows), loss, phis, before_record=die)
     store = GradientStore.open(url)
     assert store.committed_shards() == {0, 2} and not store.is_complete()
+    with pytest.raises(InputError, match=r"only 2 of 4 shards are committed.*gradlake grads --data mem://data "
+                                         r"--checkpoint /ck/epoch-1 --out .*--allow-partial"):
+        store.samples()  # never a silent part of the answer
+    with pytest.raises(InputError, match="only 2 of 4 shards"):
+        store.read("epoch-1", "C")
+    store = GradientStore.open(url, allow_partial=True)
     assert set(np.unique(store.samples()["shard"].to_numpy())) == {0, 2}
     with pytest.raises(GradlakeError, match="shard 1 .*not committed"):
         store.read("epoch-1", "C", [3, 20])

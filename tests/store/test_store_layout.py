@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
@@ -49,14 +48,14 @@ def test_compaction_keeps_every_committed_row_once_and_hides_uncommitted_ones(tm
     fill(url, spec, held, shards=[0, 2, 3])
     commit_half(url, spec, held, 1)
     assert plain_rows(url) == []  # nothing compacted yet: plain readers see nothing
-    assert GradientStore.open(url).rows().tolist() == shard_rows(spec, held, {0, 2, 3})
+    assert GradientStore.open(url, allow_partial=True).rows().tolist() == shard_rows(spec, held, {0, 2, 3})
 
     assert compact(GradientStore.open(url)) == {"epoch-1": 3}
     assert plain_rows(url) == shard_rows(spec, held, {0, 2, 3})  # not shard 1's rows
     assert os.listdir(os.path.join(url, "commits", "epoch-1")) == []
 
     fill(url, spec, held, shards=[1, 4, 5, 6])  # the rest, into the same group file
-    store = GradientStore.open(url)
+    store = GradientStore.open(url, allow_partial=True)
     assert store.rows().tolist() == list(range(N)) and store.is_complete()
     assert compact(store) == {"epoch-1": 4} and compact(store) == {"epoch-1": 0}  # idempotent
     assert plain_rows(url) == list(range(N))
@@ -93,7 +92,7 @@ def test_a_killed_compaction_loses_and_duplicates_nothing(tmp_path, monkeypatch,
     def kill(*args, **kwargs):
         raise KeyboardInterrupt
 
-    store = GradientStore.open(url)
+    store = GradientStore.open(url, allow_partial=True)
     with pytest.raises(KeyboardInterrupt):
         if crash == "after_files":  # group file rewritten, store.json not yet
             compact(store, after_files=kill)
@@ -103,11 +102,11 @@ def test_a_killed_compaction_loses_and_duplicates_nothing(tmp_path, monkeypatch,
     monkeypatch.undo()
     committed = shard_rows(spec, held, {0, 1, 2, 3, 5})
     assert plain_rows(url) == committed  # each committed row once
-    store = GradientStore.open(url)
+    store = GradientStore.open(url, allow_partial=True)
     assert store.rows().tolist() == committed and store.committed_shards() == {0, 1, 2, 3, 5}
     compact(store)  # the next pass finishes the job
     assert plain_rows(url) == committed and os.listdir(os.path.join(url, "commits", "epoch-1")) == []
-    assert GradientStore.open(url).rows().tolist() == committed
+    assert GradientStore.open(url, allow_partial=True).rows().tolist() == committed
 
 
 def test_duckdb_and_xarray_read_the_store(tmp_path):
@@ -189,13 +188,13 @@ def test_empty_or_truncated_store_json_is_an_input_error(tmp_path, content):
 
 def test_a_second_driver_is_refused_and_a_stale_lease_taken_over(tmp_path):
     files = StoreFiles(str(tmp_path / "store"))
-    with Lease(files, "first", settle_s=0) as first:
+    with Lease(files, "first") as first:
         with pytest.raises(InputError, match=r"being written by .*first.*lease expires in"):
-            Lease(files, "second", settle_s=0).acquire()
+            Lease(files, "second").acquire()
         first.renew()
     assert not files.exists("lease.json")  # released
     files.write_json("lease.json", {"owner": "elsewhere:1:x", "purpose": "old", "expires": time.time() - 1})
-    with Lease(files, "second", settle_s=0) as second:  # expired: taken over
+    with Lease(files, "second") as second:  # expired: taken over
         assert files.read_json("lease.json")["owner"] == second.owner
         files.write_json("lease.json", {"owner": "other:2:y", "expires": time.time() + 60})
         with pytest.raises(GradlakeError, match="was taken by other:2:y"):
@@ -207,12 +206,12 @@ def test_a_dead_local_drivers_lease_is_taken_over(tmp_path):
     files = StoreFiles(str(tmp_path / "store"))
     files.write_json("lease.json", {"owner": f"{socket.gethostname()}:{proc.stdout.strip()}:z",
                                     "expires": time.time() + 60})
-    with Lease(files, "next", settle_s=0):
+    with Lease(files, "next"):
         pass
     files.write_json("lease.json", {"owner": f"{socket.gethostname()}:{os.getpid()}:other",  # alive
                                     "expires": time.time() + 60})
     with pytest.raises(InputError, match="being written by"):
-        Lease(files, "next", settle_s=0).acquire()
+        Lease(files, "next").acquire()
 
 
 def test_auto_shard_rows_give_large_objects_and_enough_shards():
@@ -243,9 +242,9 @@ def test_on_s3_compaction_damage_and_lease(s3_bucket):
     with pytest.raises(GradlakeError, match=r"array grads.zarr/epoch-1/C: the data of committed shard 1"):
         store.read(None, "C", [20])
     files = StoreFiles(url, options)
-    with Lease(files, "first", settle_s=0):
+    with Lease(files, "first"):
         with pytest.raises(InputError, match="being written by"):
-            Lease(files, "second", settle_s=0).acquire()
+            Lease(files, "second").acquire()
     fs.pipe_file(f"{root}/store.json", b'{"format": ')
     with pytest.raises(InputError, match="not valid JSON"):
         GradientStore.open(url, options)
@@ -258,7 +257,7 @@ def test_samples_of_a_shard_range_read_only_those_shards(tmp_path):
     fill(url, spec, held, shards=[0, 2, 3])
     compact(GradientStore.open(url))  # 0, 2, 3 in a samples.parquet file, 1 and 4 in commits/
     fill(url, spec, held, shards=[1, 4])
-    store = GradientStore.open(url)
+    store = GradientStore.open(url, allow_partial=True)
     committed = {0, 1, 2, 3, 4}
     for first, stop in [(0, 7), (0, 1), (1, 3), (3, 5), (5, 7)]:
         inside = committed & set(range(first, stop))
@@ -269,5 +268,5 @@ def test_samples_of_a_shard_range_read_only_those_shards(tmp_path):
     with open(os.path.join(url, "commits", "epoch-1", "shard-000004.parquet"), "wb") as f:
         f.write(b"not parquet")  # a file outside the range is never opened
     assert store.rows(shards=(0, 4)).tolist() == shard_rows(spec, held, {0, 1, 2, 3})
-    with pytest.raises(pa.ArrowInvalid):  # (the whole table does open it)
-        store.rows()
+    with pytest.raises(GradlakeError, match="commits/epoch-1/shard-000004.parquet cannot be read"):
+        store.rows()  # (the whole table does open it)

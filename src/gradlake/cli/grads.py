@@ -65,3 +65,27 @@ def grads(
     checkpoints = expand_checkpoints(names(checkpoint), options)
     summary = run_grads(data, checkpoints, out, job.grads, job.ray, storage_options=options)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def repair(store: str = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...)."),
+           endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet):
+    """Read every object of a store and drop the damaged shards: the store is left consistent, with
+    those shards uncommitted, and a resumed `gradlake grads` recomputes them."""
+    from gradlake.store import GradientStore, Lease
+    from gradlake.store.layout import StoreFiles
+    from gradlake.store.verify import repair as drop, verify
+
+    options = storage_options(endpoint_url, profile) or None
+    opened = GradientStore.open(store, options, allow_partial=True)
+    with Lease(StoreFiles(opened.url, options), "repair"):
+        findings = verify(opened)
+        for finding in findings:
+            typer.echo(f"damaged   {finding}")
+        dropped = drop(opened, findings)
+    if not dropped:
+        typer.echo(f"{store}: nothing to repair (every object reads whole, its checksums match)")
+        return
+    for name, shards in dropped.items():
+        typer.echo(f"dropped   checkpoint {name}: shard(s) {', '.join(map(str, shards))} (now uncommitted)")
+    typer.echo(f"{store}: consistent; resume `gradlake grads ... --out {store}` to recompute the dropped shards")

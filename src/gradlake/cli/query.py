@@ -9,25 +9,52 @@ import typer
 
 from gradlake import fsio
 from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, storage_options
-from gradlake.errors import InputError
+from gradlake.errors import GradlakeError, InputError
 
 StoreArg = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...).")
 
 
-def _open(store: str, endpoint_url: str, profile: str):
+AllowPartial = typer.Option(False, "--allow-partial", help="Answer from the committed shards of a store whose "
+                                                           "`grads` did not finish (recorded in the output).")
+
+
+def _open(store: str, endpoint_url: str, profile: str, allow_partial: bool = False):
     from gradlake.query import open_store
 
-    return open_store(store, storage_options(endpoint_url, profile) or None)
+    return open_store(store, storage_options(endpoint_url, profile) or None, allow_partial)
+
+
+def _note_partial(about: dict) -> None:
+    """Say that an answer comes from some of the shards only (--allow-partial)."""
+    if about.get("partial"):
+        typer.secho(f"note: partial answer (--allow-partial): from {about['partial']['shards_committed']} of "
+                    f"{about['partial']['shards_total']} shards of checkpoint {about['checkpoint']}", err=True,
+                    fg="yellow")
 
 
 @app.command()
 def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile,
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."), quiet: bool = Quiet):
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+         verify: bool = typer.Option(False, "--verify", help="Also read every object of the store whole and check "
+                                                             "its checksums; exit 1 naming each damaged one."),
+         quiet: bool = Quiet):
     """N, k, dtype, checkpoints, observables, shards done, bytes and provenance of a store."""
-    summary = _open(store, endpoint_url, profile).summary()
+    opened = _open(store, endpoint_url, profile)
+    summary = opened.summary()
+    if verify:
+        from gradlake.store.verify import verify as verify_store
+
+        summary["findings"] = [str(f) for f in verify_store(opened)]
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
-        return
+    else:
+        _print_info(summary)
+    if summary.get("findings"):
+        raise GradlakeError(f"{store}: {len(summary['findings'])} damaged object(s); `gradlake repair {store}` "
+                            "drops them, then a resumed `gradlake grads` recomputes their shards")
+
+
+def _print_info(summary: dict) -> None:
     typer.echo(f"store        {summary['url']}")
     typer.echo(f"samples      {summary['n_samples']} of {summary['n_rows']} rows (splits: {', '.join(summary['splits'])})")
     typer.echo(f"k            {summary['k']}  ({summary['dtype']}; observables {', '.join(summary['observables'])}; "
@@ -39,10 +66,16 @@ def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = 
         for obs, shards in ck["missing_data"].items():
             typer.echo(f"             DAMAGED: grads.zarr/{name}/{obs} has no data for committed shard(s) "
                        f"{', '.join(map(str, shards[:10]))}{' ...' if len(shards) > 10 else ''}")
+        for finding in ck["damaged"]:
+            typer.echo(f"             DAMAGED: {finding}")
     prov = summary["provenance"]
     typer.echo(f"dataset      {prov['dataset']}")
     typer.echo(f"model        {json.dumps(prov['model'], default=str)[:200]}")
     typer.echo(f"gradlake     {prov.get('gradlake_version', '?')}, created {prov.get('created', '?')}")
+    if "findings" in summary:
+        typer.echo(f"verified     every object read: {len(summary['findings'])} damaged")
+        for finding in summary["findings"]:
+            typer.echo(f"FINDING      {finding}")
 
 
 @app.command()
@@ -53,15 +86,16 @@ def query(
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint name (default: the latest)."),
     out: str = typer.Option(..., help="Output file, any fsspec URL: .parquet (samples + phi; what they are in "
                                       "the schema metadata) or .npy (phi; rows in .rows.npy, what they are in .meta.json)."),
-    endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
+    allow_partial: bool = AllowPartial, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
     """Selected samples with their φ rows, streamed to a Parquet or npy file."""
-    from gradlake.query import export, known_values
+    from gradlake.query import describe, export, known_values
 
-    opened = _open(store, endpoint_url, profile)
+    opened = _open(store, endpoint_url, profile, allow_partial)
     n = export(opened, out, where, observable, checkpoint,
                storage_options=storage_options(endpoint_url, profile) or None)
     typer.echo(f"{n} samples (checkpoint {opened.checkpoint(checkpoint)}, observable {observable}) -> {out}")
+    _note_partial(describe(opened, checkpoint))
     if n == 0:
         typer.secho(f"note: 0 rows match {where!r}; {known_values(opened, checkpoint)}", err=True, fg="yellow")
 
@@ -99,7 +133,7 @@ def topk(
                                                                       "its members'; alone: one group of all queries."),
     by_layer: bool = typer.Option(False, "--by-layer", help="Add each listed pair's share of H per layer group and "
                                                             "parameter block."),
-    endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
+    allow_partial: bool = AllowPartial, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
     """The most and least influential training samples for each query sample (raw H, no normalisation).
 
@@ -122,12 +156,12 @@ def topk(
                         k=k, pair=pair, checkpoint=checkpoint, metric=metric or "V",
                         damping=1e-4 if damping is None else damping, group_by=group_by, aggregate=aggregate,
                         by_layer=by_layer)
-        opened = _open(store, endpoint_url, profile)
+        opened = _open(store, endpoint_url, profile, allow_partial)
         if use_ray:
             from gradlake.distributed.query_tasks import topk as ray_topk
 
             table = ray_topk(opened.url, **settings, storage_options=options, parts=parts, address=address,
-                             num_cpus=num_cpus)
+                             num_cpus=num_cpus, allow_partial=allow_partial)
         else:
             from gradlake.query import topk as run_topk
 
@@ -139,6 +173,7 @@ def topk(
                f"(response {about['response']} on the query, perturbation {about['perturbation']} on the "
                f"training sample), normalisation {about['normalization']}, metric {about['metric']}, "
                f"λ = {about['damping']:g}")
+    _note_partial(about)
     if about.get("approximate"):
         approx = about["approximate"]
         typer.echo(f"approximate: index {approx['index']} ({approx['factory']} over {approx['rows']} samples of "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ from gradlake.store import GradientStore, Lease, StoreSpec, compact, create_stor
 from gradlake.store.layout import StoreFiles, check_name, checkpoint_name, group_shards
 from gradlake.store.store import read_metadata
 from gradlake.store.spec import chunk_rows_for, shard_rows_for
+from gradlake.store.verify import check_missing, check_parquet, repair
 from gradlake.store.writer import set_stage_status
 
 STAGE = "grads"
@@ -158,8 +160,9 @@ def check_inputs(data_url: str, checkpoints: Mapping[str, str] | list[str], sett
 def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
             storage_options: dict[str, Any], task: TaskConfig | None = None,
             inputs: Inputs | None = None) -> StagePlan:
-    """Check every input (unless ``inputs`` were), then create (or extend) the store and list
-    the uncommitted shards."""
+    """Check every input (unless ``inputs`` were), then create (or extend) the store, drop the
+    shards of sample files that cannot be read (their footers) or whose data objects are
+    missing (they are recomputed), and list the uncommitted shards."""
     inputs = inputs or check_inputs(data_url, checkpoints, settings, storage_options, task)
     options = storage_options or None
     names, checkpoints, dataset, held = inputs.names, inputs.checkpoints, inputs.dataset, inputs.held
@@ -170,6 +173,10 @@ def prepare(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url
                        existing["spec"]["shard_rows"] if existing and not settings.shard_rows else None, task)
     shards = plan_shards(held, spec.shard_rows)
     store = create_store(store_url, spec, provenance, options, index=dataset.index().table)
+    damaged = check_parquet(store) + check_missing(store)
+    for finding in damaged:
+        print(f"grads: {finding}: dropped; shard(s) {', '.join(map(str, finding.shards))} recomputed", file=sys.stderr)
+    repair(store, damaged)
     tasks, skipped = [], 0
     for name, path in zip(names, checkpoints):
         committed = store.committed_shards(name)

@@ -16,17 +16,19 @@ from gradlake.distributed.cluster import ensure_ray
 from gradlake.progress import progress
 
 
-def _run_part(fn, url: str, storage_options: dict[str, Any], *args):
+def _run_part(fn, url: str, storage_options: dict[str, Any], allow_partial: bool, *args):
     from gradlake.store import GradientStore
 
-    return fn(GradientStore.open(url, storage_options or None), *args)
+    return fn(GradientStore.open(url, storage_options or None, allow_partial), *args)
 
 
 _part = ray.remote(_run_part)
 
 
-def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: str = "query") -> query.Mapper:
-    """A :data:`gradlake.query.Mapper` running each part as a Ray task on the store at ``url``."""
+def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: str = "query",
+               allow_partial: bool = False) -> query.Mapper:
+    """A :data:`gradlake.query.Mapper` running each part as a Ray task on the store at ``url``
+    (opened with ``allow_partial``)."""
     options = dict(storage_options or {})
 
     def run(fn, args: list[tuple]) -> list:
@@ -39,7 +41,7 @@ def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: st
                 shared[id(value)] = ray.put(value)
             return shared[id(value)]
 
-        refs = [_part.remote(fn, url, options, *map(put_once, part)) for part in args]
+        refs = [_part.remote(fn, url, options, allow_partial, *map(put_once, part)) for part in args]
         bar = progress(len(refs), f"{desc}: {getattr(fn, '__name__', 'part')}", "parts")
         pending = list(refs)
         while pending:
@@ -54,13 +56,13 @@ def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: st
 def topk(url: str, query_where: str, train_where: str = "split == 'train'", k: int = 10, pair: str = "CC",
          checkpoint: str | None = None, metric: str = "V", damping: float = 1e-4, block_rows: int | None = None,
          storage_options: dict[str, Any] | None = None, parts: int = 0, address: str = "",
-         num_cpus: int = 0, **options: Any) -> pa.Table:
+         num_cpus: int = 0, allow_partial: bool = False, **options: Any) -> pa.Table:
     """:func:`gradlake.query.topk` with its passes cut into ``parts`` Ray tasks (0: two per CPU
     of the cluster or parts of about PART_ROWS rows, whichever are more; at most one per shard)
     on the Ray at ``address`` (:func:`ensure_ray`; ``num_cpus`` for an embedded one);
     ``options``: its group_by, aggregate, by_layer."""
     ensure_ray(address, num_cpus)
-    store = query.open_store(url, storage_options)
+    store = query.open_store(url, storage_options, allow_partial)
     parts = parts or max(2 * int(ray.cluster_resources().get("CPU", 1)), len(query.shard_parts(store)))
     return query.topk(store, query_where, train_where, k, pair, checkpoint, metric, damping, block_rows,
-                      mapper=ray_mapper(url, storage_options, "topk"), parts=parts, **options)
+                      mapper=ray_mapper(url, storage_options, "topk", allow_partial), parts=parts, **options)

@@ -507,10 +507,7 @@ def _shares(src: StoreRef, layers: Layers | None, pair: str, inverse: np.ndarray
 
 
 def check_complete(store, checkpoint: str) -> None:
-    done = len(store.committed_shards(checkpoint))
-    if done < store.spec.n_shards:
-        raise GradlakeError(f"store {store.url}, checkpoint {checkpoint}: only {done} of "
-                            f"{store.spec.n_shards} shards are committed; finish `gradlake grads` first")
+    store.check_complete(checkpoint)
     for observable, shards in store.missing_data(checkpoint).items():
         start, stop = store.spec.shard_range(shards[0])
         raise GradlakeError(f"store {store.url}, checkpoint {checkpoint}, array grads.zarr/{checkpoint}/"

@@ -74,24 +74,27 @@ def shard_ranges(shards) -> list[list[int]]:
 
 
 class GradientStore:
-    """A gradient store opened read-only. Only committed shards are ever read."""
+    """A gradient store opened read-only. Only committed shards are ever read, and a selection
+    of a checkpoint whose shards are not all committed is refused unless ``allow_partial``."""
 
-    def __init__(self, files: layout.StoreFiles, meta: dict[str, Any]):
+    def __init__(self, files: layout.StoreFiles, meta: dict[str, Any], allow_partial: bool = False):
         self._files = files
         self._meta = meta
+        self.allow_partial = allow_partial
         self.spec = StoreSpec.from_json(meta["spec"])
         self._parts: dict[str, set[int]] = {}  # checkpoint -> shards in commits/ (one listing)
         self._stored: dict[tuple[str, str], set[int]] = {}  # (checkpoint, obs) -> shards with data
         self._readers: dict[tuple[str, str], ShardReader] = {}  # (checkpoint, obs) -> its array's reader
 
     @classmethod
-    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> GradientStore:
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None,
+             allow_partial: bool = False) -> GradientStore:
         files = layout.StoreFiles(url, storage_options)
         meta = read_metadata(files)
         if meta is None:
             raise InputError(f"{url}: no gradient store here (no {layout.STORE_JSON}); "
                              "run `gradlake grads` first")
-        return cls(files, meta)
+        return cls(files, meta, allow_partial)
 
     def refresh(self) -> None:
         """Forget cached shard listings and reread store.json (after other writers)."""
@@ -189,6 +192,26 @@ class GradientStore:
         missing = {obs: sorted(committed - self.stored_shards(name, obs)) for obs in self.observables}
         return {obs: shards for obs, shards in missing.items() if shards}
 
+    def partial(self, checkpoint: str | None = None) -> dict[str, int] | None:
+        """{"shards_committed", "shards_total"} while not every shard of the checkpoint is
+        committed, else None."""
+        done = len(self.committed_shards(checkpoint))
+        return None if done >= self.spec.n_shards else {"shards_committed": done, "shards_total": self.spec.n_shards}
+
+    def check_complete(self, checkpoint: str | None = None) -> None:
+        """InputError (how many shards are committed, how to resume) while the checkpoint's
+        shards are not all committed, unless the store was opened with ``allow_partial``."""
+        name = self.checkpoint(checkpoint)
+        partial = None if self.allow_partial else self.partial(name)
+        if partial is not None:
+            path = self._meta["checkpoints"][name].get("path", name)
+            raise InputError(
+                f"store {self.url}, checkpoint {name}: only {partial['shards_committed']} of "
+                f"{partial['shards_total']} shards are committed (its `gradlake grads` did not finish); resume "
+                f"it with the same command (`gradlake grads --data {self.spec.dataset.get('url', '...')} "
+                f"--checkpoint {path} --out {self.url} ...`; committed shards are kept), or answer from the "
+                f"committed shards with `query`/`topk --allow-partial`")
+
     def is_complete(self, checkpoint: str | None = None) -> bool:
         """Every shard committed, and its data in every array (see :meth:`missing_data`)."""
         return len(self.committed_shards(checkpoint)) == self.spec.n_shards and not self.missing_data(checkpoint)
@@ -202,9 +225,11 @@ class GradientStore:
         Columns: row, trajectory, t, class, split, shard, loss, norm_<obs>..., checkpoint.
         ``where`` is a pyarrow expression or a string in the language of store.filters.
         ``shards`` = [first, stop) reads only the files holding those shards (a part of a
-        large store costs the part, not a look at every file).
+        large store costs the part, not a look at every file). Refused on a checkpoint whose
+        shards are not all committed (:meth:`check_complete`).
         """
         name = self.checkpoint(checkpoint)
+        self.check_complete(name)
         schema = self._samples_dataset_schema()
         if isinstance(where, str):
             where = filters.parse_where(where, schema)
@@ -222,15 +247,28 @@ class GradientStore:
         tables = []
         if groups:  # a file may hold shards its record does not list yet (compaction cut short)
             paths = [layout.samples_file(name, g) for g in sorted(groups)]
-            tables.append(self._parquet(paths, name).to_table(
-                filter=filters.combine(expr, pc.field("shard").isin(sorted(compacted)))))
+            tables.append(self._scan(paths, name, filters.combine(expr, pc.field("shard").isin(sorted(compacted)))))
         if parts:
-            paths = [layout.commit_part(name, s) for s in parts]
-            tables.append(self._parquet(paths, name).to_table(filter=expr))
+            tables.append(self._scan([layout.commit_part(name, s) for s in parts], name, expr))
         table = pa.concat_tables(tables).sort_by("row") if tables else schema.empty_table()
         if not tables and expr is not None:
             table = table.filter(expr)
         return table.select(columns or schema.names)
+
+    def _scan(self, rel_paths: list[str], checkpoint: str, expr: pc.Expression | None) -> pa.Table:
+        """The rows of Parquet files matching ``expr``; GradlakeError naming a damaged file."""
+        try:
+            return self._parquet(rel_paths, checkpoint).to_table(filter=expr)
+        except (pa.ArrowException, OSError):
+            from gradlake.store.verify import parquet_problem
+
+            for path in rel_paths:
+                problem = parquet_problem(self, path, ())
+                if problem is not None:
+                    raise GradlakeError(
+                        f"store {self.url}: {path} {problem}; the store is damaged: `gradlake repair {self.url}` "
+                        "drops it, then a resumed `gradlake grads` recomputes its shards") from None
+            raise
 
     def _parquet(self, rel_paths: list[str], checkpoint: str) -> pads.Dataset:
         """Parquet files of one checkpoint as a dataset with its ``checkpoint`` column."""
@@ -346,14 +384,19 @@ class GradientStore:
         return data
 
     def summary(self) -> dict[str, Any]:
-        """N, k, dtype, shards done / total per checkpoint, bytes on storage, provenance."""
+        """N, k, dtype, shards done / total per checkpoint (complete only when every sample
+        file's footer reads and every data object is there), bytes on storage, provenance."""
+        from gradlake.store.verify import check_parquet
+
         checkpoints = {}
+        unreadable = check_parquet(self)  # footers: the commits counted are readable
         for name, info in self._meta["checkpoints"].items():
             done = len(self.committed_shards(name))
             missing = self.missing_data(name)
+            damaged = [str(f) for f in unreadable if f.checkpoint == name]
             checkpoints[name] = {"shards_done": done, "shards_total": self.spec.n_shards,
-                                 "complete": done == self.spec.n_shards and not missing,
-                                 "missing_data": missing, "sha256": info["sha256"]}
+                                 "complete": done == self.spec.n_shards and not missing and not damaged,
+                                 "missing_data": missing, "damaged": damaged, "sha256": info["sha256"]}
         return {
             "url": self.url,
             "n_rows": self.spec.n_rows,
