@@ -111,7 +111,7 @@ def export(store: GradientStore, out: str | Path, where: str | None = None, obse
     suffix = posixpath.splitext(out)[1]
     if suffix not in (".parquet", ".npy"):
         raise InputError(f"--out: expected a .parquet or .npy file, got {out!r}")
-    fsio.check_access(out, storage_options, "--out")
+    fsio.check_output(out, storage_options, folder=False)
     samples = store.samples(checkpoint, where)
     rows = samples.column("row").to_numpy().astype(np.int64)
     description = describe(store, checkpoint, observable=observable, where=where or "",

@@ -104,7 +104,7 @@ def topk(
     options = storage_options(endpoint_url, profile) or None
     use_ray = use_ray or bool(address)
     if out:
-        fsio.check_access(out, options, "--out")
+        fsio.check_output(out, options, folder=False)
     if index is not None:
         if use_ray or parts:
             raise InputError("--index searches the index in this process; --ray, --address and --parts are "
