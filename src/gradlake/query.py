@@ -216,6 +216,14 @@ def part_moments(store: GradientStore, checkpoint: str, observable: str, where: 
     return moments
 
 
+def check_metric(store: GradientStore, observable: str) -> None:
+    """InputError saying how to choose the metric when the store lacks its observable's φ's."""
+    if observable not in store.spec.observables:
+        raise InputError(f"--metric {observable}: store {store.url} holds no φ of {observable} to build the metric "
+                         f"from (it holds {', '.join(store.spec.observables)}); choose the metric with --metric, "
+                         "e.g. --metric C (the empirical Fisher)")
+
+
 def metric_of(store: GradientStore, where: str, observable: str = "V", checkpoint: str | None = None,
               block_rows: int | None = None, mapper: Mapper | None = None, parts: int | None = None,
               source: str = "the reference selection") -> Metric:
@@ -288,8 +296,10 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
         raise InputError(f"--pair: expected two observable letters like 'CC', got {pair!r}")
     response, perturbation = pair
     name = store.checkpoint(checkpoint)
-    for observable in (response, perturbation, *([metric] if isinstance(metric, str) else [])):
+    for observable in (response, perturbation):
         store.check_observable(observable)
+    if isinstance(metric, str):
+        check_metric(store, metric)
     queries = store.samples(name, query_where, columns=SAMPLE_COLUMNS)
     if queries.num_rows == 0:
         raise InputError(f"--query-where {query_where!r} selects no sample; {known_values(store, checkpoint)}")

@@ -12,6 +12,7 @@ from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app,
 from gradlake.errors import InputError
 
 StoreArg = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...).")
+AsJson = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (for scripts).")
 
 
 def _open(store: str, endpoint_url: str, profile: str):
@@ -22,7 +23,7 @@ def _open(store: str, endpoint_url: str, profile: str):
 
 @app.command()
 def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile,
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."), quiet: bool = Quiet):
+         as_json: bool = AsJson, quiet: bool = Quiet):
     """N, k, dtype, checkpoints, observables, shards done, bytes and provenance of a store."""
     summary = _open(store, endpoint_url, profile).summary()
     if as_json:
@@ -53,7 +54,7 @@ def query(
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint name (default: the latest)."),
     out: str = typer.Option(..., help="Output file, any fsspec URL: .parquet (samples + phi; what they are in "
                                       "the schema metadata) or .npy (phi; rows in .rows.npy, what they are in .meta.json)."),
-    endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
+    as_json: bool = AsJson, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
     """Selected samples with their φ rows, streamed to a Parquet or npy file."""
     from gradlake.query import export, known_values
@@ -61,7 +62,11 @@ def query(
     opened = _open(store, endpoint_url, profile)
     n = export(opened, out, where, observable, checkpoint,
                storage_options=storage_options(endpoint_url, profile) or None)
-    typer.echo(f"{n} samples (checkpoint {opened.checkpoint(checkpoint)}, observable {observable}) -> {out}")
+    if as_json:
+        typer.echo(json.dumps({"samples": n, "checkpoint": opened.checkpoint(checkpoint), "observable": observable,
+                               "where": where, "out": out}, indent=2))
+    else:
+        typer.echo(f"{n} samples (checkpoint {opened.checkpoint(checkpoint)}, observable {observable}) -> {out}")
     if n == 0:
         typer.secho(f"note: 0 rows match {where!r}; {known_values(opened, checkpoint)}", err=True, fg="yellow")
 
@@ -93,7 +98,7 @@ def topk(
     nprobe: int = typer.Option(16, "--nprobe", min=1, help="With --index: IVF lists searched per query."),
     refine: int = typer.Option(16, "--refine", min=1, help="With --index: refine × k candidates per query (each "
                                                            "of the top and bottom searches) re-scored exactly."),
-    endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
+    as_json: bool = AsJson, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
     """The most and least influential training samples for each query sample (raw H, no normalisation).
 
@@ -128,6 +133,9 @@ def topk(
     if out:
         write_table(table, out, options)
     about = description_of(table)
+    if as_json:
+        typer.echo(json.dumps({**about, "rows": table.to_pylist()}, indent=2, default=str))
+        return
     typer.echo(f"checkpoint {about['checkpoint']} (sha256 {about['checkpoint_sha256'][:12]}), pair {about['pair']} "
                f"(response {about['response']} on the query, perturbation {about['perturbation']} on the "
                f"training sample), normalisation {about['normalization']}, metric {about['metric']}, "
@@ -156,7 +164,7 @@ def _approximate_topk(store: str, name: str, query_where: str, train_where: Opti
     return index.topk(query_where, k, pair[0], nprobe, refine)
 
 
-index_app = typer.Typer(help="The approximate top-k index beside a store (faiss-cpu: pip install 'gradlake[index]').",
+index_app = typer.Typer(help="The approximate top-k index beside a store (faiss-cpu: pip install 'gradlake\\[index]').",
                         no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
