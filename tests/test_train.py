@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.numpy import load_file
@@ -10,6 +11,7 @@ from safetensors.numpy import load_file
 from gradlake import models, physics
 from gradlake.config import DataConfig, ModelConfig, TrainConfig
 from gradlake.errors import InputError
+from gradlake.provenance import description_of
 from gradlake.models.checkpoint import (
     check_weights,
     checkpoint_sha256,
@@ -152,6 +154,11 @@ def test_rollout_first_step_is_the_one_step_error(dataset, run, tmp_path):
     assert by_key["all", 1]["smse_mean"] == pytest.approx(one_step, rel=1e-5)
     assert by_key["all", 2]["smse_mean"] == pytest.approx(two_step, rel=1e-5)
     assert json.loads((tmp_path / "r" / "rollout.json").read_text())["rows"] == table
+    about = description_of(pq.read_schema(tmp_path / "r" / "rollout.parquet"))
+    assert about["format"] == "gradlake-rollout/1" and about["checkpoint"] == paths[-1]
+    assert about["fingerprint"] == dataset.fingerprint and about["gradlake_version"]
+    about = description_of(pq.read_schema(f"{dataset.url}/trajectories.parquet"))  # the dataset's table too
+    assert about["format"] == "gradlake-dataset/1" and about["provenance"] == dataset.manifest["provenance"]
     with pytest.raises(InputError, match="horizon"):
         rollout(paths[-1], dataset.url, horizon=9)
 

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from gradlake import fsio
 from gradlake.errors import InputError
 from gradlake.progress import progress
+from gradlake.provenance import METADATA_KEY, description_of, with_description  # noqa: F401 (public here too)
 from gradlake.reduce.metric import Metric, Moments
 from gradlake.reduce.pairwise import TopK, precondition, tile
 from gradlake.reduce.work import OrderedSum, prefetched, row_blocks
@@ -53,7 +54,6 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Gradi
 
 
 OUTPUT_FORMAT = "gradlake-query/1"
-METADATA_KEY = b"gradlake"  # Parquet schema metadata: what the table holds (JSON)
 
 
 def describe(store: GradientStore, checkpoint: str | None, **settings: Any) -> dict[str, Any]:
@@ -65,18 +65,6 @@ def describe(store: GradientStore, checkpoint: str | None, **settings: Any) -> d
     return {"format": OUTPUT_FORMAT, "store": store.url, "checkpoint": name,
             "checkpoint_sha256": store.provenance["checkpoints"][name].get("sha256", ""),
             **settings, "gradlake_version": __version__}
-
-
-def with_description(table: pa.Table, description: dict[str, Any]) -> pa.Table:
-    """``table`` with ``description`` as its schema metadata (key ``gradlake``, JSON)."""
-    return table.replace_schema_metadata({METADATA_KEY: json.dumps(description).encode()})
-
-
-def description_of(table_or_schema: pa.Table | pa.Schema) -> dict[str, Any]:
-    """The description a query or top-k table carries ({} when it has none)."""
-    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
 
 
 def known_values(store: GradientStore, checkpoint: str | None = None) -> str:

@@ -47,6 +47,7 @@ from gradlake.models.checkpoint import (
     save_checkpoint,
 )
 from gradlake.progress import progress
+from gradlake.provenance import with_description
 
 # Settings that change the trained weights: a resumed run must match them.
 RESULT_SETTINGS = ("batch_size", "lr", "weight_decay", "seed", "window_mb")
@@ -389,6 +390,6 @@ def rollout(checkpoint: str, dataset_url: str, horizon: int | None = None, split
 def _write_table(table: pa.Table, out: str, storage_options: dict | None, provenance: dict[str, Any]) -> None:
     files = fsio.Folder(out, storage_options)
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    pq.write_table(with_description(table, {"format": "gradlake-rollout/1", **provenance}), buffer)
     files.write_bytes("rollout.parquet", buffer.getvalue())
     files.write_json("rollout.json", {**provenance, "rows": table.to_pylist()})
