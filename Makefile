@@ -10,7 +10,8 @@ PY     := $(VENV)/bin/python
 # come with gradlake's). TORCH= keeps the torch you have.
 DEVICE      ?= cpu
 CUDA        ?= cu128
-TORCH_BUILD := $(if $(filter cuda,$(DEVICE)),$(CUDA),$(if $(filter cpu,$(DEVICE)),cpu,$(error DEVICE must be cpu or cuda, got '$(DEVICE)')))
+TORCH_BUILD := $(if $(filter cuda,$(DEVICE)),$(CUDA),$(if $(filter cpu,$(DEVICE)),cpu,\
+                 $(error DEVICE must be cpu or cuda, got '$(DEVICE)')))
 TORCH       ?= torch==2.13.0+$(TORCH_BUILD)
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH_BUILD)
 JOB         ?= jobs/quickstart.toml

@@ -257,7 +257,8 @@ def test_a_nan_in_the_validation_data_is_named_too(dataset, tmp_path):
     url = str(tmp_path / "nan-val")
     split = "val" if (dataset.splits == "val").any() else "test"
     trajectory = _with_a_nan(dataset, url, split)
-    with pytest.raises(InputError, match=rf"epoch 1, validation batch \d+: NaN or inf in the states of .*trajectory {trajectory} t"):
+    with pytest.raises(InputError, match=rf"epoch 1, validation batch \d+: NaN or inf in the states of "
+                                         rf".*trajectory {trajectory} t"):
         train(url, TINY, TrainConfig(epochs=1, batch_size=4), str(tmp_path / "run"))
     assert list_checkpoints(str(tmp_path / "run")) == []
 

@@ -32,8 +32,9 @@ class Fault:
 
     action ``die`` ends the worker process (os._exit) after the shard's gradient rows and
     Parquet part are written but before its completion record; ``hang`` sleeps there
-    instead; ``nan`` puts a NaN into the shard's φ, ``big`` a value beyond float16's range. With a marker file the fault happens
-    once (the first attempt creates the file); without one, on every attempt.
+    instead; ``nan`` puts a NaN into the shard's φ, ``big`` a value beyond float16's range.
+    With a marker file the fault happens once (the first attempt creates the file); without
+    one, on every attempt.
     """
 
     action: str
