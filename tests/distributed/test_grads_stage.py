@@ -288,8 +288,8 @@ def test_an_overflow_in_a_shard_stops_the_stage_at_once_naming_the_fix(ray_sessi
     data, checkpoints = grads_inputs
     monkeypatch.setenv("GRADLAKE_TEST_FAULT", "big:epoch-0001:3")
     url = str(tmp_path / "store")
-    with pytest.raises(InputError, match=r"^grads: epoch-0001 shard 3: .*phi_C overflows float16.*use --dtype "
-                                         r"float32") as raised:
+    with pytest.raises(InputError, match=r"^grads: checkpoint epoch-0001, shard 3: phi_C overflows float16: "
+                                         r"NaN or inf at rows \[24\].*use --dtype float32") as raised:
         run_grads(data, checkpoints[:1], url, dataclasses.replace(SETTINGS, retries=2, workers=1))
     assert str(raised.value).count("float32") == 1 and "retrying" not in capsys.readouterr().err  # not retried
     status = GradientStore.open(url).provenance["stages"]["grads"]

@@ -429,8 +429,7 @@ def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig
                 except RayTaskError as err:
                     cause = err.cause if err.cause is not None else err
                     if isinstance(cause, InputError):  # every attempt would fail alike: stop, once
-                        raise InputError(f"grads: {task.checkpoint} shard {task.shard}: {_first_line(cause)}"
-                                         ) from None
+                        raise InputError(f"grads: {_first_line(cause)}") from None
                     idle.append(slot)
                     retry(task, attempt, _first_line(cause))
                     continue
