@@ -2,16 +2,26 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# The CPU wheel this project's machines carry; elsewhere set TORCH= to keep your own torch.
-TORCH  ?= torch==2.13.0
-JOB    ?= jobs/quickstart.toml
+# torch, chosen explicitly: DEVICE=cpu (default) or DEVICE=cuda pins the CPU build (+cpu) or the
+# CUDA build (+$(CUDA)) of one version; only that build satisfies the pin, so pip never swaps one
+# for the other. It comes from TORCH_INDEX (PyTorch's index of that build) or from an index pip is
+# already configured with (this project's machines carry the +cpu wheel; an unreachable
+# TORCH_INDEX there costs a few retry warnings; torch alone is looked up there, its dependencies
+# come with gradlake's). TORCH= keeps the torch you have.
+DEVICE      ?= cpu
+CUDA        ?= cu128
+TORCH_BUILD := $(if $(filter cuda,$(DEVICE)),$(CUDA),$(if $(filter cpu,$(DEVICE)),cpu,\
+                 $(error DEVICE must be cpu or cuda, got '$(DEVICE)')))
+TORCH       ?= torch==2.13.0+$(TORCH_BUILD)
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH_BUILD)
+JOB         ?= jobs/quickstart.toml
 
 .PHONY: install demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(if $(TORCH),$(PY) -m pip install -q '$(TORCH)')
+	$(if $(TORCH),$(PY) -m pip install -q --no-deps '$(TORCH)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)))
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

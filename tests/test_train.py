@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.numpy import load_file
@@ -10,6 +11,7 @@ from safetensors.numpy import load_file
 from gradlake import models, physics
 from gradlake.config import DataConfig, ModelConfig, TrainConfig
 from gradlake.errors import InputError
+from gradlake.provenance import description_of
 from gradlake.models.checkpoint import (
     check_weights,
     checkpoint_sha256,
@@ -152,6 +154,11 @@ def test_rollout_first_step_is_the_one_step_error(dataset, run, tmp_path):
     assert by_key["all", 1]["smse_mean"] == pytest.approx(one_step, rel=1e-5)
     assert by_key["all", 2]["smse_mean"] == pytest.approx(two_step, rel=1e-5)
     assert json.loads((tmp_path / "r" / "rollout.json").read_text())["rows"] == table
+    about = description_of(pq.read_schema(tmp_path / "r" / "rollout.parquet"))
+    assert about["format"] == "gradlake-rollout/1" and about["checkpoint"] == paths[-1]
+    assert about["fingerprint"] == dataset.fingerprint and about["gradlake_version"]
+    about = description_of(pq.read_schema(f"{dataset.url}/trajectories.parquet"))  # the dataset's table too
+    assert about["format"] == "gradlake-dataset/1" and about["provenance"] == dataset.manifest["provenance"]
     with pytest.raises(InputError, match="horizon"):
         rollout(paths[-1], dataset.url, horizon=9)
 
@@ -216,3 +223,73 @@ def test_patience_ends_training_early_with_a_checkpoint(dataset, tmp_path, monke
                                TrainConfig(epochs=5, batch_size=4, lr=2e-3, patience=1, checkpoint_every=10),
                                str(tmp_path / "run"))
     assert again == paths  # a rerun of a stopped run trains no further
+
+
+def _with_a_nan(dataset, url, split="train"):
+    """A copy of ``dataset`` at ``url`` with one NaN in the last trajectory of ``split`` at t = 2
+    (written behind the writer's back, as a damaged file would hold it)."""
+    import shutil
+
+    import zarr
+
+    shutil.copytree(dataset.url, url)
+    trajectory = int(np.flatnonzero(dataset.splits == split)[-1])
+    array = zarr.open_group(f"{url}/fields.zarr", mode="r+")["fields"]
+    block = array[trajectory]
+    block[2, 0, 3, 3] = np.nan
+    array[trajectory] = block
+    return trajectory
+
+
+def test_a_nan_in_the_data_stops_training_in_the_first_epoch_naming_the_sample(dataset, tmp_path, capsys):
+    url, out = str(tmp_path / "nan-data"), str(tmp_path / "run")
+    trajectory = _with_a_nan(dataset, url)
+    code = _cli(["train", "--data", url, "--out", out, "--epochs", "2", "--batch-size", "4", "--quiet"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"error: {url}: epoch 1, batch " in errors[0] and "NaN or inf in the states of" in err
+    assert f"trajectory {trajectory} t 1" in err or f"trajectory {trajectory} t 2" in err
+    assert list_checkpoints(out) == [] and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_nan_in_the_validation_data_is_named_too(dataset, tmp_path):
+    url = str(tmp_path / "nan-val")
+    split = "val" if (dataset.splits == "val").any() else "test"
+    trajectory = _with_a_nan(dataset, url, split)
+    with pytest.raises(InputError, match=rf"epoch 1, validation batch \d+: NaN or inf in the states of "
+                                         rf".*trajectory {trajectory} t"):
+        train(url, TINY, TrainConfig(epochs=1, batch_size=4), str(tmp_path / "run"))
+    assert list_checkpoints(str(tmp_path / "run")) == []
+
+
+class _Poisoned(torch.nn.Module):
+    """The identity, with a weight whose loss is ``loss`` and whose gradient is NaN (``grad``)."""
+
+    def __init__(self, loss: float, grad: bool):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([loss]))
+        self.grad = grad
+
+    def forward(self, x):
+        if self.grad:  # d sqrt(w)/dw at w = 0 is inf, times 0: NaN; the output stays x
+            return x + 0 * torch.sqrt(self.w - self.w.detach())
+        return x * self.w
+
+
+@pytest.mark.parametrize("loss, grad, what", [(float("nan"), False, "loss"), (1.0, True, "gradient")])
+def test_a_non_finite_loss_or_gradient_stops_before_the_step(dataset, loss, grad, what):
+    from gradlake.progress import progress
+    from gradlake.train import train_epoch
+
+    net = _Poisoned(loss, grad)
+    before = net.w.detach().clone()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    order = dataset.index().select(splits=["train"])[:10]
+    with pytest.raises(InputError) as raised:
+        train_epoch(net, optimizer, TrajectoryCache(dataset, 4), order, 4, torch.device("cpu"),
+                    progress(total=10, desc="t"), epoch=3)
+    trajectory, t = dataset.index().locate(order[:1])
+    assert f"epoch 3, batch 1: non-finite {what} on trajectory {trajectory[0]} t {t[0]}" in str(raised.value)
+    assert "lower train.lr, now 0.001" in str(raised.value)
+    torch.testing.assert_close(net.w.detach(), before, rtol=0, atol=0, equal_nan=True)  # no step was taken

@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 from gradlake import __version__, fsio
 from gradlake.errors import InputError
 from gradlake.progress import progress
-from gradlake.query import (LABELS, SAMPLE_COLUMNS, block_rows_for, describe, in_process, metric_of, open_store,
-                            with_description)
+from gradlake.query import (LABELS, SAMPLE_COLUMNS, block_rows_for, check_metric, describe, in_process, metric_of,
+                            open_store, with_description)
 from gradlake.reduce.metric import Metric
 from gradlake.reduce.pairwise import TopK, whiten
 from gradlake.topk_table import topk_table
@@ -73,8 +73,8 @@ def build_index(url: str, name: str = "default", where: str = "split == 'train'"
     store = open_store(url, storage_options)
     ckpt = store.checkpoint(checkpoint)
     folder = _folder(store.url, name, storage_options)
-    for obs in (observable, metric):
-        store.check_observable(obs)
+    store.check_observable(observable)
+    check_metric(store, metric)
     rows = store.rows(ckpt, where or None)
     if not len(rows):
         raise InputError(f"index: {where!r} selects no sample of store {store.url}")

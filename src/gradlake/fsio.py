@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import posixpath
 import re
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -86,9 +88,10 @@ def open_output(url: str, storage_options: dict[str, Any] | None = None) -> Iter
 
 def storage_access_error(err: BaseException, url: str = "") -> InputError | None:
     """The user's fix for a storage failure that is theirs to fix (missing or refused
-    credentials), as one line; None for any other failure."""
+    credentials, an endpoint that cannot be reached, a local file they may not write), as
+    one line; None for any other failure."""
     try:
-        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+        from botocore.exceptions import EndpointConnectionError, NoCredentialsError, PartialCredentialsError
     except ImportError:  # pragma: no cover -- s3fs brings botocore
         return None
     where = f"{url}: " if url else ""
@@ -101,6 +104,13 @@ def storage_access_error(err: BaseException, url: str = "") -> InputError | None
                 f"{where}{found} ({err}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(plus AWS_SESSION_TOKEN for temporary ones) in the environment, or name a profile "
                 "(AWS_PROFILE or --profile), or run where an instance or pod role provides them")
+        if isinstance(err, EndpointConnectionError):
+            address = urllib.parse.urlsplit(err.kwargs.get("endpoint_url", ""))
+            return InputError(f"{where}cannot reach the storage endpoint {address.scheme}://{address.netloc} "
+                              "(connection failed); check --endpoint-url (or storage_options.endpoint_url) "
+                              "and that the service is up")
+        if isinstance(err, PermissionError) and getattr(err, "filename", None):  # local disk, not a store
+            return InputError(f"{err.filename}: {err.strerror or 'permission denied'}")
         if isinstance(err, PermissionError):
             return InputError(f"{where}access refused by the storage ({err}); check the credentials "
                               "and their permissions on this bucket and prefix")
@@ -110,12 +120,19 @@ def storage_access_error(err: BaseException, url: str = "") -> InputError | None
 
 def check_access(url: str, storage_options: dict[str, Any] | None = None, what: str = "") -> None:
     """Fail early, with one line, if ``url`` cannot be reached: no credentials, access refused,
-    or (object stores) no such bucket."""
+    an endpoint that does not answer, or (object stores) no such bucket."""
     if is_local(url):
         return
-    fs, path = filesystem(url, storage_options)
+    protocol = url.split("://", 1)[0]
+    options = dict(storage_options or {})
+    if protocol in ("s3", "s3a"):  # a quick answer: one retry of a transient fault, not minutes of a dead endpoint
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
+        config.setdefault("connect_timeout", 5)
+        options["config_kwargs"] = config
+    fs, path = filesystem(url, options)
     name = f"{what} {url}".strip()
-    bucket = path.split("/", 1)[0] if url.split("://", 1)[0] in _BUCKET_PROTOCOLS else ""
+    bucket = path.split("/", 1)[0] if protocol in _BUCKET_PROTOCOLS else ""
     try:
         fs.exists(path)
         if bucket and not fs.exists(bucket):
@@ -127,6 +144,34 @@ def check_access(url: str, storage_options: dict[str, Any] | None = None, what: 
         if translated is None:
             raise
         raise translated from None
+
+
+def check_output(url: str, storage_options: dict[str, Any] | None = None, what: str = "--out",
+                 folder: bool = True) -> None:
+    """Fail early, with one line naming the path and the reason, if the output ``url`` (a folder,
+    or a file with ``folder=False``) cannot be written; creates nothing. Object stores: as
+    :func:`check_access`. Local disk: the path (or what stands in its place) is of the right
+    kind and its nearest existing folder takes a new file (tried, then removed)."""
+    if not is_local(url):
+        check_access(url, storage_options, what)
+        return
+    path = os.path.abspath(filesystem(url, storage_options)[1])
+    name = f"{what} {url}"
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise InputError(f"{name}: {path} is a {'file' if folder else 'folder'}, not a "
+                         f"{'folder' if folder else 'file'}")
+    parent = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"{name}: {parent} is a file, not a folder")
+    probe = os.path.join(parent, f".gradlake-probe-{uuid.uuid4().hex}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as err:
+        reason = "the filesystem takes no new files" if err.errno == errno.ENOENT else err.strerror
+        raise InputError(f"{name}: cannot write in {parent} ({reason})") from None
 
 
 _BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs")

@@ -32,6 +32,7 @@ from gradlake import fsio
 from gradlake.errors import InputError
 from gradlake.progress import progress
 from gradlake.reduce.layers import Layers, pair_shares
+from gradlake.provenance import METADATA_KEY, description_of, with_description  # noqa: F401 (public here too)
 from gradlake.reduce.metric import Metric, Moments
 from gradlake.reduce.pairwise import TopK, precondition, tile
 from gradlake.reduce.work import OrderedSum, prefetched, row_blocks
@@ -56,7 +57,6 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None, allow_pa
 
 
 OUTPUT_FORMAT = "gradlake-query/1"
-METADATA_KEY = b"gradlake"  # Parquet schema metadata: what the table holds (JSON)
 
 
 def describe(store: GradientStore, checkpoint: str | None, **settings: Any) -> dict[str, Any]:
@@ -70,18 +70,6 @@ def describe(store: GradientStore, checkpoint: str | None, **settings: Any) -> d
     return {"format": OUTPUT_FORMAT, "store": store.url, "checkpoint": name,
             "checkpoint_sha256": store.provenance["checkpoints"][name].get("sha256", ""),
             **settings, **({"partial": partial} if partial else {}), "gradlake_version": __version__}
-
-
-def with_description(table: pa.Table, description: dict[str, Any]) -> pa.Table:
-    """``table`` with ``description`` as its schema metadata (key ``gradlake``, JSON)."""
-    return table.replace_schema_metadata({METADATA_KEY: json.dumps(description).encode()})
-
-
-def description_of(table_or_schema: pa.Table | pa.Schema) -> dict[str, Any]:
-    """The description a query or top-k table carries ({} when it has none)."""
-    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
 
 
 def known_values(store: GradientStore, checkpoint: str | None = None) -> str:
@@ -116,7 +104,7 @@ def export(store: GradientStore, out: str | Path, where: str | None = None, obse
     suffix = posixpath.splitext(out)[1]
     if suffix not in (".parquet", ".npy"):
         raise InputError(f"--out: expected a .parquet or .npy file, got {out!r}")
-    fsio.check_access(out, storage_options, "--out")
+    fsio.check_output(out, storage_options, folder=False)
     samples = store.samples(checkpoint, where)
     rows = samples.column("row").to_numpy().astype(np.int64)
     description = describe(store, checkpoint, observable=observable, where=where or "",
@@ -219,6 +207,14 @@ def part_moments(store: GradientStore, checkpoint: str, observable: str, where: 
     for _, phi in store.iter_blocks(checkpoint, observable, rows, block_rows):
         moments.add(phi)
     return moments
+
+
+def check_metric(store: GradientStore, observable: str) -> None:
+    """InputError saying how to choose the metric when the store lacks its observable's φ's."""
+    if observable not in store.spec.observables:
+        raise InputError(f"--metric {observable}: store {store.url} holds no φ of {observable} to build the metric "
+                         f"from (it holds {', '.join(store.spec.observables)}); choose the metric with --metric, "
+                         "e.g. --metric C (the empirical Fisher)")
 
 
 def metric_of(store: GradientStore, where: str, observable: str = "V", checkpoint: str | None = None,
@@ -349,8 +345,10 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
         raise InputError(f"--by-layer: {err}") from None
     response, perturbation = pair
     name = store.checkpoint(checkpoint)
-    for observable in (response, perturbation, *([metric] if isinstance(metric, str) else [])):
+    for observable in (response, perturbation):
         store.check_observable(observable)
+    if isinstance(metric, str):
+        check_metric(store, metric)
     queries = store.samples(name, query_where, columns=SAMPLE_COLUMNS)
     if queries.num_rows == 0:
         raise InputError(f"--query-where {query_where!r} selects no sample; {known_values(store, checkpoint)}")

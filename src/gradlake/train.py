@@ -47,6 +47,7 @@ from gradlake.models.checkpoint import (
     save_checkpoint,
 )
 from gradlake.progress import progress
+from gradlake.provenance import with_description
 
 # Settings that change the trained weights: a resumed run must match them.
 RESULT_SETTINGS = ("batch_size", "lr", "weight_decay", "seed", "window_mb")
@@ -125,36 +126,72 @@ def batches(rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield rows[start:start + batch_size]
 
 
-def _tensors(cache: TrajectoryCache, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _tensors(cache: TrajectoryCache, rows: np.ndarray, device: torch.device, where: str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples' (inputs, targets); InputError naming those that hold NaN or inf."""
     inputs, targets = cache.samples(rows)
+    bad = ~(np.isfinite(inputs).reshape(len(rows), -1).all(1) & np.isfinite(targets).reshape(len(rows), -1).all(1))
+    if bad.any():
+        raise InputError(f"{cache.dataset.url}: {where}: NaN or inf in the states of "
+                         f"{_named(cache, rows[bad])}; fix or remove these trajectories")
     return torch.from_numpy(inputs).to(device), torch.from_numpy(targets).to(device)
+
+
+def _named(cache: TrajectoryCache, rows: np.ndarray, shown: int = 4) -> str:
+    """'trajectory 3 t 2, trajectory 5 t 0 (and 7 more)' for these sample rows."""
+    trajectory, t = cache.dataset.index().locate(rows[:shown])
+    more = f" (and {len(rows) - shown} more)" if len(rows) > shown else ""
+    return ", ".join(f"trajectory {n} t {s}" for n, s in zip(trajectory, t)) + more
+
+
+def _diverged(cache: TrajectoryCache, rows: np.ndarray, what: str, where: str, lr: float) -> InputError:
+    return InputError(f"{cache.dataset.url}: {where}: non-finite {what} on {_named(cache, rows)}; the training "
+                      f"diverged (lower train.lr, now {lr:g}); no checkpoint is written for this epoch")
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cache: TrajectoryCache, rows: np.ndarray, batch_size: int,
-             device: torch.device, task: physics.Task | None = None) -> float:
-    """Mean per-sample loss (default: scaled MSE) of one-step predictions over ``rows`` (in row order)."""
+             device: torch.device, task: physics.Task | None = None, label: str = "validation") -> float:
+    """Mean per-sample loss (default: scaled MSE) of one-step predictions over ``rows`` (in row order);
+    InputError naming the samples (``label`` batch n) whose states or loss are not finite."""
     task = task or physics.PDETask()
     model.eval()
     total = 0.0
-    for batch in batches(np.sort(rows), batch_size):
-        inputs, targets = _tensors(cache, batch, device)
-        total += task.loss(model(inputs), inputs, targets).sum().item()
+    for number, batch in enumerate(batches(np.sort(rows), batch_size), 1):
+        where = f"{label} batch {number}"
+        inputs, targets = _tensors(cache, batch, device, where)
+        losses = task.loss(model(inputs), inputs, targets)
+        finite = torch.isfinite(losses).cpu().numpy()
+        if not finite.all():
+            raise InputError(f"{cache.dataset.url}: {where}: non-finite loss on {_named(cache, batch[~finite])}")
+        total += losses.sum().item()
     return total / max(len(rows), 1)
 
 
 def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, cache: TrajectoryCache, order: np.ndarray,
                 batch_size: int, device: torch.device, bar, epoch: int,
                 task: physics.Task | None = None) -> tuple[float, float]:
-    """One pass over ``order`` in batches; returns (mean training loss, seconds)."""
+    """One pass over ``order`` in batches; returns (mean training loss, seconds).
+
+    InputError at the first batch whose samples, loss or gradient hold NaN or inf, naming the
+    epoch, the batch and its offending samples, before the optimizer takes the step."""
     task = task or physics.PDETask()
     net.train()
+    lr = optimizer.param_groups[0]["lr"]
     began, loss_sum, done = time.perf_counter(), 0.0, 0
-    for rows in batches(order, batch_size):
-        inputs, targets = _tensors(cache, rows, device)
-        loss = task.loss(net(inputs), inputs, targets).mean()
+    for number, rows in enumerate(batches(order, batch_size), 1):
+        where = f"epoch {epoch}, batch {number}"
+        inputs, targets = _tensors(cache, rows, device, where)
+        losses = task.loss(net(inputs), inputs, targets)
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            bad = ~torch.isfinite(losses).cpu().numpy()
+            raise _diverged(cache, rows[bad] if bad.any() else rows, "loss", where, lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(nn.utils.get_total_norm(grads)):
+            raise _diverged(cache, rows, "gradient", where, lr)
         optimizer.step()
         loss_sum += loss.item() * len(rows)
         done += len(rows)
@@ -278,8 +315,8 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
             train_smse, seconds = train_epoch(net, optimizer, cache, order, settings.batch_size, device, bar, epoch,
                                               loss_task)
             metrics = {"epoch": epoch, "train_smse": train_smse,
-                       "val_smse": evaluate(net, cache, val_rows, settings.batch_size, device, loss_task)
-                       if val_split else None,
+                       "val_smse": evaluate(net, cache, val_rows, settings.batch_size, device, loss_task,
+                                            f"epoch {epoch}, validation") if val_split else None,
                        "val_split": val_split, "samples_per_s": len(train_rows) / seconds, "seconds": seconds}
             history.append(metrics)
             bar.write(f"epoch {epoch}: {describe(metrics)}")
@@ -353,6 +390,6 @@ def rollout(checkpoint: str, dataset_url: str, horizon: int | None = None, split
 def _write_table(table: pa.Table, out: str, storage_options: dict | None, provenance: dict[str, Any]) -> None:
     files = fsio.Folder(out, storage_options)
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    pq.write_table(with_description(table, {"format": "gradlake-rollout/1", **provenance}), buffer)
     files.write_bytes("rollout.parquet", buffer.getvalue())
     files.write_json("rollout.json", {**provenance, "rows": table.to_pylist()})

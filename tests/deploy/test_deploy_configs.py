@@ -76,6 +76,59 @@ def test_dockerfile_installs_gradlake_with_cuda_and_carries_jobs():
     assert "AWS_SECRET" not in text and "RAY_AUTH_TOKEN=" not in text
 
 
+def test_dockerfile_installs_the_runtime_extras_and_the_clusters_ray():
+    import re
+
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert 'pip install ".[index]"' in text and ".[test]" not in text  # what gradlake runs with, not its tests
+    pins = re.findall(r'"ray\[default\]==([0-9.]+)"', text)
+    cluster = yaml.safe_load((ROOT / "deploy" / "raycluster.yaml").read_text())["spec"]["rayVersion"]
+    job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]["rayVersion"]
+    assert pins == [cluster] == [job]
+
+
+def test_zarr_is_bounded_to_the_release_the_shard_decoder_is_tested_against():
+    import zarr
+    from packaging.requirements import Requirement
+
+    from gradlake.store import zarr_shard
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [Requirement(d).specifier for d in deps if Requirement(d).name == "zarr"]
+    assert zarr.__version__ in spec and "3.1.0" in spec  # the tests run on what it admits
+    assert "3.2.0" not in spec and "4.0" not in spec and "3.0.10" not in spec
+    assert "bounds zarr to 3.1.x" in zarr_shard.__doc__  # the one place that says why, and when it goes
+
+
+def _make_install(*overrides):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    result = subprocess.run(["make", "-n", "--always-make", "install", "VENV=/nonexistent/venv", *overrides],
+                            cwd=ROOT, capture_output=True, text=True)
+    torch_lines = [line for line in result.stdout.splitlines() if "torch" in line]
+    return result.returncode, torch_lines, result.stderr
+
+
+def test_makefile_chooses_the_torch_build_explicitly():
+    code, lines, _ = _make_install()  # the default: the CPU build, from PyTorch's CPU index or the configured one
+    assert code == 0 and len(lines) == 1
+    assert "--no-deps 'torch==2.13.0+cpu' --extra-index-url https://download.pytorch.org/whl/cpu" in lines[0]
+    code, lines, _ = _make_install("DEVICE=cuda")
+    assert code == 0 and "'torch==2.13.0+cu128' --extra-index-url https://download.pytorch.org/whl/cu128" in lines[0]
+    code, lines, err = _make_install("DEVICE=gpu")
+    assert code != 0 and "DEVICE must be cpu or cuda, got 'gpu'" in err
+    code, lines, _ = _make_install("TORCH=")  # keep the torch you have
+    assert code == 0 and lines == []
+
+
 @pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.toml")))
 def test_every_job_file_validates(job):
     from gradlake.config import load_job

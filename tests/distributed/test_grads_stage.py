@@ -232,3 +232,65 @@ def test_the_grads_stage_refuses_a_store_another_driver_holds(grads_inputs, tmp_
         with pytest.raises(InputError, match="being written by"):
             run_grads(data, checkpoints[:1], url, SETTINGS)
     assert not (tmp_path / "store" / "store.json").exists()
+
+
+def _changed_checkpoint(source, path, change):
+    """A copy of checkpoint ``source`` at ``path`` whose model went through ``change(model)``."""
+    import torch
+
+    from gradlake.models.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(source)
+    with torch.no_grad():
+        change(model)
+    return save_checkpoint(path, model, meta["model"], meta)
+
+
+def _foreign_weights(source, path):
+    """A copy of checkpoint ``source`` whose model.safetensors holds a UNet's weights (its config: a ViT)."""
+    from safetensors.torch import save_file
+
+    from gradlake import models
+
+    copy = _changed_checkpoint(source, path, lambda model: None)
+    unet = models.from_config(models.config("unet", "tiny", channels=4, resolution=16))
+    save_file(unet.state_dict(), f"{copy}/model.safetensors")
+    return copy
+
+
+def _scaled(model, factor=1000.0):
+    for parameter in model.parameters():
+        parameter.mul_(factor)
+
+
+def test_checkpoints_that_every_shard_would_fail_on_are_refused_up_front(grads_inputs, tmp_path, cli):
+    data, checkpoints = grads_inputs
+    nan = _changed_checkpoint(checkpoints[0], str(tmp_path / "nan" / "epoch-0001"),
+                              lambda model: next(model.parameters()).view(-1)[0].fill_(float("nan")))
+    cases = {nan: "holds NaN or inf values; these weights cannot be used",
+             _foreign_weights(checkpoints[0], str(tmp_path / "foreign" / "epoch-0001")): "is missing (the config",
+             _changed_checkpoint(checkpoints[0], str(tmp_path / "big" / "epoch-0001"), _scaled):
+                 "overflows float16 (|phi| up to"}
+    out = tmp_path / "store"
+    for checkpoint, says in cases.items():
+        code, stdout, stderr = cli(["grads", "--data", data, "--checkpoint", checkpoint, "--out", str(out),
+                                    *CLI_ARGS])
+        assert code == 2 and len(stderr.strip().splitlines()) == 1 and says in stderr, stderr
+        assert not out.exists()  # nothing created
+    assert "use --dtype float32 (grads.dtype)" in stderr
+
+
+@pytest.mark.slow
+def test_an_overflow_in_a_shard_stops_the_stage_at_once_naming_the_fix(ray_session, grads_inputs, tmp_path,
+                                                                       monkeypatch, capsys):
+    from gradlake.errors import InputError
+
+    data, checkpoints = grads_inputs
+    monkeypatch.setenv("GRADLAKE_TEST_FAULT", "big:epoch-0001:3")
+    url = str(tmp_path / "store")
+    with pytest.raises(InputError, match=r"^grads: checkpoint epoch-0001, shard 3: phi_C overflows float16: "
+                                         r"NaN or inf at rows \[24\].*use --dtype float32") as raised:
+        run_grads(data, checkpoints[:1], url, dataclasses.replace(SETTINGS, retries=2, workers=1))
+    assert str(raised.value).count("float32") == 1 and "retrying" not in capsys.readouterr().err  # not retried
+    status = GradientStore.open(url).provenance["stages"]["grads"]
+    assert status["status"] == "failed" and "overflows float16" in status["error"]

@@ -110,6 +110,25 @@ def test_lag_statistics_match_dense(reduced):
     assert {r["checkpoints"] for r in over} == {2}
 
 
+def test_every_table_carries_the_provenance(reduced):
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from gradlake.provenance import description_of
+
+    store, settings, _ = reduced
+    url = store.reduce_url(settings.name)
+    files = sorted(p for p in Path(url).rglob("*.parquet") if p.is_file())
+    assert len(files) >= 4
+    for path in files:
+        about = description_of(pq.read_schema(path))
+        assert about["format"] == "gradlake-reduce/1" and about["store"] == store.url, path
+        assert about["reduce"] == settings.name and about["dataset"] == store.spec.dataset and about["gradlake_version"]
+        assert about["checkpoints"] == {n: store.provenance["checkpoints"][n]["sha256"] for n in store.checkpoints}
+        assert str(path).startswith(f"{url}/{about['table'].split('/')[0]}")
+
+
 def test_pairwise_outputs_match_dense(reduced):
     store, settings, _ = reduced
     url = store.reduce_url(settings.name)

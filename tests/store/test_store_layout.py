@@ -9,9 +9,11 @@ import time
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from gradlake.errors import GradlakeError, InputError
+from gradlake.provenance import description_of
 from gradlake.store import GradientStore, Lease, ShardWriter, compact, create_store
 from gradlake.store.layout import StoreFiles
 from gradlake.store.spec import shard_rows_for
@@ -64,6 +66,11 @@ def test_compaction_keeps_every_committed_row_once_and_hides_uncommitted_ones(tm
     np.testing.assert_array_equal(table["shard"].to_numpy(), np.arange(N) // spec.shard_rows)
     np.testing.assert_allclose(table["loss"].to_numpy(), fake_phis(np.arange(N))[1])
     assert store.provenance["checkpoints"]["epoch-1"]["compacted"] == {"0": [[0, 6]]}
+    for part in (tmp_path / "store" / "samples.parquet").rglob("*.parquet"):  # provenance, not a commit record
+        about = description_of(pq.read_schema(part))
+        assert about["format"] == "gradlake-samples/1" and about["store"] == url and about["gradlake_version"]
+        assert (about["checkpoint"], about["checkpoint_sha256"]) == ("epoch-1", CKPT["epoch-1"]["sha256"])
+        assert about["dataset"] == spec.dataset and set(pq.read_schema(part).metadata) == {b"gradlake"}
 
 
 def test_compaction_groups_make_few_files(tmp_path, monkeypatch):

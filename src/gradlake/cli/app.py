@@ -8,7 +8,7 @@ app = typer.Typer(
     name="gradlake",
     help="Projected per-example gradients and influence matrices for neural PDE surrogates.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from gradlake import fsio
 from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, storage_options
 from gradlake.config import DataConfig, _build
 from gradlake.errors import InputError
@@ -53,6 +54,7 @@ def _generate(family: str, classes: str, trajectories: int, steps: int, resoluti
     if viscosity is not None:
         values["viscosity"] = viscosity
     config = _build(DataConfig, values, "")
+    fsio.check_output(out, options or None)
     start = time.monotonic()
     ds = generate(config, out, options or None)
     typer.echo(_summary(ds, "generated", time.monotonic() - start))
@@ -108,6 +110,7 @@ def _ingest(kind: str, paths: list[str], out: str, class_name: Optional[str], se
     from gradlake.data.ingest import ingest_pdegym, ingest_well
 
     reader = ingest_pdegym if kind == "pdegym" else ingest_well
+    fsio.check_output(out, options or None)
     start = time.monotonic()
     ds = reader(paths, out, class_name, splits=_split_fractions(splits), seed=seed,
                 storage_options=options or None, input_options=options or None)

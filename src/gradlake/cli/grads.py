@@ -6,6 +6,7 @@ import json
 
 import typer
 
+from gradlake import fsio
 from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, names, storage_options
 from gradlake.config import GradsConfig
 
@@ -62,6 +63,7 @@ def grads(
         "ray": {"address": address, "num_cpus": num_cpus},
     }, source="gradlake grads")
     options = storage_options(endpoint_url, profile)
+    fsio.check_output(out, options or None)
     checkpoints = expand_checkpoints(names(checkpoint), options)
     summary = run_grads(data, checkpoints, out, job.grads, job.ray, storage_options=options)
     typer.echo(json.dumps(summary, indent=2))

@@ -50,12 +50,18 @@ def run(
 
 
 def _check_access(job: config.JobConfig) -> None:
-    """Before any work: every output and input location of the job is reachable (credentials, bucket)."""
+    """Before any work: the job's input is reachable (credentials, bucket) and the output of
+    every stage it runs can be written."""
     options = job.store.storage_options or None
-    locations = {"out": job.out, "data.url": job.data.url, "store.url": job.store.url, "report.out": job.report.out}
-    for what, url in locations.items():
-        if url:
-            fsio.check_access(url, options, what)
+    if job.data.source == "url":
+        fsio.check_access(job.data_url, options, "data.url")
+    outputs = {"out": job.out, "data.url": job.data_url if job.data.source != "url" else "",
+               "train": job.train_dir, "store.url": job.store_url, "report.out": job.report_dir}
+    writers = {"out": job.stages, "data.url": ("data",), "train": ("train",), "store.url": ("grads", "reduce"),
+               "report.out": ("report",)}
+    for what, url in outputs.items():
+        if url and set(writers[what]) & set(job.stages):
+            fsio.check_output(url, options, what)
 
 
 def _client(dashboard_url: Optional[str]):

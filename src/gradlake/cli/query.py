@@ -12,6 +12,7 @@ from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app,
 from gradlake.errors import GradlakeError, InputError
 
 StoreArg = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...).")
+AsJson = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (for scripts).")
 
 
 AllowPartial = typer.Option(False, "--allow-partial", help="Answer from the committed shards of a store whose "
@@ -34,7 +35,7 @@ def _note_partial(about: dict) -> None:
 
 @app.command()
 def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile,
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+         as_json: bool = AsJson,
          verify: bool = typer.Option(False, "--verify", help="Also read every object of the store whole and check "
                                                              "its checksums; exit 1 naming each damaged one."),
          quiet: bool = Quiet):
@@ -86,7 +87,8 @@ def query(
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint name (default: the latest)."),
     out: str = typer.Option(..., help="Output file, any fsspec URL: .parquet (samples + phi; what they are in "
                                       "the schema metadata) or .npy (phi; rows in .rows.npy, what they are in .meta.json)."),
-    allow_partial: bool = AllowPartial, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
+    allow_partial: bool = AllowPartial, as_json: bool = AsJson, endpoint_url: str = EndpointUrl, profile: str = Profile,
+    quiet: bool = Quiet,
 ):
     """Selected samples with their φ rows, streamed to a Parquet or npy file."""
     from gradlake.query import describe, export, known_values
@@ -94,7 +96,11 @@ def query(
     opened = _open(store, endpoint_url, profile, allow_partial)
     n = export(opened, out, where, observable, checkpoint,
                storage_options=storage_options(endpoint_url, profile) or None)
-    typer.echo(f"{n} samples (checkpoint {opened.checkpoint(checkpoint)}, observable {observable}) -> {out}")
+    if as_json:
+        typer.echo(json.dumps({"samples": n, "checkpoint": opened.checkpoint(checkpoint), "observable": observable,
+                               "where": where, "out": out, **describe(opened, checkpoint)}, indent=2, default=str))
+    else:
+        typer.echo(f"{n} samples (checkpoint {opened.checkpoint(checkpoint)}, observable {observable}) -> {out}")
     _note_partial(describe(opened, checkpoint))
     if n == 0:
         typer.secho(f"note: 0 rows match {where!r}; {known_values(opened, checkpoint)}", err=True, fg="yellow")
@@ -133,7 +139,8 @@ def topk(
                                                                       "its members'; alone: one group of all queries."),
     by_layer: bool = typer.Option(False, "--by-layer", help="Add each listed pair's share of H per layer group and "
                                                             "parameter block."),
-    allow_partial: bool = AllowPartial, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
+    allow_partial: bool = AllowPartial, as_json: bool = AsJson, endpoint_url: str = EndpointUrl, profile: str = Profile,
+    quiet: bool = Quiet,
 ):
     """The most and least influential training samples for each query sample (raw H, no normalisation).
 
@@ -144,7 +151,7 @@ def topk(
     options = storage_options(endpoint_url, profile) or None
     use_ray = use_ray or bool(address)
     if out:
-        fsio.check_access(out, options, "--out")
+        fsio.check_output(out, options, folder=False)
     if index is not None:
         if use_ray or parts or group_by or aggregate or by_layer:
             raise InputError("--index searches the index in this process; --ray, --address, --parts, --group-by, "
@@ -169,6 +176,9 @@ def topk(
     if out:
         write_table(table, out, options)
     about = description_of(table)
+    if as_json:
+        typer.echo(json.dumps({**about, "rows": table.to_pylist()}, indent=2, default=str))
+        return
     typer.echo(f"checkpoint {about['checkpoint']} (sha256 {about['checkpoint_sha256'][:12]}), pair {about['pair']} "
                f"(response {about['response']} on the query, perturbation {about['perturbation']} on the "
                f"training sample), normalisation {about['normalization']}, metric {about['metric']}, "
@@ -205,7 +215,7 @@ def _approximate_topk(store: str, name: str, query_where: str, train_where: Opti
     return index.topk(query_where, k, pair[0], nprobe, refine)
 
 
-index_app = typer.Typer(help="The approximate top-k index beside a store (faiss-cpu: pip install 'gradlake[index]').",
+index_app = typer.Typer(help="The approximate top-k index beside a store (faiss-cpu: pip install 'gradlake\\[index]').",
                         no_args_is_help=True)
 app.add_typer(index_app, name="index")
 

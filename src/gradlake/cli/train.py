@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from gradlake import fsio
 from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, storage_options
 from gradlake.config import ModelConfig, TrainConfig, _build
 from gradlake.errors import InputError
@@ -83,6 +84,7 @@ def train(
                                     "seed": seed, "device": device, "window_mb": window_mb,
                                     "deterministic": deterministic}, "train")
     options = storage_options(endpoint_url, profile) or None
+    fsio.check_output(out, options)
     paths = run_train(data, model_settings, settings, out, storage_options=options)
     for path in paths:
         typer.echo(f"{path}: {describe(read_meta(path, options)['metrics'])}")
@@ -103,6 +105,7 @@ def rollout(
     """Autoregressive rollout error against ground truth versus horizon, per class."""
     from gradlake.train import rollout as run_rollout
 
+    fsio.check_output(out or checkpoint, storage_options(endpoint_url, profile) or None)
     table = run_rollout(checkpoint, data, horizon=horizon, split=split, device=device,
                         out=out or checkpoint, storage_options=storage_options(endpoint_url, profile) or None)
     rows = table.to_pylist()

@@ -27,6 +27,7 @@ import zarr
 
 from gradlake import __version__, fsio
 from gradlake.errors import GradlakeError, InputError
+from gradlake.provenance import with_description
 
 FORMAT = "gradlake-dataset"
 FORMAT_VERSION = 1
@@ -159,7 +160,9 @@ class DatasetWriter:
             "params": [json.dumps(p, sort_keys=True) for p in params],
             "checksum": self.checksums,
         }, schema=TABLE_SCHEMA)
-        pq.write_table(table, self.files.path(TABLE), filesystem=self.files.fs)
+        about = {"format": f"{FORMAT}/{FORMAT_VERSION}", "dataset": self.url, "family": self.family,
+                 "provenance": provenance}
+        pq.write_table(with_description(table, about), self.files.path(TABLE), filesystem=self.files.fs)
         counts = lambda column: {k: int(v) for k, v in zip(*np.unique(np.asarray(column, dtype=str), return_counts=True))}  # noqa: E731
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "gradlake_version": __version__,

@@ -43,7 +43,7 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfi
     batches = minibatch.plan(ds.trajectories, ds.n_times, settings.split, settings.classes, settings.per_class,
                              settings.minibatches)
     identity = {"checkpoint": checkpoint, "dataset": data_url, **(identity or {})}
-    out = ReduceOutput(out_url, so)
+    out = ReduceOutput(out_url, so, provenance=identity)
     lambdas = tuple(lam for lam in dict.fromkeys(lambdas) if lam != damping)
     record, done = exact_run.prepare(out, batches, settings, damping, lambdas, pairs, normalize, identity)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and settings.device != "cpu" else 0

@@ -11,6 +11,7 @@ all committed, the rest when the shards are done (also after failures).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import os
@@ -84,8 +85,9 @@ def _run(data_url, checkpoints, store_url, settings: GradsConfig, ray_settings: 
             outcome = _drive(plan.tasks, worker, settings, total, skipped, lease,
                              group_shards(store.spec.shard_rows),
                              lambda checkpoint, group: compacted.update(compact(store, {checkpoint: {group}})))
-        except BaseException as err:  # Ray down, Ctrl-C: say so; committed shards stay committed
-            set_stage_status(store, STAGE, {"status": "interrupted", "error": _first_line(err)})
+        except BaseException as err:  # Ray down, Ctrl-C, bad input: say so; committed shards stay committed
+            status = "failed" if isinstance(err, InputError) else "interrupted"
+            set_stage_status(store, STAGE, {"status": status, "error": _first_line(err)})
             raise
     compacted.update(compact(store))
     seconds = time.monotonic() - started
@@ -154,6 +156,7 @@ def check_inputs(data_url: str, checkpoints: Mapping[str, str] | list[str], sett
     _check_dataset(dataset, settings, task, held)
     if len(held) == 0:
         raise InputError(f"grads.splits: {data_url} has no samples in splits {list(settings.splits)}")
+    _check_weights(names, checkpoints, dataset, held, settings, task, options)
     return Inputs(names, checkpoints, dataset, held, model_config, provenance, task)
 
 
@@ -221,6 +224,29 @@ def _check_dataset(dataset, settings: GradsConfig, task_config: TaskConfig, held
     if unknown:  # a standard split may be empty in a small dataset; another name is a typo
         raise InputError(f"grads.splits: {dataset.url} has no split {unknown[0]!r}; it has "
                          f"{', '.join(sorted(present))}")
+
+
+def _check_weights(names: list[str], paths: list[str], dataset, held: np.ndarray, settings: GradsConfig,
+                   task: TaskConfig, options) -> None:
+    """Each checkpoint's weights load into its model and are finite, and (a float16 store) the
+    φ's of the first held samples fit float16: failures that every attempt of a shard would repeat."""
+    from gradlake.distributed.shard_work import Capture
+    from gradlake.models.checkpoint import load_checkpoint
+
+    rows = held[:2]
+    inputs, targets = dataset.samples(rows)
+    capture = Capture(dataclasses.replace(settings, device="cpu"), dataset.channels, options, task=task)
+    limit = float(np.finfo(settings.dtype).max)
+    for name, path in zip(names, paths):
+        model, _ = load_checkpoint(path, options, device="cpu")
+        if settings.dtype != "float16":
+            continue
+        phis, _ = capture(model, inputs, targets, rows)
+        over = next((obs for obs, phi in phis.items() if np.abs(phi).max(initial=0) > limit), None)
+        if over:
+            raise InputError(f"checkpoint {name}: phi_{over} of sample rows {rows.tolist()} overflows float16 "
+                             f"(|phi| up to {np.abs(phis[over]).max():.3g} > {limit:g}); use --dtype float32 "
+                             "(grads.dtype)")
 
 
 def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
@@ -408,8 +434,11 @@ def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig
                     retry(task, attempt, f"worker died ({_first_line(err)})")
                     continue
                 except RayTaskError as err:
+                    cause = err.cause if err.cause is not None else err
+                    if isinstance(cause, InputError):  # every attempt would fail alike: stop, once
+                        raise InputError(f"grads: {_first_line(cause)}") from None
                     idle.append(slot)
-                    retry(task, attempt, _first_line(err.cause if err.cause is not None else err))
+                    retry(task, attempt, _first_line(cause))
                     continue
                 idle.append(slot)
                 if not outcome.results:

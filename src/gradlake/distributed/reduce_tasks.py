@@ -365,7 +365,9 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
     so = dict(storage_options or {})
     store = GradientStore.open(store_url, so or None)
     names = check_settings(store, settings)
-    out = ReduceOutput(store.reduce_url(settings.name), so)
+    out = ReduceOutput(store.reduce_url(settings.name), so, provenance={
+        "store": store.url, "reduce": settings.name, "dataset": store.spec.dataset,
+        "checkpoints": {name: store.provenance["checkpoints"][name].get("sha256", "") for name in names}})
     with Lease(out, f"reduce {settings.name!r}") as lease:
         return _run(store, names, settings, ray_config, out, so, lease)
 

@@ -23,6 +23,7 @@ from gradlake.errors import InputError
 from gradlake.store import ShardWriter
 
 FAULT_ENV = "GRADLAKE_TEST_FAULT"  # test hook, see Fault
+VALUES = {"nan": np.nan, "big": 1e6}  # the value a fault puts into φ
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,9 @@ class Fault:
 
     action ``die`` ends the worker process (os._exit) after the shard's gradient rows and
     Parquet part are written but before its completion record; ``hang`` sleeps there
-    instead; ``nan`` puts a NaN into the shard's φ. With a marker file the fault happens
-    once (the first attempt creates the file); without one, on every attempt.
+    instead; ``nan`` puts a NaN into the shard's φ, ``big`` a value beyond float16's range.
+    With a marker file the fault happens once (the first attempt creates the file); without
+    one, on every attempt.
     """
 
     action: str
@@ -45,8 +47,9 @@ class Fault:
         if not text:
             return None
         parts = text.split(":", 3)
-        if len(parts) < 3 or parts[0] not in ("die", "hang", "nan") or not parts[2].isdigit():
-            raise InputError(f"{FAULT_ENV}: expected <die|hang|nan>:<checkpoint>:<shard>[:<marker>], got {text!r}")
+        if len(parts) < 3 or parts[0] not in ("die", "hang", *VALUES) or not parts[2].isdigit():
+            raise InputError(f"{FAULT_ENV}: expected <die|hang|nan|big>:<checkpoint>:<shard>[:<marker>], "
+                             f"got {text!r}")
         return cls(parts[0], parts[1], int(parts[2]), parts[3] if len(parts) > 3 else "")
 
     def fires(self, task: ShardTask, action: str) -> bool:
@@ -150,8 +153,8 @@ class ShardWorker:
             parts.append(phis)
             losses.append(loss)
         phis = {obs: np.concatenate([p[obs] for p in parts]) for obs in parts[0]}
-        if self.fault and self.fault.fires(task, "nan"):
-            phis[next(iter(phis))][0] = np.nan
+        if self.fault and self.fault.action in VALUES and self.fault.fires(task, self.fault.action):
+            phis[next(iter(phis))][0] = VALUES[self.fault.action]
         record = self.writer.commit(task.checkpoint, task.shard, self.index.take(task.rows),
                                     np.concatenate(losses), phis, before_record=self._fault_hook(task))
         return {**record, "skipped": False, "compute_seconds": round(time.monotonic() - started, 3),

@@ -91,7 +91,8 @@ def read_weights(url: str, storage_options: dict | None = None) -> dict[str, tor
 
 
 def check_weights(weights: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """InputError naming the first tensor that is missing, unexpected, or of another shape/dtype."""
+    """InputError naming the first tensor that is missing, unexpected, of another shape/dtype,
+    or holding NaN or inf."""
     expected = model.state_dict()
     for name, tensor in expected.items():
         if name not in weights:
@@ -105,6 +106,10 @@ def check_weights(weights: dict[str, torch.Tensor], model: nn.Module, source: st
     extra = sorted(set(weights) - set(expected))
     if extra:
         raise InputError(f"{source}: tensor {extra[0]!r} is not part of the model the config describes")
+    bad = next((name for name in expected if weights[name].is_floating_point()
+                and not bool(torch.isfinite(weights[name]).all())), None)
+    if bad:
+        raise InputError(f"{source}: tensor {bad!r} holds NaN or inf values; these weights cannot be used")
 
 
 def read_meta(path: str, storage_options: dict | None = None) -> dict[str, Any]:

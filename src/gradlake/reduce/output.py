@@ -20,20 +20,30 @@ import pyarrow.parquet as pq
 import zarr
 
 from gradlake import fsio
+from gradlake.provenance import with_description
 
 RESULTS = "results.zarr"
+TABLE_FORMAT = "gradlake-reduce/1"
 SUMMARY = "summary.json"
 
 
 class ReduceOutput(fsio.Folder):
-    """One reduce's folder ``<store>/reduce/<name>/`` (or any URL)."""
+    """One reduce's folder ``<store>/reduce/<name>/`` (or any URL); ``provenance`` (what the
+    results were computed from) goes into every table's metadata."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
+                 provenance: dict[str, Any] | None = None):
+        super().__init__(url, storage_options)
+        self.provenance = dict(provenance or {})
 
     def write_json(self, rel: str, value: Any) -> None:
         super().write_json(rel, _jsonable(value))
 
     def write_table(self, rel: str, table: pa.Table) -> None:
+        """A Parquet file with gradlake's provenance metadata (:mod:`gradlake.provenance`)."""
+        about = {"format": TABLE_FORMAT, "table": rel, "output": self.url, **self.provenance}
         buffer = io.BytesIO()
-        pq.write_table(table, buffer)
+        pq.write_table(with_description(table, _jsonable(about)), buffer)
         self.write_bytes(rel, buffer.getvalue())
 
     def read_tables(self, rel: str, filters=None, partitioned: bool = True, columns=None) -> pa.Table:

@@ -28,9 +28,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gradlake.progress import progress
+from gradlake.provenance import with_description
 from gradlake.store import layout
 from gradlake.store.store import GradientStore, compacted_shards, read_metadata, shard_ranges
 
+SAMPLES_FORMAT = "gradlake-samples/1"
 ROW_GROUP_ROWS = 1 << 16  # rows of one row group: a scan of some shards or rows (a part of a
 # query, a block of the reduce) decodes only the row groups their statistics can hold
 
@@ -57,6 +59,8 @@ def compact(store: GradientStore, groups: dict[str, set[int]] | None = None,
             if wanted is None or shard // per_group in wanted:
                 new[shard // per_group].append(shard)
         bar = progress(len(new), f"compact {name}", unit="file") if new else None
+        about = {"format": SAMPLES_FORMAT, "store": store.url, "checkpoint": name,
+                 "checkpoint_sha256": meta["checkpoints"][name].get("sha256", ""), "dataset": store.spec.dataset}
         for group, shards in sorted(new.items()):
             tables = []
             if compacted.get(group):
@@ -65,7 +69,7 @@ def compact(store: GradientStore, groups: dict[str, set[int]] | None = None,
                 tables.append(old)
             tables.append(pq.read_table([files.path(layout.commit_part(name, s)) for s in shards],
                                         filesystem=files.fs))
-            table = pa.concat_tables(tables).sort_by("row").replace_schema_metadata(None)
+            table = with_description(pa.concat_tables(tables).sort_by("row"), about)
             buffer = io.BytesIO()
             pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
             files.write_bytes(layout.samples_file(name, group), buffer.getvalue())

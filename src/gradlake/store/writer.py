@@ -196,8 +196,8 @@ class ShardWriter:
                                                  -limit <= flat.min() and flat.max() <= limit)):
                 _check_finite(f"{where}: phi_{obs}", phi, rows)
                 with np.errstate(over="ignore"):
-                    _check_finite(f"{where}: phi_{obs} in {self.spec.dtype} (overflow; use dtype float32)",
-                                  phi.astype(self.spec.dtype), rows)
+                    _check_finite(f"{where}: phi_{obs} overflows {self.spec.dtype}", phi.astype(self.spec.dtype),
+                                  rows, InputError, "; use --dtype float32 (grads.dtype) in a new store")
             stored = phi.astype(self.spec.dtype)
             if not full:
                 stored_rows, stored = stored, np.full((stop - start, *expected[1:]), np.nan, self.spec.dtype)
@@ -234,11 +234,13 @@ class ShardWriter:
         return self._encoders[(checkpoint, obs)]
 
 
-def _check_finite(what: str, values: np.ndarray, rows: np.ndarray) -> None:
+def _check_finite(what: str, values: np.ndarray, rows: np.ndarray, error: type = GradlakeError,
+                  advice: str = "") -> None:
+    """``error`` naming the rows whose values are not all finite (InputError: a failure that recurs)."""
     finite = np.isfinite(values.reshape(len(rows), -1)).all(axis=1) if values.size else np.ones(len(rows), bool)
     if not finite.all():
         bad = rows[~finite]
-        raise GradlakeError(
+        raise error(
             f"{what}: NaN or inf at rows {bad[:5].tolist()}{'...' if len(bad) > 5 else ''} "
-            f"({len(bad)} of {len(rows)}); the shard is not committed"
+            f"({len(bad)} of {len(rows)}); the shard is not committed{advice}"
         )

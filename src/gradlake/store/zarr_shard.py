@@ -7,6 +7,14 @@ array, zarr encodes the shard into an in-memory store that holds a one-shard cop
 array (the array's own metadata: every codec as declared), and that one object is then
 uploaded under the array's key for the shard: one write, no read, and no encoding here.
 Reads decode the same plain layout directly (:class:`ShardReader`); plain zarr reads it too.
+
+Why by hand, and until when: zarr 3.1 reads a shard before writing into it and reads each
+chunk of a partial-shard read with its own request, at several times the CPU per byte, which
+bounds a streamed pass on few cores (benchmarks/bench_query.py measures it). Newer zarr
+releases coalesce partial-shard reads and write full shards without reading; when the
+package index serves one, measure it against :class:`ShardReader` with bench_query.py and drop
+whichever loses. Until then pyproject.toml bounds zarr to 3.1.x, the layout this decoder is
+tested against (tests/store/test_store_zarr_shard.py).
 """
 
 from __future__ import annotations
