@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from gradlake.errors import GradlakeError, InputError
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
-from gradlake.grads.modules import Affine, ModuleGrads, flat, inner
+from gradlake.grads.modules import Affine, ModuleGrads, flat, inner, parameter
 from gradlake.grads.projector import Projector
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def _pair(inputs: torch.Tensor) -> torch.Tensor:
 
 def _copies(model: nn.Module, names, batch: int) -> dict[str, torch.Tensor]:
     """A per-sample copy [batch, ...] of each [1, ...] parameter, a leaf that requires grad."""
-    return {q: model.get_parameter(q).detach().expand(batch, *model.get_parameter(q).shape[1:]).clone()
+    return {q: parameter(model, q).detach().expand(batch, *parameter(model, q).shape[1:]).clone()
             .requires_grad_() for q in names}
 
 
@@ -233,11 +233,16 @@ def _expandable(model: nn.Module, model_plan: Plan, reached, claims, x: torch.Te
     all have a leading 1 that broadcasts over the batch: their per-sample gradients come from the
     batched backward through per-sample copies [B, ...] of them, instead of a vmap over the whole
     container. Used where, on the two samples ``x``, the copies give the same output and the same
-    per-sample gradients as the ``reference`` (autograd, one sample at a time)."""
+    per-sample gradients as the ``reference`` (autograd, one sample at a time), and where no exact
+    module encloses the container (its rule reruns it on single samples, where [B, ...] copies
+    would not fit, as in ReFNO's spectral filters inside the model that owns the positional embedding)."""
+    exact = {entry.name for entry in model_plan.exact if entry.name in reached} | set(claims)
     found = []
     for entry in model_plan.exact:
-        params = [entry.module.get_parameter(local) for _, local in entry.params]
-        if (entry.name in reached and entry.name not in claims and any(True for _ in entry.module.children())
+        params = [parameter(entry.module, local) for _, local in entry.params]
+        enclosed = any(name != entry.name and (not name or entry.name.startswith(f"{name}.")) for name in exact)
+        if (entry.name in reached and entry.name not in claims and not enclosed
+                and any(True for _ in entry.module.children())
                 and all("." not in local for _, local in entry.params)
                 and all(p.dim() >= 1 and p.shape[0] == 1 for p in params)):
             found.append((entry.name, tuple(q for q, _ in entry.params)))
@@ -257,7 +262,7 @@ def _expandable(model: nn.Module, model_plan: Plan, reached, claims, x: torch.Te
     except RuntimeError:  # the parameters are not used in a way that broadcasts over the batch
         return ()
     for name, g in zip(names, got):
-        p = model.get_parameter(name)
+        p = parameter(model, name)
         for b in range(2):
             want = reference[name][b]
             want = torch.zeros_like(p) if want is None else want

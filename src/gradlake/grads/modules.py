@@ -123,6 +123,14 @@ def _batched(value, batch: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
 
 
+def parameter(module: nn.Module, name: str) -> nn.Parameter:
+    """The parameter registered as ``name`` (a dotted path), as stored: unlike ``get_parameter``,
+    also where the owner's attribute access returns a view of it (tltorch's complex factorised
+    tensors store real [..., 2] parameters and return complex views)."""
+    prefix, _, local = name.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module)._parameters[local]
+
+
 class ModuleGrads:
     """Per-sample gradients of some parameters of a module (its own, or its descendants' named
     by path); the rule is chosen once per output (index, shape)."""
@@ -141,7 +149,7 @@ class ModuleGrads:
         return rule(self.params(), args, kwargs, delta, index)
 
     def params(self) -> dict[str, torch.Tensor]:
-        return {n: self.module.get_parameter(n).detach() for n in self.names}
+        return {n: parameter(self.module, n).detach() for n in self.names}
 
     def rule(self, args: tuple, kwargs: dict, output: torch.Tensor, index: int | None = None) -> Grads | Affine:
         """The rule for output ``index`` shaped like ``output`` [B, ...] (chosen on the first sample)."""
