@@ -37,6 +37,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from gradlake.errors import InputError
+from gradlake.grads import spectral
 
 MAX_BIAS_RATIO = 16.0  # |bias| / |weight| up to which an affine module's grads come from its output
 Grads = Callable[[dict[str, torch.Tensor], tuple, dict, torch.Tensor], dict[str, torch.Tensor]]
@@ -160,7 +161,8 @@ class ModuleGrads:
 
     def path(self) -> str:
         """The rules in use: "affine", "additive", "attention", "vmap" and/or "loop"."""
-        names = {"_vmap": "vmap", "_loop": "loop", "_add": "additive", "_attention": "attention"}
+        names = {"_vmap": "vmap", "_loop": "loop", "_add": "additive", "_attention": "attention",
+                 "_spectral": "spectral"}
         found = {"affine" if isinstance(r, Affine) else names.get(getattr(r, "__name__", ""), "additive")
                  for r in self._rules.values()}
         return "+".join(sorted(found))
@@ -186,6 +188,18 @@ class ModuleGrads:
             got = self._attention(params, one, one_kwargs, delta, index)
             if all(_close(got[n], want[n]) for n in want):
                 return self._attention
+        if spectral.supported(self.module):
+            two = tuple(a[:2] if _batched(a, batch) else a for a in args)
+            two_kwargs = {k: v[:2] if _batched(v, batch) else v for k, v in kwargs.items()}
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            delta = torch.randn((min(batch, 2), *out[1:]), generator=gen).to(probe)
+            want = self._loop(params, two, two_kwargs, delta, index)
+            try:
+                got = self._spectral(params, two, two_kwargs, delta, index)
+            except Exception:  # noqa: BLE001 - not the structure the rule expects: the other rules
+                got = None
+            if got is not None and all(_close(got[n], want[n]) for n in want):
+                return self._spectral
         try:
             self._vmap(params, one, one_kwargs, probe, index)
             return self._vmap
@@ -268,6 +282,13 @@ class ModuleGrads:
                 out = out + copies["out_proj.bias"][:, None, :]
             grads = torch.autograd.grad(inner(out, delta), list(copies.values()), allow_unused=True)
         return {n: flat(torch.zeros_like(c) if g is None else g, batch) for (n, c), g in zip(copies.items(), grads)}
+
+    def _spectral(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
+        grads = spectral.spectral_grads(self.module, self._run, params, args, kwargs, delta,
+                                        lambda out: pick(out, index), inner)
+        return {n: flat(torch.zeros((delta.shape[0], *params[n].shape), dtype=params[n].dtype,
+                                    device=delta.device) if g is None else g, delta.shape[0])
+                for n, g in grads.items()}
 
     def _loop(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         batch = delta.shape[0]
