@@ -236,16 +236,16 @@ def _expandable(model: nn.Module, model_plan: Plan, reached, claims, x: torch.Te
     per-sample gradients as the ``reference`` (autograd, one sample at a time), and where no exact
     module encloses the container (its rule reruns it on single samples, where [B, ...] copies
     would not fit, as in ReFNO's spectral filters inside the model that owns the positional embedding)."""
-    exact = {entry.name for entry in model_plan.exact if entry.name in reached} | set(claims)
     found = []
     for entry in model_plan.exact:
         params = [parameter(entry.module, local) for _, local in entry.params]
-        enclosed = any(name != entry.name and (not name or entry.name.startswith(f"{name}.")) for name in exact)
-        if (entry.name in reached and entry.name not in claims and not enclosed
-                and any(True for _ in entry.module.children())
+        if (entry.name in reached and entry.name not in claims and any(True for _ in entry.module.children())
                 and all("." not in local for _, local in entry.params)
                 and all(p.dim() >= 1 and p.shape[0] == 1 for p in params)):
             found.append((entry.name, tuple(q for q, _ in entry.params)))
+    ruled = ({entry.name for entry in model_plan.exact if entry.name in reached} | set(claims)) - {n for n, _ in found}
+    found = [(name, qs) for name, qs in found
+             if not any(r != name and (not r or name.startswith(f"{r}.")) for r in ruled)]
     if not found:
         return ()
     names = [q for _, qs in found for q in qs]
@@ -504,6 +504,14 @@ class _Capture:
             block = self.blocks[qualified]
             if block.path == "exact":
                 self.add_dense(qualified, g)
+                continue
+            if block.path == "spectral":
+                d_out, d_in = block.factors["d_out"], block.factors["d_in"]
+                g = g.reshape(self.batch, d_out, d_in)
+                p_out, p_in = (self.projector.factor(qualified, block.shape, role, dim, self.device, torch.float32)
+                               for role, dim in (("out", d_out), ("in", d_in)))
+                g = g if p_out is None else p_out @ g
+                self._add(qualified, g if p_in is None else g @ p_in.T)
                 continue
             layer = self.layer_of[qualified]  # a layer not called on batched inputs: project here
             shape = tuple(layer.module.weight.shape)
