@@ -41,6 +41,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from gradlake.errors import GradlakeError, InputError
+from gradlake.grads import spectral
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
 from gradlake.grads.modules import Affine, ModuleGrads, flat, inner, parameter
 from gradlake.grads.projector import Projector
@@ -317,6 +318,7 @@ class _Capture:
         self.slot = 0
         self.active = True
         self._identity: dict[int, torch.Tensor] = {}
+        self._recording: spectral.Recording | None = None
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
@@ -325,6 +327,8 @@ class _Capture:
             for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
             for entry in self.exact:
+                if spectral.supported(entry.module):
+                    handles.append(entry.module.register_forward_pre_hook(partial(self._spectral_forward, entry)))
                 handles.append(entry.module.register_forward_hook(partial(self._exact_forward, entry),
                                                                   with_kwargs=True))
             yield
@@ -445,9 +449,18 @@ class _Capture:
         self.phi[self.slot, :, offset:offset + k] += block.reshape(self.batch, k)
 
     # Every other module with parameters ---------------------------------------------------
+    def _spectral_forward(self, entry: ExactModule, module: nn.Module, args) -> None:
+        """Records the forward of a module with a spectral contraction (:mod:`gradlake.grads.spectral`)."""
+        if self.active:
+            self._recording = spectral.Recording(module, _module_grads(entry).params())
+            self._recording.open()
+
     def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
         if not self.active:
             return None
+        record, self._recording = self._recording, None
+        if record is not None:
+            record.close()
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         grads = _module_grads(entry)
         held = {"args": args, "kwargs": kwargs, "versions": [t._version for t in tensors]}
@@ -462,6 +475,12 @@ class _Capture:
             self.active = True
         if single and isinstance(rules[0], Affine) and rules[0].invertible(grads.params()):
             held.update(affine=rules[0], output=output, version=output._version)
+        if single and record is not None and getattr(rules[0], "__name__", "") == "_spectral":
+            held.update(record=record, output=output)  # the weights' gradients from the recorded contractions
+            for call in record.calls:
+                if call[2].grad_fn is None:
+                    self.roots.append(call[2])  # (an input that does not require grad)
+                call[2].register_hook(partial(self._spectral_backward, entry, record, call))
         for i in followed:
             outputs[i] = self._track(entry.name, outputs[i])
             outputs[i].register_hook(partial(self._exact_backward, entry, held, None if single else i))
@@ -469,9 +488,26 @@ class _Capture:
             return outputs[0]
         return type(output)(*outputs) if hasattr(output, "_fields") else type(output)(outputs)
 
+    def _spectral_backward(self, entry: ExactModule, record, call, d: torch.Tensor) -> None:
+        self._add_exact(entry, {n: flat(g, self.batch) for n, g in record.weight_grads(call, d).items()})
+
     def _exact_backward(self, entry: ExactModule, held: dict, index: int | None, delta: torch.Tensor) -> None:
         output = held.get("output")
         last = index is None and self.slot == self.slots - 1  # (tuple outputs share what is held)
+        if "record" in held:  # the other parameters (the bias) here, the weights' in _spectral_backward
+            if held.get("busy"):  # this hook again, inside the backward below
+                return
+            additive = _module_grads(entry).direct
+            if additive is not None:
+                self._add_exact(entry, additive({}, (), {}, _full(delta), None))
+                return
+            held["busy"] = True
+            try:
+                grads = held["record"].direct_grads(output, _full(delta))
+            finally:
+                held["busy"] = False
+            self._add_exact(entry, {n: flat(g, self.batch) for n, g in grads.items()})
+            return
         if output is not None and output._version == held["version"]:  # (else changed in place since)
             params = _module_grads(entry).params()
             per_sample = held["affine"].from_output(output.detach(), _full(delta), params)
@@ -498,6 +534,8 @@ class _Capture:
     def _add_exact(self, entry: ExactModule, per_sample: dict[str, torch.Tensor]) -> None:
         """Projection of each parameter's exact [B, numel] per-sample gradient into φ, by its block's factors."""
         for qualified, local in entry.params:
+            if local not in per_sample:  # (a rule giving some parameters' contributions at a time)
+                continue
             g = per_sample[local].float()
             if g.shape[0] != self.batch:  # a module on [batch * m, ...] rows: sum each sample's rows
                 g = g.reshape(self.batch, -1, g.shape[1]).sum(dim=1)

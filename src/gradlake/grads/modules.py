@@ -140,6 +140,7 @@ class ModuleGrads:
         self.module, self.names, self.label = module, names, label
         self._rules: dict[tuple, Grads | Affine] = {}
         self.fallback: str | None = None  # why vmap could not run the module (the loop rule is used)
+        self.direct: Grads | None = None  # spectral rule: the additive rule of its other parameter, if it holds
 
     def __call__(self, args: tuple, kwargs: dict, delta: torch.Tensor, index: int | None = None
                  ) -> dict[str, torch.Tensor]:
@@ -191,6 +192,14 @@ class ModuleGrads:
         if spectral.supported(self.module):
             two = tuple(a[:2] if _batched(a, batch) else a for a in args)
             two_kwargs = {k: v[:2] if _batched(v, batch) else v for k, v in kwargs.items()}
+            try:  # the bias: by the additive rule where it holds (its gradients then cost a sum)
+                direct = spectral.direct_names(self.module, params, one, one_kwargs, lambda y: pick(y, index))
+                additive = self._simple({n: params[n] for n in direct}, one, one_kwargs, out) \
+                    if len(direct) == 1 and index is None and not output.is_complex() \
+                    and not params[direct[0]].is_complex() else None
+            except Exception:  # noqa: BLE001 - not the structure the rule expects (checked below)
+                additive = None
+            self.direct = None if isinstance(additive, Affine) else additive
             gen = torch.Generator(device="cpu").manual_seed(1)
             delta = torch.randn((min(batch, 2), *out[1:]), generator=gen).to(probe)
             want = self._loop(params, two, two_kwargs, delta, index)
@@ -284,11 +293,13 @@ class ModuleGrads:
         return {n: flat(torch.zeros_like(c) if g is None else g, batch) for (n, c), g in zip(copies.items(), grads)}
 
     def _spectral(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
-        grads = spectral.spectral_grads(self.module, self._run, params, args, kwargs, delta,
-                                        lambda out: pick(out, index), inner)
-        return {n: flat(torch.zeros((delta.shape[0], *params[n].shape), dtype=params[n].dtype,
-                                    device=delta.device) if g is None else g, delta.shape[0])
-                for n, g in grads.items()}
+        grads = spectral.spectral_grads(self.module, params, args, kwargs, delta, lambda out: pick(out, index), inner,
+                                        direct=self.direct is None)
+        if self.direct is not None:
+            grads.update(self.direct(params, args, kwargs, delta, index))
+        return {n: flat(grads[n] if n in grads else torch.zeros((delta.shape[0], *p.shape), dtype=p.dtype,
+                                                                 device=delta.device), delta.shape[0])
+                for n, p in params.items()}
 
     def _loop(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         batch = delta.shape[0]
