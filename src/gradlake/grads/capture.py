@@ -10,7 +10,10 @@ Parameters are frozen while capturing, so backward propagates activation gradien
   with δ the output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã (one
   batched matmul) and the bias block Σ_positions P_out δ;
 - any other module gets the exact per-example gradient of its own parameters by the
-  verified rules of :mod:`gradlake.grads.modules`, then a dense projection. An affine
+  verified rules of :mod:`gradlake.grads.modules`, then a dense projection (a spectral
+  weight's: P_out ⊗ P_in). A spectral convolution's forward is recorded for the
+  ``spectral`` rule (:mod:`gradlake.grads.spectral`: its weights' blocks come from the
+  gradients of its contractions' outputs, the rest from its output gradient). An affine
   module (a norm: output = base ⊙ weight + bias) keeps its output (which the next op
   usually saves anyway) and gets them from it without an extra forward; other modules
   keep their input for the rule. A module returning a tuple is followed through each of

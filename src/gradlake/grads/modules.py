@@ -1,6 +1,6 @@
 """Exact per-example gradients of one module's own parameters, from its input and output gradient.
 
-Used for every parameter outside Linear/Conv layers. Five rules, the first that holds:
+Used for every parameter outside Linear/Conv layers. Six rules, the first that holds:
 
 - *affine* (norms, layer scales): output = base(x) ⊙ weight + bias, with weight and bias
   of one shape S broadcast along some output axes (bias optional; any parameter names);
@@ -13,6 +13,9 @@ Used for every parameter outside Linear/Conv layers. Five rules, the first that 
   grad Σ δ over the axes p is broadcast along (no extra forward);
 - *attention* (``nn.MultiheadAttention``, batch first, no masks): the module recomputed once
   for the batch with per-sample copies of its weights (batched matmuls, fused attention);
+- *spectral* (a module contracting Fourier modes through its own ``_contract``, as
+  neuraloperator's SpectralConv): outer products per mode (:mod:`gradlake.grads.spectral`),
+  used where they match the loop on two samples;
 - *vmap*: ``torch.func`` vmap over samples of grad of ⟨module(x_b), δ_b⟩ (any module that
   vmap can run);
 - *loop*: the same gradient by plain autograd, one sample at a time (modules vmap cannot
