@@ -83,3 +83,19 @@ def test_spectral_weights_are_projected_as_matrices_and_allocated_as_layers():
                       Projector(seed=1, allocation="energy", k_total=300, dims=dims)):
         phi, _ = projected_grads(model, x, lambda pred: {"C": cot}, projector)
         assert rel_err(phi["C"], projector.apply(model, exact["C"])) <= 1e-5
+
+
+def test_capture_takes_the_weights_from_the_batchs_own_forward(monkeypatch):
+    model = _neuralop()
+    x, cot = torch.randn(4, 5, 12, 10), torch.randn(4, 4, 12, 10)
+    projector = Projector(seed=2, k_in=3, k_out=3)
+    first, _ = projected_grads(model, x, lambda pred: {"C": cot}, projector)  # prepares: the rule chosen
+
+    def rerun(*args, **kwargs):
+        raise AssertionError("the module was run again for its gradients")
+
+    monkeypatch.setattr("gradlake.grads.spectral.spectral_grads", rerun)
+    again, _ = projected_grads(model, x, lambda pred: {"C": cot}, projector)
+    assert rel_err(again["C"], first["C"]) <= 1e-6
+    exact, _ = exact_grads(model, x, lambda pred: {"C": cot})
+    assert rel_err(again["C"], projector.apply(model, exact["C"])) <= 1e-5

@@ -453,8 +453,9 @@ class _Capture:
 
     # Every other module with parameters ---------------------------------------------------
     def _spectral_forward(self, entry: ExactModule, module: nn.Module, args) -> None:
-        """Records the forward of a module with a spectral contraction (:mod:`gradlake.grads.spectral`)."""
-        if self.active:
+        """Records the forward of a module with a spectral contraction (:mod:`gradlake.grads.spectral`),
+        once the spectral rule holds for it (before: its own forward, the rule then reruns it)."""
+        if self.active and "spectral" in _module_grads(entry).path().split("+"):
             self._recording = spectral.Recording(module, _module_grads(entry).params())
             self._recording.open()
 
