@@ -16,7 +16,7 @@ TORCH       ?= torch==2.13.0+$(TORCH_BUILD)
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH_BUILD)
 JOB         ?= jobs/quickstart.toml
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-well bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,24 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The Well's own models (tests/grads/test_grads_well.py) need the_well 1.2.0 and the neuraloperator
+# 0.3.0 it pins, which conflict with this project's (fsspec==2024.10.0, neuraloperator>=2): a second
+# environment over this one (its packages first, then the project's), installed without dependencies.
+WELL_VENV ?= .venv-well
+WELL      := the-well==1.2.0 neuraloperator==0.3.0 torch-harmonics==0.6.3 einops 'huggingface-hub<1.0'
+
+$(WELL_VENV)/.installed: $(VENV)/.installed
+	$(PY) -m venv $(WELL_VENV)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+		> "$$($(WELL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/project.pth"
+	$(WELL_VENV)/bin/python -m pip install -q --no-deps $(WELL)
+	touch $@
+
+test-well: $(WELL_VENV)/.installed
+	PYTHONPATH=src $(WELL_VENV)/bin/python -m pytest -q tests/grads/test_grads_well.py
+
 bench: install
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(WELL_VENV) runs .pytest_cache

@@ -13,7 +13,11 @@ run, e.g. in-place writes into fresh tensors), from gradlake.grads.describe; "kr
 and "additive" modules cost about what their share of a training step does.
 
 The third-party-style models are those of tests/grads/thirdparty_models.py; FNO/TFNO need
-neuraloperator (skipped without it).
+neuraloperator (skipped without it). The Well's 8 models (tests/grads/well_models.py, 32², 4
+channels) are added as "well-<name>" where the_well and its neuraloperator 0.3 load, as in the
+environment ``make test-well`` builds:
+
+    PYTHONPATH=src .venv-well/bin/python benchmarks/bench_coverage.py --models well-FNO well-TFNO well-AFNO
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "grads"))
 
 import thirdparty_models as tp  # noqa: E402
+import well_models  # noqa: E402
 
 from gradlake import models  # noqa: E402
 from gradlake.grads import Projector, describe  # noqa: E402
@@ -64,6 +70,14 @@ def architectures(resolution: int) -> dict:
         "conv-1d": (lambda: tp.Conv1dNet(4, 32), (4, 4 * r)),
         "conv-3d": (lambda: tp.Conv3dNet(4, 16), (4, r // 4, r // 4, r // 4)),
     }
+
+
+def well_architectures() -> dict:
+    """The Well's models, where they load (32², 4 channels whatever the resolution asked)."""
+    if well_models.available() is not None:
+        return {}
+    shape = (well_models.CHANNELS, *well_models.RESOLUTION)
+    return {f"well-{name}": (partial(well_models.build, name), shape) for name in well_models.NAMES}
 
 
 def bench(name, factory, shape, args) -> dict:
@@ -114,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # third-party deprecation notes
     torch.set_num_threads(args.threads)
-    table = architectures(args.resolution)
+    table = {**architectures(args.resolution), **well_architectures()}
     names = args.models or list(table)
     print(f"batch {args.batch}, resolution {args.resolution}, k_in = k_out = {args.k}, {args.threads} threads, "
           f"{args.clock} clock, median of {args.repeats} interleaved repeats; ratio = capture time ÷ train time")

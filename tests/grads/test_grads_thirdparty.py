@@ -13,8 +13,8 @@ import importlib
 import pytest
 import torch
 from grads_helpers import loop_grads, rel_err
-from thirdparty_models import (Conv1dNet, Conv3dNet, ConvNeXtNet, SpectralNormMLP, SwinLike, TimmViT,
-                               TorchTransformer, TorchvisionViT, afno)
+from thirdparty_models import (Conv1dNet, Conv3dNet, ConvNeXtNet, SpectralNormMLP, SwinLike, TimmViT, TltorchFNO,
+                               TorchTransformer, TorchvisionViT, afno, refno_like)
 
 from gradlake.errors import InputError
 from gradlake.grads import Projector, describe
@@ -41,6 +41,11 @@ def _fno(dims: int, factorization=None):
                out_channels=2, n_layers=2, **kwargs)
 
 
+def _tltorch(factory, **kwargs):
+    pytest.importorskip("tltorch")
+    return factory(**kwargs)
+
+
 def _timm(name: str, **kwargs):
     timm = _optional("timm")
     return timm.create_model(name, pretrained=False, num_classes=8, **kwargs)
@@ -55,10 +60,14 @@ def _torchvision_vit():
 CASES = {
     # name: (model factory, input shape, paths expected in describe(); None: not pinned, for
     # packages that cannot be run here)
-    "fno-2d": (lambda: _fno(2), (BATCH, 2, 16, 16), {"loop", "kron", "affine"}),
-    "tfno-2d-tucker": (lambda: _fno(2, "tucker"), (BATCH, 2, 16, 16), {"loop", "kron", "affine"}),
-    "fno-1d": (lambda: _fno(1), (BATCH, 2, 16), {"loop", "kron", "affine"}),
-    "fno-3d": (lambda: _fno(3), (BATCH, 2, 6, 6, 6), {"loop", "kron", "affine"}),
+    "fno-2d": (lambda: _fno(2), (BATCH, 2, 16, 16), {"spectral", "kron", "affine"}),
+    "tfno-2d-tucker": (lambda: _fno(2, "tucker"), (BATCH, 2, 16, 16), {"spectral", "kron", "affine"}),
+    "fno-1d": (lambda: _fno(1), (BATCH, 2, 16), {"spectral", "kron", "affine"}),
+    "fno-3d": (lambda: _fno(3), (BATCH, 2, 6, 6, 6), {"spectral", "kron", "affine"}),
+    "tltorch-fno-dense": (lambda: _tltorch(TltorchFNO), (BATCH, 2, 10, 8), {"spectral", "kron"}),
+    "tltorch-fno-tucker": (lambda: _tltorch(TltorchFNO, factorization="ComplexTucker"), (BATCH, 2, 10, 8),
+                           {"spectral", "kron"}),
+    "refno-style": (refno_like, (BATCH, 3, 8, 8), {"kron", "vmap"}),
     "timm-vit": (lambda: _timm("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=4, embed_dim=16,
                                depth=2, num_heads=2, init_values=0.5), (BATCH, 4, 16, 16), None),
     "timm-swin": (lambda: _timm("swin_tiny_patch4_window7_224", img_size=16, patch_size=2, in_chans=4,
@@ -124,7 +133,7 @@ def test_every_parameter_is_covered_by_the_expected_paths(name):
     assert sorted(covered) == sorted(n for n, _ in model.named_parameters())
     paths = {part for row in rows for part in row["path"].split("+")}
     assert paths == (CASES[name][2] or paths), rows
-    assert paths <= {"kron", "expand", "affine", "additive", "attention", "vmap", "loop"}
+    assert paths <= {"kron", "expand", "affine", "additive", "attention", "spectral", "vmap", "loop"}
     for row in rows:
         assert ("reason" in row) == ("loop" in row["path"]), row
 

@@ -322,3 +322,92 @@ class ConvNeXtNet(nn.Module):
 
     def forward(self, x):
         return self.out(self.blocks(self.stem(x)))
+
+
+class TltorchSpectralConv(nn.Module):
+    """neuraloperator 0.3's SpectralConv, reduced: one module for all layers, its complex weights
+    tensorly-torch FactorizedTensors (parameters on submodules, stored as real [..., 2] and read
+    as complex views) in a ModuleList picked by ``indices``, contracted on the low modes
+    through its own ``_contract``, and a bias [layers, C, 1, 1] picked the same way."""
+
+    def __init__(self, channels: int, modes: tuple[int, int], layers: int, factorization: str):
+        super().__init__()
+        import tltorch
+
+        self.modes = modes
+        weights = []
+        for _ in range(layers):
+            w = tltorch.FactorizedTensor.new((channels, channels, *modes), rank=None if factorization == "ComplexDense"
+                                             else 0.5, factorization=factorization)
+            w.normal_(0, 0.3)
+            weights.append(w)
+        self.weight = nn.ModuleList(weights)
+        self.bias = nn.Parameter(0.1 * torch.randn(layers, channels, 1, 1))
+        self._contract = self._dense
+
+    @staticmethod
+    def _dense(x, weight, separable=False):
+        return torch.einsum("bixy,ioxy->boxy", x, weight.to_tensor())
+
+    def forward(self, x, indices=0):
+        m1, m2 = self.modes
+        x_ft = torch.fft.rfft2(x, norm="ortho")
+        out = torch.zeros(x_ft.shape, dtype=x_ft.dtype)
+        out[:, :, :m1, :m2] = self._contract(x_ft[:, :, :m1, :m2], self.weight[indices])
+        return torch.fft.irfft2(out, s=x.shape[-2:], norm="ortho") + self.bias[indices]
+
+
+class TltorchFNO(nn.Module):
+    """Two Fourier layers sharing one TltorchSpectralConv, between 1x1 convs."""
+
+    def __init__(self, channels=2, width=6, factorization="ComplexDense"):
+        super().__init__()
+        self.lift = nn.Conv2d(channels, width, 1)
+        self.conv = TltorchSpectralConv(width, (4, 3), 2, factorization)
+        self.out = nn.Conv2d(width, channels, 1)
+
+    def forward(self, x):
+        h = self.lift(x)
+        for i in range(2):
+            h = F.gelu(h + self.conv(h, i))
+        return self.out(h)
+
+
+class MaskedSpectralFilter(nn.Module):
+    """The Well's ReFNO filter, reduced: the kept modes by masked_select, a [1, modes, C]
+    filter parameter, written back by a masked index into a fresh spectrum."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        freqs = torch.fft.fftfreq(size)[:, None] ** 2 + torch.fft.rfftfreq(size)[None, :] ** 2
+        self.register_buffer("mask", freqs <= 0.1)
+        self.tokens = int(self.mask.sum())
+        self.filter = nn.Parameter(1 + 0.3 * torch.randn(1, self.tokens, dim, dtype=torch.cfloat))
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, x):  # [B, H, W, C]
+        x_ft = torch.fft.rfft2(x, dim=(1, 2), norm="ortho")
+        kept = torch.masked_select(x_ft, self.mask[None, :, :, None]).reshape(-1, self.tokens, x.shape[-1])
+        out = torch.zeros_like(x_ft)
+        out[:, self.mask, :] = kept * self.filter
+        return self.mix(torch.fft.irfft2(out, s=x.shape[1:3], dim=(1, 2), norm="ortho"))
+
+
+class ReFNOLike(nn.Module):
+    """A model owning a positional embedding [H, W, C] around a block whose own parameter has a
+    leading 1 (per-sample copies of it must not be used inside the model's own exact rule)."""
+
+    def __init__(self, channels=3, size=8, dim=4):
+        super().__init__()
+        self.encoder = nn.Linear(channels, dim)
+        self.pos_embedding = nn.Parameter(0.1 * torch.randn(size, size, dim))
+        self.block = MaskedSpectralFilter(size, dim)
+        self.decoder = nn.Linear(dim, channels)
+
+    def forward(self, x):
+        h = self.encoder(x) + self.pos_embedding
+        return self.decoder(h + self.block(h))
+
+
+def refno_like(channels=3) -> nn.Module:
+    return ChannelsLast(ReFNOLike(channels))

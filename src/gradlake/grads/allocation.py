@@ -11,6 +11,7 @@ total k to the blocks where it removes the most error:
   for a dense factor; an identity side (a = d_out, b = d_in, k = numel) adds nothing;
 - the error of the Gram matrix Σ_blocks is then ≈ Σ_b [Q_b/a + Q_b/b + W_b/(ab)] with
   W_b = mean ‖G‖⁴ and Q_b = mean ‖GGᵀ‖_F² over calibration rows (and W/k for dense blocks);
+- a spectral weight (:mod:`gradlake.grads.coverage`) counts as a layer, keyed by its parameter name;
 - :func:`allocate` starts every block at one row per factor and doubles (or completes to the
   identity) the factor with the largest error removed per coordinate added, while it fits.
 
@@ -62,16 +63,19 @@ def block_statistics(model: nn.Module, grads: torch.Tensor) -> dict[str, dict[st
         return grads[:, lo:hi]
 
     layers, dense = {}, {}
-    for layer in model_plan.layers:
-        g = block(layer.weight).reshape(-1, layer.d_out, layer.d_in)
+    matrices = [(layer.name, layer.weight, layer.d_out, layer.d_in, layer.bias) for layer in model_plan.layers]
+    matrices += [(name, name, d_out, d_in, None) for name, d_out, d_in in model_plan.spectral]
+    for name, weight, d_out, d_in, bias in matrices:
+        g = block(weight).reshape(-1, d_out, d_in)
         norms = (g * g).sum(dim=(1, 2))
-        small = g @ g.transpose(1, 2) if layer.d_out <= layer.d_in else g.transpose(1, 2) @ g
+        small = g @ g.transpose(1, 2) if d_out <= d_in else g.transpose(1, 2) @ g
         entry = {"energy": norms.mean(), "w4": (norms**2).mean(), "q": (small * small).sum(dim=(1, 2)).mean()}
-        if layer.bias:
-            entry["bias_w4"] = ((block(layer.bias) ** 2).sum(1) ** 2).mean()
-        layers[layer.name] = {key: _round(value) for key, value in entry.items()}
+        if bias:
+            entry["bias_w4"] = ((block(bias) ** 2).sum(1) ** 2).mean()
+        layers[name] = {key: _round(value) for key, value in entry.items()}
+    spectral = {name for name, _, _ in model_plan.spectral}
     for entry in model_plan.exact:
-        for qualified, _ in entry.params:
+        for qualified in (q for q, _ in entry.params if q not in spectral):
             norms = (block(qualified) ** 2).sum(1)
             dense[qualified] = {"energy": _round(norms.mean()), "w4": _round((norms**2).mean())}
     return {"layers": layers, "dense": dense}
@@ -136,8 +140,11 @@ def allocate(model_plan: Plan, statistics: dict[str, Any], k_total: int) -> dict
         for layer in model_plan.layers:
             states.append(("layers", layer.name, _LayerState(layer.d_out, layer.d_in, layer.bias is not None,
                                                              statistics["layers"][layer.name])))
+        for name, d_out, d_in in model_plan.spectral:
+            states.append(("layers", name, _LayerState(d_out, d_in, False, statistics["layers"][name])))
+        spectral = {name for name, _, _ in model_plan.spectral}
         for entry in model_plan.exact:
-            for qualified, _ in entry.params:
+            for qualified in (q for q, _ in entry.params if q not in spectral):
                 numel = int(np.prod(dict(model_plan.parameters)[qualified]) or 1)
                 states.append(("dense", qualified, _DenseState(numel, statistics["dense"][qualified])))
     except KeyError as missing:

@@ -10,7 +10,10 @@ Parameters are frozen while capturing, so backward propagates activation gradien
   with δ the output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã (one
   batched matmul) and the bias block Σ_positions P_out δ;
 - any other module gets the exact per-example gradient of its own parameters by the
-  verified rules of :mod:`gradlake.grads.modules`, then a dense projection. An affine
+  verified rules of :mod:`gradlake.grads.modules`, then a dense projection (a spectral
+  weight's: P_out ⊗ P_in). A spectral convolution's forward is recorded for the
+  ``spectral`` rule (:mod:`gradlake.grads.spectral`: its weights' blocks come from the
+  gradients of its contractions' outputs, the rest from its output gradient). An affine
   module (a norm: output = base ⊙ weight + bias) keeps its output (which the next op
   usually saves anyway) and gets them from it without an extra forward; other modules
   keep their input for the rule. A module returning a tuple is followed through each of
@@ -41,8 +44,9 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from gradlake.errors import GradlakeError, InputError
+from gradlake.grads import spectral
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
-from gradlake.grads.modules import Affine, ModuleGrads, flat, inner
+from gradlake.grads.modules import Affine, ModuleGrads, flat, inner, parameter
 from gradlake.grads.projector import Projector
 
 log = logging.getLogger(__name__)
@@ -223,7 +227,7 @@ def _pair(inputs: torch.Tensor) -> torch.Tensor:
 
 def _copies(model: nn.Module, names, batch: int) -> dict[str, torch.Tensor]:
     """A per-sample copy [batch, ...] of each [1, ...] parameter, a leaf that requires grad."""
-    return {q: model.get_parameter(q).detach().expand(batch, *model.get_parameter(q).shape[1:]).clone()
+    return {q: parameter(model, q).detach().expand(batch, *parameter(model, q).shape[1:]).clone()
             .requires_grad_() for q in names}
 
 
@@ -233,14 +237,19 @@ def _expandable(model: nn.Module, model_plan: Plan, reached, claims, x: torch.Te
     all have a leading 1 that broadcasts over the batch: their per-sample gradients come from the
     batched backward through per-sample copies [B, ...] of them, instead of a vmap over the whole
     container. Used where, on the two samples ``x``, the copies give the same output and the same
-    per-sample gradients as the ``reference`` (autograd, one sample at a time)."""
+    per-sample gradients as the ``reference`` (autograd, one sample at a time), and where no exact
+    module encloses the container (its rule reruns it on single samples, where [B, ...] copies
+    would not fit, as in ReFNO's spectral filters inside the model that owns the positional embedding)."""
     found = []
     for entry in model_plan.exact:
-        params = [entry.module.get_parameter(local) for _, local in entry.params]
+        params = [parameter(entry.module, local) for _, local in entry.params]
         if (entry.name in reached and entry.name not in claims and any(True for _ in entry.module.children())
                 and all("." not in local for _, local in entry.params)
                 and all(p.dim() >= 1 and p.shape[0] == 1 for p in params)):
             found.append((entry.name, tuple(q for q, _ in entry.params)))
+    ruled = ({entry.name for entry in model_plan.exact if entry.name in reached} | set(claims)) - {n for n, _ in found}
+    found = [(name, qs) for name, qs in found
+             if not any(r != name and (not r or name.startswith(f"{r}.")) for r in ruled)]
     if not found:
         return ()
     names = [q for _, qs in found for q in qs]
@@ -257,7 +266,7 @@ def _expandable(model: nn.Module, model_plan: Plan, reached, claims, x: torch.Te
     except RuntimeError:  # the parameters are not used in a way that broadcasts over the batch
         return ()
     for name, g in zip(names, got):
-        p = model.get_parameter(name)
+        p = parameter(model, name)
         for b in range(2):
             want = reference[name][b]
             want = torch.zeros_like(p) if want is None else want
@@ -312,6 +321,7 @@ class _Capture:
         self.slot = 0
         self.active = True
         self._identity: dict[int, torch.Tensor] = {}
+        self._recording: spectral.Recording | None = None
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
@@ -320,6 +330,8 @@ class _Capture:
             for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
             for entry in self.exact:
+                if spectral.supported(entry.module):
+                    handles.append(entry.module.register_forward_pre_hook(partial(self._spectral_forward, entry)))
                 handles.append(entry.module.register_forward_hook(partial(self._exact_forward, entry),
                                                                   with_kwargs=True))
             yield
@@ -440,9 +452,19 @@ class _Capture:
         self.phi[self.slot, :, offset:offset + k] += block.reshape(self.batch, k)
 
     # Every other module with parameters ---------------------------------------------------
+    def _spectral_forward(self, entry: ExactModule, module: nn.Module, args) -> None:
+        """Records the forward of a module with a spectral contraction (:mod:`gradlake.grads.spectral`),
+        once the spectral rule holds for it (before: its own forward, the rule then reruns it)."""
+        if self.active and "spectral" in _module_grads(entry).path().split("+"):
+            self._recording = spectral.Recording(module, _module_grads(entry).params())
+            self._recording.open()
+
     def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
         if not self.active:
             return None
+        record, self._recording = self._recording, None
+        if record is not None:
+            record.close()
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         grads = _module_grads(entry)
         held = {"args": args, "kwargs": kwargs, "versions": [t._version for t in tensors]}
@@ -457,6 +479,12 @@ class _Capture:
             self.active = True
         if single and isinstance(rules[0], Affine) and rules[0].invertible(grads.params()):
             held.update(affine=rules[0], output=output, version=output._version)
+        if single and record is not None and getattr(rules[0], "__name__", "") == "_spectral":
+            held.update(record=record, output=output)  # the weights' gradients from the recorded contractions
+            for call in record.calls:
+                if call[2].grad_fn is None:
+                    self.roots.append(call[2])  # (an input that does not require grad)
+                call[2].register_hook(partial(self._spectral_backward, entry, record, call))
         for i in followed:
             outputs[i] = self._track(entry.name, outputs[i])
             outputs[i].register_hook(partial(self._exact_backward, entry, held, None if single else i))
@@ -464,9 +492,26 @@ class _Capture:
             return outputs[0]
         return type(output)(*outputs) if hasattr(output, "_fields") else type(output)(outputs)
 
+    def _spectral_backward(self, entry: ExactModule, record, call, d: torch.Tensor) -> None:
+        self._add_exact(entry, {n: flat(g, self.batch) for n, g in record.weight_grads(call, d).items()})
+
     def _exact_backward(self, entry: ExactModule, held: dict, index: int | None, delta: torch.Tensor) -> None:
         output = held.get("output")
         last = index is None and self.slot == self.slots - 1  # (tuple outputs share what is held)
+        if "record" in held:  # the other parameters (the bias) here, the weights' in _spectral_backward
+            if held.get("busy"):  # this hook again, inside the backward below
+                return
+            additive = _module_grads(entry).direct
+            if additive is not None:
+                self._add_exact(entry, additive({}, (), {}, _full(delta), None))
+                return
+            held["busy"] = True
+            try:
+                grads = held["record"].direct_grads(output, _full(delta))
+            finally:
+                held["busy"] = False
+            self._add_exact(entry, {n: flat(g, self.batch) for n, g in grads.items()})
+            return
         if output is not None and output._version == held["version"]:  # (else changed in place since)
             params = _module_grads(entry).params()
             per_sample = held["affine"].from_output(output.detach(), _full(delta), params)
@@ -493,12 +538,22 @@ class _Capture:
     def _add_exact(self, entry: ExactModule, per_sample: dict[str, torch.Tensor]) -> None:
         """Projection of each parameter's exact [B, numel] per-sample gradient into φ, by its block's factors."""
         for qualified, local in entry.params:
+            if local not in per_sample:  # (a rule giving some parameters' contributions at a time)
+                continue
             g = per_sample[local].float()
             if g.shape[0] != self.batch:  # a module on [batch * m, ...] rows: sum each sample's rows
                 g = g.reshape(self.batch, -1, g.shape[1]).sum(dim=1)
             block = self.blocks[qualified]
             if block.path == "exact":
                 self.add_dense(qualified, g)
+                continue
+            if block.path == "spectral":
+                d_out, d_in = block.factors["d_out"], block.factors["d_in"]
+                g = g.reshape(self.batch, d_out, d_in)
+                p_out, p_in = (self.projector.factor(qualified, block.shape, role, dim, self.device, torch.float32)
+                               for role, dim in (("out", d_out), ("in", d_in)))
+                g = g if p_out is None else p_out @ g
+                self._add(qualified, g if p_in is None else g @ p_in.T)
                 continue
             layer = self.layer_of[qualified]  # a layer not called on batched inputs: project here
             shape = tuple(layer.module.weight.shape)

@@ -14,6 +14,11 @@
   neuraloperator) is found by a dry run and covered by its nearest called ancestor
   (:func:`gradlake.grads.capture.routes`).
 - A complex parameter counts as its real and imaginary parts (shape [..., 2]).
+- A spectral weight (a block of >= 4 dims ending in a (real, imaginary) pair, under a module
+  that contracts Fourier modes through its own ``_contract``, as neuraloperator's
+  SpectralConv: [C_in, C_out, *modes, 2]) is exact, but projected like a layer's weight,
+  ``spectral``: its per-example gradient as a C_in x (C_out·modes·2) matrix G, P_out G P_inᵀ
+  (k_out' * k_in' coordinates; the factors keyed by the parameter's name).
 
 Blocks of φ follow ``model.named_parameters()`` order, so with identity factors φ is the
 flattened per-example gradient. Nothing is skipped: every parameter is in exactly one block.
@@ -21,6 +26,7 @@ flattened per-example gradient. Nothing is skipped: every parameter is in exactl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +97,7 @@ class Block:
 
     name: str
     shape: tuple[int, ...]
-    path: str  # "kron" | "kron-bias" | "exact"
+    path: str  # "kron" | "kron-bias" | "spectral" | "exact"
     module: str
     offset: int
     k: int
@@ -128,6 +134,7 @@ class Plan:
     parameters: tuple[tuple[str, tuple[int, ...]], ...]  # named_parameters order
     layers: tuple[Layer, ...]
     exact: tuple[ExactModule, ...]
+    spectral: tuple[tuple[str, int, int], ...] = ()  # (exact parameter, d_out, d_in) projected as a matrix
 
     def layout(self, projector: Projector | None) -> Layout:
         """Blocks of φ for ``projector`` (None: identity everywhere, the exact gradient)."""
@@ -146,10 +153,15 @@ class Plan:
         for entry in self.exact:
             for qualified, _ in entry.params:
                 owner[qualified] = ("exact", entry.name, {})
+        for qualified, d_out, d_in in self.spectral:
+            k_out, k_in = (projector.rows("out", d_out, qualified), projector.rows("in", d_in, qualified)) \
+                if projector else (d_out, d_in)
+            owner[qualified] = ("spectral", owner[qualified][1], {"d_out": d_out, "d_in": d_in, "k_out": k_out,
+                                                                  "k_in": k_in})
         blocks, offset = [], 0
         for name, shape in self.parameters:
             path, module, factors = owner[name]
-            if path == "kron":
+            if path in ("kron", "spectral"):
                 k = factors["k_out"] * factors["k_in"]
             elif path == "kron-bias":
                 k = factors["k_out"]
@@ -198,4 +210,8 @@ def plan(model: nn.Module) -> Plan:
         else:
             exact.append(ExactModule(mod_name, module, tuple(own)))
     parameters = tuple((n, param_shape(p)) for n, p in model.named_parameters())
-    return Plan(parameters, tuple(layers), tuple(exact))
+    contracting = [f"{n}." if n else "" for n, m in model.named_modules() if callable(vars(m).get("_contract"))]
+    spectral = tuple((name, shape[0], math.prod(shape[1:])) for name, shape in parameters
+                     if len(shape) >= 4 and shape[-1] == 2 and any(name.startswith(c) for c in contracting)
+                     and not any(name in (layer.weight, layer.bias) for layer in layers))
+    return Plan(parameters, tuple(layers), tuple(exact), spectral)

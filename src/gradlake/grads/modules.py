@@ -1,6 +1,6 @@
 """Exact per-example gradients of one module's own parameters, from its input and output gradient.
 
-Used for every parameter outside Linear/Conv layers. Five rules, the first that holds:
+Used for every parameter outside Linear/Conv layers. Six rules, the first that holds:
 
 - *affine* (norms, layer scales): output = base(x) ⊙ weight + bias, with weight and bias
   of one shape S broadcast along some output axes (bias optional; any parameter names);
@@ -13,6 +13,9 @@ Used for every parameter outside Linear/Conv layers. Five rules, the first that 
   grad Σ δ over the axes p is broadcast along (no extra forward);
 - *attention* (``nn.MultiheadAttention``, batch first, no masks): the module recomputed once
   for the batch with per-sample copies of its weights (batched matmuls, fused attention);
+- *spectral* (a module contracting Fourier modes through its own ``_contract``, as
+  neuraloperator's SpectralConv): outer products per mode (:mod:`gradlake.grads.spectral`),
+  used where they match the loop on two samples;
 - *vmap*: ``torch.func`` vmap over samples of grad of ⟨module(x_b), δ_b⟩ (any module that
   vmap can run);
 - *loop*: the same gradient by plain autograd, one sample at a time (modules vmap cannot
@@ -37,6 +40,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from gradlake.errors import InputError
+from gradlake.grads import spectral
 
 MAX_BIAS_RATIO = 16.0  # |bias| / |weight| up to which an affine module's grads come from its output
 Grads = Callable[[dict[str, torch.Tensor], tuple, dict, torch.Tensor], dict[str, torch.Tensor]]
@@ -123,6 +127,14 @@ def _batched(value, batch: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
 
 
+def parameter(module: nn.Module, name: str) -> nn.Parameter:
+    """The parameter registered as ``name`` (a dotted path), as stored: unlike ``get_parameter``,
+    also where the owner's attribute access returns a view of it (tltorch's complex factorised
+    tensors store real [..., 2] parameters and return complex views)."""
+    prefix, _, local = name.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module)._parameters[local]
+
+
 class ModuleGrads:
     """Per-sample gradients of some parameters of a module (its own, or its descendants' named
     by path); the rule is chosen once per output (index, shape)."""
@@ -131,6 +143,7 @@ class ModuleGrads:
         self.module, self.names, self.label = module, names, label
         self._rules: dict[tuple, Grads | Affine] = {}
         self.fallback: str | None = None  # why vmap could not run the module (the loop rule is used)
+        self.direct: Grads | None = None  # spectral rule: the additive rule of its other parameter, if it holds
 
     def __call__(self, args: tuple, kwargs: dict, delta: torch.Tensor, index: int | None = None
                  ) -> dict[str, torch.Tensor]:
@@ -141,7 +154,7 @@ class ModuleGrads:
         return rule(self.params(), args, kwargs, delta, index)
 
     def params(self) -> dict[str, torch.Tensor]:
-        return {n: self.module.get_parameter(n).detach() for n in self.names}
+        return {n: parameter(self.module, n).detach() for n in self.names}
 
     def rule(self, args: tuple, kwargs: dict, output: torch.Tensor, index: int | None = None) -> Grads | Affine:
         """The rule for output ``index`` shaped like ``output`` [B, ...] (chosen on the first sample)."""
@@ -152,7 +165,8 @@ class ModuleGrads:
 
     def path(self) -> str:
         """The rules in use: "affine", "additive", "attention", "vmap" and/or "loop"."""
-        names = {"_vmap": "vmap", "_loop": "loop", "_add": "additive", "_attention": "attention"}
+        names = {"_vmap": "vmap", "_loop": "loop", "_add": "additive", "_attention": "attention",
+                 "_spectral": "spectral"}
         found = {"affine" if isinstance(r, Affine) else names.get(getattr(r, "__name__", ""), "additive")
                  for r in self._rules.values()}
         return "+".join(sorted(found))
@@ -178,6 +192,26 @@ class ModuleGrads:
             got = self._attention(params, one, one_kwargs, delta, index)
             if all(_close(got[n], want[n]) for n in want):
                 return self._attention
+        if spectral.supported(self.module):
+            two = tuple(a[:2] if _batched(a, batch) else a for a in args)
+            two_kwargs = {k: v[:2] if _batched(v, batch) else v for k, v in kwargs.items()}
+            try:  # the bias: by the additive rule where it holds (its gradients then cost a sum)
+                direct = spectral.direct_names(self.module, params, one, one_kwargs, lambda y: pick(y, index))
+                additive = self._simple({n: params[n] for n in direct}, one, one_kwargs, out) \
+                    if len(direct) == 1 and index is None and not output.is_complex() \
+                    and not params[direct[0]].is_complex() else None
+            except Exception:  # noqa: BLE001 - not the structure the rule expects (checked below)
+                additive = None
+            self.direct = None if isinstance(additive, Affine) else additive
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            delta = torch.randn((min(batch, 2), *out[1:]), generator=gen).to(probe)
+            want = self._loop(params, two, two_kwargs, delta, index)
+            try:
+                got = self._spectral(params, two, two_kwargs, delta, index)
+            except Exception:  # noqa: BLE001 - not the structure the rule expects: the other rules
+                got = None
+            if got is not None and all(_close(got[n], want[n]) for n in want):
+                return self._spectral
         try:
             self._vmap(params, one, one_kwargs, probe, index)
             return self._vmap
@@ -260,6 +294,15 @@ class ModuleGrads:
                 out = out + copies["out_proj.bias"][:, None, :]
             grads = torch.autograd.grad(inner(out, delta), list(copies.values()), allow_unused=True)
         return {n: flat(torch.zeros_like(c) if g is None else g, batch) for (n, c), g in zip(copies.items(), grads)}
+
+    def _spectral(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
+        grads = spectral.spectral_grads(self.module, params, args, kwargs, delta, lambda out: pick(out, index), inner,
+                                        direct=self.direct is None)
+        if self.direct is not None:
+            grads.update(self.direct(params, args, kwargs, delta, index))
+        return {n: flat(grads[n] if n in grads else torch.zeros((delta.shape[0], *p.shape), dtype=p.dtype,
+                                                                 device=delta.device), delta.shape[0])
+                for n, p in params.items()}
 
     def _loop(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         batch = delta.shape[0]

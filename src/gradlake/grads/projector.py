@@ -17,7 +17,9 @@ How each parameter is covered (see :mod:`gradlake.grads.coverage`):
   (k_out' * k_in' coordinates; k' = min(k, dimension));
 - ``kron-bias``: that layer's bias, projected by the same P_out (k_out' coordinates);
 - ``exact``: any other parameter, whose per-example gradient is computed exactly and
-  projected by a dense matrix (min(k_dense, numel) coordinates).
+  projected by a dense matrix (min(k_dense, numel) coordinates);
+- ``spectral``: a spectral conv's weight, computed exactly and projected as a d_out x d_in
+  matrix by P_out ⊗ P_in (:mod:`gradlake.grads.coverage`).
 
 Allocation: "uniform" gives every layer the same k_in x k_out and every other parameter
 k_dense; "energy" gives each layer and parameter its own rows (``dims``), chosen by
@@ -187,6 +189,11 @@ class Projector:
             if block.path == "exact":
                 f = self.factor(block.name, tuple(shape), "dense", numel, device, torch.float32)
                 out.append(g if f is None else g @ f.T)
+                continue
+            if block.path == "spectral":
+                d_out, d_in = block.factors["d_out"], block.factors["d_in"]
+                p_out, p_in = factor(block.name, shape, "out", d_out), factor(block.name, shape, "in", d_in)
+                out.append((p_out @ g.reshape(-1, d_out, d_in) @ p_in.T).flatten(1))
                 continue
             layer = layers[block.module]
             weight_shape = tuple(layer.module.weight.shape)

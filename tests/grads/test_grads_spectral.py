@@ -1,0 +1,101 @@
+"""The spectral rule (gradlake.grads.spectral) against a per-sample autograd loop, and the
+'spectral' blocks of φ (a spectral weight projected as a matrix by P_out ⊗ P_in)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from grads_helpers import rel_err
+from thirdparty_models import TltorchFNO
+
+from gradlake.grads import Projector
+from gradlake.grads.allocation import allocate, block_statistics
+from gradlake.grads.capture import projected_grads
+from gradlake.grads.coverage import plan
+from gradlake.grads.exact import exact_grads
+from gradlake.grads.modules import ModuleGrads, flat, parameter
+
+
+def _neuralop(factorization=None, dims=2):
+    layers = pytest.importorskip("neuralop.layers.spectral_convolution")
+    kwargs = {"factorization": factorization, "rank": 0.5} if factorization else {}
+    return layers.SpectralConv(5, 4, n_modes=(6, 4, 4)[:dims], **kwargs)
+
+
+def _tltorch(factorization):
+    pytest.importorskip("tltorch")
+    return TltorchFNO(factorization=factorization).conv  # called with a layer index
+
+
+CONVS = {
+    "neuralop-dense-2d": (lambda: _neuralop(), (4, 5, 12, 10), {}),
+    "neuralop-tucker-2d": (lambda: _neuralop("tucker"), (4, 5, 12, 10), {}),
+    "neuralop-dense-3d": (lambda: _neuralop(dims=3), (4, 5, 8, 6, 6), {}),
+    "tltorch-dense-layer-1": (lambda: _tltorch("ComplexDense"), (4, 6, 10, 8), {"indices": 1}),
+    "tltorch-tucker-layer-0": (lambda: _tltorch("ComplexTucker"), (4, 6, 10, 8), {"indices": 0}),
+}
+
+
+def _loop(module, names, x, kwargs, delta):
+    """[B, numel] per parameter: plain autograd, one sample at a time."""
+    rows = {n: [] for n in names}
+    for b in range(x.shape[0]):
+        grads = torch.autograd.grad((module(x[b:b + 1], **kwargs) * delta[b:b + 1]).sum(),
+                                    [parameter(module, n) for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            rows[n].append(torch.zeros_like(parameter(module, n)) if g is None else g)
+    return {n: flat(torch.stack(r), x.shape[0]) for n, r in rows.items()}
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_spectral_rule_equals_the_per_sample_loop(name):
+    factory, shape, kwargs = CONVS[name]
+    torch.manual_seed(0)
+    module = factory()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        delta = torch.randn(module(x, **kwargs).shape)
+    names = tuple(n for n, _ in module.named_parameters())
+    grads = ModuleGrads(module, names, name)
+    got = grads((x,), kwargs, delta)
+    assert grads.path() == "spectral"
+    want = _loop(module, names, x, kwargs, delta)
+    for n in names:  # (a layer's weights the index does not pick: zero for both)
+        assert float((got[n] - want[n]).norm()) <= 1e-5 * float(want[n].norm()) + 1e-12, n
+    assert sum(float(want[n].norm()) for n in names if "bias" not in n) > 0  # the weights' grads, not only the bias's
+
+
+def test_spectral_weights_are_projected_as_matrices_and_allocated_as_layers():
+    pytest.importorskip("tltorch")
+    torch.manual_seed(0)
+    model = TltorchFNO()
+    x, cot = torch.randn(6, 2, 10, 8), torch.randn(6, 2, 10, 8)
+    model_plan = plan(model)
+    spectral = {name: (d_out, d_in) for name, d_out, d_in in model_plan.spectral}
+    assert spectral == {f"conv.weight.{i}.tensor": (6, 6 * 4 * 3 * 2) for i in range(2)}
+    blocks = {b["name"]: b for b in Projector(k_in=5, k_out=3).spec(model)["parameters"]}
+    assert blocks["conv.weight.0.tensor"]["path"] == "spectral" and blocks["conv.weight.0.tensor"]["k"] == 15
+    assert blocks["conv.bias"]["path"] == "exact"
+    exact, _ = exact_grads(model, x, lambda pred: {"C": cot})
+    dims = allocate(model_plan, block_statistics(model, exact["C"]), 300)
+    assert set(spectral) <= set(dims["layers"])
+    for projector in (Projector(seed=1, k_in=5, k_out=3),
+                      Projector(seed=1, allocation="energy", k_total=300, dims=dims)):
+        phi, _ = projected_grads(model, x, lambda pred: {"C": cot}, projector)
+        assert rel_err(phi["C"], projector.apply(model, exact["C"])) <= 1e-5
+
+
+def test_capture_takes_the_weights_from_the_batchs_own_forward(monkeypatch):
+    model = _neuralop()
+    x, cot = torch.randn(4, 5, 12, 10), torch.randn(4, 4, 12, 10)
+    projector = Projector(seed=2, k_in=3, k_out=3)
+    first, _ = projected_grads(model, x, lambda pred: {"C": cot}, projector)  # prepares: the rule chosen
+
+    def rerun(*args, **kwargs):
+        raise AssertionError("the module was run again for its gradients")
+
+    monkeypatch.setattr("gradlake.grads.spectral.spectral_grads", rerun)
+    again, _ = projected_grads(model, x, lambda pred: {"C": cot}, projector)
+    assert rel_err(again["C"], first["C"]) <= 1e-6
+    exact, _ = exact_grads(model, x, lambda pred: {"C": cot})
+    assert rel_err(again["C"], projector.apply(model, exact["C"])) <= 1e-5
