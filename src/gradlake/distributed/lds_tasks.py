@@ -77,6 +77,11 @@ def _retrain(cpus: int, job: JobConfig, m: int, trajectories: list[int], rows: n
     return result
 
 
+def record_settings(job: JobConfig, fingerprint: str, rows: np.ndarray) -> str:
+    """What a subset's record depends on besides its trajectories: training, model, task, data, test rows."""
+    return settings_hash(job.train, job.model, job.task, fingerprint, np.asarray(rows).tolist())
+
+
 def full_checkpoint(job: JobConfig, store) -> tuple[str, str]:
     """(store name, path) of the last checkpoint of the job's training run (the first seed's)."""
     from gradlake.models.checkpoint import list_checkpoints
@@ -161,7 +166,7 @@ def run_lds(job: JobConfig) -> dict[str, Any]:
     tau, metric_record = _predictions(job, store, name, test, train_ids, names)
     full = observables_at(checkpoint, job.data_url, rows, names, job.task.path, job.task.kwargs, so)
 
-    record = {"settings": settings_hash(job.train, job.model, job.task, ds.fingerprint, rows.tolist())}
+    record = {"settings": record_settings(job, ds.fingerprint, rows)}
     folder = fsio.Folder(job.lds_dir, so)
     folder.remove(LDS_JSON)
     done = {}
