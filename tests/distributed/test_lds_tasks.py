@@ -24,7 +24,7 @@ TINY = {
     "data": {"classes": ["rp", "crp", "rpui"], "trajectories": 2, "steps": 4, "resolution": 16},
     "train": {"epochs": 1, "batch_size": 8},
     "grads": {"k_in": 4, "k_out": 4, "shard_rows": 8, "workers": 1, "probes": 2},
-    "eval": {"lds": {"enabled": True, "subsets": 3, "seed": 5}},
+    "eval": {"lds": {"enabled": True, "subsets": 2, "seed": 5}},  # M = 2: one retraining (subset 1)
     "ray": {"num_cpus": 2},
 }
 
@@ -46,7 +46,7 @@ def test_lds_stage_scores_resumes_a_finished_subset_and_redoes_a_stale_one(tmp_p
     test = store.samples(name, "split == 'test'")
     rows = test.column("row").to_numpy()
     train_ids = np.flatnonzero(ds.splits == "train")
-    masks = lds.sample_subsets(len(train_ids), 3, 0.5, seed=5)
+    masks = lds.sample_subsets(len(train_ids), 2, 0.5, seed=5)
     folder = fsio.Folder(job.lds_dir)
     planted = {a: [5.0] * len(rows) for a in ("C", "M", "E")}
     for m, settings in ((0, record_settings(job, ds.fingerprint, rows)), (1, "from other settings")):
@@ -61,12 +61,12 @@ def test_lds_stage_scores_resumes_a_finished_subset_and_redoes_a_stale_one(tmp_p
     redone = folder.read_json("subsets/s-0001/record.json")
     assert redone["values"] != planted and folder.exists("subsets/s-0001/checkpoints")
     info = folder.read_json("lds.json")
-    assert (info["subsets"], info["alpha"], info["subset_seed"]) == (3, 0.5, 5) == (summary["subsets"], 0.5, 5)
+    assert (info["subsets"], info["alpha"], info["subset_seed"]) == (2, 0.5, 5) == (summary["subsets"], 0.5, 5)
     assert info["subset_trajectories"] == [train_ids[mask].tolist() for mask in masks]
     assert "skipped" in info["exact"]
 
     table = pq.read_table(io.BytesIO(folder.read_bytes("lds.parquet")))
-    assert table.num_rows == 3 * len(rows) * 3
+    assert table.num_rows == 2 * len(rows) * 3
     full = _observables(f"{job.train_dir}/checkpoints/{name}", ds, rows)
     train_rows = store.rows(name, "split == 'train'")
     inverse = metric_of(store, "split == 'train'", "V", name).inverse(job.reduce.damping)
@@ -74,14 +74,14 @@ def test_lds_stage_scores_resumes_a_finished_subset_and_redoes_a_stale_one(tmp_p
     train_trajectory = ds.index().locate(train_rows)[0]
     for a in ("C", "M", "E"):
         part = table.filter(table.column("observable").to_numpy(zero_copy_only=False) == a)
-        actual = part.column("actual").to_numpy().reshape(3, -1)
+        actual = part.column("actual").to_numpy().reshape(2, -1)
         np.testing.assert_allclose(actual[0], 5.0 - full[a], rtol=1e-6)
         subset1 = _observables(redone["checkpoint"], ds, rows)[a]
         np.testing.assert_allclose(actual[1], subset1 - full[a], rtol=1e-5, atol=1e-7)
         h = store.read(name, a, rows).astype(np.float64) @ inverse @ phi_train.T  # dense H_AC(i, j)
         for method, scores in (("projected", h), ("inner_product", store.read(name, a, rows) @ phi_train.T)):
-            predicted = part.column(f"predicted_{method}").to_numpy().reshape(3, -1)
-            for m in range(3):
+            predicted = part.column(f"predicted_{method}").to_numpy().reshape(2, -1)
+            for m in range(2):
                 left_out = ~np.isin(train_trajectory, train_ids[masks[m]])
                 np.testing.assert_allclose(predicted[m], scores[:, left_out].sum(axis=1), rtol=2e-4,
                                            atol=1e-6 * np.abs(scores).sum(axis=1).max())

@@ -119,7 +119,7 @@ def _trajectory_phi(store, name: str, observable: str, rows: np.ndarray, groups:
     return total
 
 
-def _predictions(job: JobConfig, store, name: str, test: pa.Table, train_ids: np.ndarray,
+def _predictions(job: JobConfig, store, ds, name: str, test: pa.Table, train_ids: np.ndarray,
                  names: tuple[str, ...]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """τ [T, G] per method and response observable (perturbation: the loss C), and the metric's record."""
     from gradlake.reduce.metric import Metric, Moments
@@ -127,6 +127,11 @@ def _predictions(job: JobConfig, store, name: str, test: pa.Table, train_ids: np
     settings = job.reduce
     train_rows = store.rows(name, splits=["train"])
     trajectory = store.samples(name, splits=["train"], columns=["trajectory"]).column("trajectory").to_numpy()
+    expected = len(train_ids) * (ds.n_times - 1)
+    if len(train_rows) != expected or not np.isin(trajectory, train_ids).all():
+        raise InputError(f"eval.lds: checkpoint {name} of store {store.url} holds {len(train_rows)} of the "
+                         f"{expected} training samples; the predictions need all (grads.splits with 'train', "
+                         "the grads stage complete)")
     groups = np.searchsorted(train_ids, trajectory)
     phi_c = _trajectory_phi(store, name, "C", train_rows, groups, len(train_ids))
     moments = Moments(store.k)
@@ -163,7 +168,7 @@ def run_lds(job: JobConfig) -> dict[str, Any]:
     if test.num_rows == 0:
         raise InputError(f"eval.lds.test: {settings.test!r} selects no sample of checkpoint {name} in {store.url}")
     rows = test.column("row").to_numpy()
-    tau, metric_record = _predictions(job, store, name, test, train_ids, names)
+    tau, metric_record = _predictions(job, store, ds, name, test, train_ids, names)
     full = observables_at(checkpoint, job.data_url, rows, names, job.task.path, job.task.kwargs, so)
 
     record = {"settings": record_settings(job, ds.fingerprint, rows)}
