@@ -1,11 +1,12 @@
 """The LDS stage on Ray: one retraining per α-subset of the training trajectories (numerics in gradlake.lds).
 
-Layout under ``<out>/lds/``: ``subsets/s-<m>/checkpoints/`` (the retraining, by
-gradlake.train.train with the job's [train] settings and init seed on the subset's
-trajectories) and ``subsets/s-<m>/record.json`` (the subset, its test samples' observables,
-written last). A subset with a record of the same settings is never retrained; a task that
-runs twice resumes from the run's checkpoints and rewrites the same record (at-least-once
-delivery is harmless); a record of other settings has its folder removed and is redone.
+Layout under ``<out>/lds/``: ``subsets/s-<m>/started.json`` (its settings, written first),
+``checkpoints/`` (the retraining, by gradlake.train.train with the job's [train] settings and
+init seed on the subset's trajectories) and ``record.json`` (the subset, its test samples'
+observables, written last). A subset with a record of the same settings is never retrained; a
+task that runs twice resumes from the run's checkpoints and rewrites the same record
+(at-least-once delivery is harmless); an interrupted retraining of the same settings resumes
+from its last checkpoint; a folder of other settings is removed and redone.
 Then ``lds.parquet`` (per subset, test sample and observable: actual and predicted changes)
 and ``lds.json`` (the scores, M, α, the seeds, the subsets), written last.
 """
@@ -69,6 +70,7 @@ def _retrain(cpus: int, job: JobConfig, m: int, trajectories: list[int], rows: n
     so = job.store.storage_options or None
     started, cpu = time.monotonic(), time.process_time()
     run_dir = fsio.join(job.lds_dir, "subsets", f"s-{m:04d}")
+    fsio.Folder(run_dir, so).write_json("started.json", {**record, "trajectories": trajectories})
     checkpoint = train(job.data_url, job.model, job.train, run_dir, so, job.task, np.asarray(trajectories))[-1]
     values = observables_at(checkpoint, job.data_url, rows, names, job.task.path, job.task.kwargs, so)
     result = {**record, "subset": m, "trajectories": trajectories, "checkpoint": checkpoint, "values": values,
@@ -80,6 +82,10 @@ def _retrain(cpus: int, job: JobConfig, m: int, trajectories: list[int], rows: n
 def record_settings(job: JobConfig, fingerprint: str, rows: np.ndarray) -> str:
     """What a subset's record depends on besides its trajectories: training, model, task, data, test rows."""
     return settings_hash(job.train, job.model, job.task, fingerprint, np.asarray(rows).tolist())
+
+
+def _same(found: dict[str, Any], identity: dict[str, Any]) -> bool:
+    return all(found.get(key) == value for key, value in identity.items())
 
 
 def full_checkpoint(job: JobConfig, store) -> tuple[str, str]:
@@ -176,14 +182,13 @@ def run_lds(job: JobConfig) -> dict[str, Any]:
     folder.remove(LDS_JSON)
     done = {}
     for m in range(settings.subsets):
-        rel = f"subsets/s-{m:04d}/record.json"
-        if folder.exists(rel):
-            found = folder.read_json(rel)
-            if found.get("settings") == record["settings"] and found.get("trajectories") == \
-                    train_ids[masks[m]].tolist():
-                done[m] = found
-                continue
-        folder.remove(f"subsets/s-{m:04d}")
+        identity = {**record, "trajectories": train_ids[masks[m]].tolist()}
+        found = {kind: folder.read_json(f"subsets/s-{m:04d}/{kind}.json")
+                 for kind in ("record", "started") if folder.exists(f"subsets/s-{m:04d}/{kind}.json")}
+        if "record" in found and _same(found["record"], identity):
+            done[m] = found["record"]
+        elif "record" in found or not _same(found.get("started", {}), identity):
+            folder.remove(f"subsets/s-{m:04d}")  # another run's; one of these settings resumes its training
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and job.train.device != "cpu" else 0
     task = _retrain.options(num_cpus=settings.cpus, num_gpus=gpus)
     window = max(1, int(ray.cluster_resources().get("CPU", 1)) // settings.cpus + 1)
