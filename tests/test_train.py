@@ -216,3 +216,20 @@ def test_patience_ends_training_early_with_a_checkpoint(dataset, tmp_path, monke
                                TrainConfig(epochs=5, batch_size=4, lr=2e-3, patience=1, checkpoint_every=10),
                                str(tmp_path / "run"))
     assert again == paths  # a rerun of a stopped run trains no further
+
+
+def test_a_subset_of_trajectories_trains_on_those_only_and_resumes_only_with_them(dataset, tmp_path):
+    ds, dataset = dataset, dataset.url
+    train_ids = np.flatnonzero(ds.splits == "train")
+    settings = TrainConfig(epochs=1, batch_size=4, device="cpu")
+    out = str(tmp_path / "subset")
+    (path,) = train(dataset, ModelConfig(), settings, out, trajectories=train_ids[:2])
+    meta = json.loads((tmp_path / "subset" / "checkpoints" / "epoch-0001" / "config.json").read_text())
+    assert meta["trajectories"] == train_ids[:2].tolist()
+    assert meta["metrics"]["samples_per_s"] * meta["metrics"]["seconds"] == pytest.approx(2 * (ds.n_times - 1))
+    with pytest.raises(InputError, match="other trajectories"):
+        train(dataset, ModelConfig(), TrainConfig(epochs=2, batch_size=4, device="cpu"), out,
+              trajectories=train_ids[:1])
+    with pytest.raises(InputError, match="not in the train split"):
+        train(dataset, ModelConfig(), settings, str(tmp_path / "other"),
+              trajectories=[int(np.flatnonzero(ds.splits != "train")[0])])
