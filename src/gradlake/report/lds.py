@@ -108,11 +108,13 @@ def add_section(plan, lds_dir: str, storage_options: dict[str, Any] | None) -> N
     spread = {method: _per_sample(table, method) for method in methods}
     section.tables.append(Table(
         "LDS per method (rows) and response observable (columns; perturbation: the training loss), mean over "
-        "test samples ± standard error; in brackets the test samples with a defined correlation.",
+        "test samples ± its standard error over them (the samples share their subsets, so this understates the "
+        "uncertainty: benchmarks/lds_intervals.py gives intervals over subsets and a null); in brackets the test "
+        "samples with a defined correlation.",
         ["method", *[f"{o} ({OBSERVABLE_NAMES.get(o, o)})" for o in info["observables"]]],
         [[METHOD_NAMES.get(m, m), *(f"{spread[m][o][0]:.3f} ± {spread[m][o][1]:.3f} "
                                     f"[{info['defined_samples'][m][o]}]" for o in info["observables"])]
-         for m in methods] + [["exact minibatch H", *(["not applicable"] * len(info["observables"]))]]))
+         for m in methods] + [["exact minibatch H", *(["skipped (see the note)"] * len(info["observables"]))]]))
     section.notes.append(f"Exact minibatch H: {info['exact']['skipped']}.")
     plan.figure(section, "lds_scores", "LDS per method and observable: bars are the mean over test samples of the "
                 "per-sample Spearman correlation, whiskers its standard error.", lds_scores, scores=spread,
