@@ -293,3 +293,20 @@ def test_a_non_finite_loss_or_gradient_stops_before_the_step(dataset, loss, grad
     assert f"epoch 3, batch 1: non-finite {what} on trajectory {trajectory[0]} t {t[0]}" in str(raised.value)
     assert "lower train.lr, now 0.001" in str(raised.value)
     torch.testing.assert_close(net.w.detach(), before, rtol=0, atol=0, equal_nan=True)  # no step was taken
+
+
+def test_a_subset_of_trajectories_trains_on_those_only_and_resumes_only_with_them(dataset, tmp_path):
+    ds, dataset = dataset, dataset.url
+    train_ids = np.flatnonzero(ds.splits == "train")
+    settings = TrainConfig(epochs=1, batch_size=4, device="cpu")
+    out = str(tmp_path / "subset")
+    (path,) = train(dataset, ModelConfig(), settings, out, trajectories=train_ids[:2])
+    meta = json.loads((tmp_path / "subset" / "checkpoints" / "epoch-0001" / "config.json").read_text())
+    assert meta["trajectories"] == train_ids[:2].tolist()
+    assert meta["metrics"]["samples_per_s"] * meta["metrics"]["seconds"] == pytest.approx(2 * (ds.n_times - 1))
+    with pytest.raises(InputError, match="other trajectories"):
+        train(dataset, ModelConfig(), TrainConfig(epochs=2, batch_size=4, device="cpu"), out,
+              trajectories=train_ids[:1])
+    with pytest.raises(InputError, match="not in the train split"):
+        train(dataset, ModelConfig(), settings, str(tmp_path / "other"),
+              trajectories=[int(np.flatnonzero(ds.splits != "train")[0])])

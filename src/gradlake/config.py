@@ -208,6 +208,26 @@ class ReduceConfig:
 
 
 @dataclass(frozen=True)
+class LdsConfig:
+    """The linear datamodeling score (gradlake.lds): retrain on random α-subsets of the training
+    trajectories (same [train] settings and init seed) and correlate the loss changes with the
+    influence-predicted ones."""
+
+    enabled: bool = False
+    subsets: int = rule(lambda x: _check(x >= 2, ">= 2"), 32)  # M retrainings
+    alpha: float = rule(fraction, 0.5)  # fraction of the training trajectories in each subset
+    seed: int = 0  # subset m is a pure function of (seed, m)
+    test: str = "split == 'test'"  # the test samples (a filter on the store's samples)
+    cpus: int = rule(positive, 1)  # CPUs (torch threads) per retraining task
+    exact: str = ""  # output of `gradlake exact` / reduce.exact; empty -> <store>/reduce/<reduce.name>
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    lds: LdsConfig = field(default_factory=LdsConfig)
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     enabled: bool = True
     out: str = ""  # empty -> <out>/report
@@ -248,7 +268,7 @@ def secret_option(options: dict[str, Any], path: str) -> str | None:
 class JobConfig:
     name: str = "job"
     out: str = "runs/job"  # root of the job's outputs (local path or fsspec URL)
-    stages: tuple[str, ...] = ("data", "train", "grads", "reduce", "report")
+    stages: tuple[str, ...] = ("data", "train", "grads", "reduce", "lds", "report")  # lds: with eval.lds.enabled
     # Folders put first on sys.path (driver and workers) so that model.path and task.path
     # import without installing; relative ones are resolved against the job file's folder.
     python_path: tuple[str, ...] = ()
@@ -258,6 +278,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     grads: GradsConfig = field(default_factory=GradsConfig)
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -276,6 +297,10 @@ class JobConfig:
         return self.store.url or _join(self.out, "store")
 
     @property
+    def lds_dir(self) -> str:
+        return _join(self.out, "lds")
+
+    @property
     def report_dir(self) -> str:
         return self.report.out or _join(self.out, "report")
 
@@ -283,7 +308,7 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-STAGES = ("data", "train", "grads", "reduce", "report")
+STAGES = ("data", "train", "grads", "reduce", "lds", "report")
 
 
 def settings_hash(*parts: Any) -> str:
@@ -410,6 +435,8 @@ def _validate(job: JobConfig) -> JobConfig:
     if job.reduce.exact.enabled and "reduce" in job.stages and (job.task.path or job.model.path):
         raise InputError("reduce.exact.enabled: the exact minibatch mode supports the preset models and the "
                          "default task only (not model.path or task.path) so far")
+    if job.eval.lds.enabled and "lds" in job.stages and "C" not in job.grads.observables:
+        raise InputError("eval.lds.enabled: the predicted changes need the loss gradients; add 'C' to grads.observables")
     if job.train.epochs == 0 and not job.model.checkpoint:
         raise InputError("train.epochs: expected int > 0 (0 only with model.checkpoint: "
                          "analyse those weights as they are)")

@@ -114,11 +114,20 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
 
         return run_reduce(job.store_url, job.reduce, job.ray, storage_options=so)
 
+    def lds():
+        from gradlake.distributed.cluster import ensure_ray
+        from gradlake.distributed.lds_tasks import run_lds
+
+        ensure_ray(job.ray.address, job.ray.num_cpus)
+        summary = run_lds(job)
+        return {"lds": summary["lds"], "subsets": summary["subsets"], "alpha": summary["alpha"]}
+
     def report():
         from gradlake.report import build_report
 
         index = build_report(job.store_url, job.report_dir, reduce_name=job.reduce.name,
-                             train_dir=job.train_dir, storage_options=so)
+                             train_dir=job.train_dir, storage_options=so,
+                             lds_dir=job.lds_dir if job.eval.lds.enabled else None)
         return {"index": index}
 
     data_h = settings_hash(job.data, job.data_url)
@@ -126,12 +135,15 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
                             *([job.task] if job.task != type(job.task)() else []))
     grads_h = settings_hash(train_h, job.grads, job.store_url)
     reduce_h = settings_hash(grads_h, job.reduce)
-    report_h = settings_hash(reduce_h, job.report)
+    lds_h = settings_hash(grads_h, job.eval.lds, job.reduce.metric, job.reduce.metric_estimator,
+                          job.reduce.damping, job.reduce.reference_split, job.reduce.name)
+    report_h = settings_hash(reduce_h, job.report, *([lds_h] if job.eval.lds.enabled else []))
     return {
         "data": (data_h, data),
         "train": (train_h, train),
         "grads": (grads_h, grads),
         "reduce": (reduce_h, reduce),
+        "lds": (lds_h, lds),
         "report": (report_h, report),
     }
 
@@ -150,6 +162,8 @@ def run_job(job: JobConfig, force: bool = False, echo: Callable[[str], None] = p
     results: dict[str, Any] = {}
     for stage in job.stages:
         settings_hash, call = plan[stage]
+        if stage == "lds" and not job.eval.lds.enabled:
+            continue
         if not force and record.is_done(stage, settings_hash):
             echo(f"[{stage}] skipped: done with the same settings")
             results[stage] = record.stages[stage]["summary"]

@@ -260,10 +260,12 @@ def _open_dataset(url: str, storage_options: dict | None):
 
 
 def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: str,
-          storage_options: dict | None = None, task: TaskConfig | None = None) -> list[str]:
+          storage_options: dict | None = None, task: TaskConfig | None = None,
+          trajectories: np.ndarray | None = None) -> list[str]:
     """Train (or resume) a run in ``out_dir``; returns every checkpoint path of the run, oldest first.
 
-    ``task`` names the loss (default: the paper's scaled MSE)."""
+    ``task`` names the loss (default: the paper's scaled MSE); ``trajectories``, ids of training
+    trajectories, trains on those only (the retrainings of gradlake.lds)."""
     task_config = task or TaskConfig()
     task_meta = {"path": task_config.path, "kwargs": dict(task_config.kwargs)} if task_config.path else {}
     loss_task = physics.load_task(task_config.path, task_config.kwargs)
@@ -272,6 +274,12 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
     device = resolve_device(settings.device)
     index = dataset.index()
     train_rows = index.select(splits=["train"])
+    if trajectories is not None:
+        subset = np.unique(np.asarray(trajectories, dtype=np.int64))
+        outside = np.setdiff1d(subset, index.locate(train_rows)[0])
+        if len(outside):
+            raise InputError(f"{dataset_url}: trajectory {int(outside[0])} is not in the train split")
+        train_rows = train_rows[np.isin(index.locate(train_rows)[0], subset)]
     if len(train_rows) == 0:
         raise InputError(f"{dataset_url}: the train split has no samples")
     physics.check_task(loss_task, dataset.channels, (physics.LOSS,), *dataset.samples(train_rows[:2]),
@@ -284,7 +292,8 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
 
     meta = {"dataset": {"url": dataset.url, "fingerprint": dataset.fingerprint},
             "channels": list(dataset.channels), "train": dataclasses.asdict(settings),
-            **({"task": task_meta} if task_meta else {})}
+            **({"task": task_meta} if task_meta else {}),
+            **({"trajectories": subset.tolist()} if trajectories is not None else {})}
     source = model.checkpoint and file_sha256(model.checkpoint, storage_options)
     existing = list_checkpoints(out_dir, storage_options)
     if not existing and model.checkpoint:
@@ -292,6 +301,9 @@ def train(dataset_url: str, model: ModelConfig, settings: TrainConfig, out_dir: 
     if existing:
         net, last = load_checkpoint(existing[-1], storage_options, device)
         _check_resume(last, existing[-1], cfg, dataset, settings, task_meta, source or None)
+        if last.get("trajectories") != meta.get("trajectories"):
+            raise InputError(f"{fsio.join(existing[-1], 'config.json')}: the run was trained on other "
+                             "trajectories; choose another output directory")
         start, history = int(last["epoch"]), list(last["history"])
     else:
         torch.manual_seed(settings.seed)

@@ -12,7 +12,7 @@ from gradlake.errors import GradlakeError, InputError
 from gradlake.fsio import storage_access_error
 
 # Each module registers its verbs on `app`.
-from gradlake.cli import data, grads, jobs, query, reduce, report, train  # noqa: E402,F401
+from gradlake.cli import data, grads, jobs, lds, query, reduce, report, train  # noqa: E402,F401
 
 
 def _version(value: bool):

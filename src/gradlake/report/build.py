@@ -557,12 +557,14 @@ def _exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------- entry point
 def build_report(store_url: str, out_dir: str, reduce_name: str = "default", train_dir: str | None = None,
-                 storage_options: dict[str, Any] | None = None, normalizations=None) -> str:
+                 storage_options: dict[str, Any] | None = None, normalizations=None,
+                 lds_dir: str | None = None) -> str:
     """Write the report of a gradient store (and its reduce ``reduce_name``) to ``out_dir``;
     returns the path of index.html. Deterministic; rerunning overwrites the report's own files.
 
     ``normalizations``: those of the influence figures (default: row-std, the paper's, when
-    the reduce computed it); the exact-versus-projected section shows every one.
+    the reduce computed it); the exact-versus-projected section shows every one. ``lds_dir``:
+    a job's LDS output (its section, gradlake.report.lds).
     """
     from gradlake.store import GradientStore
 
@@ -582,6 +584,10 @@ def build_report(store_url: str, out_dir: str, reduce_name: str = "default", tra
         exact = _exact(plan, results)
         for add in (_spectrum, _twotime, _lags, _transfer, _distance):
             add(plan, results)
+    if lds_dir is not None:
+        from gradlake.report.lds import add_section
+
+        add_section(plan, lds_dir, storage_options)
 
     files = ReportFiles(out_dir, storage_options)
     bar = progress(len(plan.draws), "report: figures", "figure")
