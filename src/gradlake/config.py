@@ -119,7 +119,7 @@ class TrainConfig:
 class GradsConfig:
     checkpoints: tuple[str, ...] = ()  # checkpoint names; empty -> every checkpoint of the run
     observables: tuple[str, ...] = ("C", "M", "E", "V")
-    probes: int = rule(positive, 1)  # random cotangents per sample for V
+    probes: int = rule(non_negative, 0)  # random cotangents per sample for V; 0: train samples × probes >= 2k
     k_in: int = rule(positive, 16)
     k_out: int = rule(positive, 16)
     seed: int = 0
@@ -136,7 +136,7 @@ class GradsConfig:
     retries: int = rule(non_negative, 3)  # attempts per shard after the first
     # Rows of the projection per layer: "uniform" (k_in x k_out everywhere) or "energy" (by the
     # per-example gradient energy of calibration_samples held samples; see gradlake.grads.allocation).
-    allocation: Literal["uniform", "energy"] = "uniform"
+    allocation: Literal["uniform", "energy"] = "energy"
     k_total: int = rule(non_negative, 0)  # energy: total k; 0 -> the uniform projector's k
     calibration_samples: int = rule(positive, 8)
 

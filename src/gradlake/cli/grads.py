@@ -36,7 +36,7 @@ def grads(
     k_in: int = typer.Option(_DEFAULTS.k_in, "--k-in", help="Projection rows on the input side of each layer."),
     k_out: int = typer.Option(_DEFAULTS.k_out, "--k-out", help="Projection rows on the output side of each layer."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 or float32."),
-    probes: int = typer.Option(_DEFAULTS.probes, "--probes", help="Random cotangents per sample for V."),
+    probes: int = typer.Option(_DEFAULTS.probes, "--probes", help="Random cotangents per sample for V; 0: enough that train samples × probes >= 2k."),
     seed: int = typer.Option(_DEFAULTS.seed, "--seed", help="Seed of the projection and of the V probes."),
     splits: str = typer.Option("train,val,test", "--splits", help="Splits whose samples the store holds."),
     shard_rows: int = typer.Option(_DEFAULTS.shard_rows, "--shard-rows", help="Rows per shard (the unit of work and of commits); 0 = sized by the store (64-128 MiB objects)."),

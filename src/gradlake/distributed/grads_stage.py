@@ -80,8 +80,9 @@ def _run(data_url, checkpoints, store_url, settings: GradsConfig, ray_settings: 
 
         try:
             ensure_ray(ray_settings.address, ray_settings.num_cpus)
-            worker = WorkerSettings(data_url, store_url, settings, options, fault, store.spec.projector,
-                                    task=plan.task, python_path=tuple(python_path))
+            worker = WorkerSettings(data_url, store_url, dataclasses.replace(settings, probes=store.spec.probes),
+                                    options, fault, store.spec.projector, task=plan.task,
+                                    python_path=tuple(python_path))
             outcome = _drive(plan.tasks, worker, settings, total, skipped, lease,
                              group_shards(store.spec.shard_rows),
                              lambda checkpoint, group: compacted.update(compact(store, {checkpoint: {group}})))
@@ -306,20 +307,27 @@ def _projector_spec(existing: dict[str, Any] | None, dataset, held: np.ndarray, 
     return spec
 
 
+def metric_probes(k: int, reference_samples: int) -> int:
+    """V probes per sample so that reference samples × probes >= 2k: a probe metric of full rank
+    (below k it is not the metric at all; the sketch's μ_k also needs it)."""
+    return max(1, -(-2 * k // max(reference_samples, 1)))
+
+
 def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any], settings: GradsConfig,
                 held: np.ndarray, store_shard_rows: int | None, task: TaskConfig) -> StoreSpec:
     """The run's store spec; shard_rows 0 takes an existing store's, else sizes them."""
     k = int(projector["k"])
     itemsize = np.dtype(settings.dtype).itemsize
     n_rows = len(dataset.index())
-    widest = k * itemsize * (settings.probes if "V" in settings.observables else 1)
+    probes = settings.probes or metric_probes(k, len(np.intersect1d(held, dataset.index().select(splits=["train"]))))
+    widest = k * itemsize * (probes if "V" in settings.observables else 1)
     shard_rows = settings.shard_rows or store_shard_rows or shard_rows_for(n_rows, widest)
     return StoreSpec(
         dataset={"url": dataset.url, "fingerprint": dataset.fingerprint, "family": dataset.family,
                  "channels": list(dataset.channels), "n_trajectories": dataset.n_trajectories,
                  "n_times": dataset.n_times},
         model=model_config, projector=projector, observables=tuple(settings.observables),
-        probes=settings.probes, probe_seed=settings.seed, k=k, dtype=settings.dtype,
+        probes=probes, probe_seed=settings.seed, k=k, dtype=settings.dtype,
         n_rows=n_rows, shard_rows=shard_rows, chunk_rows=chunk_rows_for(shard_rows, k * itemsize),
         splits=tuple(settings.splits), n_samples=len(held),
         n_shards=len(np.unique(np.asarray(held, dtype=np.int64) // shard_rows)),

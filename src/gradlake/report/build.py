@@ -475,15 +475,48 @@ def _exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
         return None
     info, table = found
     solver = info.get("solver", {})
+    bound = solver.get("max_h_error_bound")
+    accuracy = (f"every entry within the proven bound, at most {_number(bound)} in the units of each normalisation "
+                f"(htol {info.get('htol', '?')}), after a median of {_number(solver.get('median_products'))} K·v "
+                "products" if bound is not None else
+                f"worst relative residual {_number(solver.get('max_relative_residual'))} (rtol {info.get('rtol', '?')})")
+    spectrum = (f" K's effective dimension at λ is d_eff(λ) = Σ μ/(μ + λ) ≈ {_number(info['d_eff'])} of "
+                f"N·d = {info.get('n_outputs', '?')} outputs (top eigenvalue {_number(info.get('top_eigenvalue'))})."
+                if info.get("d_eff") else "")
     section.intro = (
         f"This section shows the EXACT minibatch influence H = Rᵀ J (JᵀJ + λI)⁻¹ Jᵀ R, the paper's quantity, "
         f"solved on {info.get('minibatches', 1)} minibatch(es) of {info.get('batch_size', '?')} samples "
         f"(per class one trajectory of split {info.get('split', 'test')}, consecutive transitions) from checkpoint "
         f"{str(info.get('checkpoint', '?')).rstrip('/').rsplit('/', 1)[-1]}, λ = {info.get('damping', '?')}, "
-        f"{', '.join(solver.get('method', []))} solver in {', '.join(solver.get('space', []))} space, every entry "
-        f"within rtol {info.get('rtol', '?')} · ‖r_A‖‖r_B‖ (worst residual {_number(solver.get('max_relative_residual'))}, "
-        f"median {_number(solver.get('median_iterations'))} PCG iterations). The other sections show the PROJECTED "
-        "estimate from the gradient store; the tables below say how far it is from the exact H.")
+        f"{', '.join(solver.get('method', []))} solver in {', '.join(solver.get('space', []))} space, {accuracy}."
+        f"{spectrum} The other sections show the PROJECTED estimate from the gradient store; the tables below say "
+        "how far it is from the exact H, at λ and at the sketch's effective ridge μ_k.")
+    ridge = info.get("effective_ridge") or []
+    if ridge and info.get("d_eff"):
+        section.intro += (
+            " What the projected H is: a rank-k projection answers at an effective ridge μ_k with d_eff(μ_k) = k, "
+            "not at the run's λ — " + "; ".join(f"k = {int(k)}: μ_k = {_number(mu)}" for k, mu in ridge) +
+            f". The projected figures show influence at that larger damping; at the run's λ = {info.get('damping')} "
+            f"they would need k ≈ d_eff(λ) ≈ {_number(info['d_eff'])}.")
+    if results.has("exact_sweep.parquet"):
+        sweep = select(results.table("exact_sweep.parquet", partitioned=False), pair="CC", normalization="row-std",
+                       **{"class": "all"})
+        section.tables.append(Table(
+            "Exact row-std H_CC (all classes) at every λ of the sweep, from the same solve: the diagonal's dominance "
+            "(Δt = 0 ÷ |Δt| = 1) and the effective dimension d_eff(λ); 'no' where the solve's bound did not reach "
+            "htol at that λ.",
+            ["λ", *HEADLINE_LABELS.values(), "dominance", "d_eff", "within htol"],
+            [[f"{row['lambda']:g}", *(_number(row.get(k)) for k in HEADLINE_LABELS),
+              _number(row["dt0"] / row["dt1"]) if row.get("dt0") is not None and row.get("dt1") else "–",
+              _number(row.get("d_eff")), "yes" if row["converged"] else "no"] for row in sweep.to_pylist()]))
+    for row in info.get("paper_solver", []):
+        if row["pair"] == "CC" and row["normalization"] == "row-std":
+            section.intro += (
+                f" The paper's own solve (float32 MINRES on the stacked right-hand sides, restarted every "
+                f"{row['restart']}, stopped at a stacked residual of {row['stop']:g}) on minibatch {row['minibatch']}: "
+                f"row-std H_CC {_number(row['relative_frobenius'])} from the converged H (relative Frobenius; "
+                f"Spearman {_number(row['spearman'])}) after {row['products']} products, "
+                f"{'reaching' if row['reached_stop'] else 'not reaching'} its stop.")
     head = info.get("headline", {})
     paper = info.get("paper", {}).get("CC", {}).get("row-std", {}).get("all", {})
     for pair in info.get("pairs", []):
@@ -526,14 +559,21 @@ def _exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
                 part = select(table, normalization=norm, pair=pair, allocation=allocation)
                 for k in np.unique(column(part, "k")):
                     at = select(part, k=int(k))
+                    mu = [v for v in at.column("mu_k").to_pylist() if v is not None] \
+                        if "mu_k" in at.column_names else []
+                    at_mu = [v for v in at.column("relative_frobenius_mu_k").to_pylist() if v is not None] \
+                        if mu else []
                     rows.append([pair, norm, allocation, str(int(k)), str(int(column(at, "k_total")[0])),
                                  f"{np.mean(column(at, 'relative_frobenius')):.3g}",
-                                 f"{np.mean(column(at, 'spearman')):.3f}", str(at.num_rows)])
+                                 f"{np.mean(column(at, 'spearman')):.3f}",
+                                 _number(float(np.median(mu))) if mu else "–",
+                                 f"{np.mean(at_mu):.3g}" if at_mu else "–", str(at.num_rows)])
     section.tables.append(Table(
         "Projected vs exact H on the agreement minibatches (the projected H from projected gradients — uniform "
         "k_in = k_out = k, or the energy allocation of the same total k — with the batch's probe metric): relative "
         "Frobenius error and Spearman rank correlation, means over minibatches.",
-        ["pair", "normalisation", "allocation", "k", "k total", "rel. Frobenius error", "Spearman", "minibatches"],
+        ["pair", "normalisation", "allocation", "k", "k total", "rel. Frobenius error at λ", "Spearman", "μ_k",
+         "rel. Frobenius error at μ_k", "minibatches"],
         rows))
     table = select(table, allocation=allocations[-1])  # the figures: the energy allocation
     for norm in dict.fromkeys(table.column("normalization").to_pylist()):  # in the reduce's order
