@@ -157,6 +157,7 @@ class ExactConfig:
     method: Literal["auto", "dense", "lanczos", "pcg", "paper"] = "auto"
     space: Literal["auto", "output", "parameter"] = "auto"  # auto: the smaller of outputs and parameters
     dense_gb: float = rule(positive, 4.0)  # memory of the dense path (J and the Gram, float64)
+    dense_side: int = rule(positive, 4096)  # auto: dense only while the Gram's side is at most this (eigh ~ n³)
     krylov_gb: float = rule(positive, 4.0)  # lanczos: memory of the Krylov basis (float64)
     deff_probes: int = rule(non_negative, 8)  # lanczos: ±1 probes of d_eff(λ) in the same Krylov space
     paper_check: int = rule(non_negative, 0)  # minibatches (the first) also solved the paper's way, compared

@@ -96,12 +96,14 @@ def query(
     opened = _open(store, endpoint_url, profile, allow_partial)
     n = export(opened, out, where, observable, checkpoint,
                storage_options=storage_options(endpoint_url, profile) or None)
+    about = describe(opened, checkpoint)
     if as_json:
         typer.echo(json.dumps({"samples": n, "checkpoint": opened.checkpoint(checkpoint), "observable": observable,
-                               "where": where, "out": out, **describe(opened, checkpoint)}, indent=2, default=str))
+                               "where": where, "out": out, **({"partial": about["partial"]} if "partial" in about
+                                                              else {})}, indent=2))
     else:
         typer.echo(f"{n} samples (checkpoint {opened.checkpoint(checkpoint)}, observable {observable}) -> {out}")
-    _note_partial(describe(opened, checkpoint))
+    _note_partial(about)
     if n == 0:
         typer.secho(f"note: 0 rows match {where!r}; {known_values(opened, checkpoint)}", err=True, fg="yellow")
 

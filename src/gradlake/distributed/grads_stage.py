@@ -236,7 +236,8 @@ def _check_weights(names: list[str], paths: list[str], dataset, held: np.ndarray
 
     rows = held[:2]
     inputs, targets = dataset.samples(rows)
-    capture = Capture(dataclasses.replace(settings, device="cpu"), dataset.channels, options, task=task)
+    capture = Capture(dataclasses.replace(settings, device="cpu", probes=max(settings.probes, 1)), dataset.channels,
+                      options, task=task)
     limit = float(np.finfo(settings.dtype).max)
     for name, path in zip(names, paths):
         model, _ = load_checkpoint(path, options, device="cpu")

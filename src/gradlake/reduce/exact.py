@@ -45,13 +45,14 @@ PAPER = {"rtol": 1.5e-2, "restart": 15, "dtype": torch.float32}  # lanl/PDEHats 
 class SolverSettings:
     """How the exact H is solved (see the module docstring)."""
 
-    method: str = "auto"  # auto: dense when it fits in dense_gb, else lanczos
+    method: str = "auto"  # auto: dense when it fits in dense_gb and dense_side, else lanczos
     space: str = "auto"  # auto | output | parameter (dense and pcg; lanczos is output space)
     htol: float = 1e-3  # lanczos: bound on H's error in the units of every asked normalisation
     rtol: float = 1e-6  # pcg: relative residual per right-hand side
     max_iter: int = 2000  # pcg and paper iterations; lanczos block steps
     block: int = 8  # vectors per vmapped JVP/VJP call (memory vs speed)
     dense_gb: float = 4.0  # auto: the dense path when J and the Gram take at most this much memory
+    dense_side: int = 4096  # auto: ... and the Gram's side is at most this (its eigendecomposition costs ~n³)
     krylov_gb: float = 4.0  # lanczos: memory of the Krylov basis (float64)
     rank: int = 64  # pcg: first Nyström rank; doubled until λ̂_ℓ <= 10 λ or max_rank
     max_rank: int = 1024
@@ -71,8 +72,8 @@ def _choose(jac: BatchJacobian, s: SolverSettings) -> tuple[str, str]:
         raise InputError(f"exact method {s.method!r}: expected one of {', '.join(METHODS)}")
     n, p = jac.output.numel(), jac.n_params
     space = s.space if s.space != "auto" else ("output" if n <= p else "parameter")
-    method = s.method if s.method != "auto" else \
-        ("dense" if dense_bytes(jac, space) <= s.dense_gb * 2**30 else "lanczos")
+    fits = dense_bytes(jac, space) <= s.dense_gb * 2**30 and (n if space == "output" else p) <= s.dense_side
+    method = s.method if s.method != "auto" else ("dense" if fits else "lanczos")
     if method in ("lanczos", "paper"):
         if s.space == "parameter":
             raise InputError(f"exact method {method!r} works in output space; set space = \"output\" or \"auto\"")

@@ -60,6 +60,7 @@ def normalized(h: dict[str, np.ndarray], pair: str, norm: str) -> np.ndarray:
 def solver_settings(settings: ExactConfig) -> SolverSettings:
     return SolverSettings(method=settings.method, space=settings.space, htol=settings.htol, rtol=settings.rtol,
                           max_iter=settings.max_iter, block=settings.block, dense_gb=settings.dense_gb,
+                          dense_side=settings.dense_side,
                           krylov_gb=settings.krylov_gb, rank=settings.rank, max_rank=settings.max_rank,
                           probes=settings.deff_probes, seed=settings.seed)
 
