@@ -1,4 +1,5 @@
-"""Job files (TOML) -> typed, validated settings.
+"""Job files (TOML) -> typed, validated settings: the schema and its parsing, no I/O beyond
+reading the job file (what a job resolves to against files: gradlake.pipeline.resolved).
 
 Every section is a frozen dataclass; every field's type and constraint is checked
 before any work starts, and a bad value is reported with its full key path:
@@ -457,73 +458,3 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
 def dumps(job: JobConfig) -> str:
     """The resolved settings as JSON (for `gradlake validate` and provenance)."""
     return json.dumps(job.to_dict(), indent=2, default=list)
-
-
-def resolved(job: JobConfig) -> dict[str, Any]:
-    """The settings as the job will run them, every default filled in: the output paths,
-    grads.k_dense, the generator's time step and CFL, trajectories per split, the Ray address."""
-    import os
-
-    settings = job.to_dict()
-    values = {"name": settings.pop("name"), "out": settings.pop("out"),
-              "paths": {"data": job.data_url, "train": job.train_dir, "store": job.store_url,
-                        "report": job.report_dir}, **settings}
-    values["grads"]["k_dense"] = job.grads.k_dense or job.grads.k_in * job.grads.k_out
-    values["ray"]["address"] = job.ray.address or os.environ.get("RAY_ADDRESS", "") or "embedded local Ray"
-    values["reduce"]["exact"]["checkpoint"] = job.reduce.exact.checkpoint or "the last checkpoint"
-    if job.data.source == "generate":
-        from gradlake.data.generate import provenance
-
-        record = provenance(job.data)
-        values["data"]["output_dt"], values["data"]["cfl"] = record["output_dt"], record["cfl"]
-    counts = split_trajectories(job)
-    if counts is not None:
-        values["data"]["trajectories_per_split"] = counts
-    return values
-
-
-def split_trajectories(job: JobConfig) -> dict[str, int] | None:
-    """Trajectories per split: computed for generated data, read from the manifest of an
-    existing dataset; None when that dataset cannot be read now."""
-    from gradlake.data.index import SPLIT_NAMES, split_counts
-
-    if job.data.source == "generate":
-        per_class = split_counts(job.data.trajectories, job.data.splits)
-        return {name: n * len(job.data.classes) for name, n in zip(SPLIT_NAMES, per_class)}
-    from gradlake.data.format import read_manifest
-
-    try:
-        manifest = read_manifest(job.data_url, job.store.storage_options or None)
-    except Exception:  # noqa: BLE001 -- unreachable now (credentials, network): nothing to say
-        return None
-    if not manifest:
-        return None
-    return {name: int(manifest.get("splits", {}).get(name, 0)) for name in SPLIT_NAMES}
-
-
-def setting_warnings(job: JobConfig) -> list[str]:
-    """Settings that are valid but probably not what was meant: a split that will be empty."""
-    counts = split_trajectories(job)
-    if counts is None:
-        return []
-    out = []
-    how = (f"{job.data.trajectories} trajectories per class split {'/'.join(f'{f:g}' for f in job.data.splits)}"
-           if job.data.source == "generate" else f"dataset {job.data_url}")
-    for name, n in counts.items():
-        if n:
-            continue
-        uses = []
-        if name in job.grads.splits and "grads" in job.stages:
-            uses.append("grads.splits holds it")
-        if "reduce" in job.stages:
-            if job.reduce.reference_split == name:
-                uses.append("reduce.reference_split needs it (the metric and row-std)")
-            for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols"):
-                if f"'{name}'" in getattr(job.reduce, key) or f'"{name}"' in getattr(job.reduce, key):
-                    uses.append(f"reduce.{key} selects from it")
-        if name == "val" and "train" in job.stages:
-            uses.append("training validates on the test split instead")
-        out.append(f"split {name!r} will be empty ({how}: "
-                   f"{', '.join(f'{s} {c}' for s, c in counts.items())})"
-                   + (f"; {'; '.join(uses)}" if uses else ""))
-    return out

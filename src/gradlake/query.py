@@ -33,7 +33,7 @@ from gradlake.errors import InputError
 from gradlake.progress import progress
 from gradlake.reduce.metric import Metric, Moments
 from gradlake.reduce.pairwise import TopK, precondition, tile
-from gradlake.reduce.work import OrderedSum, prefetched, row_blocks
+from gradlake.streaming import OrderedSum, prefetched, row_blocks
 from gradlake.store import GradientStore
 
 SAMPLE_COLUMNS = ["row", "trajectory", "t", "class", "split"]

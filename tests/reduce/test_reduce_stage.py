@@ -26,7 +26,7 @@ def reduced(tmp_path_factory, ray_session):
     settings = ReduceConfig(damping=LAM, lambdas=(1e-2,), block_rows=7, topk=3, distance_pairs=50,
                             distance_bins=4, tile_rows="", tile_cols="split == 'train'", tile_size=5,
                             tile_max=12, topk_queries="split == 'test'")
-    summary = __import__("gradlake.reduce", fromlist=["run_reduce"]).run_reduce(
+    summary = __import__("gradlake.distributed.reduce_tasks", fromlist=["run_reduce"]).run_reduce(
         store.url, settings, RayConfig())
     return store, settings, summary
 
@@ -128,7 +128,7 @@ def test_pairwise_outputs_match_dense(reduced):
 
 
 def test_summary_restart_and_settings_change(reduced, tmp_path):
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
 
     store, settings, summary = reduced
     url = store.reduce_url(settings.name)
@@ -171,7 +171,7 @@ def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, ray_ses
     from gradlake import models
     from gradlake.config import ExactConfig
     from gradlake.models.checkpoint import save_checkpoint
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
 
     ds = make_dataset(str(tmp_path / "data"))
     torch.manual_seed(0)
@@ -189,7 +189,7 @@ def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, ray_ses
 
 
 def test_an_undersampled_metric_warns_in_the_summary_and_the_report(tmp_path, ray_session):
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
     from gradlake.report import build_report
 
     ds = make_dataset(str(tmp_path / "data"))

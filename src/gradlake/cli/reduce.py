@@ -38,7 +38,7 @@ def reduce(
 ):
     """Reduce stored projected gradients to the paper's influence quantities."""
     from gradlake import config
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
 
     job = config.parse_job({
         "stages": ["reduce"],

@@ -28,13 +28,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from gradlake import __version__, fsio
+from gradlake import __version__, fsio, streaming
 from gradlake.config import RayConfig, ReduceConfig, settings_hash
 from gradlake.distributed.cluster import ensure_ray
 from gradlake.errors import GradlakeError, InputError
 from gradlake.progress import progress
 from gradlake.query import shard_parts
-from gradlake.reduce import work
+from gradlake.stages import reduce as work
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.distributed.exact_tasks import run_exact
 from gradlake.reduce.exact_run import EXACT_JSON
@@ -51,7 +51,7 @@ _response = ray.remote(work.response_work)
 _tile = ray.remote(work.tile_work)
 _topk = ray.remote(work.topk_work)
 _distance = ray.remote(work.distance_work)
-_add = ray.remote(work.add_results)
+_add = ray.remote(streaming.add_results)
 _lag_tables = ray.remote(work.lag_tables)  # reads every trajectory's lag curves: off the driver
 
 PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
@@ -70,9 +70,9 @@ def _wait(refs, bar) -> None:
 def _blockwise(submit: Callable[[int, Any], Any], blocks: list, desc: str, window: int):
     """Run ``submit(i, block)`` for every block, at most ``window`` at a time, and return the
     sum of their results. The sum runs in Ray tasks over a tree fixed by the block order
-    (:class:`work.OrderedSum`), so it is bit-identical for any window or number of workers,
+    (:class:`streaming.OrderedSum`), so it is bit-identical for any window or number of workers,
     and only O(window + log n) partial results are alive at once."""
-    total = work.OrderedSum(lambda a, b: _add.remote(a, b))
+    total = streaming.OrderedSum(lambda a, b: _add.remote(a, b))
     bar = progress(len(blocks), desc, "blocks")
     running: list = []
     for i, block in enumerate(blocks):
@@ -243,7 +243,7 @@ def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
     out.write_array(f"{name}/tiles/response_rows", rows_r, ("response",), where=settings.tile_rows)
     out.write_array(f"{name}/tiles/perturbation_rows", rows_c, ("perturbation",), where=settings.tile_cols)
     refs = []
-    col_blocks = work.row_blocks(rows_c, size)
+    col_blocks = streaming.row_blocks(rows_c, size)
     for pair in settings.pairs:
         path = f"{name}/tiles/{pair}"
         chunks = (min(size, len(rows_r)), min(size, len(rows_c)))  # small selections: small chunks
