@@ -184,7 +184,8 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
     def reduce():
         from gradlake.distributed.reduce_tasks import run_reduce
 
-        return run_reduce(job.store_url, job.reduce, job.ray, storage_options=so)
+        # The job's own results: a rerun with other [reduce] settings replaces them (job.json).
+        return run_reduce(job.store_url, job.reduce, job.ray, storage_options=so, overwrite=True)
 
     def report():
         from gradlake.report import build_report

@@ -1,7 +1,9 @@
 """run_reduce on a real store and Ray: every output against dense numpy from the stored φ."""
 
 import dataclasses
+import glob
 import json
+import os
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -140,9 +142,13 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
     # Same settings: every checkpoint is reused from its completion record.
     again = run_reduce(store.url, settings, RayConfig())
     assert again["checkpoints"] == summary["checkpoints"]
-    # Other settings under the same name: the old results are replaced whole.
+    # Other settings under the same name: refused, nothing touched; replaced whole with overwrite.
     changed = dataclasses.replace(settings, pairs=("CC",), lambdas=(), topk=0, distance_pairs=0, tile_max=0)
-    third = run_reduce(store.url, changed, RayConfig())
+    before = {p: os.path.getmtime(p) for p in glob.glob(url + "/**", recursive=True) if os.path.isfile(p)}
+    with pytest.raises(InputError, match="--overwrite"):
+        run_reduce(store.url, changed, RayConfig())
+    assert {p: os.path.getmtime(p) for p in glob.glob(url + "/**", recursive=True) if os.path.isfile(p)} == before
+    third = run_reduce(store.url, changed, RayConfig(), overwrite=True)
     coords = coordinates(zarr.open_group(url + "/results.zarr", mode="r")[store.checkpoints[0]], "twotime")
     assert coords["pair"] == ["CC"] and coords["lambda"] == [LAM]
     assert third["checkpoints"][store.checkpoints[0]]["topk"] == {"skipped": "reduce.topk = 0"}
@@ -156,6 +162,10 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
     assert exit_info.value.code in (0, None)
     cli = json.loads(open(store.reduce_url("cli") + "/summary.json").read())
     assert cli["settings"]["damping"] == 0.01 and list(cli["checkpoints"]) == [store.checkpoints[0]]
+    with pytest.raises(SystemExit) as exit_info:  # a second reduce of the name, other settings
+        main(["reduce", store.url, "--name", "cli", "--lambda", "0.02", "--quiet"])
+    assert exit_info.value.code == 2
+    assert json.loads(open(store.reduce_url("cli") + "/summary.json").read()) == cli
     with pytest.raises(SystemExit) as exit_info:
         main(["reduce", store.url, "--metric", "X"])
     assert exit_info.value.code == 2

@@ -348,11 +348,12 @@ def tasks_in_flight() -> int:
 
 
 def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
-               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               storage_options: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """The reduce stage (see reduce/__init__.py for what it writes). Restartable: checkpoints
     finished with the same settings are kept; summary.json is written last. The settings
     are checked first, then the driver takes the lease on the output folder (a second reduce
-    of the same name is refused with InputError, nothing written)."""
+    of the same name is refused with InputError, nothing written). Results of the same name
+    made with other settings are replaced whole with ``overwrite``, else refused (InputError)."""
     from gradlake.store import GradientStore, Lease
 
     so = dict(storage_options or {})
@@ -360,20 +361,24 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
     names = check_settings(store, settings)
     out = ReduceOutput(store.reduce_url(settings.name), so)
     with Lease(out, f"reduce {settings.name!r}") as lease:
-        return _run(store, names, settings, ray_config, out, so, lease)
+        return _run(store, names, settings, ray_config, out, so, lease, overwrite)
 
 
 def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig, out: ReduceOutput, so,
-         lease) -> dict[str, Any]:
+         lease, overwrite: bool) -> dict[str, Any]:
     started = time.monotonic()
     settings_hash = _settings_hash(store, settings)
-    out.remove(SUMMARY)
     done = {}
     for entry in out.ls("done"):  # fresh listing; a temp file of a killed write is not a record
         if entry.endswith(".json") and not entry.startswith("."):
             record = out.read_json(f"done/{entry}")
             done[record["checkpoint"]] = record
-    if any(r.get("settings") != settings_hash for r in done.values()):
+    replace = any(r.get("settings") != settings_hash for r in done.values())
+    if replace and not overwrite:
+        raise InputError(f"reduce.name: {out.url} holds the results of a reduce {settings.name!r} with other "
+                         "settings; pass --overwrite to replace them, or choose another --name")
+    out.remove(SUMMARY)
+    if replace:
         for entry in out.ls(""):  # another reduce's results under this name: replace them whole
             if entry != LEASE:
                 out.remove(entry)
