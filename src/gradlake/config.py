@@ -45,11 +45,23 @@ def fraction(x) -> str | None:
     return _check(0 < x < 1, "in (0, 1)")
 
 
-def rule(check, default=dataclasses.MISSING, **kw):
-    """A dataclass field carrying a value check (returns what was expected, or None)."""
+def rule(check, default=dataclasses.MISSING, help: str = "", **kw):
+    """A dataclass field carrying a value check (returns what was expected, or None) and
+    its help text (the command line's too)."""
+    metadata = {"check": check, "help": help}
     if default is dataclasses.MISSING and "default_factory" not in kw:
-        return field(metadata={"check": check}, **kw)
-    return field(default=default, metadata={"check": check}, **kw)
+        return field(metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def setting(default, help: str):
+    """A dataclass field with its help text (and no value check)."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(section, name: str) -> str:
+    """The help text of setting ``name`` of a settings dataclass ("" when it has none)."""
+    return {f.name: f for f in dataclasses.fields(section)}[name].metadata.get("help", "")
 
 
 @dataclass(frozen=True)
@@ -118,28 +130,30 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class GradsConfig:
-    checkpoints: tuple[str, ...] = ()  # checkpoint names; empty -> every checkpoint of the run
-    observables: tuple[str, ...] = ("C", "M", "E", "V")
-    probes: int = rule(positive, 1)  # random cotangents per sample for V
-    k_in: int = rule(positive, 16)
-    k_out: int = rule(positive, 16)
-    seed: int = 0
-    dtype: Literal["float16", "float32"] = "float16"
-    splits: tuple[str, ...] = ("train", "val", "test")
-    batch_size: int = rule(positive, 16)
-    shard_rows: int = rule(non_negative, 0)  # rows per shard (one zarr shard, one writer); 0 -> sized by the store (64-128 MiB objects)
-    workers: int = rule(non_negative, 0)  # 0 -> one per GPU, else one per CPU slot
-    threads_per_worker: int = rule(positive, 1)
-    device: str = "auto"
-    projection: Literal["rademacher", "gaussian"] = "rademacher"
-    k_dense: int = rule(non_negative, 0)  # per parameter outside Linear/Conv; 0 -> k_in * k_out
-    precision: Literal["float32", "bfloat16"] = "float32"  # autocast on GPUs (no float16: cotangents underflow)
-    retries: int = rule(non_negative, 3)  # attempts per shard after the first
-    # Rows of the projection per layer: "uniform" (k_in x k_out everywhere) or "energy" (by the
-    # per-example gradient energy of calibration_samples held samples; see gradlake.grads.allocation).
-    allocation: Literal["uniform", "energy"] = "uniform"
-    k_total: int = rule(non_negative, 0)  # energy: total k; 0 -> the uniform projector's k
-    calibration_samples: int = rule(positive, 8)
+    checkpoints: tuple[str, ...] = setting((), "Checkpoint names; empty: every checkpoint of the run.")
+    observables: tuple[str, ...] = setting(("C", "M", "E", "V"), "Observables, comma-separated (C, M, E, V).")
+    probes: int = rule(positive, 1, help="Random cotangents per sample for V.")
+    k_in: int = rule(positive, 16, help="Projection rows on the input side of each layer.")
+    k_out: int = rule(positive, 16, help="Projection rows on the output side of each layer.")
+    seed: int = setting(0, "Seed of the projection and of the V probes.")
+    dtype: Literal["float16", "float32"] = setting("float16", "Stored dtype: float16 or float32.")
+    splits: tuple[str, ...] = setting(("train", "val", "test"), "Splits whose samples the store holds.")
+    batch_size: int = rule(positive, 16, help="Samples per gradient batch.")
+    shard_rows: int = rule(non_negative, 0, help="Rows per shard (one zarr shard, one writer; the unit of work and "
+                                                 "of commits); 0 = sized by the store (64-128 MiB objects).")
+    workers: int = rule(non_negative, 0, help="Ray actors; 0 = one per GPU, else one per CPU slot.")
+    threads_per_worker: int = rule(positive, 1, help="Torch threads per CPU worker.")
+    device: str = setting("auto", "auto, cpu or cuda.")
+    projection: Literal["rademacher", "gaussian"] = setting("rademacher", "Projection entries: rademacher or gaussian.")
+    k_dense: int = rule(non_negative, 0, help="Projection rows per parameter outside Linear/Conv; 0 = k_in * k_out.")
+    precision: Literal["float32", "bfloat16"] = setting(
+        "float32", "Compute precision (autocast) on GPUs: float32 or bfloat16 (no float16: cotangents underflow).")
+    retries: int = rule(non_negative, 3, help="Attempts per failing shard after the first.")
+    allocation: Literal["uniform", "energy"] = setting(
+        "uniform", "Projection rows per layer: uniform (k_in x k_out everywhere) or energy (by the per-example "
+                   "gradient energy of --calibration-samples held samples; see gradlake.grads.allocation).")
+    k_total: int = rule(non_negative, 0, help="Energy allocation: total k; 0 = the uniform projector's k.")
+    calibration_samples: int = rule(positive, 8, help="Energy allocation: held samples that measure the energy.")
 
 
 @dataclass(frozen=True)
