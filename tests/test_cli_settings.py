@@ -21,7 +21,7 @@ COMMANDS = {
     "grads": (GradsConfig, {"threads": "threads_per_worker"}, {"threads_per_worker": "--threads"},
               {"data", "checkpoint", "out"},
               {"checkpoints": "the command takes checkpoint paths (--checkpoint), not names of a run"}),
-    "reduce": (ReduceConfig, {}, {"damping": "--lambda"}, {"store", "exact", "overwrite"},
+    "reduce": (ReduceConfig, {}, {"damping": "--lambda"}, {"store", "exact", "overwrite", "data"},
                {"exact": "a section of its own (gradlake exact); --exact turns it on",
                 "metric_estimator": "job-file only so far", "tile_size": "job-file only so far",
                 "distance_bins": "job-file only so far", "seed": "job-file only so far"}),

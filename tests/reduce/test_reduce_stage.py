@@ -227,3 +227,32 @@ def test_an_undersampled_metric_warns_in_the_summary_and_the_report(tmp_path, ra
     eigenvalues = zarr.open_group(store.reduce_url("shrunk") + "/results.zarr", mode="r")["epoch-0001"][
         "metric_eigenvalues"][:]
     assert eigenvalues[-1] > 1e-6 * eigenvalues[0]
+
+
+def test_the_dataset_is_checked_by_fingerprint_and_a_moved_one_found_by_data(tmp_path, ray_session):
+    """The reduce's distance pass reads the store's dataset: another dataset at the recorded URL
+    is not used (the pass is skipped, saying why); --data finds a moved one, checked first."""
+    import shutil
+
+    from gradlake.distributed.reduce_tasks import run_reduce
+
+    ds = make_dataset(str(tmp_path / "data"))
+    store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",))
+    settings = ReduceConfig(damping=LAM, pairs=("CC",), normalize=("none",), topk=0, tile_max=0,
+                            distance_pairs=20, distance_bins=2)
+    shutil.move(ds.url, str(tmp_path / "moved"))
+    make_dataset(ds.url, seed=1)  # another dataset where the store's was
+    stale = run_reduce(store.url, settings, RayConfig())["checkpoints"]["epoch-0001"]["distance"]
+    assert "skipped" in stale and "--data" in stale["skipped"] and ds.fingerprint[:12] in stale["skipped"]
+    with pytest.raises(InputError, match="--data"):  # refused before any work
+        run_reduce(store.url, dataclasses.replace(settings, name="wrong"), RayConfig(), data_url=ds.url)
+    assert not os.path.exists(store.reduce_url("wrong"))
+    moved = run_reduce(store.url, dataclasses.replace(settings, name="moved"), RayConfig(),
+                       data_url=str(tmp_path / "moved"))
+    table = pads.dataset(store.reduce_url("moved") + "/distance_pairs.parquet", partitioning="hive").to_table()
+    assert moved["checkpoints"]["epoch-0001"]["distance"] == {"pairs": table.num_rows,
+                                                              "dataset": str(tmp_path / "moved")}
+    inputs, _ = make_dataset(str(tmp_path / "again")).samples(np.r_[table["row_i"].to_numpy(), table["row_j"].to_numpy()])
+    n = table.num_rows
+    expected = np.sqrt(((inputs[:n].astype(np.float64) - inputs[n:]) ** 2).reshape(n, -1).mean(1))
+    np.testing.assert_allclose(table["distance"].to_numpy(), expected, rtol=1e-6)

@@ -30,6 +30,8 @@ def reduce(
     distance_pairs: int = typer.Option(2000, "--distance-pairs", help="Sampled pairs of influence vs input distance; 0 = none."),
     block_rows: int = typer.Option(4096, "--block-rows", help="Rows per task."),
     exact: bool = typer.Option(False, "--exact", help="Also run the exact minibatch mode (last checkpoint)."),
+    data: str = typer.Option("", "--data", help="Where the store's dataset lives now, if it moved (checked by "
+                                                "its fingerprint); default: the URL the store records."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace results of the same --name made with other settings (else refused)."),
     address: str = Address,
@@ -53,7 +55,8 @@ def reduce(
                    "exact": {"enabled": exact}},
         "ray": {"address": address, "num_cpus": num_cpus},
     }, source="gradlake reduce")
-    summary = run_reduce(store, job.reduce, job.ray, storage_options(endpoint_url, profile), overwrite=overwrite)
+    summary = run_reduce(store, job.reduce, job.ray, storage_options(endpoint_url, profile), overwrite=overwrite,
+                         data_url=data)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 

@@ -173,6 +173,20 @@ class DatasetWriter:
         return Dataset.open(self.url, self.storage_options)
 
 
+def open_checked(url: str, fingerprint: str, storage_options: dict[str, Any] | None = None) -> Dataset:
+    """The dataset at ``url``, which must be the one with ``fingerprint`` (what a gradient store
+    or checkpoint recorded it was made from); InputError otherwise. A dataset that moved is
+    found through an explicit ``--data`` URL, checked here, never trusted by its URL alone."""
+    try:
+        ds = Dataset.open(url, storage_options)
+    except InputError as err:
+        raise InputError(f"{err}; if the dataset moved, pass its new URL with --data") from None
+    if ds.fingerprint != fingerprint:
+        raise InputError(f"{url}: dataset fingerprint {ds.fingerprint[:12]} is not {fingerprint[:12]}, that of the "
+                         "dataset the gradients were made from; pass that dataset's URL with --data")
+    return ds
+
+
 # Readers of other layouts read in place, tried in order by Dataset.open where a URL holds no
 # gradlake dataset: (holds(url, storage_options) -> bool, open(url, storage_options) -> Dataset).
 # gradlake.data registers The Well's (gradlake.data.well) when it is imported.

@@ -437,16 +437,17 @@ def check_complete(store, checkpoint: str) -> None:
 # --------------------------------------------------------------------------- influence vs distance
 def distance_work(src: StoreRef, reducer: AggregateReducer, damping: float, rows_i: np.ndarray,
                   rows_j: np.ndarray, dataset_url: str, storage_options, n_bins: int):
-    """H(i, j) of sampled pairs against the RMS distance of their inputs (the paper's Fig. 5).
+    """H(i, j) of sampled pairs against the RMS distance of their inputs (the paper's Fig. 5);
+    the dataset at ``dataset_url`` must be the store's (its fingerprint is checked).
 
     Returns (pairs table: pair, normalization, row_i, row_j, distance, h;
     curve table: pair, normalization, bin, lo, hi, pairs, distance, mean, median, q25, q75).
     """
-    from gradlake.data import Dataset
+    from gradlake.data import open_checked
     from gradlake.reduce.aggregates import normalized
     from gradlake.reduce.pairwise import distance_curve, input_distance
 
-    ds = Dataset.open(dataset_url, storage_options=storage_options or None)
+    ds = open_checked(dataset_url, src.store.spec.dataset["fingerprint"], storage_options or None)
     unique, inverse = np.unique(np.r_[rows_i, rows_j], return_inverse=True)
     inputs, _ = ds.samples(unique)
     distance = input_distance(inputs[inverse[:len(rows_i)]], inputs[inverse[len(rows_i):]])
