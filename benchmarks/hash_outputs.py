@@ -7,7 +7,8 @@ Zarr arrays are hashed by dtype, shape and data (not their metadata files); Parq
 schema and values (not their file metadata); JSON files by their content without the fields
 that record when, how long or with which version (see VOLATILE); every other file by its bytes.
 The run folder's own path is replaced by ``<run>`` in JSON and text files, so two runs into
-different folders compare equal.
+different folders compare equal there (figures may still show a path: for bit identity, write
+both runs at one path, move the first aside, and compare with --keep-paths).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import pyarrow.parquet as pq
 import zarr
 
 # JSON keys whose values change from run to run with the same inputs and code.
-VOLATILE = ("seconds", "elapsed", "time", "started", "created", "finished", "date", "version", "host",
-            "pid", "duration", "wall", "_s", "throughput", "rate")
+VOLATILE = ("seconds", "elapsed", "time", "started", "created", "added", "updated", "finished", "date",
+            "version", "host", "pid", "duration", "wall", "_s", "throughput", "rate", "rss")
 
 
 def _volatile(key: str) -> bool:
@@ -69,8 +70,10 @@ def _zarr_arrays(root: Path):
             yield meta.parent, zarr.open_array(str(meta.parent), mode="r")
 
 
-def hashes(run: Path) -> dict[str, str]:
-    """Relative path -> hash of every output under ``run``."""
+def hashes(run: Path, keep_paths: bool = False) -> dict[str, str]:
+    """Relative path -> hash of every output under ``run`` (its own path replaced by ``<run>``
+    in JSON and text files unless ``keep_paths``)."""
+    root = "\0" if keep_paths else str(run)
     out: dict[str, str] = {}
     zarr_roots = sorted({p.parent for p in run.rglob("zarr.json") if p.parent.name.endswith(".zarr")})
     covered: list[Path] = []
@@ -88,13 +91,13 @@ def hashes(run: Path) -> dict[str, str]:
             out[rel] = hash_parquet(path)
         elif path.suffix == ".json":
             try:
-                content = _strip(json.loads(path.read_text().replace(str(run), "<run>")))
+                content = _strip(json.loads(path.read_text().replace(root, "<run>")))
             except ValueError:
                 out[rel] = _digest(path.read_bytes())
             else:
                 out[rel] = _digest(json.dumps(content, sort_keys=True).encode())
         elif path.suffix in (".html", ".txt", ".md", ".csv"):
-            out[rel] = _digest(path.read_text().replace(str(run), "<run>").encode())
+            out[rel] = _digest(path.read_text().replace(root, "<run>").encode())
         else:
             out[rel] = _digest(path.read_bytes())
     return out
@@ -104,15 +107,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--compare", type=Path, help="another run folder: report what differs")
+    parser.add_argument("--keep-paths", action="store_true",
+                        help="do not replace the run folders' paths (runs written at one path, one moved aside)")
     parser.add_argument("--ignore", action="append", default=[],
                         help="skip outputs whose path contains this (repeatable)")
     args = parser.parse_args(argv)
-    mine = {k: v for k, v in hashes(args.run).items() if not any(s in k for s in args.ignore)}
+    mine = {k: v for k, v in hashes(args.run, args.keep_paths).items() if not any(s in k for s in args.ignore)}
     if args.compare is None:
         for path, digest in mine.items():
             print(f"{digest}  {path}")
         return 0
-    other = {k: v for k, v in hashes(args.compare).items() if not any(s in k for s in args.ignore)}
+    other = {k: v for k, v in hashes(args.compare, args.keep_paths).items() if not any(s in k for s in args.ignore)}
     differ = sorted(k for k in mine.keys() | other.keys() if mine.get(k) != other.get(k))
     for path in differ:
         print(f"differs: {path}  {mine.get(path, '-')} vs {other.get(path, '-')}")

@@ -14,6 +14,7 @@ import json
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +77,7 @@ class DataConfig:
     steps: int = rule(lambda x: _check(x >= 2, ">= 2"), 9)  # stored snapshots per trajectory
     resolution: int = rule(lambda x: _check(x >= 8, ">= 8"), 64)
     seed: int = 0
-    splits: tuple[float, float, float] = (0.65, 0.05, 0.30)  # train / val / test, by trajectory
+    split_fractions: tuple[float, float, float] = (0.65, 0.05, 0.30)  # train / val / test, by trajectory
     output_dt: float = rule(non_negative, 0.0)  # time between snapshots; 0 -> the family's default
     cfl: float = rule(lambda x: _check(0 <= x < 1, "in [0, 1)"), 0.0)  # 0 -> the family's default
     viscosity: float = rule(positive, 1e-3)  # ns only
@@ -136,7 +137,8 @@ class GradsConfig:
     k_in: int = rule(positive, 16, help="Projection rows on the input side of each layer.")
     k_out: int = rule(positive, 16, help="Projection rows on the output side of each layer.")
     seed: int = setting(0, "Seed of the projection and of the V probes.")
-    dtype: Literal["float16", "float32"] = setting("float16", "Stored dtype: float16 or float32.")
+    storage_dtype: Literal["float16", "float32"] = setting(
+        "float16", "Stored dtype of φ: float16 or float32 (computed in --precision, then cast).")
     splits: tuple[str, ...] = setting(("train", "val", "test"), "Splits whose samples the store holds.")
     batch_size: int = rule(positive, 16, help="Samples per gradient batch.")
     shard_rows: int = rule(non_negative, 0, help="Rows per shard (one zarr shard, one writer; the unit of work and "
@@ -374,7 +376,25 @@ def _convert(value: Any, tp, path: str):
     raise TypeError(f"unsupported setting type {tp!r} at {path}")  # a bug in this module
 
 
+# Settings renamed: (section, old name) -> new name. The old name is still read, with a warning.
+RENAMED = {("data", "splits"): "split_fractions", ("grads", "dtype"): "storage_dtype"}
+
+
+def _renamed(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``values`` with renamed settings under their new names (a FutureWarning for each)."""
+    for (section, old), new in RENAMED.items():
+        if section != prefix or old not in values:
+            continue
+        if new in values:
+            raise InputError(f"{prefix}.{old}: renamed {prefix}.{new}; give only {prefix}.{new}")
+        warnings.warn(f"{prefix}.{old} is renamed {prefix}.{new}; the old name will stop working",
+                      FutureWarning, stacklevel=2)
+        values = {(new if k == old else k): v for k, v in values.items()}
+    return values
+
+
 def _build(cls, values: dict[str, Any], prefix: str):
+    values = _renamed(values, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -432,8 +452,9 @@ def _validate(job: JobConfig) -> JobConfig:
     for norm in job.reduce.normalize:
         if norm not in NORMALIZATIONS:
             raise InputError(f"reduce.normalize: unknown normalisation {norm!r}; expected some of {', '.join(NORMALIZATIONS)}")
-    if abs(sum(job.data.splits) - 1.0) > 1e-9 or any(s < 0 for s in job.data.splits):
-        raise InputError(f"data.splits: expected three fractions >= 0 summing to 1, got {list(job.data.splits)}")
+    fractions = job.data.split_fractions
+    if abs(sum(fractions) - 1.0) > 1e-9 or any(s < 0 for s in fractions):
+        raise InputError(f"data.split_fractions: expected three fractions >= 0 summing to 1, got {list(fractions)}")
     if job.data.source == "url" and not job.data.url:
         raise InputError("data.url: expected a dataset URL when data.source = 'url'")
     secret = secret_option(job.store.storage_options, "store.storage_options")

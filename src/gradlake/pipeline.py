@@ -99,7 +99,7 @@ def trajectories_per_split(job: JobConfig) -> dict[str, int] | None:
     from gradlake.data.index import SPLIT_NAMES, split_counts
 
     if job.data.source == "generate":
-        per_class = split_counts(job.data.trajectories, job.data.splits)
+        per_class = split_counts(job.data.trajectories, job.data.split_fractions)
         return {name: n * len(job.data.classes) for name, n in zip(SPLIT_NAMES, per_class)}
     from gradlake.data.format import read_manifest
 
@@ -118,7 +118,7 @@ def setting_warnings(job: JobConfig) -> list[str]:
     if counts is None:
         return []
     out = []
-    how = (f"{job.data.trajectories} trajectories per class split {'/'.join(f'{f:g}' for f in job.data.splits)}"
+    how = (f"{job.data.trajectories} trajectories per class split {'/'.join(f'{f:g}' for f in job.data.split_fractions)}"
            if job.data.source == "generate" else f"dataset {job.data_url}")
     for name, n in counts.items():
         if n:
@@ -140,14 +140,16 @@ def setting_warnings(job: JobConfig) -> list[str]:
     return out
 
 
-def _settings(section: Any, added: tuple[str, ...]) -> dict[str, Any]:
-    """A section's settings for a hash; fields added later count only when set, so the
-    hashes of jobs that do not use them stay what they were."""
+def _settings(section: Any, added: tuple[str, ...] = (), renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """A section's settings for a hash; fields added later count only when set, and renamed
+    fields (new name -> old) under their old names, so the hashes of jobs stay what they were."""
     values = dataclasses.asdict(section)
     default = type(section)()
     for name in added:
         if getattr(section, name) == getattr(default, name):
             values.pop(name)
+    for new, old in (renamed or {}).items():
+        values[old] = values.pop(new)
     return values
 
 
@@ -194,10 +196,10 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
                              train_dir=job.train_dir, storage_options=so)
         return {"index": index}
 
-    data_h = settings_hash(job.data, job.data_url)
+    data_h = settings_hash(_settings(job.data, renamed={"split_fractions": "splits"}), job.data_url)
     train_h = settings_hash(data_h, _settings(job.model, ("path", "kwargs", "checkpoint")), job.train,
                             *([job.task] if job.task != type(job.task)() else []))
-    grads_h = settings_hash(train_h, job.grads, job.store_url)
+    grads_h = settings_hash(train_h, _settings(job.grads, renamed={"storage_dtype": "dtype"}), job.store_url)
     reduce_h = settings_hash(grads_h, job.reduce)
     report_h = settings_hash(reduce_h, job.report)
     return {

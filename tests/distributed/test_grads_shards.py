@@ -131,7 +131,7 @@ def test_cli_bad_settings_exit_2_before_any_work(grads_inputs, tmp_path, capsys)
 
     data, checkpoints = grads_inputs
     out = tmp_path / "store"
-    for args, message in ((["--dtype", "float8"], "grads.dtype: expected one of 'float16', 'float32'"),
+    for args, message in ((["--dtype", "float8"], "grads.storage_dtype: expected one of 'float16', 'float32'"),
                           (["--k-in", "0"], "grads.k_in: expected int > 0"),
                           (["--observables", "C,X"], "'X' is not defined for channels")):
         with pytest.raises(SystemExit) as exit_info:

@@ -35,9 +35,9 @@ Profile = typer.Option("", "--profile",
                             "they come from the environment or the profile.")
 
 
-def setting(section, name: str, flag: str = "", **kw):
+def setting(section, name: str, *flags: str, **kw):
     """The option of job-file setting ``name`` of ``section`` (a gradlake.config dataclass): its
-    default and help come from the field, its flag is --name-with-dashes unless ``flag``;
+    default and help come from the field, its flag is --name-with-dashes unless ``flags``;
     a list setting is comma-separated on the command line."""
     import dataclasses
 
@@ -47,7 +47,8 @@ def setting(section, name: str, flag: str = "", **kw):
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     if isinstance(default, tuple):
         default = ",".join(str(v) for v in default)
-    return typer.Option(default, flag or "--" + name.replace("_", "-"), help=help_of(section, name), **kw)
+    flags = flags or ("--" + name.replace("_", "-"),)
+    return typer.Option(default, *flags, help=help_of(section, name), **kw)
 
 
 def storage_options(endpoint_url: str = "", profile: str = "") -> dict[str, str]:

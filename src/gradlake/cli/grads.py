@@ -32,7 +32,7 @@ def grads(
     observables: str = setting(GradsConfig, "observables"),
     k_in: int = setting(GradsConfig, "k_in"),
     k_out: int = setting(GradsConfig, "k_out"),
-    dtype: str = setting(GradsConfig, "dtype"),
+    storage_dtype: str = setting(GradsConfig, "storage_dtype", "--storage-dtype", "--dtype"),
     probes: int = setting(GradsConfig, "probes"),
     seed: int = setting(GradsConfig, "seed"),
     splits: str = setting(GradsConfig, "splits"),
@@ -59,7 +59,7 @@ def grads(
 
     job = config.parse_job({
         "stages": ["grads"], "reduce": {"pairs": []},
-        "grads": {"observables": names(observables), "k_in": k_in, "k_out": k_out, "dtype": dtype,
+        "grads": {"observables": names(observables), "k_in": k_in, "k_out": k_out, "storage_dtype": storage_dtype,
                   "probes": probes, "seed": seed, "splits": names(splits), "shard_rows": shard_rows,
                   "batch_size": batch_size, "workers": workers, "threads_per_worker": threads,
                   "device": device, "retries": retries, "projection": projection, "k_dense": k_dense,

@@ -277,7 +277,7 @@ def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any]
                 held: np.ndarray, store_shard_rows: int | None, task: TaskConfig) -> StoreSpec:
     """The run's store spec; shard_rows 0 takes an existing store's, else sizes them."""
     k = int(projector["k"])
-    itemsize = np.dtype(settings.dtype).itemsize
+    itemsize = np.dtype(settings.storage_dtype).itemsize
     n_rows = len(dataset.index())
     widest = k * itemsize * (settings.probes if "V" in settings.observables else 1)
     shard_rows = settings.shard_rows or store_shard_rows or shard_rows_for(n_rows, widest)
@@ -286,7 +286,7 @@ def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any]
                  "channels": list(dataset.channels), "n_trajectories": dataset.n_trajectories,
                  "n_times": dataset.n_times},
         model=model_config, projector=projector, observables=tuple(settings.observables),
-        probes=settings.probes, probe_seed=settings.seed, k=k, dtype=settings.dtype,
+        probes=settings.probes, probe_seed=settings.seed, k=k, dtype=settings.storage_dtype,
         n_rows=n_rows, shard_rows=shard_rows, chunk_rows=chunk_rows_for(shard_rows, k * itemsize),
         splits=tuple(settings.splits), n_samples=len(held),
         n_shards=len(np.unique(np.asarray(held, dtype=np.int64) // shard_rows)),
