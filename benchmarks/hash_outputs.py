@@ -73,7 +73,7 @@ def _zarr_arrays(root: Path):
 def hashes(run: Path, keep_paths: bool = False) -> dict[str, str]:
     """Relative path -> hash of every output under ``run`` (its own path replaced by ``<run>``
     in JSON and text files unless ``keep_paths``)."""
-    root = "\0" if keep_paths else str(run)
+    own_path = "\0" if keep_paths else str(run)
     out: dict[str, str] = {}
     zarr_roots = sorted({p.parent for p in run.rglob("zarr.json") if p.parent.name.endswith(".zarr")})
     covered: list[Path] = []
@@ -91,13 +91,13 @@ def hashes(run: Path, keep_paths: bool = False) -> dict[str, str]:
             out[rel] = hash_parquet(path)
         elif path.suffix == ".json":
             try:
-                content = _strip(json.loads(path.read_text().replace(root, "<run>")))
+                content = _strip(json.loads(path.read_text().replace(own_path, "<run>")))
             except ValueError:
                 out[rel] = _digest(path.read_bytes())
             else:
                 out[rel] = _digest(json.dumps(content, sort_keys=True).encode())
         elif path.suffix in (".html", ".txt", ".md", ".csv"):
-            out[rel] = _digest(path.read_text().replace(root, "<run>").encode())
+            out[rel] = _digest(path.read_text().replace(own_path, "<run>").encode())
         else:
             out[rel] = _digest(path.read_bytes())
     return out
