@@ -50,6 +50,13 @@ def test_a_renamed_setting_is_read_under_its_old_name_with_a_warning():
         config.parse_job({"data": {"splits": [0.5, 0.5, 0.5]}})
 
 
+def test_the_old_name_still_builds_a_data_config():
+    with pytest.warns(FutureWarning, match="split_fractions"):
+        data = config.DataConfig(splits=(0.5, 0.25, 0.25))
+    assert data == config.DataConfig(split_fractions=(0.5, 0.25, 0.25))
+    assert "splits" not in config.dataclasses.asdict(data)
+
+
 def test_renamed_settings_keep_the_stage_hashes():
     """A job's stages recorded as done (job.json) stay done across the renames: the data and
     grads stages' hashes are the ones computed under the old names."""

@@ -15,7 +15,7 @@ import sys
 import types
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +83,15 @@ class DataConfig:
     viscosity: float = rule(positive, 1e-3)  # ns only
     batch: int = rule(positive, 16)  # trajectories simulated at once
     device: str = "cpu"  # torch device of the generators ("auto" -> cuda when available)
+    # The old name of split_fractions, still taken by the constructor (with a FutureWarning);
+    # not a setting: job files' data.splits is renamed while parsing (RENAMED).
+    splits: InitVar[tuple[float, float, float] | None] = None
+
+    def __post_init__(self, splits):
+        if splits is not None:
+            warnings.warn("DataConfig(splits=...) is renamed DataConfig(split_fractions=...)", FutureWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "split_fractions", tuple(splits))
 
 
 @dataclass(frozen=True)
