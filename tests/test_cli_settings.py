@@ -22,9 +22,7 @@ COMMANDS = {
               {"data", "checkpoint", "out"},
               {"checkpoints": "the command takes checkpoint paths (--checkpoint), not names of a run"}),
     "reduce": (ReduceConfig, {}, {"damping": "--lambda"}, {"store", "exact", "overwrite", "data"},
-               {"exact": "a section of its own (gradlake exact); --exact turns it on",
-                "metric_estimator": "job-file only so far", "tile_size": "job-file only so far",
-                "distance_bins": "job-file only so far", "seed": "job-file only so far"}),
+               {"exact": "a section of its own (gradlake exact); --exact turns it on"}),
     "train": (TrainConfig, {}, {"deterministic": "--deterministic"}, {"data", "out", "model", "preset", "set_"},
               {"patience": "job-file only so far", "seeds": "a job trains several seeds; the command one run"}),
 }
@@ -61,16 +59,17 @@ def test_stage_options_match_their_settings(name):
     assert not exposed & set(job_file_only), f"{sorted(exposed & set(job_file_only))}: exposed, yet listed"
 
 
-def test_grads_options_carry_the_settings_help():
-    """`gradlake grads` takes its options' help from GradsConfig (one text per setting)."""
-    for param in _command("grads").params:
-        field_name = COMMANDS["grads"][1].get(param.name, param.name)
-        if field_name in {f.name for f in dataclasses.fields(GradsConfig)}:
-            assert param.help and param.help == help_of(GradsConfig, field_name)
-
-
-def test_every_grads_setting_has_help():
-    assert all(help_of(GradsConfig, f.name) for f in dataclasses.fields(GradsConfig))
+@pytest.mark.parametrize("name", ["grads", "reduce"])
+def test_options_carry_the_settings_help(name):
+    """`gradlake grads` and `gradlake reduce` take their options' help from the section (one text
+    per setting), and every setting of it has one."""
+    section, renamed, _, not_settings, job_file_only = COMMANDS[name]
+    fields = {f.name for f in dataclasses.fields(section)}
+    for param in _command(name).params:
+        field_name = renamed.get(param.name, param.name)
+        if field_name in fields and param.name not in not_settings:
+            assert param.help and param.help == help_of(section, field_name)
+    assert all(help_of(section, f) for f in fields - set(job_file_only))
 
 
 def test_grads_options_reach_the_settings(monkeypatch, tmp_path):

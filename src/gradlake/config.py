@@ -197,31 +197,32 @@ class ExactConfig:
 
 @dataclass(frozen=True)
 class ReduceConfig:
-    name: str = "default"
-    metric: Literal["V", "C"] = "V"
-    # "probes": η̃ = Σ probe outer products; "shrink": its Ledoit–Wolf shrinkage towards (tr/k) I,
-    # for reference samples × probes < k (gradlake.reduce.metric; benchmarks/bench_metric.py)
-    metric_estimator: Literal["probes", "shrink"] = "probes"
-    damping: float = rule(positive, 1e-4)  # lambda
-    lambdas: tuple[float, ...] = ()  # optional lambda sweep
-    reference_split: str = "train"
-    pairs: tuple[str, ...] = ("CC", "MC", "EC")  # response observable, perturbation observable
-    normalize: tuple[str, ...] = NORMALIZATIONS
-    block_rows: int = rule(positive, 4096)
-    topk: int = rule(non_negative, 10)
-    distance_pairs: int = rule(non_negative, 2000)
+    name: str = setting("default", "Results go to STORE/reduce/NAME/.")
+    metric: Literal["V", "C"] = setting("V", "Metric: V (Gauss-Newton/NTK from random probes) or C (empirical Fisher).")
+    metric_estimator: Literal["probes", "shrink"] = setting(
+        "probes", "probes: the metric is the sum of probe outer products; shrink: its Ledoit-Wolf shrinkage "
+                  "towards (tr/k) I, for reference samples x probes < k (gradlake.reduce.metric).")
+    damping: float = rule(positive, 1e-4, help="Damping λ of (η̃ + λI)⁻¹.")
+    lambdas: tuple[float, ...] = setting((), "Extra λ values of a sweep, comma-separated.")
+    reference_split: str = setting("train", "Split of the metric and of row-std.")
+    pairs: tuple[str, ...] = setting(("CC", "MC", "EC"), "Observable pairs (response, perturbation), comma-separated.")
+    normalize: tuple[str, ...] = setting(NORMALIZATIONS, "Normalisations, comma-separated: none, row-std, cosine.")
+    block_rows: int = rule(positive, 4096, help="Rows per task.")
+    topk: int = rule(non_negative, 10, help="Most / least influential reference samples per query; 0 = none.")
+    distance_pairs: int = rule(non_negative, 2000, help="Sampled pairs of influence vs input distance; 0 = none.")
     exact: ExactConfig = field(default_factory=ExactConfig)
-    checkpoints: tuple[str, ...] = ()  # empty -> every checkpoint in the store
+    checkpoints: tuple[str, ...] = setting((), "Checkpoint names, comma-separated; empty: every checkpoint in the store.")
     # Sample selections: filters in the store's --where language; empty selects every sample.
-    response: str = ""  # response samples i of the aggregates
-    perturbation: str = ""  # perturbation samples j of the aggregates
-    topk_queries: str = "split == 'test'"  # query samples of the top-k lists (candidates: reference split)
-    tile_rows: str = "split == 'test'"  # dense H tiles: response selection ...
-    tile_cols: str = "split == 'test'"  # ... times perturbation selection
-    tile_max: int = rule(non_negative, 4096)  # at most this many rows per side (0: no tiles)
-    tile_size: int = rule(positive, 1024)  # rows per side of one tile (one task, one zarr chunk)
-    distance_bins: int = rule(positive, 20)
-    seed: int = 0  # sampling of the distance pairs
+    response: str = setting("", "Response samples i of the aggregates (a --where filter); empty: all.")
+    perturbation: str = setting("", "Perturbation samples j of the aggregates (a --where filter); empty: all.")
+    topk_queries: str = setting("split == 'test'", "Query samples of the top-k lists (a --where filter; "
+                                                   "candidates: the reference split).")
+    tile_rows: str = setting("split == 'test'", "Dense H tiles: response samples (a --where filter).")
+    tile_cols: str = setting("split == 'test'", "Dense H tiles: perturbation samples (a --where filter).")
+    tile_max: int = rule(non_negative, 4096, help="At most this many samples per tile side; 0 = no tiles.")
+    tile_size: int = rule(positive, 1024, help="Samples per side of one tile (one task, one zarr chunk).")
+    distance_bins: int = rule(positive, 20, help="Equal-count distance bins of the influence-vs-distance curve.")
+    seed: int = setting(0, "Seed of the sampled distance pairs.")
 
 
 @dataclass(frozen=True)
