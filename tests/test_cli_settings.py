@@ -24,7 +24,7 @@ COMMANDS = {
     "reduce": (ReduceConfig, {}, {"damping": "--lambda"}, {"store", "exact", "overwrite", "data"},
                {"exact": "a section of its own (gradlake exact); --exact turns it on"}),
     "train": (TrainConfig, {}, {"deterministic": "--deterministic"}, {"data", "out", "model", "preset", "set_"},
-              {"patience": "job-file only so far", "seeds": "a job trains several seeds; the command one run"}),
+              {"seeds": "a job trains several seeds; the command one run"}),
 }
 
 
@@ -59,10 +59,10 @@ def test_stage_options_match_their_settings(name):
     assert not exposed & set(job_file_only), f"{sorted(exposed & set(job_file_only))}: exposed, yet listed"
 
 
-@pytest.mark.parametrize("name", ["grads", "reduce"])
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_options_carry_the_settings_help(name):
-    """`gradlake grads` and `gradlake reduce` take their options' help from the section (one text
-    per setting), and every setting of it has one."""
+    """The stage commands take their options' help from the section (one text per setting), and
+    every setting of it has one."""
     section, renamed, _, not_settings, job_file_only = COMMANDS[name]
     fields = {f.name for f in dataclasses.fields(section)}
     for param in _command(name).params:

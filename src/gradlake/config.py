@@ -118,24 +118,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = rule(non_negative, 2)  # 0: only with model.checkpoint (analyse it as is)
-    batch_size: int = rule(positive, 48)
-    lr: float = rule(positive, 5e-4)
-    weight_decay: float = rule(non_negative, 1e-4)
-    checkpoint_every: int = rule(positive, 1)
-    # Stop once the validation SMSE has not improved on its best for this many epochs
-    # (a checkpoint is written at the stopping epoch); 0: train all ``epochs``.
-    patience: int = rule(non_negative, 0)
-    seed: int = 0
-    # Independent training runs of a job, one per seed (train/seed-<s>/); empty -> [seed].
-    seeds: tuple[int, ...] = ()
-    device: str = "auto"
+    epochs: int = rule(non_negative, 2, help="Epochs in total (a resumed run continues to this); 0: only with "
+                                             "model.checkpoint (analyse it as is).")
+    batch_size: int = rule(positive, 48, help="Samples per optimizer step.")
+    lr: float = rule(positive, 5e-4, help="AdamW learning rate.")
+    weight_decay: float = rule(non_negative, 1e-4, help="AdamW weight decay.")
+    checkpoint_every: int = rule(positive, 1, help="Write a checkpoint every N epochs (and after the last).")
+    patience: int = rule(non_negative, 0, help="Stop once the validation SMSE has not improved on its best for this "
+                                               "many epochs (a checkpoint is written then); 0: train every epoch.")
+    seed: int = setting(0, "Seed of the initial weights and of the data order.")
+    seeds: tuple[int, ...] = setting((), "Independent training runs, one per seed (train/seed-<s>/); empty: [seed].")
+    device: str = setting("auto", "auto (GPU if there is one), cpu, or cuda[:n].")
     # Memory for trajectories held while streaming an epoch: the data order shuffles
     # trajectories, then samples within windows of trajectories that fit half of this.
-    window_mb: int = rule(positive, 1024)
-    # GPU: deterministic cuDNN kernels, so that a resumed run equals an uninterrupted one
-    # bitwise (on the CPU it always does); false may be a little faster.
-    deterministic: bool = True
+    window_mb: int = rule(positive, 1024, help="Memory (MB) for trajectories held while streaming an epoch.")
+    deterministic: bool = setting(True, "GPU: deterministic cuDNN kernels (bitwise resume) or autotuned ones "
+                                        "(maybe a little faster).")
 
 
 @dataclass(frozen=True)
