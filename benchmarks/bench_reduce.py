@@ -99,7 +99,7 @@ class PeakMemory:
 
 
 def bench_aggregates(root: str, n: int, repeats: int, block_rows: int, k: int):
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
 
     results = {}
     for size in (n, 4 * n):
@@ -124,16 +124,18 @@ def bench_aggregates(root: str, n: int, repeats: int, block_rows: int, k: int):
 
 
 def bench_tiles(root: str, band: int, size: int, k: int, repeats: int):
-    from gradlake.reduce import work
+    from gradlake import streaming
     from gradlake.reduce.metric import Metric
     from gradlake.reduce.output import ReduceOutput
     from gradlake.reduce.pairwise import precondition, tile
 
     n_cols = 4 * size
     store = make_store(f"{root}/tiles", max(band, n_cols), k)
-    src = work.StoreRef(store.url, {}, "ck")
+    from gradlake.stages.reduce import StoreRef
+
+    src = StoreRef(store.url, {}, "ck")
     inverse = Metric(np.eye(k) * 3.0).inverse(1e-4)
-    rows_a, cols = np.arange(band), work.row_blocks(np.arange(n_cols), size)
+    rows_a, cols = np.arange(band), streaming.row_blocks(np.arange(n_cols), size)
     out = ReduceOutput(f"{root}/tiles-out")
     out.create_array("t/CC", (band, n_cols), (size, size), "float32", ("response", "perturbation"))
     a_mem = np.random.default_rng(0).normal(size=(band, k)).astype(np.float32)
@@ -141,7 +143,7 @@ def bench_tiles(root: str, band: int, size: int, k: int, repeats: int):
 
     def compute():  # what a tile task does, minus the write
         a = precondition(src.read("C", rows_a), inverse)
-        return [tile(a, b) for b in work.prefetched(lambda rows: src.read("C", rows), cols)]
+        return [tile(a, b) for b in streaming.prefetched(lambda rows: src.read("C", rows), cols)]
 
     def timed(fn):
         fn()

@@ -50,7 +50,7 @@ def run_step(step: str, url: str, n: int, k: int, name: str) -> float:
         from gradlake.config import RayConfig, ReduceConfig
         from gradlake.distributed.cluster import ensure_ray
         from gradlake.progress import set_quiet
-        from gradlake.reduce import run_reduce
+        from gradlake.distributed.reduce_tasks import run_reduce
 
         set_quiet(True)
         ensure_ray()

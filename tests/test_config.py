@@ -18,7 +18,8 @@ def test_quickstart_job_parses():
         ({"grads": {"k_in": "8"}}, "grads.k_in: expected int, got '8'"),
         ({"grads": {"kin": 8}}, "grads.kin: unknown setting"),
         ({"model": {"name": "resnet"}}, "model.name: expected one of 'unet', 'vit'"),
-        ({"data": {"splits": [0.5, 0.5, 0.5]}}, "data.splits: expected three fractions"),
+        ({"data": {"split_fractions": [0.5, 0.5, 0.5]}}, "data.split_fractions: expected three fractions"),
+        ({"data": {"splits": [0.5, 0.5], "split_fractions": [0.5, 0.5, 0]}}, "data.splits: renamed data.split_fractions"),
         ({"reduce": {"pairs": ["CX"]}}, "reduce.pairs"),
         ({"stages": ["data", "cook"]}, "stages: unknown stage 'cook'"),
         ({"store": {"storage_options": {"secret": "x"}}}, "credentials never go into a job file"),
@@ -39,3 +40,35 @@ def test_bad_settings_name_the_key(values, message):
 def test_defaults_round_trip_through_json():
     job = config.parse_job({})
     assert '"k_in": 16' in config.dumps(job)
+
+
+def test_a_renamed_setting_is_read_under_its_old_name_with_a_warning():
+    with pytest.warns(FutureWarning, match="data.splits is renamed data.split_fractions"):
+        job = config.parse_job({"data": {"splits": [0.5, 0.25, 0.25]}})
+    assert job.data.split_fractions == (0.5, 0.25, 0.25)
+    with pytest.warns(FutureWarning), pytest.raises(InputError, match="data.split_fractions: expected three"):
+        config.parse_job({"data": {"splits": [0.5, 0.5, 0.5]}})
+
+
+def test_the_old_name_still_builds_a_data_config():
+    with pytest.warns(FutureWarning, match="split_fractions"):
+        data = config.DataConfig(splits=(0.5, 0.25, 0.25))
+    assert data == config.DataConfig(split_fractions=(0.5, 0.25, 0.25))
+    assert "splits" not in config.dataclasses.asdict(data)
+
+
+def test_renamed_settings_keep_the_stage_hashes():
+    """A job's stages recorded as done (job.json) stay done across the renames: the data and
+    grads stages' hashes are the ones computed under the old names."""
+    import dataclasses
+
+    from gradlake.pipeline import _stage_plan
+
+    job = config.parse_job({"data": {"split_fractions": [0.5, 0.25, 0.25]}, "grads": {"storage_dtype": "float32"}})
+    data = dataclasses.asdict(job.data)
+    data["splits"] = data.pop("split_fractions")
+    grads = dataclasses.asdict(job.grads)
+    grads["dtype"] = grads.pop("storage_dtype")
+    plan = _stage_plan(job)
+    assert plan["data"][0] == config.settings_hash(data, job.data_url)
+    assert plan["grads"][0] == config.settings_hash(plan["train"][0], grads, job.store_url)

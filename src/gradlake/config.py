@@ -1,4 +1,5 @@
-"""Job files (TOML) -> typed, validated settings.
+"""Job files (TOML) -> typed, validated settings: the schema and its parsing, no I/O beyond
+reading the job file (what a job resolves to against files: gradlake.pipeline.resolved).
 
 Every section is a frozen dataclass; every field's type and constraint is checked
 before any work starts, and a bad value is reported with its full key path:
@@ -13,7 +14,8 @@ import json
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,11 +46,23 @@ def fraction(x) -> str | None:
     return _check(0 < x < 1, "in (0, 1)")
 
 
-def rule(check, default=dataclasses.MISSING, **kw):
-    """A dataclass field carrying a value check (returns what was expected, or None)."""
+def rule(check, default=dataclasses.MISSING, help: str = "", **kw):
+    """A dataclass field carrying a value check (returns what was expected, or None) and
+    its help text (the command line's too)."""
+    metadata = {"check": check, "help": help}
     if default is dataclasses.MISSING and "default_factory" not in kw:
-        return field(metadata={"check": check}, **kw)
-    return field(default=default, metadata={"check": check}, **kw)
+        return field(metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def setting(default, help: str):
+    """A dataclass field with its help text (and no value check)."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(section, name: str) -> str:
+    """The help text of setting ``name`` of a settings dataclass ("" when it has none)."""
+    return {f.name: f for f in dataclasses.fields(section)}[name].metadata.get("help", "")
 
 
 @dataclass(frozen=True)
@@ -63,12 +77,21 @@ class DataConfig:
     steps: int = rule(lambda x: _check(x >= 2, ">= 2"), 9)  # stored snapshots per trajectory
     resolution: int = rule(lambda x: _check(x >= 8, ">= 8"), 64)
     seed: int = 0
-    splits: tuple[float, float, float] = (0.65, 0.05, 0.30)  # train / val / test, by trajectory
+    split_fractions: tuple[float, float, float] = (0.65, 0.05, 0.30)  # train / val / test, by trajectory
     output_dt: float = rule(non_negative, 0.0)  # time between snapshots; 0 -> the family's default
     cfl: float = rule(lambda x: _check(0 <= x < 1, "in [0, 1)"), 0.0)  # 0 -> the family's default
     viscosity: float = rule(positive, 1e-3)  # ns only
     batch: int = rule(positive, 16)  # trajectories simulated at once
     device: str = "cpu"  # torch device of the generators ("auto" -> cuda when available)
+    # The old name of split_fractions, still taken by the constructor (with a FutureWarning);
+    # not a setting: job files' data.splits is renamed while parsing (RENAMED).
+    splits: InitVar[tuple[float, float, float] | None] = None
+
+    def __post_init__(self, splits):
+        if splits is not None:
+            warnings.warn("DataConfig(splits=...) is renamed DataConfig(split_fractions=...)", FutureWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "split_fractions", tuple(splits))
 
 
 @dataclass(frozen=True)
@@ -95,50 +118,52 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = rule(non_negative, 2)  # 0: only with model.checkpoint (analyse it as is)
-    batch_size: int = rule(positive, 48)
-    lr: float = rule(positive, 5e-4)
-    weight_decay: float = rule(non_negative, 1e-4)
-    checkpoint_every: int = rule(positive, 1)
-    # Stop once the validation SMSE has not improved on its best for this many epochs
-    # (a checkpoint is written at the stopping epoch); 0: train all ``epochs``.
-    patience: int = rule(non_negative, 0)
-    seed: int = 0
-    # Independent training runs of a job, one per seed (train/seed-<s>/); empty -> [seed].
-    seeds: tuple[int, ...] = ()
-    device: str = "auto"
+    epochs: int = rule(non_negative, 2, help="Epochs in total (a resumed run continues to this); 0: only with "
+                                             "model.checkpoint (analyse it as is).")
+    batch_size: int = rule(positive, 48, help="Samples per optimizer step.")
+    lr: float = rule(positive, 5e-4, help="AdamW learning rate.")
+    weight_decay: float = rule(non_negative, 1e-4, help="AdamW weight decay.")
+    checkpoint_every: int = rule(positive, 1, help="Write a checkpoint every N epochs (and after the last).")
+    patience: int = rule(non_negative, 0, help="Stop once the validation SMSE has not improved on its best for this "
+                                               "many epochs (a checkpoint is written then); 0: train every epoch.")
+    seed: int = setting(0, "Seed of the initial weights and of the data order.")
+    seeds: tuple[int, ...] = setting((), "Independent training runs, one per seed (train/seed-<s>/); empty: [seed].")
+    device: str = setting("auto", "auto (GPU if there is one), cpu, or cuda[:n].")
     # Memory for trajectories held while streaming an epoch: the data order shuffles
     # trajectories, then samples within windows of trajectories that fit half of this.
-    window_mb: int = rule(positive, 1024)
-    # GPU: deterministic cuDNN kernels, so that a resumed run equals an uninterrupted one
-    # bitwise (on the CPU it always does); false may be a little faster.
-    deterministic: bool = True
+    window_mb: int = rule(positive, 1024, help="Memory (MB) for trajectories held while streaming an epoch.")
+    deterministic: bool = setting(True, "GPU: deterministic cuDNN kernels (bitwise resume) or autotuned ones "
+                                        "(maybe a little faster).")
 
 
 @dataclass(frozen=True)
 class GradsConfig:
-    checkpoints: tuple[str, ...] = ()  # checkpoint names; empty -> every checkpoint of the run
-    observables: tuple[str, ...] = ("C", "M", "E", "V")
-    probes: int = rule(non_negative, 0)  # random cotangents per sample for V; 0: train samples × probes >= 2k
-    k_in: int = rule(positive, 16)
-    k_out: int = rule(positive, 16)
-    seed: int = 0
-    dtype: Literal["float16", "float32"] = "float16"
-    splits: tuple[str, ...] = ("train", "val", "test")
-    batch_size: int = rule(positive, 16)
-    shard_rows: int = rule(non_negative, 0)  # rows per shard (one zarr shard, one writer); 0 -> sized by the store (64-128 MiB objects)
-    workers: int = rule(non_negative, 0)  # 0 -> one per GPU, else one per CPU slot
-    threads_per_worker: int = rule(positive, 1)
-    device: str = "auto"
-    projection: Literal["rademacher", "gaussian"] = "rademacher"
-    k_dense: int = rule(non_negative, 0)  # per parameter outside Linear/Conv; 0 -> k_in * k_out
-    precision: Literal["float32", "bfloat16"] = "float32"  # autocast on GPUs (no float16: cotangents underflow)
-    retries: int = rule(non_negative, 3)  # attempts per shard after the first
-    # Rows of the projection per layer: "uniform" (k_in x k_out everywhere) or "energy" (by the
-    # per-example gradient energy of calibration_samples held samples; see gradlake.grads.allocation).
-    allocation: Literal["uniform", "energy"] = "energy"
-    k_total: int = rule(non_negative, 0)  # energy: total k; 0 -> the uniform projector's k
-    calibration_samples: int = rule(positive, 8)
+    checkpoints: tuple[str, ...] = setting((), "Checkpoint names; empty: every checkpoint of the run.")
+    observables: tuple[str, ...] = setting(("C", "M", "E", "V"), "Observables, comma-separated (C, M, E, V).")
+    probes: int = rule(non_negative, 0, help="Random cotangents per sample for V; 0 = enough that train samples "
+                                               "× probes >= 2k (a full-rank probe metric).")
+    k_in: int = rule(positive, 16, help="Projection rows on the input side of each layer.")
+    k_out: int = rule(positive, 16, help="Projection rows on the output side of each layer.")
+    seed: int = setting(0, "Seed of the projection and of the V probes.")
+    storage_dtype: Literal["float16", "float32"] = setting(
+        "float16", "Stored dtype of φ: float16 or float32 (computed in --precision, then cast).")
+    splits: tuple[str, ...] = setting(("train", "val", "test"), "Splits whose samples the store holds.")
+    batch_size: int = rule(positive, 16, help="Samples per gradient batch.")
+    shard_rows: int = rule(non_negative, 0, help="Rows per shard (one zarr shard, one writer; the unit of work and "
+                                                 "of commits); 0 = sized by the store (64-128 MiB objects).")
+    workers: int = rule(non_negative, 0, help="Ray actors; 0 = one per GPU, else one per CPU slot.")
+    threads_per_worker: int = rule(positive, 1, help="Torch threads per CPU worker.")
+    device: str = setting("auto", "auto, cpu or cuda.")
+    projection: Literal["rademacher", "gaussian"] = setting("rademacher", "Projection entries: rademacher or gaussian.")
+    k_dense: int = rule(non_negative, 0, help="Projection rows per parameter outside Linear/Conv; 0 = k_in * k_out.")
+    precision: Literal["float32", "bfloat16"] = setting(
+        "float32", "Compute precision (autocast) on GPUs: float32 or bfloat16 (no float16: cotangents underflow).")
+    retries: int = rule(non_negative, 3, help="Attempts per failing shard after the first.")
+    allocation: Literal["uniform", "energy"] = setting(
+        "energy", "Projection rows per layer: uniform (k_in x k_out everywhere) or energy (by the per-example "
+                   "gradient energy of --calibration-samples held samples; see gradlake.grads.allocation).")
+    k_total: int = rule(non_negative, 0, help="Energy allocation: total k; 0 = the uniform projector's k.")
+    calibration_samples: int = rule(positive, 8, help="Energy allocation: held samples that measure the energy.")
 
 
 @dataclass(frozen=True)
@@ -178,34 +203,35 @@ class ExactConfig:
 
 @dataclass(frozen=True)
 class ReduceConfig:
-    name: str = "default"
-    metric: Literal["V", "C"] = "V"
-    # "probes": η̃ = Σ probe outer products; "shrink": its Ledoit–Wolf shrinkage towards (tr/k) I,
-    # for reference samples × probes < k (gradlake.reduce.metric; benchmarks/bench_metric.py)
-    metric_estimator: Literal["probes", "shrink"] = "probes"
-    damping: float = rule(positive, 1e-4)  # lambda
-    # optional λ sweep: the aggregates at each, and the exact H at each from the same solve
-    lambdas: tuple[float, ...] = rule(lambda xs: _check(all(x > 0 for x in xs), "every λ > 0"), ())
-    reference_split: str = "train"
-    pairs: tuple[str, ...] = ("CC", "MC", "EC")  # response observable, perturbation observable
-    normalize: tuple[str, ...] = NORMALIZATIONS
-    block_rows: int = rule(positive, 4096)
-    topk: int = rule(non_negative, 10)
-    distance_pairs: int = rule(non_negative, 2000)
+    name: str = setting("default", "Results go to STORE/reduce/NAME/.")
+    metric: Literal["V", "C"] = setting("V", "Metric: V (Gauss-Newton/NTK from random probes) or C (empirical Fisher).")
+    metric_estimator: Literal["probes", "shrink"] = setting(
+        "probes", "probes: the metric is the sum of probe outer products; shrink: its Ledoit-Wolf shrinkage "
+                  "towards (tr/k) I, for reference samples x probes < k (gradlake.reduce.metric).")
+    damping: float = rule(positive, 1e-4, help="Damping λ of (η̃ + λI)⁻¹.")
+    lambdas: tuple[float, ...] = rule(lambda xs: _check(all(x > 0 for x in xs), "every λ > 0"), (),
+                                      help="Extra λ values of a sweep, comma-separated: the aggregates at each, "
+                                           "and the exact H at each from the same solve.")
+    reference_split: str = setting("train", "Split of the metric and of row-std.")
+    pairs: tuple[str, ...] = setting(("CC", "MC", "EC"), "Observable pairs (response, perturbation), comma-separated.")
+    normalize: tuple[str, ...] = setting(NORMALIZATIONS, "Normalisations, comma-separated: none, row-std, cosine.")
+    block_rows: int = rule(positive, 4096, help="Rows per task.")
+    topk: int = rule(non_negative, 10, help="Most / least influential reference samples per query; 0 = none.")
+    distance_pairs: int = rule(non_negative, 2000, help="Sampled pairs of influence vs input distance; 0 = none.")
     exact: ExactConfig = field(default_factory=ExactConfig)
-    checkpoints: tuple[str, ...] = ()  # empty -> every checkpoint in the store
+    checkpoints: tuple[str, ...] = setting((), "Checkpoint names, comma-separated; empty: every checkpoint in the store.")
     # Sample selections: filters in the store's --where language; empty selects every sample.
-    response: str = ""  # response samples i of the aggregates
-    perturbation: str = ""  # perturbation samples j of the aggregates
-    topk_queries: str = "split == 'test'"  # query samples of the top-k lists (candidates: reference split)
-    tile_rows: str = "split == 'test'"  # dense H tiles: response selection ...
-    tile_cols: str = "split == 'test'"  # ... times perturbation selection
-    tile_max: int = rule(non_negative, 4096)  # at most this many rows per side (0: no tiles)
-    tile_size: int = rule(positive, 1024)  # rows per side of one tile (one task, one zarr chunk)
-    distance_bins: int = rule(positive, 20)
-    seed: int = 0  # sampling of the distance pairs
-    # also split the lag curves and top-k lists into per-layer shares (gradlake.reduce.layers)
-    by_layer: bool = False
+    response: str = setting("", "Response samples i of the aggregates (a --where filter); empty: all.")
+    perturbation: str = setting("", "Perturbation samples j of the aggregates (a --where filter); empty: all.")
+    topk_queries: str = setting("split == 'test'", "Query samples of the top-k lists (a --where filter; "
+                                                   "candidates: the reference split).")
+    tile_rows: str = setting("split == 'test'", "Dense H tiles: response samples (a --where filter).")
+    tile_cols: str = setting("split == 'test'", "Dense H tiles: perturbation samples (a --where filter).")
+    tile_max: int = rule(non_negative, 4096, help="At most this many samples per tile side; 0 = no tiles.")
+    tile_size: int = rule(positive, 1024, help="Samples per side of one tile (one task, one zarr chunk).")
+    distance_bins: int = rule(positive, 20, help="Equal-count distance bins of the influence-vs-distance curve.")
+    seed: int = setting(0, "Seed of the sampled distance pairs.")
+    by_layer: bool = setting(False, "Also split the lag curves and top-k lists into per-layer shares.")
 
 
 @dataclass(frozen=True)
@@ -292,6 +318,12 @@ class JobConfig:
     @property
     def train_dir(self) -> str:
         return _join(self.out, "train")
+
+    def training_runs(self) -> list[tuple[int, str]]:
+        """(seed, run directory) of each independent training run of the job."""
+        if not self.train.seeds:
+            return [(self.train.seed, self.train_dir)]
+        return [(seed, _join(self.train_dir, f"seed-{seed}")) for seed in self.train.seeds]
 
     @property
     def store_url(self) -> str:
@@ -394,7 +426,25 @@ def _convert(value: Any, tp, path: str):
     raise TypeError(f"unsupported setting type {tp!r} at {path}")  # a bug in this module
 
 
+# Settings renamed: (section, old name) -> new name. The old name is still read, with a warning.
+RENAMED = {("data", "splits"): "split_fractions", ("grads", "dtype"): "storage_dtype"}
+
+
+def _renamed(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``values`` with renamed settings under their new names (a FutureWarning for each)."""
+    for (section, old), new in RENAMED.items():
+        if section != prefix or old not in values:
+            continue
+        if new in values:
+            raise InputError(f"{prefix}.{old}: renamed {prefix}.{new}; give only {prefix}.{new}")
+        warnings.warn(f"{prefix}.{old} is renamed {prefix}.{new}; the old name will stop working",
+                      FutureWarning, stacklevel=2)
+        values = {(new if k == old else k): v for k, v in values.items()}
+    return values
+
+
 def _build(cls, values: dict[str, Any], prefix: str):
+    values = _renamed(values, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -454,8 +504,9 @@ def _validate(job: JobConfig) -> JobConfig:
     for norm in job.reduce.normalize:
         if norm not in NORMALIZATIONS:
             raise InputError(f"reduce.normalize: unknown normalisation {norm!r}; expected some of {', '.join(NORMALIZATIONS)}")
-    if abs(sum(job.data.splits) - 1.0) > 1e-9 or any(s < 0 for s in job.data.splits):
-        raise InputError(f"data.splits: expected three fractions >= 0 summing to 1, got {list(job.data.splits)}")
+    fractions = job.data.split_fractions
+    if abs(sum(fractions) - 1.0) > 1e-9 or any(s < 0 for s in fractions):
+        raise InputError(f"data.split_fractions: expected three fractions >= 0 summing to 1, got {list(fractions)}")
     if job.data.source == "url" and not job.data.url:
         raise InputError("data.url: expected a dataset URL when data.source = 'url'")
     secret = secret_option(job.store.storage_options, "store.storage_options")
@@ -494,73 +545,3 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
 def dumps(job: JobConfig) -> str:
     """The resolved settings as JSON (for `gradlake validate` and provenance)."""
     return json.dumps(job.to_dict(), indent=2, default=list)
-
-
-def resolved(job: JobConfig) -> dict[str, Any]:
-    """The settings as the job will run them, every default filled in: the output paths,
-    grads.k_dense, the generator's time step and CFL, trajectories per split, the Ray address."""
-    import os
-
-    settings = job.to_dict()
-    values = {"name": settings.pop("name"), "out": settings.pop("out"),
-              "paths": {"data": job.data_url, "train": job.train_dir, "store": job.store_url,
-                        "report": job.report_dir}, **settings}
-    values["grads"]["k_dense"] = job.grads.k_dense or job.grads.k_in * job.grads.k_out
-    values["ray"]["address"] = job.ray.address or os.environ.get("RAY_ADDRESS", "") or "embedded local Ray"
-    values["reduce"]["exact"]["checkpoint"] = job.reduce.exact.checkpoint or "the last checkpoint"
-    if job.data.source == "generate":
-        from gradlake.data.generate import provenance
-
-        record = provenance(job.data)
-        values["data"]["output_dt"], values["data"]["cfl"] = record["output_dt"], record["cfl"]
-    counts = split_trajectories(job)
-    if counts is not None:
-        values["data"]["trajectories_per_split"] = counts
-    return values
-
-
-def split_trajectories(job: JobConfig) -> dict[str, int] | None:
-    """Trajectories per split: computed for generated data, read from the manifest of an
-    existing dataset; None when that dataset cannot be read now."""
-    from gradlake.data.index import SPLIT_NAMES, split_counts
-
-    if job.data.source == "generate":
-        per_class = split_counts(job.data.trajectories, job.data.splits)
-        return {name: n * len(job.data.classes) for name, n in zip(SPLIT_NAMES, per_class)}
-    from gradlake.data.format import read_manifest
-
-    try:
-        manifest = read_manifest(job.data_url, job.store.storage_options or None)
-    except Exception:  # noqa: BLE001 -- unreachable now (credentials, network): nothing to say
-        return None
-    if not manifest:
-        return None
-    return {name: int(manifest.get("splits", {}).get(name, 0)) for name in SPLIT_NAMES}
-
-
-def setting_warnings(job: JobConfig) -> list[str]:
-    """Settings that are valid but probably not what was meant: a split that will be empty."""
-    counts = split_trajectories(job)
-    if counts is None:
-        return []
-    out = []
-    how = (f"{job.data.trajectories} trajectories per class split {'/'.join(f'{f:g}' for f in job.data.splits)}"
-           if job.data.source == "generate" else f"dataset {job.data_url}")
-    for name, n in counts.items():
-        if n:
-            continue
-        uses = []
-        if name in job.grads.splits and "grads" in job.stages:
-            uses.append("grads.splits holds it")
-        if "reduce" in job.stages:
-            if job.reduce.reference_split == name:
-                uses.append("reduce.reference_split needs it (the metric and row-std)")
-            for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols"):
-                if f"'{name}'" in getattr(job.reduce, key) or f'"{name}"' in getattr(job.reduce, key):
-                    uses.append(f"reduce.{key} selects from it")
-        if name == "val" and "train" in job.stages:
-            uses.append("training validates on the test split instead")
-        out.append(f"split {name!r} will be empty ({how}: "
-                   f"{', '.join(f'{s} {c}' for s, c in counts.items())})"
-                   + (f"; {'; '.join(uses)}" if uses else ""))
-    return out

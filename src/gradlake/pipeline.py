@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -40,13 +41,6 @@ class JobRecord:
         self.out.write_json(JOB_JSON, {"stages": self.stages})
 
 
-def training_runs(job: JobConfig) -> list[tuple[int, str]]:
-    """(seed, run directory) of each independent training run of the job."""
-    if not job.train.seeds:
-        return [(job.train.seed, job.train_dir)]
-    return [(seed, fsio.join(job.train_dir, f"seed-{seed}")) for seed in job.train.seeds]
-
-
 def checkpoints(job: JobConfig) -> dict[str, str]:
     """The checkpoints the gradient stage analyses: store name -> checkpoint path.
 
@@ -56,7 +50,7 @@ def checkpoints(job: JobConfig) -> dict[str, str]:
     from gradlake.models.checkpoint import list_checkpoints
 
     found = {}
-    for seed, run_dir in training_runs(job):
+    for seed, run_dir in job.training_runs():
         prefix = f"seed-{seed}-" if job.train.seeds else ""
         for path in list_checkpoints(run_dir):
             found[prefix + path.rstrip("/").rsplit("/", 1)[-1]] = path
@@ -68,14 +62,87 @@ def checkpoints(job: JobConfig) -> dict[str, str]:
     return found
 
 
-def _settings(section: Any, added: tuple[str, ...]) -> dict[str, Any]:
-    """A section's settings for a hash; fields added later count only when set, so the
-    hashes of jobs that do not use them stay what they were."""
+# --------------------------------------------------------------------------- settings as run
+# What a job will run with, resolved against files (the generator's defaults, a dataset's
+# manifest): `gradlake validate` prints it. gradlake.config only parses and checks.
+def resolved(job: JobConfig) -> dict[str, Any]:
+    """The settings as the job will run them, every default filled in: the output paths,
+    grads.k_dense, the generator's time step and CFL, trajectories per split, the Ray address."""
+    settings = job.to_dict()
+    values = {"name": settings.pop("name"), "out": settings.pop("out"),
+              "paths": {"data": job.data_url, "train": job.train_dir, "store": job.store_url,
+                        "report": job.report_dir}, **settings}
+    values["grads"]["k_dense"] = job.grads.k_dense or job.grads.k_in * job.grads.k_out
+    values["ray"]["address"] = job.ray.address or os.environ.get("RAY_ADDRESS", "") or "embedded local Ray"
+    values["reduce"]["exact"]["checkpoint"] = job.reduce.exact.checkpoint or "the last checkpoint"
+    if job.data.source == "generate":
+        from gradlake.data.generate import provenance
+
+        record = provenance(job.data)
+        values["data"]["output_dt"], values["data"]["cfl"] = record["output_dt"], record["cfl"]
+    counts = trajectories_per_split(job)
+    if counts is not None:
+        values["data"]["trajectories_per_split"] = counts
+    return values
+
+
+def trajectories_per_split(job: JobConfig) -> dict[str, int] | None:
+    """Trajectories per split: computed for generated data, read from the manifest of an
+    existing dataset; None when that dataset cannot be read now."""
+    from gradlake.data.index import SPLIT_NAMES, split_counts
+
+    if job.data.source == "generate":
+        per_class = split_counts(job.data.trajectories, job.data.split_fractions)
+        return {name: n * len(job.data.classes) for name, n in zip(SPLIT_NAMES, per_class)}
+    from gradlake.data.format import read_manifest
+
+    try:
+        manifest = read_manifest(job.data_url, job.store.storage_options or None)
+    except Exception:  # noqa: BLE001 -- unreachable now (credentials, network): nothing to say
+        return None
+    if not manifest:
+        return None
+    return {name: int(manifest.get("splits", {}).get(name, 0)) for name in SPLIT_NAMES}
+
+
+def setting_warnings(job: JobConfig) -> list[str]:
+    """Settings that are valid but probably not what was meant: a split that will be empty."""
+    counts = trajectories_per_split(job)
+    if counts is None:
+        return []
+    out = []
+    how = (f"{job.data.trajectories} trajectories per class split {'/'.join(f'{f:g}' for f in job.data.split_fractions)}"
+           if job.data.source == "generate" else f"dataset {job.data_url}")
+    for name, n in counts.items():
+        if n:
+            continue
+        uses = []
+        if name in job.grads.splits and "grads" in job.stages:
+            uses.append("grads.splits holds it")
+        if "reduce" in job.stages:
+            if job.reduce.reference_split == name:
+                uses.append("reduce.reference_split needs it (the metric and row-std)")
+            for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols"):
+                if f"'{name}'" in getattr(job.reduce, key) or f'"{name}"' in getattr(job.reduce, key):
+                    uses.append(f"reduce.{key} selects from it")
+        if name == "val" and "train" in job.stages:
+            uses.append("training validates on the test split instead")
+        out.append(f"split {name!r} will be empty ({how}: "
+                   f"{', '.join(f'{s} {c}' for s, c in counts.items())})"
+                   + (f"; {'; '.join(uses)}" if uses else ""))
+    return out
+
+
+def _settings(section: Any, added: tuple[str, ...] = (), renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """A section's settings for a hash; fields added later count only when set, and renamed
+    fields (new name -> old) under their old names, so the hashes of jobs stay what they were."""
     values = dataclasses.asdict(section)
     default = type(section)()
     for name in added:
         if getattr(section, name) == getattr(default, name):
             values.pop(name)
+    for new, old in (renamed or {}).items():
+        values[old] = values.pop(new)
     return values
 
 
@@ -98,7 +165,7 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
         from gradlake.train import train as run_train
 
         paths = []
-        for seed, run_dir in training_runs(job):
+        for seed, run_dir in job.training_runs():
             settings = dataclasses.replace(job.train, seed=seed)
             paths += run_train(job.data_url, job.model, settings, run_dir, storage_options=so, task=job.task)
         return {"checkpoints": paths}
@@ -110,9 +177,10 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
                          storage_options=so, task=job.task, python_path=job.python_path)
 
     def reduce():
-        from gradlake.reduce import run_reduce
+        from gradlake.distributed.reduce_tasks import run_reduce
 
-        return run_reduce(job.store_url, job.reduce, job.ray, storage_options=so)
+        # The job's own results: a rerun with other [reduce] settings replaces them (job.json).
+        return run_reduce(job.store_url, job.reduce, job.ray, storage_options=so, overwrite=True)
 
     def lds():
         from gradlake.distributed.cluster import ensure_ray
@@ -130,10 +198,10 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
                              lds_dir=job.lds_dir if job.eval.lds.enabled else None)
         return {"index": index}
 
-    data_h = settings_hash(job.data, job.data_url)
+    data_h = settings_hash(_settings(job.data, renamed={"split_fractions": "splits"}), job.data_url)
     train_h = settings_hash(data_h, _settings(job.model, ("path", "kwargs", "checkpoint")), job.train,
                             *([job.task] if job.task != type(job.task)() else []))
-    grads_h = settings_hash(train_h, job.grads, job.store_url)
+    grads_h = settings_hash(train_h, _settings(job.grads, renamed={"storage_dtype": "dtype"}), job.store_url)
     reduce_h = settings_hash(grads_h, job.reduce)
     lds_h = settings_hash(grads_h, job.eval.lds, job.reduce.metric, job.reduce.metric_estimator,
                           job.reduce.damping, job.reduce.reference_split, job.reduce.name)

@@ -35,7 +35,7 @@ from gradlake.reduce.layers import Layers, pair_shares
 from gradlake.provenance import METADATA_KEY, description_of, with_description  # noqa: F401 (public here too)
 from gradlake.reduce.metric import Metric, Moments
 from gradlake.reduce.pairwise import TopK, precondition, tile
-from gradlake.reduce.work import OrderedSum, prefetched, row_blocks
+from gradlake.streaming import OrderedSum, prefetched, row_blocks
 from gradlake.store import GradientStore
 from gradlake.topk_table import topk_table
 

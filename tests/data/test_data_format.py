@@ -195,3 +195,15 @@ def test_generate_idempotent_and_refuses_different(tmp_path):
     with pytest.raises(InputError, match="data.classes"):
         generate(DataConfig(classes=("bb",)), str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
+
+
+def test_open_checked_opens_only_the_recorded_dataset(tmp_path):
+    from gradlake.data import open_checked
+
+    ds, _ = write_random(str(tmp_path / "ds"))
+    other, _ = write_random(str(tmp_path / "other"), seed=1)
+    assert open_checked(ds.url, ds.fingerprint).fingerprint == ds.fingerprint
+    with pytest.raises(InputError, match=rf"{other.fingerprint[:12]} is not {ds.fingerprint[:12]}.*--data"):
+        open_checked(other.url, ds.fingerprint)
+    with pytest.raises(InputError, match="moved, pass its new URL with --data"):
+        open_checked(str(tmp_path / "gone"), ds.fingerprint)

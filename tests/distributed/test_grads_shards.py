@@ -131,7 +131,7 @@ def test_cli_bad_settings_exit_2_before_any_work(grads_inputs, tmp_path, capsys)
 
     data, checkpoints = grads_inputs
     out = tmp_path / "store"
-    for args, message in ((["--dtype", "float8"], "grads.dtype: expected one of 'float16', 'float32'"),
+    for args, message in ((["--dtype", "float8"], "grads.storage_dtype: expected one of 'float16', 'float32'"),
                           (["--k-in", "0"], "grads.k_in: expected int > 0"),
                           (["--observables", "C,X"], "'X' is not defined for channels")):
         with pytest.raises(SystemExit) as exit_info:
@@ -164,3 +164,14 @@ def test_shard_rows_0_sizes_a_new_store_and_keeps_an_existing_stores(grads_input
     prepare(data, checkpoints[:1], url, SETTINGS, {})  # 8-row shards
     resumed = prepare(data, checkpoints, url, auto, {})
     assert resumed.store.spec.shard_rows == 8 and len(resumed.tasks) == 2 * 5
+
+
+def test_a_worker_refuses_a_dataset_other_than_the_stores(grads_inputs, tmp_path):
+    from grads_fixtures import write_dataset
+
+    data, checkpoints = grads_inputs
+    url = str(tmp_path / "store")
+    prepare(data, checkpoints[:1], url, SETTINGS, {})
+    other = write_dataset(str(tmp_path / "other"), seed=1)  # same shape and channels, other values
+    with pytest.raises(InputError, match=f"{other.fingerprint[:12]} is not .*--data"):
+        ShardWorker(WorkerSettings(other.url, url, SETTINGS))

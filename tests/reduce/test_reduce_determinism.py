@@ -9,7 +9,7 @@ import zarr
 from reduce_helpers import make_dataset, make_store
 
 from gradlake.config import RayConfig, ReduceConfig
-from gradlake.reduce.work import OrderedSum
+from gradlake.streaming import OrderedSum
 
 
 def test_ordered_sum_tree_depends_only_on_the_count():
@@ -24,7 +24,7 @@ def test_ordered_sum_tree_depends_only_on_the_count():
 @pytest.mark.slow
 def test_reduce_outputs_are_bit_identical_for_any_number_of_workers(tmp_path, ray_session, monkeypatch):
     from gradlake.distributed import reduce_tasks
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
 
     ds = make_dataset(str(tmp_path / "data"), per_class=6, n_times=9)
     store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",), k=24)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from reduce_helpers import make_dataset, make_store
 
-from gradlake.reduce.work import BlockPlan, PartIndex, row_blocks
+from gradlake.stages.reduce import BlockPlan, PartIndex
+from gradlake.streaming import row_blocks
 
 
 def whole_table_trajectory_blocks(trajectory: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
@@ -74,7 +75,7 @@ def test_one_reduce_per_name_at_a_time_and_results_alike_however_planned(tmp_pat
     import gradlake.query
     from gradlake.config import RayConfig, ReduceConfig
     from gradlake.distributed import reduce_tasks
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
     from gradlake.store import GradientStore
 
     ds = make_dataset(str(tmp_path / "data"), per_class=4, n_times=6)
@@ -139,7 +140,7 @@ def test_bad_selections_are_refused_before_anything_is_written(tmp_path, monkeyp
     from gradlake.config import RayConfig, ReduceConfig
     from gradlake.distributed.reduce_tasks import check_settings
     from gradlake.errors import InputError
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
 
     ds = make_dataset(str(tmp_path / "data"), per_class=2, n_times=4)
     store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",), k=4, shard_rows=8)

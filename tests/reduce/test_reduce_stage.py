@@ -1,7 +1,9 @@
 """run_reduce on a real store and Ray: every output against dense numpy from the stored φ."""
 
 import dataclasses
+import glob
 import json
+import os
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -30,7 +32,7 @@ def reduced(tmp_path_factory, ray_session):
     settings = ReduceConfig(damping=LAM, lambdas=(1e-2,), block_rows=7, topk=3, distance_pairs=50,
                             distance_bins=4, tile_rows="", tile_cols="split == 'train'", tile_size=5,
                             tile_max=12, topk_queries="split == 'test'", by_layer=True)
-    summary = __import__("gradlake.reduce", fromlist=["run_reduce"]).run_reduce(
+    summary = __import__("gradlake.distributed.reduce_tasks", fromlist=["run_reduce"]).run_reduce(
         store.url, settings, RayConfig())
     return store, settings, summary
 
@@ -178,7 +180,7 @@ def test_pairwise_outputs_match_dense(reduced):
 
 
 def test_summary_restart_and_settings_change(reduced, tmp_path):
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
 
     store, settings, summary = reduced
     url = store.reduce_url(settings.name)
@@ -190,9 +192,13 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
     # Same settings: every checkpoint is reused from its completion record.
     again = run_reduce(store.url, settings, RayConfig())
     assert again["checkpoints"] == summary["checkpoints"]
-    # Other settings under the same name: the old results are replaced whole.
+    # Other settings under the same name: refused, nothing touched; replaced whole with overwrite.
     changed = dataclasses.replace(settings, pairs=("CC",), lambdas=(), topk=0, distance_pairs=0, tile_max=0)
-    third = run_reduce(store.url, changed, RayConfig())
+    before = {p: os.path.getmtime(p) for p in glob.glob(url + "/**", recursive=True) if os.path.isfile(p)}
+    with pytest.raises(InputError, match="--overwrite"):
+        run_reduce(store.url, changed, RayConfig())
+    assert {p: os.path.getmtime(p) for p in glob.glob(url + "/**", recursive=True) if os.path.isfile(p)} == before
+    third = run_reduce(store.url, changed, RayConfig(), overwrite=True)
     coords = coordinates(zarr.open_group(url + "/results.zarr", mode="r")[store.checkpoints[0]], "twotime")
     assert coords["pair"] == ["CC"] and coords["lambda"] == [LAM]
     assert third["checkpoints"][store.checkpoints[0]]["topk"] == {"skipped": "reduce.topk = 0"}
@@ -206,6 +212,10 @@ def test_summary_restart_and_settings_change(reduced, tmp_path):
     assert exit_info.value.code in (0, None)
     cli = json.loads(open(store.reduce_url("cli") + "/summary.json").read())
     assert cli["settings"]["damping"] == 0.01 and list(cli["checkpoints"]) == [store.checkpoints[0]]
+    with pytest.raises(SystemExit) as exit_info:  # a second reduce of the name, other settings
+        main(["reduce", store.url, "--name", "cli", "--lambda", "0.02", "--quiet"])
+    assert exit_info.value.code == 2
+    assert json.loads(open(store.reduce_url("cli") + "/summary.json").read()) == cli
     with pytest.raises(SystemExit) as exit_info:
         main(["reduce", store.url, "--metric", "X"])
     assert exit_info.value.code == 2
@@ -228,7 +238,7 @@ def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, ray_ses
     from gradlake import models
     from gradlake.config import ExactConfig
     from gradlake.models.checkpoint import save_checkpoint
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
 
     ds = make_dataset(str(tmp_path / "data"))
     torch.manual_seed(0)
@@ -246,7 +256,7 @@ def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, ray_ses
 
 
 def test_an_undersampled_metric_warns_in_the_summary_and_the_report(tmp_path, ray_session):
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
     from gradlake.report import build_report
 
     ds = make_dataset(str(tmp_path / "data"))
@@ -274,3 +284,32 @@ def test_an_undersampled_metric_warns_in_the_summary_and_the_report(tmp_path, ra
     eigenvalues = zarr.open_group(store.reduce_url("shrunk") + "/results.zarr", mode="r")["epoch-0001"][
         "metric_eigenvalues"][:]
     assert eigenvalues[-1] > 1e-6 * eigenvalues[0]
+
+
+def test_the_dataset_is_checked_by_fingerprint_and_a_moved_one_found_by_data(tmp_path, ray_session):
+    """The reduce's distance pass reads the store's dataset: another dataset at the recorded URL
+    is not used (the pass is skipped, saying why); --data finds a moved one, checked first."""
+    import shutil
+
+    from gradlake.distributed.reduce_tasks import run_reduce
+
+    ds = make_dataset(str(tmp_path / "data"))
+    store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",))
+    settings = ReduceConfig(damping=LAM, pairs=("CC",), normalize=("none",), topk=0, tile_max=0,
+                            distance_pairs=20, distance_bins=2)
+    shutil.move(ds.url, str(tmp_path / "moved"))
+    make_dataset(ds.url, seed=1)  # another dataset where the store's was
+    stale = run_reduce(store.url, settings, RayConfig())["checkpoints"]["epoch-0001"]["distance"]
+    assert "skipped" in stale and "--data" in stale["skipped"] and ds.fingerprint[:12] in stale["skipped"]
+    with pytest.raises(InputError, match="--data"):  # refused before any work
+        run_reduce(store.url, dataclasses.replace(settings, name="wrong"), RayConfig(), data_url=ds.url)
+    assert not os.path.exists(store.reduce_url("wrong"))
+    moved = run_reduce(store.url, dataclasses.replace(settings, name="moved"), RayConfig(),
+                       data_url=str(tmp_path / "moved"))
+    table = pads.dataset(store.reduce_url("moved") + "/distance_pairs.parquet", partitioning="hive").to_table()
+    assert moved["checkpoints"]["epoch-0001"]["distance"] == {"pairs": table.num_rows,
+                                                              "dataset": str(tmp_path / "moved")}
+    inputs, _ = make_dataset(str(tmp_path / "again")).samples(np.r_[table["row_i"].to_numpy(), table["row_j"].to_numpy()])
+    n = table.num_rows
+    expected = np.sqrt(((inputs[:n].astype(np.float64) - inputs[n:]) ** 2).reshape(n, -1).mean(1))
+    np.testing.assert_allclose(table["distance"].to_numpy(), expected, rtol=1e-6)

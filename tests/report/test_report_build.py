@@ -39,7 +39,7 @@ def _reduce_helpers():
 def inputs(tmp_path_factory, ray_session):
     """(store url, train dir, reduce settings): two trained tiny-ViT checkpoints, a rollout of
     the last, a store of random φ naming them, and a reduce with a λ sweep and the exact mode."""
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
     from gradlake.train import rollout, train
 
     helpers = _reduce_helpers()

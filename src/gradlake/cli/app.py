@@ -35,6 +35,22 @@ Profile = typer.Option("", "--profile",
                             "they come from the environment or the profile.")
 
 
+def setting(section, name: str, *flags: str, **kw):
+    """The option of job-file setting ``name`` of ``section`` (a gradlake.config dataclass): its
+    default and help come from the field, its flag is --name-with-dashes unless ``flags``;
+    a list setting is comma-separated on the command line."""
+    import dataclasses
+
+    from gradlake.config import help_of
+
+    field = {f.name: f for f in dataclasses.fields(section)}[name]
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if isinstance(default, tuple):
+        default = ",".join(str(v) for v in default)
+    flags = flags or ("--" + name.replace("_", "-"),)
+    return typer.Option(default, *flags, help=help_of(section, name), **kw)
+
+
 def storage_options(endpoint_url: str = "", profile: str = "") -> dict[str, str]:
     """Non-secret fsspec storage options from the command line."""
     options = {}

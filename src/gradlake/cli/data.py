@@ -50,7 +50,7 @@ def _generate(family: str, classes: str, trajectories: int, steps: int, resoluti
     values = {"family": family, "classes": [c.strip() for c in classes.split(",") if c.strip()],
               "trajectories": trajectories, "steps": steps, "resolution": resolution, "seed": seed,
               "output_dt": output_dt, "cfl": cfl, "batch": batch, "device": device,
-              "splits": list(_split_fractions(splits))}
+              "split_fractions": list(_split_fractions(splits))}
     if viscosity is not None:
         values["viscosity"] = viscosity
     config = _build(DataConfig, values, "")

@@ -7,10 +7,8 @@ import json
 import typer
 
 from gradlake import fsio
-from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, names, storage_options
+from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, names, setting, storage_options
 from gradlake.config import GradsConfig
-
-_DEFAULTS = GradsConfig()
 
 
 def expand_checkpoints(paths: list[str], options: dict[str, str]) -> list[str]:
@@ -31,19 +29,25 @@ def grads(
     checkpoint: str = typer.Option(..., "--checkpoint",
                                    help="Checkpoint path(s), comma-separated; a training directory means all of its checkpoints."),
     out: str = typer.Option(..., "--out", help="Gradient store URL; an existing store of the same run is extended or resumed."),
-    workers: int = typer.Option(_DEFAULTS.workers, "--workers", help="Ray actors; 0 = one per GPU, else one per CPU slot."),
-    observables: str = typer.Option("C,M,E,V", "--observables", help="Observables, comma-separated (C, M, E, V)."),
-    k_in: int = typer.Option(_DEFAULTS.k_in, "--k-in", help="Projection rows on the input side of each layer."),
-    k_out: int = typer.Option(_DEFAULTS.k_out, "--k-out", help="Projection rows on the output side of each layer."),
-    dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 or float32."),
-    probes: int = typer.Option(_DEFAULTS.probes, "--probes", help="Random cotangents per sample for V; 0: enough that train samples × probes >= 2k."),
-    seed: int = typer.Option(_DEFAULTS.seed, "--seed", help="Seed of the projection and of the V probes."),
-    splits: str = typer.Option("train,val,test", "--splits", help="Splits whose samples the store holds."),
-    shard_rows: int = typer.Option(_DEFAULTS.shard_rows, "--shard-rows", help="Rows per shard (the unit of work and of commits); 0 = sized by the store (64-128 MiB objects)."),
-    batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size", help="Samples per gradient batch."),
-    threads: int = typer.Option(1, "--threads", help="Torch threads per CPU worker."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    retries: int = typer.Option(_DEFAULTS.retries, "--retries", help="Attempts per failing shard after the first."),
+    workers: int = setting(GradsConfig, "workers"),
+    observables: str = setting(GradsConfig, "observables"),
+    k_in: int = setting(GradsConfig, "k_in"),
+    k_out: int = setting(GradsConfig, "k_out"),
+    storage_dtype: str = setting(GradsConfig, "storage_dtype", "--storage-dtype", "--dtype"),
+    probes: int = setting(GradsConfig, "probes"),
+    seed: int = setting(GradsConfig, "seed"),
+    splits: str = setting(GradsConfig, "splits"),
+    shard_rows: int = setting(GradsConfig, "shard_rows"),
+    batch_size: int = setting(GradsConfig, "batch_size"),
+    threads: int = setting(GradsConfig, "threads_per_worker", "--threads"),
+    device: str = setting(GradsConfig, "device"),
+    retries: int = setting(GradsConfig, "retries"),
+    projection: str = setting(GradsConfig, "projection"),
+    k_dense: int = setting(GradsConfig, "k_dense"),
+    precision: str = setting(GradsConfig, "precision"),
+    allocation: str = setting(GradsConfig, "allocation"),
+    k_total: int = setting(GradsConfig, "k_total"),
+    calibration_samples: int = setting(GradsConfig, "calibration_samples"),
     address: str = Address,
     num_cpus: int = NumCpus,
     endpoint_url: str = EndpointUrl,
@@ -56,10 +60,12 @@ def grads(
 
     job = config.parse_job({
         "stages": ["grads"], "reduce": {"pairs": []},
-        "grads": {"observables": names(observables), "k_in": k_in, "k_out": k_out, "dtype": dtype,
+        "grads": {"observables": names(observables), "k_in": k_in, "k_out": k_out, "storage_dtype": storage_dtype,
                   "probes": probes, "seed": seed, "splits": names(splits), "shard_rows": shard_rows,
                   "batch_size": batch_size, "workers": workers, "threads_per_worker": threads,
-                  "device": device, "retries": retries},
+                  "device": device, "retries": retries, "projection": projection, "k_dense": k_dense,
+                  "precision": precision, "allocation": allocation, "k_total": k_total,
+                  "calibration_samples": calibration_samples},
         "ray": {"address": address, "num_cpus": num_cpus},
     }, source="gradlake grads")
     options = storage_options(endpoint_url, profile)

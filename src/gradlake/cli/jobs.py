@@ -25,9 +25,11 @@ def validate(job: Path = JobFile, quiet: bool = Quiet):
     and warn about valid but probably unmeant ones (a split that will be empty)."""
     import json
 
+    from gradlake import pipeline
+
     settings = config.load_job(job)
-    typer.echo(json.dumps(config.resolved(settings), indent=2, default=list))
-    for warning in config.setting_warnings(settings):
+    typer.echo(json.dumps(pipeline.resolved(settings), indent=2, default=list))
+    for warning in pipeline.setting_warnings(settings):
         typer.secho(f"warning: {warning}", err=True, fg="yellow")
 
 

@@ -6,32 +6,40 @@ import json
 
 import typer
 
-from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, names, numbers, storage_options
+from gradlake.cli.app import Address, EndpointUrl, NumCpus, Profile, Quiet, app, names, numbers, setting, storage_options
+from gradlake.config import ReduceConfig
 
 
 @app.command()
 def reduce(
     store: str = typer.Argument(..., help="Gradient store URL (local path, s3://..., memory://...)."),
-    name: str = typer.Option("default", "--name", help="Results go to STORE/reduce/NAME/."),
-    metric: str = typer.Option("V", "--metric", help="Metric: V (Gauss-Newton/NTK from random probes) or C (empirical Fisher)."),
-    damping: float = typer.Option(1e-4, "--lambda", help="Damping λ of (η̃ + λI)⁻¹."),
-    lambdas: str = typer.Option("", "--lambdas", help="Extra λ values of a sweep, comma-separated."),
-    normalize: str = typer.Option("none,row-std,cosine", "--normalize", help="Normalisations, comma-separated: none, row-std, cosine."),
-    pairs: str = typer.Option("CC,MC,EC", "--pairs", help="Observable pairs (response, perturbation), comma-separated."),
-    reference_split: str = typer.Option("train", "--reference-split", help="Split of the metric and of row-std."),
-    checkpoints: str = typer.Option("", "--checkpoints", help="Checkpoint names, comma-separated; default all."),
-    response: str = typer.Option("", "--response", help="Response samples (a --where filter); default all."),
-    perturbation: str = typer.Option("", "--perturbation", help="Perturbation samples (a --where filter); default all."),
-    topk: int = typer.Option(10, "--topk", help="Most / least influential reference samples per query; 0 = none."),
-    topk_queries: str = typer.Option("split == 'test'", "--topk-queries", help="Query samples of the top-k lists (a --where filter)."),
-    tile_rows: str = typer.Option("split == 'test'", "--tile-rows", help="Dense H tiles: response samples (a --where filter)."),
-    tile_cols: str = typer.Option("split == 'test'", "--tile-cols", help="Dense H tiles: perturbation samples (a --where filter)."),
-    tile_max: int = typer.Option(4096, "--tile-max", help="At most this many samples per tile side; 0 = no tiles."),
-    distance_pairs: int = typer.Option(2000, "--distance-pairs", help="Sampled pairs of influence vs input distance; 0 = none."),
-    block_rows: int = typer.Option(4096, "--block-rows", help="Rows per task."),
+    name: str = setting(ReduceConfig, "name"),
+    metric: str = setting(ReduceConfig, "metric"),
+    metric_estimator: str = setting(ReduceConfig, "metric_estimator"),
+    damping: float = setting(ReduceConfig, "damping", "--lambda"),
+    lambdas: str = setting(ReduceConfig, "lambdas"),
+    normalize: str = setting(ReduceConfig, "normalize"),
+    pairs: str = setting(ReduceConfig, "pairs"),
+    reference_split: str = setting(ReduceConfig, "reference_split"),
+    checkpoints: str = setting(ReduceConfig, "checkpoints"),
+    response: str = setting(ReduceConfig, "response"),
+    perturbation: str = setting(ReduceConfig, "perturbation"),
+    topk: int = setting(ReduceConfig, "topk"),
+    topk_queries: str = setting(ReduceConfig, "topk_queries"),
+    tile_rows: str = setting(ReduceConfig, "tile_rows"),
+    tile_cols: str = setting(ReduceConfig, "tile_cols"),
+    tile_max: int = setting(ReduceConfig, "tile_max"),
+    tile_size: int = setting(ReduceConfig, "tile_size"),
+    distance_pairs: int = setting(ReduceConfig, "distance_pairs"),
+    distance_bins: int = setting(ReduceConfig, "distance_bins"),
+    seed: int = setting(ReduceConfig, "seed"),
+    block_rows: int = setting(ReduceConfig, "block_rows"),
     exact: bool = typer.Option(False, "--exact", help="Also run the exact minibatch mode (last checkpoint)."),
-    by_layer: bool = typer.Option(False, "--by-layer", help="Also split the lag curves and top-k lists into "
-                                                            "per-layer shares."),
+    by_layer: bool = setting(ReduceConfig, "by_layer"),
+    data: str = typer.Option("", "--data", help="Where the store's dataset lives now, if it moved (checked by "
+                                                "its fingerprint); default: the URL the store records."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace results of the same --name made with other settings (else refused)."),
     address: str = Address,
     num_cpus: int = NumCpus,
     endpoint_url: str = EndpointUrl,
@@ -40,7 +48,7 @@ def reduce(
 ):
     """Reduce stored projected gradients to the paper's influence quantities."""
     from gradlake import config
-    from gradlake.reduce import run_reduce
+    from gradlake.distributed.reduce_tasks import run_reduce
 
     job = config.parse_job({
         "stages": ["reduce"],
@@ -50,10 +58,12 @@ def reduce(
                    "checkpoints": names(checkpoints), "response": response, "perturbation": perturbation,
                    "topk": topk, "topk_queries": topk_queries, "tile_rows": tile_rows, "tile_cols": tile_cols,
                    "tile_max": tile_max, "distance_pairs": distance_pairs, "block_rows": block_rows,
-                   "by_layer": by_layer, "exact": {"enabled": exact}},
+                   "metric_estimator": metric_estimator, "tile_size": tile_size, "distance_bins": distance_bins,
+                   "seed": seed, "by_layer": by_layer, "exact": {"enabled": exact}},
         "ray": {"address": address, "num_cpus": num_cpus},
     }, source="gradlake reduce")
-    summary = run_reduce(store, job.reduce, job.ray, storage_options(endpoint_url, profile))
+    summary = run_reduce(store, job.reduce, job.ray, storage_options(endpoint_url, profile), overwrite=overwrite,
+                         data_url=data)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from gradlake import fsio
-from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, storage_options
+from gradlake.cli.app import EndpointUrl, Profile, Quiet, app, setting, storage_options
 from gradlake.config import ModelConfig, TrainConfig, _build
 from gradlake.errors import InputError
 
@@ -59,16 +59,16 @@ def train(
     model: str = typer.Option("unet", help="Model: unet or vit."),
     preset: str = typer.Option("tiny", help="Preset: tiny (tests), small (laptop), paper (GPU)."),
     set_: list[str] = typer.Option([], "--set", help="Model hyper-parameter override KEY=VALUE (JSON value); repeatable."),
-    epochs: int = typer.Option(2, help="Epochs in total (a resumed run continues to this)."),
-    batch_size: int = typer.Option(48, help="Samples per optimizer step."),
-    lr: float = typer.Option(5e-4, help="AdamW learning rate."),
-    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
-    checkpoint_every: int = typer.Option(1, help="Write a checkpoint every N epochs (and after the last)."),
-    seed: int = typer.Option(0, help="Seed of the initial weights and of the data order."),
-    device: str = typer.Option("auto", help="auto (GPU if there is one), cpu, or cuda[:n]."),
-    window_mb: int = typer.Option(1024, help="Memory (MB) for trajectories held while streaming an epoch."),
-    deterministic: bool = typer.Option(True, "--deterministic/--autotune",
-                                       help="GPU: deterministic cuDNN kernels (bitwise resume) or autotuned ones."),
+    epochs: int = setting(TrainConfig, "epochs"),
+    batch_size: int = setting(TrainConfig, "batch_size"),
+    lr: float = setting(TrainConfig, "lr"),
+    weight_decay: float = setting(TrainConfig, "weight_decay"),
+    checkpoint_every: int = setting(TrainConfig, "checkpoint_every"),
+    patience: int = setting(TrainConfig, "patience"),
+    seed: int = setting(TrainConfig, "seed"),
+    device: str = setting(TrainConfig, "device"),
+    window_mb: int = setting(TrainConfig, "window_mb"),
+    deterministic: bool = setting(TrainConfig, "deterministic", "--deterministic/--autotune"),
     endpoint_url: str = EndpointUrl,
     profile: str = Profile,
     quiet: bool = Quiet,
@@ -81,7 +81,7 @@ def train(
     model_settings = _build(ModelConfig, {"name": model, "preset": preset, "overrides": _overrides(set_)}, "model")
     settings = _build(TrainConfig, {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                                     "weight_decay": weight_decay, "checkpoint_every": checkpoint_every,
-                                    "seed": seed, "device": device, "window_mb": window_mb,
+                                    "patience": patience, "seed": seed, "device": device, "window_mb": window_mb,
                                     "deterministic": deterministic}, "train")
     options = storage_options(endpoint_url, profile) or None
     fsio.check_output(out, options)

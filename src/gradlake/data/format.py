@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -176,6 +176,33 @@ class DatasetWriter:
         return Dataset.open(self.url, self.storage_options)
 
 
+def open_checked(url: str, fingerprint: str, storage_options: dict[str, Any] | None = None) -> Dataset:
+    """The dataset at ``url``, which must be the one with ``fingerprint`` (what a gradient store
+    or checkpoint recorded it was made from); InputError otherwise. A dataset that moved is
+    found through an explicit ``--data`` URL, checked here, never trusted by its URL alone."""
+    try:
+        ds = Dataset.open(url, storage_options)
+    except InputError as err:
+        raise InputError(f"{err}; if the dataset moved, pass its new URL with --data") from None
+    if ds.fingerprint != fingerprint:
+        raise InputError(f"{url}: dataset fingerprint {ds.fingerprint[:12]} is not {fingerprint[:12]}, that of the "
+                         "dataset the gradients were made from; pass that dataset's URL with --data")
+    return ds
+
+
+# Readers of other layouts read in place, tried in order by Dataset.open where a URL holds no
+# gradlake dataset: (holds(url, storage_options) -> bool, open(url, storage_options) -> Dataset).
+# gradlake.data registers The Well's (gradlake.data.well) when it is imported.
+READERS: list[tuple[Callable[..., Any], Callable[..., Dataset]]] = []
+
+
+def register_reader(holds: Callable[..., Any], open_other: Callable[..., Dataset]) -> None:
+    """Let :meth:`Dataset.open` open another layout: ``open_other(url, storage_options)``
+    where ``holds(url, storage_options)`` is true."""
+    if (holds, open_other) not in READERS:
+        READERS.append((holds, open_other))
+
+
 class Dataset:
     """A complete trajectory dataset, opened read-only."""
 
@@ -192,10 +219,9 @@ class Dataset:
         (read in place, see :mod:`gradlake.data.well`); InputError when there is none."""
         manifest = read_manifest(url, storage_options)
         if manifest is None:
-            from gradlake.data.well import WellDataset, well_files
-
-            if well_files(url, storage_options):
-                return WellDataset.open(url, storage_options)
+            for holds, open_other in READERS:
+                if holds(url, storage_options):
+                    return open_other(url, storage_options)
             raise InputError(f"{url}: no complete gradlake dataset here ({MANIFEST} missing) and no "
                              "HDF5 files of The Well; generate or ingest one first")
         files = fsio.Folder(url, storage_options)

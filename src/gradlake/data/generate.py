@@ -51,7 +51,7 @@ def provenance(config: DataConfig) -> dict[str, Any]:
     record = {
         "kind": "generate", "family": config.family, "classes": list(config.classes),
         "trajectories": config.trajectories, "steps": config.steps,
-        "resolution": config.resolution, "seed": config.seed, "splits": list(config.splits),
+        "resolution": config.resolution, "seed": config.seed, "splits": list(config.split_fractions),
         "output_dt": config.output_dt or sim.DEFAULT_OUTPUT_DT,
         "cfl": config.cfl or sim.DEFAULT_CFL,
     }
@@ -85,7 +85,7 @@ def generate(config: DataConfig, out_url: str, storage_options: dict[str, Any] |
     record = provenance(config)
     sim = family_module(config.family)
     device = resolve_device(config.device)
-    split_counts(config.trajectories, config.splits)  # validates the fractions before any work
+    split_counts(config.trajectories, config.split_fractions)  # validates the fractions before any work
     done = existing_or_none(out_url, record, storage_options)
     if done is not None:
         return done
@@ -108,6 +108,6 @@ def generate(config: DataConfig, out_url: str, storage_options: dict[str, Any] |
             start += len(indices)
             bar.update(len(indices))
     bar.close()
-    splits = split_trajectories(classes, config.splits, config.seed)
+    splits = split_trajectories(classes, config.split_fractions, config.seed)
     sources = [f"gradlake.{config.family}/{c}" for c in classes]
     return writer.finish(classes, splits, sources, all_params, record)

@@ -238,17 +238,17 @@ def _check_weights(names: list[str], paths: list[str], dataset, held: np.ndarray
     inputs, targets = dataset.samples(rows)
     capture = Capture(dataclasses.replace(settings, device="cpu", probes=max(settings.probes, 1)), dataset.channels,
                       options, task=task)
-    limit = float(np.finfo(settings.dtype).max)
+    limit = float(np.finfo(settings.storage_dtype).max)
     for name, path in zip(names, paths):
         model, _ = load_checkpoint(path, options, device="cpu")
-        if settings.dtype != "float16":
+        if settings.storage_dtype != "float16":
             continue
         phis, _ = capture(model, inputs, targets, rows)
         over = next((obs for obs, phi in phis.items() if np.abs(phi).max(initial=0) > limit), None)
         if over:
             raise InputError(f"checkpoint {name}: phi_{over} of sample rows {rows.tolist()} overflows float16 "
                              f"(|phi| up to {np.abs(phis[over]).max():.3g} > {limit:g}); use --dtype float32 "
-                             "(grads.dtype)")
+                             "(grads.storage_dtype)")
 
 
 def _describe_checkpoints(names: list[str], paths: list[str], dataset, options
@@ -318,7 +318,7 @@ def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any]
                 held: np.ndarray, store_shard_rows: int | None, task: TaskConfig) -> StoreSpec:
     """The run's store spec; shard_rows 0 takes an existing store's, else sizes them."""
     k = int(projector["k"])
-    itemsize = np.dtype(settings.dtype).itemsize
+    itemsize = np.dtype(settings.storage_dtype).itemsize
     n_rows = len(dataset.index())
     probes = settings.probes or metric_probes(k, len(np.intersect1d(held, dataset.index().select(splits=["train"]))))
     widest = k * itemsize * (probes if "V" in settings.observables else 1)
@@ -328,7 +328,7 @@ def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any]
                  "channels": list(dataset.channels), "n_trajectories": dataset.n_trajectories,
                  "n_times": dataset.n_times},
         model=model_config, projector=projector, observables=tuple(settings.observables),
-        probes=probes, probe_seed=settings.seed, k=k, dtype=settings.dtype,
+        probes=probes, probe_seed=settings.seed, k=k, dtype=settings.storage_dtype,
         n_rows=n_rows, shard_rows=shard_rows, chunk_rows=chunk_rows_for(shard_rows, k * itemsize),
         splits=tuple(settings.splits), n_samples=len(held),
         n_shards=len(np.unique(np.asarray(held, dtype=np.int64) // shard_rows)),

@@ -91,9 +91,8 @@ def _same(found: dict[str, Any], identity: dict[str, Any]) -> bool:
 def full_checkpoint(job: JobConfig, store) -> tuple[str, str]:
     """(store name, path) of the last checkpoint of the job's training run (the first seed's)."""
     from gradlake.models.checkpoint import list_checkpoints
-    from gradlake.pipeline import training_runs
 
-    seed, run_dir = training_runs(job)[0]
+    seed, run_dir = job.training_runs()[0]
     found = list_checkpoints(run_dir, job.store.storage_options or None)
     if not found:
         raise InputError(f"eval.lds: no checkpoint in {run_dir}; run the train stage first")

@@ -28,13 +28,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from gradlake import __version__, fsio
+from gradlake import __version__, fsio, streaming
 from gradlake.config import RayConfig, ReduceConfig, settings_hash
 from gradlake.distributed.cluster import ensure_ray
 from gradlake.errors import GradlakeError, InputError
 from gradlake.progress import progress
 from gradlake.query import shard_parts
-from gradlake.reduce import work
+from gradlake.stages import reduce as work
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.reduce.layers import Layers
 from gradlake.distributed.exact_tasks import run_exact
@@ -52,7 +52,7 @@ _response = ray.remote(work.response_work)
 _tile = ray.remote(work.tile_work)
 _topk = ray.remote(work.topk_work)
 _distance = ray.remote(work.distance_work)
-_add = ray.remote(work.add_results)
+_add = ray.remote(streaming.add_results)
 _lag_tables = ray.remote(work.lag_tables)  # reads every trajectory's lag curves: off the driver
 
 PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
@@ -71,9 +71,9 @@ def _wait(refs, bar) -> None:
 def _blockwise(submit: Callable[[int, Any], Any], blocks: list, desc: str, window: int):
     """Run ``submit(i, block)`` for every block, at most ``window`` at a time, and return the
     sum of their results. The sum runs in Ray tasks over a tree fixed by the block order
-    (:class:`work.OrderedSum`), so it is bit-identical for any window or number of workers,
+    (:class:`streaming.OrderedSum`), so it is bit-identical for any window or number of workers,
     and only O(window + log n) partial results are alive at once."""
-    total = work.OrderedSum(lambda a, b: _add.remote(a, b))
+    total = streaming.OrderedSum(lambda a, b: _add.remote(a, b))
     bar = progress(len(blocks), desc, "blocks")
     running: list = []
     for i, block in enumerate(blocks):
@@ -162,7 +162,8 @@ def check_settings(store, settings: ReduceConfig) -> list[str]:
 
 
 # --------------------------------------------------------------------------- one checkpoint
-def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutput, so, window: int) -> dict:
+def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutput, so, window: int,
+                       data_url: str) -> dict:
     started = time.monotonic()
     src = work.StoreRef(store.url, so, name)
     plan = work.BlockPlan(settings.block_rows, settings.tile_size, settings.tile_max)
@@ -235,7 +236,7 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     inverse = metric.inverse(settings.damping)
     summary["tiles"] = _tiles(name, src, settings, inverse, plan, out)
     summary["topk"] = _topk_lists(name, src, settings, inverse, plan, reference_blocks, out, layers)
-    summary["distance"] = _distance_curve(store, name, src, settings, reducer_ref, plan, window, out)
+    summary["distance"] = _distance_curve(name, src, settings, reducer_ref, plan, window, out, data_url)
     summary["seconds"] = round(time.monotonic() - started, 2)
     return summary
 
@@ -250,7 +251,7 @@ def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
     out.write_array(f"{name}/tiles/response_rows", rows_r, ("response",), where=settings.tile_rows)
     out.write_array(f"{name}/tiles/perturbation_rows", rows_c, ("perturbation",), where=settings.tile_cols)
     refs = []
-    col_blocks = work.row_blocks(rows_c, size)
+    col_blocks = streaming.row_blocks(rows_c, size)
     for pair in settings.pairs:
         path = f"{name}/tiles/{pair}"
         chunks = (min(size, len(rows_r)), min(size, len(rows_c)))  # small selections: small chunks
@@ -277,7 +278,7 @@ def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_bl
     return {"queries": plan.queries, "candidates": plan.reference, "k": settings.topk}
 
 
-def _distance_curve(store, name, src, settings, reducer_ref, plan: work.BlockPlan, window: int, out) -> dict:
+def _distance_curve(name, src, settings, reducer_ref, plan: work.BlockPlan, window: int, out, dataset_url: str) -> dict:
     if settings.distance_pairs == 0:
         return {"skipped": "reduce.distance_pairs = 0"}
     ranks = pair_ranks(plan.response, plan.perturbation, settings.distance_pairs, settings.seed)
@@ -285,12 +286,11 @@ def _distance_curve(store, name, src, settings, reducer_ref, plan: work.BlockPla
                       (("response", ranks[0]), ("perturbation", ranks[1])))
     keep = rows_i != rows_j
     rows_i, rows_j = rows_i[keep], rows_j[keep]
-    dataset_url = store.spec.dataset.get("url", "")
     try:
         pairs, curve = ray.get(_distance.remote(src, reducer_ref, settings.damping, rows_i, rows_j,
                                                 dataset_url, src.storage_options, settings.distance_bins))
     except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, InputError):  # the dataset moved or is unreachable: say so, go on
+        if isinstance(err.cause, InputError):  # the dataset moved, changed or is unreachable: say so, go on
             return {"skipped": f"dataset {dataset_url!r} unavailable: {err.cause}"}
         raise
     out.write_table(f"distance_pairs.parquet/checkpoint={name}/part-0.parquet", pairs)
@@ -355,34 +355,47 @@ def tasks_in_flight() -> int:
 
 
 def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
-               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               storage_options: dict[str, Any] | None = None, overwrite: bool = False,
+               data_url: str = "") -> dict[str, Any]:
     """The reduce stage (see reduce/__init__.py for what it writes). Restartable: checkpoints
     finished with the same settings are kept; summary.json is written last. The settings
     are checked first, then the driver takes the lease on the output folder (a second reduce
-    of the same name is refused with InputError, nothing written)."""
+    of the same name is refused with InputError, nothing written). Results of the same name
+    made with other settings are replaced whole with ``overwrite``, else refused (InputError).
+    ``data_url``: where the store's dataset is now (checked by its fingerprint first); default
+    the URL store.json records."""
     from gradlake.store import GradientStore, Lease
 
     so = dict(storage_options or {})
     store = GradientStore.open(store_url, so or None)
     names = check_settings(store, settings)
+    if data_url:
+        from gradlake.data import open_checked
+
+        open_checked(data_url, store.spec.dataset["fingerprint"], so or None)
+    data_url = data_url or store.spec.dataset.get("url", "")
     out = ReduceOutput(store.reduce_url(settings.name), so, provenance={
         "store": store.url, "reduce": settings.name, "dataset": store.spec.dataset,
         "checkpoints": {name: store.provenance["checkpoints"][name].get("sha256", "") for name in names}})
     with Lease(out, f"reduce {settings.name!r}") as lease:
-        return _run(store, names, settings, ray_config, out, so, lease)
+        return _run(store, names, settings, ray_config, out, so, lease, overwrite, data_url)
 
 
 def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig, out: ReduceOutput, so,
-         lease) -> dict[str, Any]:
+         lease, overwrite: bool, data_url: str) -> dict[str, Any]:
     started = time.monotonic()
     settings_hash = _settings_hash(store, settings)
-    out.remove(SUMMARY)
     done = {}
     for entry in out.ls("done"):  # fresh listing; a temp file of a killed write is not a record
         if entry.endswith(".json") and not entry.startswith("."):
             record = out.read_json(f"done/{entry}")
             done[record["checkpoint"]] = record
-    if any(r.get("settings") != settings_hash for r in done.values()):
+    replace = any(r.get("settings") != settings_hash for r in done.values())
+    if replace and not overwrite:
+        raise InputError(f"reduce.name: {out.url} holds the results of a reduce {settings.name!r} with other "
+                         "settings; pass --overwrite to replace them, or choose another --name")
+    out.remove(SUMMARY)
+    if replace:
         for entry in out.ls(""):  # another reduce's results under this name: replace them whole
             if entry != LEASE:
                 out.remove(entry)
@@ -400,14 +413,14 @@ def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig,
         for folder in PER_CHECKPOINT:
             out.remove(f"{folder}/checkpoint={name}")
         out.remove(f"results.zarr/{name}")
-        checkpoints[name] = _reduce_checkpoint(store, name, settings, out, so, window)
+        checkpoints[name] = _reduce_checkpoint(store, name, settings, out, so, window, data_url)
         out.write_json(f"done/{name}.json", {"checkpoint": name, "settings": settings_hash,
                                              "summary": checkpoints[name]})
     out.write_table("lag_checkpoints.parquet", _checkpoint_lag_table(out))
 
     exact = None
     if settings.exact.enabled:
-        exact = _exact(store, settings, out, so)
+        exact = _exact(store, settings, out, so, data_url)
     out.consolidate()  # after every array of results.zarr (the exact mode's too)
     summary = {
         "complete": True, "name": settings.name, "store": store.url, "settings_hash": settings_hash,
@@ -422,7 +435,7 @@ def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig,
     return summary
 
 
-def _exact(store, settings: ReduceConfig, out: ReduceOutput, so) -> dict:
+def _exact(store, settings: ReduceConfig, out: ReduceOutput, so, data_url: str) -> dict:
     name = store.checkpoint(settings.exact.checkpoint or None)
     path = store.provenance["checkpoints"][name].get("path")
     if not path:
@@ -430,6 +443,5 @@ def _exact(store, settings: ReduceConfig, out: ReduceOutput, so) -> dict:
                          f"{name!r} lives; run `gradlake exact --checkpoint PATH` instead")
     if out.exists(EXACT_JSON):
         return out.read_json(EXACT_JSON)
-    return run_exact(path, store.spec.dataset["url"], out.url, settings.exact, settings.damping, settings.lambdas,
-                     settings.pairs,
+    return run_exact(path, data_url, out.url, settings.exact, settings.damping, settings.lambdas, settings.pairs,
                      settings.normalize, so or None, identity={"store_checkpoint": name})

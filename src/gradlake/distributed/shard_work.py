@@ -115,14 +115,15 @@ class ShardWorker:
     """Computes and commits shards; ``capture`` defaults to the real :class:`Capture`."""
 
     def __init__(self, settings: WorkerSettings, capture: Capture | None = None):
-        from gradlake.data import Dataset
+        from gradlake.data import open_checked
         from gradlake.plugins import use_paths
 
         use_paths(settings.python_path)
         self.settings = settings
-        self.dataset = Dataset.open(settings.data_url, settings.storage_options or None)
-        self.index = self.dataset.index().table
         self.writer = ShardWriter(settings.store_url, settings.storage_options or None)
+        self.dataset = open_checked(settings.data_url, self.writer.spec.dataset["fingerprint"],
+                                    settings.storage_options or None)
+        self.index = self.dataset.index().table
         self.capture = capture or Capture(settings.grads, self.dataset.channels,
                                           settings.storage_options or None, settings.projector, settings.task)
         self.fault = Fault.parse(settings.fault)

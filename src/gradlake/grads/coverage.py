@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.nn.utils import parametrize
 
 from gradlake.errors import InputError
-from gradlake.grads.projector import Projector
+
+if TYPE_CHECKING:  # a plan takes any projector; projector.py imports this module
+    from gradlake.grads.projector import Projector
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 # Modules that take [time, batch, ...] unless batch_first=True.

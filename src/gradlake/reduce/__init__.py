@@ -4,8 +4,9 @@
 
 Modules: metric (η̃, its eigendecomposition, the whitener), aggregates (group averages in
 O(N k²)), pairwise (tiles, top-k, influence vs distance), exact (the paper's matrix-free
-minibatch computation), exact_run (the exact mode end to end), work (units of work on
-store rows), output (writing results). Ray orchestration: gradlake.distributed.reduce_tasks.
+minibatch computation), exact_run (the exact mode end to end), output (writing results).
+The units of work on store rows: gradlake.stages.reduce; the stage on Ray (its entry point
+``run_reduce``): gradlake.distributed.reduce_tasks.
 
 Results: ``<store>/reduce/<name>/`` — plain zarr v3 and Parquet, readable without gradlake.
 Parquet folders are hive-partitioned by ``checkpoint=<name>`` (read them with
@@ -86,17 +87,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def run_reduce(store_url: str, settings, ray, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``[reduce]`` job stage on Ray; see the module docstring for what it writes."""
-    from gradlake.distributed.reduce_tasks import run_reduce as run
-
-    return run(store_url, settings, ray, storage_options)
-
-
 def run_exact(checkpoint: str, data_url: str, out_url: str, settings, damping: float = 1e-4, lambdas=(),
               pairs=("CC", "MC", "EC"), normalize=("none", "row-std", "cosine"),
               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The exact minibatch mode and its agreement report, one Ray task per minibatch."""
+    """The exact minibatch mode and its agreement report, one Ray task per minibatch.
+
+    Kept here, starting Ray, only until the exact stage moves to gradlake/stages/exact.py (issue 17).
+    """
     from gradlake.distributed.cluster import ensure_ray
     from gradlake.distributed.exact_tasks import run_exact as run
 
@@ -104,4 +101,4 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings, damping: f
     return run(checkpoint, data_url, out_url, settings, damping, lambdas, pairs, normalize, storage_options)
 
 
-__all__ = ["run_exact", "run_reduce"]
+__all__ = ["run_exact"]

@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import zarr
 
 from gradlake import fsio
@@ -91,3 +94,43 @@ class StoreFiles(fsio.Folder):
         """One checkpoint/observable array, read-only (shards are written by the ShardWriter)."""
         return zarr.open_array(store=self.zarr_store(read_only=True),
                                path=array_path(checkpoint, observable), mode="r")
+
+
+def read_metadata(files: StoreFiles) -> dict[str, Any] | None:
+    """store.json of a store, None when there is none yet; InputError if it is not ours."""
+    if not files.exists(STORE_JSON):
+        return None
+    where = files.join_url(STORE_JSON)
+    try:
+        meta = json.loads(files.read_bytes(STORE_JSON))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise InputError(f"{where}: not valid JSON (empty or truncated?): {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{where}: not a gradlake store manifest")
+    version = meta.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"{files.url}: store format {version} is newer than this gradlake "
+            f"understands ({FORMAT_VERSION}); upgrade gradlake"
+        )
+    if version < FORMAT_VERSION:
+        raise InputError(f"{files.url}: store format {version} was written by an older gradlake; "
+                         "recompute it into a new store URL (`gradlake grads --out ...`)")
+    return meta
+
+
+def compacted_shards(meta: dict[str, Any], checkpoint: str) -> dict[int, set[int]]:
+    """Compaction group -> the shards whose sample rows its samples.parquet file holds."""
+    groups = meta["checkpoints"].get(checkpoint, {}).get("compacted", {})
+    return {int(g): {s for lo, hi in ranges for s in range(lo, hi + 1)} for g, ranges in groups.items()}
+
+
+def shard_ranges(shards) -> list[list[int]]:
+    """Sorted shards as inclusive [first, last] runs (how store.json records them)."""
+    runs: list[list[int]] = []
+    for s in sorted(shards):
+        if runs and runs[-1][1] == s - 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return runs

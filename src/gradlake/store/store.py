@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import posixpath
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +15,7 @@ import pyarrow.fs as pafs
 
 from gradlake.errors import GradlakeError, InputError
 from gradlake.store import filters, layout
+from gradlake.store.layout import compacted_shards, read_metadata, shard_ranges  # noqa: F401 (public here too)
 from gradlake.store.spec import StoreSpec
 from gradlake.store.zarr_shard import ShardReader, distinct
 
@@ -31,46 +31,6 @@ def samples_schema(observables) -> pa.Schema:
          ("class", pa.string()), ("split", pa.string()), ("shard", pa.int32()), ("loss", pa.float32())]
         + [(f"norm_{obs}", pa.float32()) for obs in observables]
     )
-
-
-def read_metadata(files: layout.StoreFiles) -> dict[str, Any] | None:
-    """store.json of a store, None when there is none yet; InputError if it is not ours."""
-    if not files.exists(layout.STORE_JSON):
-        return None
-    where = files.join_url(layout.STORE_JSON)
-    try:
-        meta = json.loads(files.read_bytes(layout.STORE_JSON))
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise InputError(f"{where}: not valid JSON (empty or truncated?): {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != layout.FORMAT:
-        raise InputError(f"{where}: not a gradlake store manifest")
-    version = meta.get("format_version", 0)
-    if version > layout.FORMAT_VERSION:
-        raise InputError(
-            f"{files.url}: store format {version} is newer than this gradlake "
-            f"understands ({layout.FORMAT_VERSION}); upgrade gradlake"
-        )
-    if version < layout.FORMAT_VERSION:
-        raise InputError(f"{files.url}: store format {version} was written by an older gradlake; "
-                         "recompute it into a new store URL (`gradlake grads --out ...`)")
-    return meta
-
-
-def compacted_shards(meta: dict[str, Any], checkpoint: str) -> dict[int, set[int]]:
-    """Compaction group -> the shards whose sample rows its samples.parquet file holds."""
-    groups = meta["checkpoints"].get(checkpoint, {}).get("compacted", {})
-    return {int(g): {s for lo, hi in ranges for s in range(lo, hi + 1)} for g, ranges in groups.items()}
-
-
-def shard_ranges(shards) -> list[list[int]]:
-    """Sorted shards as inclusive [first, last] runs (how store.json records them)."""
-    runs: list[list[int]] = []
-    for s in sorted(shards):
-        if runs and runs[-1][1] == s - 1:
-            runs[-1][1] = s
-        else:
-            runs.append([s, s])
-    return runs
 
 
 class GradientStore:
@@ -260,7 +220,7 @@ class GradientStore:
         try:
             return self._parquet(rel_paths, checkpoint).to_table(filter=expr)
         except (pa.ArrowException, OSError):
-            from gradlake.store.verify import parquet_problem
+            from gradlake.store.footers import parquet_problem
 
             for path in rel_paths:
                 problem = parquet_problem(self, path, ())
@@ -386,7 +346,7 @@ class GradientStore:
     def summary(self) -> dict[str, Any]:
         """N, k, dtype, shards done / total per checkpoint (complete only when every sample
         file's footer reads and every data object is there), bytes on storage, provenance."""
-        from gradlake.store.verify import check_parquet
+        from gradlake.store.footers import check_parquet
 
         checkpoints = {}
         unreadable = check_parquet(self)  # footers: the commits counted are readable

@@ -197,7 +197,7 @@ class ShardWriter:
                 _check_finite(f"{where}: phi_{obs}", phi, rows)
                 with np.errstate(over="ignore"):
                     _check_finite(f"{where}: phi_{obs} overflows {self.spec.dtype}", phi.astype(self.spec.dtype),
-                                  rows, InputError, "; use --dtype float32 (grads.dtype) in a new store")
+                                  rows, InputError, "; use --storage-dtype float32 (grads.storage_dtype) in a new store")
             stored = phi.astype(self.spec.dtype)
             if not full:
                 stored_rows, stored = stored, np.full((stop - start, *expected[1:]), np.nan, self.spec.dtype)

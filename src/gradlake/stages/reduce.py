@@ -1,16 +1,12 @@
 """The units of work of the reduce stage: store rows in, small results or written parts out.
 
 Each function reads what it needs from the gradient store, calls the pure numerics
-(metric, aggregates, pairwise) and returns small, additive results; the Ray tasks of
-gradlake.distributed.reduce_tasks only call these. Nothing here imports Ray.
+(gradlake.reduce: metric, aggregates, pairwise) and returns small, additive results; the Ray
+tasks of gradlake.distributed.reduce_tasks only call these. Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +21,7 @@ from gradlake.reduce.metric import Moments
 from gradlake.reduce.output import ReduceOutput
 from gradlake.reduce.pairwise import TopK, precondition, tile, whiten
 from gradlake.topk_table import topk_table
+from gradlake.streaming import prefetched
 
 BLOCK_COLUMNS = ("row", "trajectory", "t", "class", "split", "class_index", "response", "perturbation")
 
@@ -68,10 +65,6 @@ class StoreRef:
 
 
 # --------------------------------------------------------------------------- planning
-def row_blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
-    return [rows[i:i + block_rows] for i in range(0, len(rows), block_rows)]
-
-
 def matches(table: pa.Table, where: str) -> np.ndarray:
     """Boolean mask of the rows of a samples ``table`` selected by ``where`` ("" = all)."""
     if not where.strip():
@@ -214,50 +207,6 @@ def rows_at(src: StoreRef, shards: tuple[int, int], where: str, ranks: np.ndarra
     """The rows at positions ``ranks`` among the rows of ``where`` in ``shards``."""
     rows = src.samples(shards)
     return rows.column("row").to_numpy()[matches(rows, where)][np.asarray(ranks, dtype=np.int64)]
-
-
-# --------------------------------------------------------------------------- additive results
-def add_results(a, b):
-    """Sum two results of the same shape: dicts, tuples, Moments, Sums or arrays."""
-    if isinstance(a, dict):
-        return {key: add_results(a[key], b[key]) for key in a}
-    if isinstance(a, tuple):
-        return tuple(add_results(x, y) for x, y in zip(a, b))
-    if isinstance(a, Moments):
-        return a.merge(b)
-    return a + b
-
-
-class OrderedSum:
-    """A sum of results pushed in block order, over a binary tree whose shape depends only on
-    how many were pushed: the same bits whatever ran them, and when, and how many at once.
-
-    ``add(a, b)`` combines two partial sums (:func:`add_results`, or a Ray task returning a
-    future of it). Like a binary counter, it holds at most log2(n) + 1 partial sums.
-    """
-
-    def __init__(self, add=add_results):
-        self._add = add
-        self._levels: list[tuple[int, Any]] = []  # (log2 of the blocks summed, partial sum)
-        self.count = 0
-
-    def push(self, value) -> None:
-        """Add the result of the next block (block ``count``)."""
-        level = 0
-        while self._levels and self._levels[-1][0] == level:
-            value = self._add(self._levels.pop()[1], value)
-            level += 1
-        self._levels.append((level, value))
-        self.count += 1
-
-    def result(self):
-        """The sum of everything pushed (the partials folded from the last to the first)."""
-        if not self._levels:
-            raise GradlakeError("nothing to sum: no block was pushed")
-        total = self._levels[-1][1]
-        for _, value in reversed(self._levels[:-1]):
-            total = self._add(value, total)
-        return total
 
 
 # --------------------------------------------------------------------------- passes
@@ -419,33 +368,6 @@ def _pooled(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- pairwise
-_readers: ThreadPoolExecutor | None = None
-_readers_lock = threading.Lock()
-
-
-def _reader_pool() -> ThreadPoolExecutor:
-    """The process's reader threads, shared by every pass and part: made once, so neither
-    the threads nor the allocator arenas they fill are made anew per part."""
-    global _readers
-    with _readers_lock:
-        if _readers is None:
-            _readers = ThreadPoolExecutor(4 * (os.cpu_count() or 1), thread_name_prefix="gradlake-read")
-        return _readers
-
-
-def prefetched(read, blocks: list, depth: int = 1):
-    """``read(block)`` for each block in order, reading up to ``depth`` blocks ahead in
-    threads while the caller computes on the current one (matmuls release the GIL; on
-    object stores several reads in flight multiply the bandwidth)."""
-    pool = _reader_pool()
-    ahead = deque(pool.submit(read, block) for block in blocks[:depth])
-    for i in range(len(blocks)):
-        data = ahead.popleft().result()
-        if i + depth < len(blocks):
-            ahead.append(pool.submit(read, blocks[i + depth]))
-        yield data
-
-
 def tile_work(src: StoreRef, pair: str, inverse: np.ndarray, rows_a: np.ndarray, col_blocks: list,
               out: ReduceOutput, array_path: str, row0: int) -> int:
     """One row band of dense H_AB tiles, written at row ``row0`` of a zarr array; the
@@ -518,16 +440,17 @@ def check_complete(store, checkpoint: str) -> None:
 # --------------------------------------------------------------------------- influence vs distance
 def distance_work(src: StoreRef, reducer: AggregateReducer, damping: float, rows_i: np.ndarray,
                   rows_j: np.ndarray, dataset_url: str, storage_options, n_bins: int):
-    """H(i, j) of sampled pairs against the RMS distance of their inputs (the paper's Fig. 5).
+    """H(i, j) of sampled pairs against the RMS distance of their inputs (the paper's Fig. 5);
+    the dataset at ``dataset_url`` must be the store's (its fingerprint is checked).
 
     Returns (pairs table: pair, normalization, row_i, row_j, distance, h;
     curve table: pair, normalization, bin, lo, hi, pairs, distance, mean, median, q25, q75).
     """
-    from gradlake.data import Dataset
+    from gradlake.data import open_checked
     from gradlake.reduce.aggregates import normalized
     from gradlake.reduce.pairwise import distance_curve, input_distance
 
-    ds = Dataset.open(dataset_url, storage_options=storage_options or None)
+    ds = open_checked(dataset_url, src.store.spec.dataset["fingerprint"], storage_options or None)
     unique, inverse = np.unique(np.r_[rows_i, rows_j], return_inverse=True)
     inputs, _ = ds.samples(unique)
     distance = input_distance(inputs[inverse[:len(rows_i)]], inputs[inverse[len(rows_i):]])
