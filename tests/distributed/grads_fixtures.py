@@ -11,7 +11,7 @@ N_TRAJ, N_TIMES, RES = 8, 6, 16  # 8 * 5 = 40 samples
 MODEL = {"name": "vit", "preset": "tiny", "channels": 4, "resolution": RES,
          "overrides": {"dim": 8, "depth": 1, "heads": 2, "patch": 4}}
 SETTINGS = GradsConfig(observables=("C", "M", "V"), probes=2, k_in=4, k_out=4, shard_rows=8,
-                       batch_size=3, workers=2, retries=2)
+                       batch_size=3, workers=2, retries=2, allocation="uniform")  # allocation: its own tests
 
 
 def write_dataset(url, storage_options=None, seed=0):

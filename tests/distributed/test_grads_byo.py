@@ -13,7 +13,7 @@ from well_helpers import write_well
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 TASK = TaskConfig("byo_surrogate.task:RelativeL2Task")
 SETTINGS = GradsConfig(observables=("C", "mass_drift", "V"), probes=2, k_in=4, k_out=4, shard_rows=8,
-                       batch_size=3, storage_dtype="float32")
+                       batch_size=3, storage_dtype="float32", allocation="uniform")
 
 
 def test_a_1d_well_dataset_flows_through_training_and_the_shard_work(tmp_path):

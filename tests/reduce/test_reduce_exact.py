@@ -50,7 +50,7 @@ def dense_reference(J: np.ndarray, res, pair: str, n: int) -> np.ndarray:
 
 SOLVERS = [SolverSettings(method=m, space=s, rtol=1e-9, rank=4, max_rank=64, block=4)
            for m in ("dense", "pcg") for s in ("output", "parameter")] + \
-    [SolverSettings(method="lanczos", htol=1e-9, probes=0, block=4)]
+    [SolverSettings(method="lanczos", htol=1e-6, probes=0, block=4)]
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: f"{s.method}-{s.space}")
@@ -85,7 +85,7 @@ def test_spectrum_and_effective_dimension(setup):
     assert dense.eigenvalues[0] == pytest.approx(mu[-1], rel=1e-9)
     for lam in (LAM, 1e-2, 1.0):
         assert dense.d_eff(lam) == pytest.approx((mu / (mu + lam)).sum(), rel=1e-9)
-    krylov = solve_hat(jac, res, ("CC",), LAM, SolverSettings(method="lanczos", htol=1e-9, probes=64, block=4))
+    krylov = solve_hat(jac, res, ("CC",), LAM, SolverSettings(method="lanczos", htol=1e-6, probes=64, block=4))
     assert krylov.eigenvalues[0] == pytest.approx(mu[-1], rel=1e-8)
     want = (mu / (mu + 1e-2)).sum()  # Hutchinson with 64 ±1 probes: std <= sqrt(2 d_eff / 64)
     assert abs(krylov.d_eff(1e-2) - want) <= 4 * np.sqrt(2 * want / 64)
@@ -133,7 +133,7 @@ SWEEP = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 @pytest.mark.parametrize("solver", [SolverSettings(method="dense", space="output"),
                                     SolverSettings(method="dense", space="parameter"),
-                                    SolverSettings(method="lanczos", htol=1e-10, probes=0, block=4)],
+                                    SolverSettings(method="lanczos", htol=1e-6, probes=0, block=4)],
                          ids=["dense-output", "dense-parameter", "lanczos"])
 def test_lambda_sweep_from_one_solve(setup, solver):
     """H at 8 λ from one solve equals 8 separate dense solves of the numpy reference (a wrong shift fails)."""
@@ -184,8 +184,19 @@ def test_lanczos_bound_holds_and_a_stall_is_not_convergence():
 
 def test_lanczos_budget_exhausted_is_an_error(setup):
     jac, res, _ = setup
-    with pytest.raises(GradlakeError, match="did not bound H"):
+    with pytest.raises(GradlakeError, match="did not bound H.*raise krylov_gb"):
         solve_hat(jac, res, ("CC",), 1e-8, SolverSettings(method="lanczos", htol=1e-12, max_iter=1, probes=0))
+
+
+def test_float32_products_cannot_claim_a_small_lambda(setup):
+    """float32 K·v carry errors of ~6e-8 ‖K‖: at λ far below that the round-off floor, not the
+    Krylov space, limits H, and the solve says so instead of answering."""
+    jac, res, _ = setup
+    jac32 = BatchJacobian(jac._model, jac.inputs.float(), torch.float32)
+    with pytest.raises(GradlakeError, match="round-off floor of torch.float32 products"):
+        solve_hat(jac32, res, ("CC",), 1e-8, SolverSettings(method="lanczos", htol=1e-3, probes=0))
+    solve = solve_hat(jac, res, ("CC",), 1e-8, SolverSettings(method="lanczos", htol=1e-3, probes=0))
+    assert solve.info.converged  # float64 products answer the same λ
 
 
 def test_error_in_units_bounds_the_normalised_error():

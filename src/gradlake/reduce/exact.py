@@ -135,10 +135,13 @@ class HatSolve:
         w = self._weights(lam)
         return {p: self.quad.form(w, self.columns[p[0]], self.columns[p[1]]).cpu().numpy() for p in pairs}
 
-    def bound(self, lam: float, pair: str) -> np.ndarray:
-        """Entrywise bound on |Ĥ_AB − H_AB| at λ (zero for the dense spectrum)."""
-        res = self.quad.residuals(lam)
-        return torch.outer(res[self.columns[pair[0]]], res[self.columns[pair[1]]]).cpu().numpy()
+    def bound(self, lam: float, pair: str, floor: bool = True) -> np.ndarray:
+        """Entrywise bound on |Ĥ_AB − H_AB| at λ: the Krylov part ‖ρ_i‖‖ρ_j‖ (zero for the dense
+        spectrum) plus (``floor``) the round-off floor of the products (reduce.lanczos)."""
+        res, low = self.quad.residuals(lam), self.quad.floor(lam)
+        a, b = self.columns[pair[0]], self.columns[pair[1]]
+        krylov = torch.outer(res[a], res[b])
+        return (krylov + torch.outer(low[a], low[b]) if floor else krylov).cpu().numpy()
 
     def d_eff(self, lam: float) -> float | None:
         """d_eff(λ) = tr K (K + λI)⁻¹: exact from the dense spectrum, estimated from the probes by lanczos."""
@@ -174,11 +177,12 @@ def error_in_units(h: dict[str, np.ndarray], bound: dict[str, np.ndarray], pair:
     raise InputError(f"normalisation {norm!r}: expected none, row-std or cosine")
 
 
-def _bounds(solve: HatSolve, lam: float, pairs, normalize) -> float:
-    """The largest error bound of the pairs at λ over the asked normalisations."""
+def _bounds(solve: HatSolve, lam: float, pairs, normalize, floor: bool = True) -> float:
+    """The largest error bound of the pairs at λ over the asked normalisations (``floor``: with the
+    products' round-off floor, else the Krylov part alone, which the space can shrink)."""
     need = sorted({*pairs, *(o * 2 for p in pairs for o in p)}) if "cosine" in normalize else list(pairs)
     h = solve.at(lam, need)
-    b = {p: solve.bound(lam, p) for p in need}
+    b = {p: solve.bound(lam, p, floor) for p in need}
     return max(error_in_units(h, b, p, n) for p in pairs for n in normalize)
 
 
@@ -257,7 +261,7 @@ def _lanczos(jac, res, observables, pairs, damping, solver, lambdas, normalize, 
 
     def converged(quad: Quadrature) -> bool:
         solve = HatSolve("lanczos", "output", None, damping, quad, columns, probes)
-        worst = {lam: _bounds(solve, lam, pairs, normalize) for lam in every}
+        worst = {lam: _bounds(solve, lam, pairs, normalize, floor=False) for lam in every}
         checks.append({"products": quad.products, "dimension": int(quad.theta.numel()),
                        "bound": worst[damping], "worst_bound": max(worst.values())})
         if bar is not None:
@@ -275,10 +279,13 @@ def _lanczos(jac, res, observables, pairs, damping, solver, lambdas, normalize, 
     info.bound, info.sweep = sweep[damping], {lam: {"bound": b, "converged": b <= solver.htol}
                                               for lam, b in sweep.items()}
     if not info.converged:
-        raise GradlakeError(
-            f"exact: block Lanczos did not bound H within htol={solver.htol:g} at λ = {damping:g} (bound "
-            f"{sweep[damping]:.3g} after {quad.products} products, Krylov dimension {quad.theta.numel()} of {n}); "
-            f"raise krylov_gb (the basis' memory) or max_iter, or λ")
+        krylov = _bounds(solve, damping, pairs, normalize, floor=False)
+        why = (f"the round-off floor of {kv_dtype} products, about u‖K‖/λ, is above it; use float64 products "
+               "(dtype), a larger λ or a larger htol" if krylov <= solver.htol else
+               f"after {quad.products} products, Krylov dimension {quad.theta.numel()} of {n}; raise krylov_gb "
+               "(the basis' memory) or max_iter, or λ")
+        raise GradlakeError(f"exact: block Lanczos did not bound H within htol={solver.htol:g} at λ = {damping:g} "
+                            f"(bound {sweep[damping]:.3g}): {why}")
     solve.info = info
     return solve
 

@@ -18,7 +18,9 @@ quadrature error is therefore quadratic in the residuals:
 
     ĥ(i, j) − h(i, j) = λ ρ_iᵀ (A + λI)⁻¹ ρ_j,      |ĥ(i, j) − h(i, j)| ≤ ‖ρ_i‖ ‖ρ_j‖,
 
-and ĥ − h is positive semi-definite (the estimate converges from above). The basis is kept
+and ĥ − h is positive semi-definite (the estimate converges from above). Round-off in the
+products (unit u) adds a floor of about u‖A‖/λ ‖s_i‖‖s_j‖ that no space removes
+(:meth:`Quadrature.floor`): float32 products cannot resolve λ ≪ 1e-7‖A‖. The basis is kept
 orthogonal by two passes of classical Gram–Schmidt against every earlier vector (full
 reorthogonalisation: without it Ritz values repeat and the quadrature is wrong), and a block
 loses the directions the space already holds (deflation by SVD).
@@ -45,6 +47,7 @@ class Quadrature:
     coupling: torch.Tensor
     products: int = 0
     history: list[dict] = field(default_factory=list)
+    roundoff: float = 0.0  # unit round-off of the products A·v (their error is about roundoff · ‖A‖)
 
     def form(self, weights: torch.Tensor, left: slice | torch.Tensor = slice(None),
              right: slice | torch.Tensor = slice(None)) -> torch.Tensor:
@@ -54,6 +57,12 @@ class Quadrature:
     def hat(self, damping: float, left=slice(None), right=slice(None)) -> torch.Tensor:
         """Sᵀ A (A + λI)⁻¹ S on the chosen columns (the exact minibatch H in output space)."""
         return self.form(self.theta / (self.theta + damping), left, right)
+
+    def floor(self, damping: float) -> torch.Tensor:
+        """Per-column factor f_j with round-off floor f_i f_j: products carry errors of about
+        u‖A‖, which move h(i, j) by up to u‖A‖/λ ‖s_i‖‖s_j‖ however large the space."""
+        scale = self.roundoff * float(self.theta.max()) / damping if self.theta.numel() else 0.0
+        return np.sqrt(scale) * torch.linalg.vector_norm(self.coords, dim=0)
 
     def residuals(self, damping: float) -> torch.Tensor:
         """‖ρ_j‖ [s]: residual norms of the Galerkin solutions of (A + λI) x = s_j."""
@@ -112,7 +121,8 @@ def block_lanczos(apply: Apply, start: torch.Tensor, converged: Callable[[Quadra
             theta, y = torch.linalg.eigh(t)
             weight = torch.zeros((couple.shape[0], dim), dtype=dtype, device=start.device)
             weight[:, dim - r:] = couple  # W = B E_mᵀ: only the last block couples outwards
-            quad = Quadrature(theta.clamp_min(0.0), y[:coeff.shape[0]].T @ coeff, weight @ y, products)
+            quad = Quadrature(theta.clamp_min(0.0), y[:coeff.shape[0]].T @ coeff, weight @ y, products,
+                              roundoff=float(torch.finfo(apply_dtype or dtype).eps))
             history.append({"dimension": dim, "products": products})
             quad.history = history
             if full or converged(quad):
