@@ -30,13 +30,7 @@ PACKAGE = "gradlake"
 # import regardless (ANY: every rule is waived for it). Delete the entry with that work;
 # test_allowlist_is_still_needed fails on an entry that no longer breaks anything.
 ANY = "*"
-ALLOWED = {
-    # moves to stages/exact.py (issue 17 work)
-    "gradlake.reduce.exact_run": ANY,
-    # run_exact (starts Ray) stays in reduce/__init__.py for tests/reduce/test_reduce_exact_run.py
-    # until the exact stage moves to stages/exact.py (issue 17 work)
-    "gradlake.reduce": {"gradlake.distributed.cluster", "gradlake.distributed.exact_tasks"},
-}
+ALLOWED: dict[str, object] = {}
 ROOT = "gradlake"
 
 RAY_HOMES = ("gradlake.distributed", "gradlake.cli")

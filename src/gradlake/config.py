@@ -168,7 +168,7 @@ class GradsConfig:
 
 @dataclass(frozen=True)
 class ExactConfig:
-    """The paper's exact minibatch influence over many minibatches (see gradlake.reduce.exact_run)."""
+    """The paper's exact minibatch influence over many minibatches (see gradlake.stages.exact)."""
 
     enabled: bool = False
     checkpoint: str = ""  # empty -> last checkpoint

@@ -2,7 +2,7 @@
 
 The driver plans the minibatches, skips those with a completion record from a run with the
 same settings, keeps a bounded window of tasks in flight (``ray.wait``), lets Ray retry a
-failed task, and aggregates once every minibatch is done (gradlake.reduce.exact_run).
+failed task, and aggregates once every minibatch is done (gradlake.stages.exact).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import ray
 
 from gradlake.config import ExactConfig
 from gradlake.progress import progress
-from gradlake.reduce import exact_run, minibatch
+from gradlake.reduce import minibatch
+from gradlake.stages import exact as exact_stage
 from gradlake.reduce.output import ReduceOutput
 
 
@@ -23,7 +24,7 @@ def _minibatch(cpus: int, *args):
     import torch
 
     torch.set_num_threads(max(1, cpus))
-    return exact_run.minibatch_work(*args)
+    return exact_stage.minibatch_work(*args)
 
 
 def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfig, damping: float,
@@ -39,13 +40,13 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfi
     started = time.monotonic()
     so = storage_options or None
     ds = Dataset.open(data_url, storage_options=so)
-    pairs = exact_run.check_pairs(ds.channels, pairs)
+    pairs = exact_stage.check_pairs(ds.channels, pairs)
     batches = minibatch.plan(ds.trajectories, ds.n_times, settings.split, settings.classes, settings.per_class,
                              settings.minibatches)
     identity = {"checkpoint": checkpoint, "dataset": data_url, **(identity or {})}
     out = ReduceOutput(out_url, so, provenance=identity)
     lambdas = tuple(lam for lam in dict.fromkeys(lambdas) if lam != damping)
-    record, done = exact_run.prepare(out, batches, settings, damping, lambdas, pairs, normalize, identity)
+    record, done = exact_stage.prepare(out, batches, settings, damping, lambdas, pairs, normalize, identity)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and settings.device != "cpu" else 0
     task = _minibatch.options(num_cpus=settings.cpus, num_gpus=gpus)
     window = max(1, int(ray.cluster_resources().get("CPU", 1)) // settings.cpus + 1)
@@ -66,4 +67,4 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfi
                             **({"bound": f"{bound:.1e}"} if bound is not None else {}))
             bar.update(1)
     bar.close()
-    return exact_run.finish(out, batches, settings, damping, lambdas, pairs, normalize, identity, started)
+    return exact_stage.finish(out, batches, settings, damping, lambdas, pairs, normalize, identity, started)

@@ -38,7 +38,7 @@ from gradlake.stages import reduce as work
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.reduce.layers import Layers
 from gradlake.distributed.exact_tasks import run_exact
-from gradlake.reduce.exact_run import EXACT_JSON
+from gradlake.stages.exact import EXACT_JSON
 from gradlake.reduce.metric import Metric, metric_warnings, numerical_rank
 from gradlake.reduce.output import SUMMARY, ReduceOutput
 from gradlake.store.layout import LEASE

@@ -4,7 +4,7 @@
 
 Modules: metric (η̃, its eigendecomposition, the whitener), aggregates (group averages in
 O(N k²)), pairwise (tiles, top-k, influence vs distance), exact (the paper's matrix-free
-minibatch computation), exact_run (the exact mode end to end), output (writing results).
+minibatch computation; its stage: gradlake.stages.exact), output (writing results).
 The units of work on store rows: gradlake.stages.reduce; the stage on Ray (its entry point
 ``run_reduce``): gradlake.distributed.reduce_tasks.
 
@@ -84,21 +84,4 @@ computed exactly from sums of unit-normalised whitened φ's.
 
 from __future__ import annotations
 
-from typing import Any
-
-
-def run_exact(checkpoint: str, data_url: str, out_url: str, settings, damping: float = 1e-4, lambdas=(),
-              pairs=("CC", "MC", "EC"), normalize=("none", "row-std", "cosine"),
-              storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The exact minibatch mode and its agreement report, one Ray task per minibatch.
-
-    Kept here, starting Ray, only until the exact stage moves to gradlake/stages/exact.py (issue 17).
-    """
-    from gradlake.distributed.cluster import ensure_ray
-    from gradlake.distributed.exact_tasks import run_exact as run
-
-    ensure_ray()
-    return run(checkpoint, data_url, out_url, settings, damping, lambdas, pairs, normalize, storage_options)
-
-
-__all__ = ["run_exact"]
+__all__: list[str] = []
