@@ -22,7 +22,7 @@ from grads_fixtures import N_TRAJ, N_TIMES, SETTINGS, reference_phis, write_data
 BIN = Path(sys.executable).parent
 N_SAMPLES = N_TRAJ * (N_TIMES - 1)
 CLI_ARGS = ["--workers", "2", "--observables", "C,M,V", "--k-in", "4", "--k-out", "4", "--probes", "2",
-            "--shard-rows", "8", "--batch-size", "3", "--retries", "2"]
+            "--shard-rows", "8", "--batch-size", "3", "--retries", "2", "--allocation", "uniform"]
 
 
 def plain_check(url, storage_options=None):
@@ -277,7 +277,7 @@ def test_checkpoints_that_every_shard_would_fail_on_are_refused_up_front(grads_i
                                     *CLI_ARGS])
         assert code == 2 and len(stderr.strip().splitlines()) == 1 and says in stderr, stderr
         assert not out.exists()  # nothing created
-    assert "use --dtype float32 (grads.dtype)" in stderr
+    assert "use --storage-dtype float32 (grads.storage_dtype)" in stderr
 
 
 @pytest.mark.slow
@@ -289,7 +289,7 @@ def test_an_overflow_in_a_shard_stops_the_stage_at_once_naming_the_fix(ray_sessi
     monkeypatch.setenv("GRADLAKE_TEST_FAULT", "big:epoch-0001:3")
     url = str(tmp_path / "store")
     with pytest.raises(InputError, match=r"^grads: checkpoint epoch-0001, shard 3: phi_C overflows float16: "
-                                         r"NaN or inf at rows \[24\].*use --dtype float32") as raised:
+                                         r"NaN or inf at rows \[24\].*use --storage-dtype float32") as raised:
         run_grads(data, checkpoints[:1], url, dataclasses.replace(SETTINGS, retries=2, workers=1))
     assert str(raised.value).count("float32") == 1 and "retrying" not in capsys.readouterr().err  # not retried
     status = GradientStore.open(url).provenance["stages"]["grads"]

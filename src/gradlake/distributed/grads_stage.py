@@ -247,7 +247,7 @@ def _check_weights(names: list[str], paths: list[str], dataset, held: np.ndarray
         over = next((obs for obs, phi in phis.items() if np.abs(phi).max(initial=0) > limit), None)
         if over:
             raise InputError(f"checkpoint {name}: phi_{over} of sample rows {rows.tolist()} overflows float16 "
-                             f"(|phi| up to {np.abs(phis[over]).max():.3g} > {limit:g}); use --dtype float32 "
+                             f"(|phi| up to {np.abs(phis[over]).max():.3g} > {limit:g}); use --storage-dtype float32 "
                              "(grads.storage_dtype)")
 
 
