@@ -181,7 +181,7 @@ def test_non_finite_phi_or_overflow_fails_the_shard(tmp_path, bad):
     with pytest.raises(GradlakeError, match=r"phi_V.*NaN or inf at rows \[3\].*not committed") as raised:
         ShardWriter(url).commit("epoch-1", 0, index_table(rows), loss, phis)
     overflow = bad == 1e6  # recurs on every attempt: bad input (not retried), naming the fix
-    assert isinstance(raised.value, InputError) == overflow == ("use --dtype float32" in str(raised.value))
+    assert isinstance(raised.value, InputError) == overflow == ("use --storage-dtype float32" in str(raised.value))
     loss[5] = np.nan
     with pytest.raises(GradlakeError, match=r"loss: NaN or inf at rows \[5\]"):
         ShardWriter(url).commit("epoch-1", 0, index_table(rows), loss, fake_phis(rows)[0])
