@@ -73,3 +73,12 @@ def test_shrinkage_weight_matches_the_ledoit_wolf_formula_and_helps_when_undersa
 
     plain = Metric.from_moments(moments)
     assert plain.shrink == 0 and error(shrunk) < 0.1 * error(plain)
+
+
+def test_full_rank_probes_size_the_metric_to_twice_k():
+    from gradlake.reduce.metric import full_rank_probes
+
+    for k, samples in ((1604, 72), (1604, 12), (10, 100), (7, 7)):
+        probes = full_rank_probes(k, samples)
+        assert samples * probes >= 2 * k and (probes == 1 or samples * (probes - 1) < 2 * k)
+    assert full_rank_probes(1604, 72) == 45

@@ -34,6 +34,7 @@ from gradlake.store import GradientStore, Lease, StoreSpec, compact, create_stor
 from gradlake.store.layout import StoreFiles, check_name, checkpoint_name, group_shards
 from gradlake.store.store import read_metadata
 from gradlake.store.spec import chunk_rows_for, shard_rows_for
+from gradlake.reduce.metric import full_rank_probes
 from gradlake.store.verify import check_missing, check_parquet, repair
 from gradlake.store.writer import set_stage_status
 
@@ -308,19 +309,14 @@ def _projector_spec(existing: dict[str, Any] | None, dataset, held: np.ndarray, 
     return spec
 
 
-def metric_probes(k: int, reference_samples: int) -> int:
-    """V probes per sample so that reference samples × probes >= 2k: a probe metric of full rank
-    (below k it is not the metric at all; the sketch's μ_k also needs it)."""
-    return max(1, -(-2 * k // max(reference_samples, 1)))
-
-
 def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any], settings: GradsConfig,
                 held: np.ndarray, store_shard_rows: int | None, task: TaskConfig) -> StoreSpec:
     """The run's store spec; shard_rows 0 takes an existing store's, else sizes them."""
     k = int(projector["k"])
     itemsize = np.dtype(settings.storage_dtype).itemsize
     n_rows = len(dataset.index())
-    probes = settings.probes or metric_probes(k, len(np.intersect1d(held, dataset.index().select(splits=["train"]))))
+    train = np.intersect1d(held, dataset.index().select(splits=["train"]))
+    probes = settings.probes or full_rank_probes(k, len(train))
     widest = k * itemsize * (probes if "V" in settings.observables else 1)
     shard_rows = settings.shard_rows or store_shard_rows or shard_rows_for(n_rows, widest)
     return StoreSpec(

@@ -20,6 +20,12 @@ import numpy as np
 from gradlake.errors import GradlakeError, InputError
 
 
+def full_rank_probes(k: int, samples: int) -> int:
+    """V probes per sample so that samples × probes >= 2k: a probe metric of full rank (below k it
+    is not the metric at all, and a sketch's effective ridge μ_k needs the metric itself)."""
+    return max(1, -(-2 * k // max(samples, 1)))
+
+
 @dataclass
 class Moments:
     """Running first and second moments of φ rows (float64), mergeable in any order.

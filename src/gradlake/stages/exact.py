@@ -36,7 +36,7 @@ from gradlake.reduce import minibatch
 from gradlake.reduce.agreement import normalize_matrix, relative_frobenius, spearman
 from gradlake.reduce.exact import PAPER, SolverSettings, solve_hat
 from gradlake.reduce.jacobian import BatchJacobian
-from gradlake.reduce.metric import Metric, Moments
+from gradlake.reduce.metric import Metric, Moments, full_rank_probes
 from gradlake.reduce.output import RESULTS, ReduceOutput
 
 EXACT_JSON = "exact.json"
@@ -163,11 +163,6 @@ def _paper_check(jac, residuals, solved, pairs, normalize, damping, settings, co
 ALLOCATIONS = ("uniform", "energy")
 
 
-def metric_probes(settings: ExactConfig, batch: int, k_total: int) -> int:
-    """V probes of the projected metric: as set, or (0) enough that batch × probes ≥ 2k (a full-rank metric)."""
-    return settings.probes or -(-2 * k_total // batch)
-
-
 def _agreement(model, inputs, targets, rows, channels, solve, settings, damping, pairs, normalize, solved,
                calibration):
     """Projected estimates of the solved pairs per (allocation, k) and their agreement rows: against the
@@ -191,7 +186,7 @@ def _agreement(model, inputs, targets, rows, channels, solve, settings, damping,
                                       observables=observables, channels=channels, rows=crows)
             phi = compute(model, inputs, targets, observables=(*observables, "V"), channels=channels,
                           projector=projector, sample_ids=rows,
-                          probes=metric_probes(settings, len(rows), projector.k(model)))
+                          probes=settings.probes or full_rank_probes(projector.k(model), len(rows)))
             phi = {o: v.detach().double().cpu().numpy() for o, v in phi.items()}
             whitener = Metric.from_moments(Moments(phi["V"].shape[-1]).add(phi["V"]),
                                            f"exact k={k} metric").whitener(damping)
