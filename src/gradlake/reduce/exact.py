@@ -12,7 +12,8 @@ equals g_{A,i}ᵀ (η_B + λI)⁻¹ g_{B,j} with g = Jᵀr. Methods (:class:`Sol
   every λ, the exact spectrum and d_eff(λ) = Σ μ/(μ + λ).
 - ``lanczos``: block Lanczos in output space on every residual of the batch at once
   (reduce.lanczos): one Krylov space answers every λ (it is shift-invariant); stops when the
-  proven bound |Ĥ(i, j) − H(i, j)| ≤ ‖ρ_i‖‖ρ_j‖ (Galerkin residuals ρ), in the units of each
+  proven bound |Ĥ(i, j) − H(i, j)| ≤ e_i e_j ≤ ‖ρ_i‖‖ρ_j‖ (block Gauss–Radau on the Galerkin
+  residuals ρ), in the units of each
   asked normalisation, is ≤ ``htol`` at every λ — a bound on H itself, never H's change
   between iterations (which stalls where convergence does). Random ±1 probes in the same
   block estimate d_eff(λ) (stochastic Lanczos quadrature).
@@ -136,9 +137,9 @@ class HatSolve:
         return {p: self.quad.form(w, self.columns[p[0]], self.columns[p[1]]).cpu().numpy() for p in pairs}
 
     def bound(self, lam: float, pair: str, floor: bool = True) -> np.ndarray:
-        """Entrywise bound on |Ĥ_AB − H_AB| at λ: the Krylov part ‖ρ_i‖‖ρ_j‖ (zero for the dense
-        spectrum) plus (``floor``) the round-off floor of the products (reduce.lanczos)."""
-        res, low = self.quad.residuals(lam), self.quad.floor(lam)
+        """Entrywise bound on |Ĥ_AB − H_AB| at λ: the Krylov part e_i e_j (Gauss–Radau, ≤ ‖ρ_i‖‖ρ_j‖;
+        zero for the dense spectrum) plus (``floor``) the round-off floor of the products (reduce.lanczos)."""
+        res, low = self.quad.error_factors(lam), self.quad.floor(lam)
         a, b = self.columns[pair[0]], self.columns[pair[1]]
         krylov = torch.outer(res[a], res[b])
         return (krylov + torch.outer(low[a], low[b]) if floor else krylov).cpu().numpy()

@@ -18,7 +18,16 @@ quadrature error is therefore quadratic in the residuals:
 
     ĥ(i, j) − h(i, j) = λ ρ_iᵀ (A + λI)⁻¹ ρ_j,      |ĥ(i, j) − h(i, j)| ≤ ‖ρ_i‖ ‖ρ_j‖,
 
-and ĥ − h is positive semi-definite (the estimate converges from above). Round-off in the
+and ĥ − h is positive semi-definite (the estimate converges from above). A is PSD, so the
+Schur complement of A − aI (a ≤ λ_min(A)) on the space's complement is PSD too, which bounds
+the next block's (A + λI)⁻¹ by S⁻¹ with S = (a + λ)I + G diag(1/(θ − a) − 1/(θ + λ)) Gᵀ
+(the block Gauss–Radau rule with a node at a; G = W Y). With R = G (θ + λ)⁻¹ Z the residuals'
+coordinates (ρ_j = −(next block)ᵀ R e_j):
+
+    0 ⪯ ĥ − h ⪯ λ Rᵀ S⁻¹ R,      |ĥ(i, j) − h(i, j)| ≤ e_i e_j,  e_j² = λ (Rᵀ S⁻¹ R)_jj ≤ ‖ρ_j‖²
+
+(:meth:`Quadrature.error_factors`): tight once the space holds A's eigenvalues below λ, where
+‖ρ‖ alone overstates the error by orders of magnitude. Round-off in the
 products (unit u) adds a floor of about u‖A‖/λ ‖s_i‖‖s_j‖ that no space removes
 (:meth:`Quadrature.floor`): float32 products cannot resolve λ ≪ 1e-7‖A‖. The basis is kept
 orthogonal by two passes of classical Gram–Schmidt against every earlier vector (full
@@ -48,6 +57,7 @@ class Quadrature:
     products: int = 0
     history: list[dict] = field(default_factory=list)
     roundoff: float = 0.0  # unit round-off of the products A·v (their error is about roundoff · ‖A‖)
+    n: int = 1  # the side of A
 
     def form(self, weights: torch.Tensor, left: slice | torch.Tensor = slice(None),
              right: slice | torch.Tensor = slice(None)) -> torch.Tensor:
@@ -63,6 +73,26 @@ class Quadrature:
         u‖A‖, which move h(i, j) by up to u‖A‖/λ ‖s_i‖‖s_j‖ however large the space."""
         scale = self.roundoff * float(self.theta.max()) / damping if self.theta.numel() else 0.0
         return np.sqrt(scale) * torch.linalg.vector_norm(self.coords, dim=0)
+
+    def error_factors(self, damping: float) -> torch.Tensor:
+        """e [s] with |ĥ(i, j) − h(i, j)| ≤ e_i e_j (the Gauss–Radau bound of the module docstring).
+
+        The node a = −δ sits below 0 by δ = √n u‖A‖, the size of the products' round-off, so the
+        bound holds for the matrix the products apply (A to within that round-off; :meth:`floor`).
+        Where δ is not small beside λ it falls back to ‖ρ_j‖."""
+        res = self.residuals(damping)
+        if self.coupling.numel() == 0:
+            return res
+        theta, g = self.theta, self.coupling
+        delta = np.sqrt(self.n) * self.roundoff * float(theta.max())
+        if not delta < 0.5 * damping:
+            return res
+        r = g @ (self.coords / (theta + damping)[:, None])
+        s = (g * (1.0 / (theta + delta) - 1.0 / (theta + damping))) @ g.T
+        s.diagonal().add_(damping - delta)
+        chol = torch.linalg.cholesky(0.5 * (s + s.T))
+        form = (torch.cholesky_solve(r, chol) * r).sum(0).clamp_min(0.0)
+        return torch.minimum(torch.sqrt(damping * form), res)
 
     def residuals(self, damping: float) -> torch.Tensor:
         """‖ρ_j‖ [s]: residual norms of the Galerkin solutions of (A + λI) x = s_j."""
@@ -122,7 +152,7 @@ def block_lanczos(apply: Apply, start: torch.Tensor, converged: Callable[[Quadra
             weight = torch.zeros((couple.shape[0], dim), dtype=dtype, device=start.device)
             weight[:, dim - r:] = couple  # W = B E_mᵀ: only the last block couples outwards
             quad = Quadrature(theta.clamp_min(0.0), y[:coeff.shape[0]].T @ coeff, weight @ y, products,
-                              roundoff=float(torch.finfo(apply_dtype or dtype).eps))
+                              roundoff=float(torch.finfo(apply_dtype or dtype).eps), n=n)
             history.append({"dimension": dim, "products": products})
             quad.history = history
             if full or converged(quad):
