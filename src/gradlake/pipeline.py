@@ -83,7 +83,24 @@ def resolved(job: JobConfig) -> dict[str, Any]:
     counts = trajectories_per_split(job)
     if counts is not None:
         values["data"]["trajectories_per_split"] = counts
+    ridge = known_ridge(job)
+    if ridge is not None:
+        values["reduce"]["exact"]["spectrum"] = ridge
     return values
+
+
+def known_ridge(job: JobConfig) -> dict[str, Any] | None:
+    """d_eff and the store's μ_k once the job's exact run has written a spectrum (else None)."""
+    from gradlake.reduce.output import ReduceOutput
+    from gradlake.stages.exact import ridge_of_store
+    from gradlake.store import GradientStore
+
+    options = job.store.storage_options or None
+    try:
+        store = GradientStore.open(job.store_url, options)
+    except (InputError, OSError):
+        return None
+    return ridge_of_store(ReduceOutput(store.reduce_url(job.reduce.name), options), store.spec.k)
 
 
 def trajectories_per_split(job: JobConfig) -> dict[str, int] | None:

@@ -27,8 +27,13 @@ def validate(job: Path = JobFile, quiet: bool = Quiet):
 
     from gradlake import pipeline
 
+    from gradlake.cli.query import ridge_line
+
     settings = config.load_job(job)
-    typer.echo(json.dumps(pipeline.resolved(settings), indent=2, default=list))
+    values = pipeline.resolved(settings)
+    typer.echo(json.dumps(values, indent=2, default=list))
+    if "spectrum" in values["reduce"]["exact"]:
+        typer.secho(f"{settings.reduce.name}: {ridge_line(values['reduce']['exact']['spectrum'])}", err=True)
     for warning in pipeline.setting_warnings(settings):
         typer.secho(f"warning: {warning}", err=True, fg="yellow")
 

@@ -42,6 +42,7 @@ def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = 
     """N, k, dtype, checkpoints, observables, shards done, bytes and provenance of a store."""
     opened = _open(store, endpoint_url, profile)
     summary = opened.summary()
+    summary["exact"] = _known_ridges(opened, endpoint_url, profile)
     if verify:
         from gradlake.store.verify import verify as verify_store
 
@@ -53,6 +54,29 @@ def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = 
     if summary.get("findings"):
         raise GradlakeError(f"{store}: {len(summary['findings'])} damaged object(s); `gradlake repair {store}` "
                             "drops them, then a resumed `gradlake grads` recomputes their shards")
+
+
+def _known_ridges(opened, endpoint_url, profile) -> dict[str, dict]:
+    """{reduce name: d_eff and μ_k} from every exact run written into the store."""
+    from gradlake.reduce.output import ReduceOutput
+    from gradlake.stages.exact import ridge_of_store
+
+    found = {}
+    for name in opened.reduce_names():
+        out = ReduceOutput(opened.reduce_url(name), storage_options(endpoint_url, profile) or None)
+        ridge = ridge_of_store(out, opened.spec.k)
+        if ridge is not None:
+            found[name] = ridge
+    return found
+
+
+def ridge_line(ridge: dict) -> str:
+    """d_eff and μ_k in words: what the projected H of rank k is an influence at."""
+    d_eff = f"{ridge['d_eff']:,.0f}" if ridge["d_eff"] is not None else "?"
+    mu, beyond = ridge["mu_k"], ridge["mu_k_beyond"]
+    at = f"μ_k = {mu:.3g}" if mu is not None else f"μ_k {'>' if beyond > ridge['damping'] else '<'} {beyond:g}"
+    return (f"exact H at λ = {ridge['damping']:g} has d_eff = {d_eff} of {ridge['n_outputs']:,} outputs; the "
+            f"projected H of k = {ridge['k']:,} is the influence at the effective ridge {at} (d_eff(μ_k) = k)")
 
 
 def _print_info(summary: dict) -> None:
@@ -73,6 +97,8 @@ def _print_info(summary: dict) -> None:
     typer.echo(f"dataset      {prov['dataset']}")
     typer.echo(f"model        {json.dumps(prov['model'], default=str)[:200]}")
     typer.echo(f"gradlake     {prov.get('gradlake_version', '?')}, created {prov.get('created', '?')}")
+    for name, ridge in summary["exact"].items():
+        typer.echo(f"exact        {name}: {ridge_line(ridge)}")
     if "findings" in summary:
         typer.echo(f"verified     every object read: {len(summary['findings'])} damaged")
         for finding in summary["findings"]:

@@ -65,7 +65,7 @@ def solver_settings(settings: ExactConfig) -> SolverSettings:
                           probes=settings.deff_probes, seed=settings.seed)
 
 
-DEFF_GRID = tuple(float(x) for x in np.logspace(-8, 4, 25))  # λ at which every minibatch reports d_eff
+DEFF_GRID = tuple(float(x) for x in np.logspace(-8, 8, 33))  # λ at which every minibatch reports d_eff
 
 
 def effective_ridge(d_eff, k: float) -> float:
@@ -78,6 +78,27 @@ def effective_ridge(d_eff, k: float) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if d_eff(10 ** mid) > k else (lo, mid)
     return float(10 ** hi)
+
+
+def ridge_of_store(out: ReduceOutput, k: int) -> dict[str, Any] | None:
+    """What an exact run in ``out`` says of a store of rank k: the run's λ and d_eff(λ), and μ_k with
+    d_eff(μ_k) = k (median spectrum over minibatches, log-log interpolated on its λ grid; outside the
+    grid ``mu_k`` is None and ``mu_k_beyond`` names the grid's end it lies beyond). None before an
+    exact run has written its spectrum."""
+    if not (out.exists(EXACT_JSON) and out.exists("exact_spectrum.parquet")):
+        return None
+    summary = out.read_json(EXACT_JSON)
+    rows = out.read_tables("exact_spectrum.parquet", partitioned=False).to_pylist()
+    grid = sorted({r["lambda"] for r in rows})
+    median = [float(np.median([r["d_eff"] for r in rows if r["lambda"] == lam])) for lam in grid]
+    ridge = {"damping": summary["damping"], "d_eff": summary.get("d_eff"), "n_outputs": summary["n_outputs"],
+             "k": k, "mu_k": None, "mu_k_beyond": None}
+    if not median[-1] <= k <= median[0]:
+        ridge["mu_k_beyond"] = grid[-1] if k < median[-1] else grid[0]
+        return ridge
+    log_lam, log_d = np.log(grid), np.log(np.maximum(median, 1e-300))
+    ridge["mu_k"] = effective_ridge(lambda mu: float(np.exp(np.interp(np.log(mu), log_lam, log_d))), k)
+    return ridge
 
 
 def _solve_record(solve, damping: float, lambdas) -> dict[str, Any]:

@@ -97,6 +97,10 @@ class GradientStore:
     def reduce_url(self, name: str) -> str:
         return self._files.join_url(f"{layout.REDUCE}/{name}")
 
+    def reduce_names(self) -> list[str]:
+        """The reduces (and exact runs) written into this store, by name."""
+        return sorted(self._files.ls(layout.REDUCE))
+
     def checkpoint(self, checkpoint: str | None = None) -> str:
         """A checkpoint's name in this store (None -> the latest); InputError if absent."""
         names = self.checkpoints
