@@ -176,7 +176,7 @@ def test_missing_exact_and_rollout(inputs, tmp_path):
 def test_figures_show_the_damping_slice(inputs, tmp_path, monkeypatch):
     """Each figure gets the reduce's arrays at λ = damping (not the sweep), checked against a
     direct read of the results with plain zarr / pyarrow."""
-    from gradlake.report import build as build_module
+    from gradlake.report import figures
 
     store_url, _, _ = inputs
     calls = {}
@@ -188,7 +188,7 @@ def test_figures_show_the_damping_slice(inputs, tmp_path, monkeypatch):
 
     for name in ("two_time_heatmaps", "lag_curves", "transfer_matrix", "influence_vs_distance", "metric_spectrum",
                  "exact_agreement"):
-        monkeypatch.setattr(build_module.figures, name, recorder(name))
+        monkeypatch.setattr(figures, name, recorder(name))
     build_report(store_url, str(tmp_path / "r"), normalizations=["none"])
 
     results = zarr.open_group(f"{store_url}/reduce/default/results.zarr", mode="r")

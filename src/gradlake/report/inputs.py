@@ -104,6 +104,12 @@ def column(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False)
 
 
+def band(table: pa.Table, x: str = "lag") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x, median, q25, q75) of a table of binned quantiles, sorted by ``x``."""
+    table = table.sort_by(x)
+    return column(table, x), column(table, "median"), column(table, "q25"), column(table, "q75")
+
+
 # --------------------------------------------------------------------------- training
 @dataclass
 class TrainingRun:
