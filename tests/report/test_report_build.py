@@ -40,7 +40,8 @@ def inputs(tmp_path_factory, ray_session):
     """(store url, train dir, reduce settings): two trained tiny-ViT checkpoints, a rollout of
     the last, a store of random φ naming them, and a reduce with a λ sweep and the exact mode."""
     from gradlake.distributed.reduce_tasks import run_reduce
-    from gradlake.train import rollout, train
+    from gradlake.rollout import rollout
+    from gradlake.train import train
 
     helpers = _reduce_helpers()
     root = tmp_path_factory.mktemp("report")

@@ -1,8 +1,8 @@
 """What the report reads: a reduce's results, training histories and rollout tables.
 
 Readers only; they return numpy arrays and plain dicts for :mod:`gradlake.report.figures`.
-The layouts are those documented in gradlake.reduce (results), gradlake.models.checkpoint
-and gradlake.train (checkpoints' config.json, rollout.parquet).
+The layouts are those documented in gradlake.reduce (results), gradlake.models.checkpoint,
+gradlake.train (checkpoints' config.json) and gradlake.rollout (rollout.parquet).
 """
 
 from __future__ import annotations
