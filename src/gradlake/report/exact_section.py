@@ -8,10 +8,9 @@ from typing import Any
 import numpy as np
 
 from gradlake.report import figures
-from gradlake.report.html import Table
+from gradlake.report.html import Section, Table
 from gradlake.report.inputs import ReduceResults, column, select
 from gradlake.report.plan import Plan, norm_label, pair_title
-
 
 HEADLINE_LABELS = {"dt0": "Δt = 0", "dt1": "|Δt| = 1", "tail": "|Δt| ≥ 3", "other_class": "other classes"}
 
@@ -36,7 +35,8 @@ def exact_findings(head: dict[str, Any]) -> list[str]:
 
 
 def add_exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
-    """The exact minibatch H (the paper's quantity) and the projected-vs-exact agreement."""
+    """The exact minibatch H (the paper's quantity) and the projected-vs-exact agreement;
+    returns the exact run's record (None when it did not run)."""
     section = plan.section("exact", "Exact minibatch influence (the paper's H) and the projected estimate")
     found = results.exact()
     if found is None:
@@ -44,6 +44,21 @@ def add_exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
                              "false), so there is no exact H and no exact-versus-projected comparison.")
         return None
     info, table = found
+    section.intro = _intro(info)
+    if results.has("exact_sweep.parquet"):
+        section.tables.append(_sweep_table(results))
+    _headline(section, info)
+    _heatmaps(plan, section, results, info)
+    if table is None:
+        section.notes.append("No projected-vs-exact agreement was computed (reduce.exact.agreement = 0).")
+        return info
+    section.tables.append(_agreement_table(table))
+    _agreement_figures(plan, section, table)
+    return info
+
+
+def _intro(info: dict[str, Any]) -> str:
+    """What was solved, how accurately, and what the projected H is against it."""
     solver = info.get("solver", {})
     bound = solver.get("max_h_error_bound")
     accuracy = (f"every entry within the proven bound, at most {_number(bound)} in the units of each normalisation "
@@ -53,7 +68,7 @@ def add_exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
     spectrum = (f" K's effective dimension at λ is d_eff(λ) = Σ μ/(μ + λ) ≈ {_number(info['d_eff'])} of "
                 f"N·d = {info.get('n_outputs', '?')} outputs (top eigenvalue {_number(info.get('top_eigenvalue'))})."
                 if info.get("d_eff") else "")
-    section.intro = (
+    intro = (
         f"This section shows the EXACT minibatch influence H = Rᵀ J (JᵀJ + λI)⁻¹ Jᵀ R, the paper's quantity, "
         f"solved on {info.get('minibatches', 1)} minibatch(es) of {info.get('batch_size', '?')} samples "
         f"(per class one trajectory of split {info.get('split', 'test')}, consecutive transitions) from checkpoint "
@@ -63,30 +78,39 @@ def add_exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
         "how far it is from the exact H, at λ and at the sketch's effective ridge μ_k.")
     ridge = info.get("effective_ridge") or []
     if ridge and info.get("d_eff"):
-        section.intro += (
+        intro += (
             " What the projected H is: a rank-k projection answers at an effective ridge μ_k with d_eff(μ_k) = k, "
             "not at the run's λ — " + "; ".join(f"k = {int(k)}: μ_k = {_number(mu)}" for k, mu in ridge) +
             f". The projected figures show influence at that larger damping; at the run's λ = {info.get('damping')} "
             f"they would need k ≈ d_eff(λ) ≈ {_number(info['d_eff'])}.")
-    if results.has("exact_sweep.parquet"):
-        sweep = select(results.table("exact_sweep.parquet", partitioned=False), pair="CC", normalization="row-std",
-                       **{"class": "all"})
-        section.tables.append(Table(
-            "Exact row-std H_CC (all classes) at every λ of the sweep, from the same solve: the diagonal's dominance "
-            "(Δt = 0 ÷ |Δt| = 1) and the effective dimension d_eff(λ); 'no' where the solve's bound did not reach "
-            "htol at that λ.",
-            ["λ", *HEADLINE_LABELS.values(), "dominance", "d_eff", "within htol"],
-            [[f"{row['lambda']:g}", *(_number(row.get(k)) for k in HEADLINE_LABELS),
-              _number(row["dt0"] / row["dt1"]) if row.get("dt0") is not None and row.get("dt1") else "–",
-              _number(row.get("d_eff")), "yes" if row["converged"] else "no"] for row in sweep.to_pylist()]))
     for row in info.get("paper_solver", []):
         if row["pair"] == "CC" and row["normalization"] == "row-std":
-            section.intro += (
+            intro += (
                 f" The paper's own solve (float32 MINRES on the stacked right-hand sides, restarted every "
                 f"{row['restart']}, stopped at a stacked residual of {row['stop']:g}) on minibatch {row['minibatch']}: "
                 f"row-std H_CC {_number(row['relative_frobenius'])} from the converged H (relative Frobenius; "
                 f"Spearman {_number(row['spearman'])}) after {row['products']} products, "
                 f"{'reaching' if row['reached_stop'] else 'not reaching'} its stop.")
+    return intro
+
+
+def _sweep_table(results: ReduceResults) -> Table:
+    """Exact row-std H_CC (all classes) at every λ of the sweep."""
+    sweep = select(results.table("exact_sweep.parquet", partitioned=False), pair="CC", normalization="row-std",
+                   **{"class": "all"})
+    return Table(
+        "Exact row-std H_CC (all classes) at every λ of the sweep, from the same solve: the diagonal's dominance "
+        "(Δt = 0 ÷ |Δt| = 1) and the effective dimension d_eff(λ); 'no' where the solve's bound did not reach "
+        "htol at that λ.",
+        ["λ", *HEADLINE_LABELS.values(), "dominance", "d_eff", "within htol"],
+        [[f"{row['lambda']:g}", *(_number(row.get(k)) for k in HEADLINE_LABELS),
+          _number(row["dt0"] / row["dt1"]) if row.get("dt0") is not None and row.get("dt1") else "–",
+          _number(row.get("d_eff")), "yes" if row["converged"] else "no"] for row in sweep.to_pylist()])
+
+
+def _headline(section: Section, info: dict[str, Any]) -> None:
+    """Per pair and normalisation, the mean exact H at each |Δt| and across classes (with the
+    paper's numbers beside H_CC) and whether the paper's two findings hold."""
     head = info.get("headline", {})
     paper = info.get("paper", {}).get("CC", {}).get("row-std", {}).get("all", {})
     for pair in info.get("pairs", []):
@@ -104,6 +128,10 @@ def add_exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
                 ["class", *HEADLINE_LABELS.values()], rows))
             if pair == "CC" and norm == "row-std":
                 section.notes += exact_findings(cells.get("all", {}))
+
+
+def _heatmaps(plan: Plan, section: Section, results: ReduceResults, info: dict[str, Any]) -> None:
+    """The exact two-time heatmaps of each pair, in the report's normalisations."""
     values, coords = results.array("exact", "twotime")
     t = np.asarray(coords["t_response"])
     for p, pair in enumerate(coords["pair"]):
@@ -118,9 +146,10 @@ def add_exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
                         "class.", figures.two_time_heatmaps, panels=panels, ncols=len(coords["class"]),
                         t_response=t, t_perturbation=t, colorbar_label=norm_label(norm),
                         title=f"Exact {pair_title(pair)}\n{norm_label(norm)}, λ = {info.get('damping')}")
-    if table is None:
-        section.notes.append("No projected-vs-exact agreement was computed (reduce.exact.agreement = 0).")
-        return info
+
+
+def _agreement_table(table) -> Table:
+    """Projected vs exact H per pair, normalisation, allocation and k, means over minibatches."""
     rows = []
     allocations = list(dict.fromkeys(table.column("allocation").to_pylist()))
     for norm in dict.fromkeys(table.column("normalization").to_pylist()):
@@ -138,13 +167,18 @@ def add_exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
                                  f"{np.mean(column(at, 'spearman')):.3f}",
                                  _number(float(np.median(mu))) if mu else "–",
                                  f"{np.mean(at_mu):.3g}" if at_mu else "–", str(at.num_rows)])
-    section.tables.append(Table(
+    return Table(
         "Projected vs exact H on the agreement minibatches (the projected H from projected gradients — uniform "
         "k_in = k_out = k, or the energy allocation of the same total k — with the batch's probe metric): relative "
         "Frobenius error and Spearman rank correlation, means over minibatches.",
         ["pair", "normalisation", "allocation", "k", "k total", "rel. Frobenius error at λ", "Spearman", "μ_k",
          "rel. Frobenius error at μ_k", "minibatches"],
-        rows))
+        rows)
+
+
+def _agreement_figures(plan: Plan, section: Section, table) -> None:
+    """Error and rank correlation of the projected H against k, per normalisation (energy allocation)."""
+    allocations = list(dict.fromkeys(table.column("allocation").to_pylist()))
     table = select(table, allocation=allocations[-1])  # the figures: the energy allocation
     for norm in dict.fromkeys(table.column("normalization").to_pylist()):  # in the reduce's order
         part = select(table, normalization=norm)
@@ -162,5 +196,3 @@ def add_exact(plan: Plan, results: ReduceResults) -> dict[str, Any] | None:
                     "with k mean the projection preserves the influence.",
                     figures.exact_agreement, ks=ks, relative_error=error, rank_correlation=rank,
                     title=f"Projected vs exact influence, {norm_label(norm)}")
-    return info
-
