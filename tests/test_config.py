@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from gradlake import config
@@ -54,7 +56,7 @@ def test_the_old_name_still_builds_a_data_config():
     with pytest.warns(FutureWarning, match="split_fractions"):
         data = config.DataConfig(splits=(0.5, 0.25, 0.25))
     assert data == config.DataConfig(split_fractions=(0.5, 0.25, 0.25))
-    assert "splits" not in config.dataclasses.asdict(data)
+    assert "splits" not in dataclasses.asdict(data)
 
 
 def test_renamed_settings_keep_the_stage_hashes():

@@ -21,7 +21,8 @@ from gradlake.models.checkpoint import (
     read_weights,
     save_checkpoint,
 )
-from gradlake.train import TrajectoryCache, epoch_order, evaluate, rollout, train
+from gradlake.rollout import rollout
+from gradlake.train import TrajectoryCache, epoch_order, evaluate, train
 
 TINY = ModelConfig("unet", "tiny")
 FAST = TrainConfig(epochs=2, batch_size=4, lr=2e-3)

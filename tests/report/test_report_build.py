@@ -40,7 +40,8 @@ def inputs(tmp_path_factory, ray_session):
     """(store url, train dir, reduce settings): two trained tiny-ViT checkpoints, a rollout of
     the last, a store of random φ naming them, and a reduce with a λ sweep and the exact mode."""
     from gradlake.distributed.reduce_tasks import run_reduce
-    from gradlake.train import rollout, train
+    from gradlake.rollout import rollout
+    from gradlake.train import train
 
     helpers = _reduce_helpers()
     root = tmp_path_factory.mktemp("report")
@@ -176,7 +177,7 @@ def test_missing_exact_and_rollout(inputs, tmp_path):
 def test_figures_show_the_damping_slice(inputs, tmp_path, monkeypatch):
     """Each figure gets the reduce's arrays at λ = damping (not the sweep), checked against a
     direct read of the results with plain zarr / pyarrow."""
-    from gradlake.report import build as build_module
+    from gradlake.report import figures
 
     store_url, _, _ = inputs
     calls = {}
@@ -188,7 +189,7 @@ def test_figures_show_the_damping_slice(inputs, tmp_path, monkeypatch):
 
     for name in ("two_time_heatmaps", "lag_curves", "transfer_matrix", "influence_vs_distance", "metric_spectrum",
                  "exact_agreement"):
-        monkeypatch.setattr(build_module.figures, name, recorder(name))
+        monkeypatch.setattr(figures, name, recorder(name))
     build_report(store_url, str(tmp_path / "r"), normalizations=["none"])
 
     results = zarr.open_group(f"{store_url}/reduce/default/results.zarr", mode="r")

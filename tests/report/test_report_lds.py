@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from gradlake import lds
 from gradlake.distributed.lds_tasks import CITATION, METHODS, _table
-from gradlake.report.build import Plan
+from gradlake.report.plan import Plan
 from gradlake.report.lds import add_section
 
 

@@ -103,7 +103,7 @@ def rollout(
     quiet: bool = Quiet,
 ):
     """Autoregressive rollout error against ground truth versus horizon, per class."""
-    from gradlake.train import rollout as run_rollout
+    from gradlake.rollout import rollout as run_rollout
 
     fsio.check_output(out or checkpoint, storage_options(endpoint_url, profile) or None)
     table = run_rollout(checkpoint, data, horizon=horizon, split=split, device=device,

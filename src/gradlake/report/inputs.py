@@ -1,8 +1,8 @@
 """What the report reads: a reduce's results, training histories and rollout tables.
 
 Readers only; they return numpy arrays and plain dicts for :mod:`gradlake.report.figures`.
-The layouts are those documented in gradlake.reduce (results), gradlake.models.checkpoint
-and gradlake.train (checkpoints' config.json, rollout.parquet).
+The layouts are those documented in gradlake.reduce (results), gradlake.models.checkpoint,
+gradlake.train (checkpoints' config.json) and gradlake.rollout (rollout.parquet).
 """
 
 from __future__ import annotations
@@ -102,6 +102,12 @@ def select(table: pa.Table, **equal: Any) -> pa.Table:
 
 def column(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False)
+
+
+def band(table: pa.Table, x: str = "lag") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x, median, q25, q75) of a table of binned quantiles, sorted by ``x``."""
+    table = table.sort_by(x)
+    return column(table, x), column(table, "median"), column(table, "q25"), column(table, "q75")
 
 
 # --------------------------------------------------------------------------- training
