@@ -12,7 +12,7 @@
   ...), whose blocks are the gradients w.r.t. the original parameters. Any other parameter
   whose module is never called (a factorised weight held in a submodule, as tltorch's in
   neuraloperator) is found by a dry run and covered by its nearest called ancestor
-  (:func:`gradlake.grads.capture.routes`).
+  (:func:`gradlake.grads.routes.routes`).
 - A complex parameter counts as its real and imaginary parts (shape [..., 2]).
 - A spectral weight (a block of >= 4 dims ending in a (real, imaginary) pair, under a module
   that contracts Fourier modes through its own ``_contract``, as neuraloperator's
