@@ -252,9 +252,9 @@ class _Capture:
         if single and record is not None and getattr(rules[0], "__name__", "") == "_spectral":
             held.update(record=record, output=output)  # the weights' gradients from the recorded contractions
             for call in record.calls:
-                if call[2].grad_fn is None:
-                    self.roots.append(call[2])  # (an input that does not require grad)
-                call[2].register_hook(partial(self._spectral_backward, entry, record, call))
+                if call.out.grad_fn is None:
+                    self.roots.append(call.out)  # (an input that does not require grad)
+                call.out.register_hook(partial(self._spectral_backward, entry, record, call))
         for i in followed:
             outputs[i] = self._track(entry.name, outputs[i])
             outputs[i].register_hook(partial(self._exact_backward, entry, held, None if single else i))
@@ -263,7 +263,15 @@ class _Capture:
         return type(output)(*outputs) if hasattr(output, "_fields") else type(output)(outputs)
 
     def _spectral_backward(self, entry: ExactModule, record, call, d: torch.Tensor) -> None:
-        self._add_exact(entry, {n: flat(g, self.batch) for n, g in record.weight_grads(call, d).items()})
+        project = {local: tuple(self.projector.factor(qualified, self.blocks[qualified].shape, role,
+                                                      self.blocks[qualified].factors[f"d_{role}"], self.device,
+                                                      torch.float32) for role in ("out", "in"))
+                   for qualified, local in entry.params if self.blocks[qualified].path == "spectral"}
+        grads, projected = record.weight_grads(call, d, project)
+        for qualified, local in entry.params:
+            if local in projected:
+                self._add(qualified, projected[local])
+        self._add_exact(entry, {n: flat(g, self.batch) for n, g in grads.items()})
 
     def _exact_backward(self, entry: ExactModule, held: dict, index: int | None, delta: torch.Tensor) -> None:
         output = held.get("output")
