@@ -17,10 +17,12 @@ Used for every parameter outside Linear/Conv layers. Six rules, the first that h
   neuraloperator's SpectralConv): outer products per mode (:mod:`gradlake.grads.spectral`),
   used where they match the loop on two samples;
 - *vmap*: ``torch.func`` vmap over samples of grad of ⟨module(x_b), δ_b⟩ (any module that
-  vmap can run);
+  vmap can run; a module that writes per-sample values in place into tensors it makes, as
+  AFNO's spectrum, runs with those tensors made per sample, where that equals the loop on
+  two samples);
 - *loop*: the same gradient by plain autograd, one sample at a time (modules vmap cannot
-  run: in-place writes into fresh tensors, as in FNO spectral convolutions; data-dependent
-  control flow). Slower; :func:`gradlake.grads.describe` lists the modules that take it.
+  run: data-dependent control flow). Slower; :func:`gradlake.grads.describe` lists the
+  modules that take it.
 
 A rule is used for a module only after it reproduced the module's output exactly on one
 sample with random parameter values (affine, additive) or ran on one sample (vmap, loop),
@@ -31,6 +33,7 @@ and a complex parameter's gradient is returned as (real, imaginary) pairs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from gradlake.errors import InputError
 from gradlake.grads import spectral
@@ -144,6 +148,7 @@ class ModuleGrads:
         self._rules: dict[tuple, Grads | Affine] = {}
         self.fallback: str | None = None  # why vmap could not run the module (the loop rule is used)
         self.direct: Grads | None = None  # spectral rule: the additive rule of its other parameter, if it holds
+        self.fresh = False  # vmap rule: tensors the module makes are made per sample (_PerSampleFresh)
 
     def __call__(self, args: tuple, kwargs: dict, delta: torch.Tensor, index: int | None = None
                  ) -> dict[str, torch.Tensor]:
@@ -217,6 +222,19 @@ class ModuleGrads:
             return self._vmap
         except Exception as exc:  # noqa: BLE001 - any reason vmap cannot run the module: try the loop
             self.fallback = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        two = tuple(a[:2] if _batched(a, batch) else a for a in args)
+        two_kwargs = {k: v[:2] if _batched(v, batch) else v for k, v in kwargs.items()}
+        delta = torch.randn((min(batch, 2), *out[1:]), generator=torch.Generator().manual_seed(2)).to(probe)
+        self.fresh = True
+        try:  # in-place writes of per-sample values into tensors the module makes: made per sample
+            got = self._vmap(params, two, two_kwargs, delta, index)
+            want = self._loop(params, two, two_kwargs, delta, index)
+            if all(_close(got[n], want[n]) for n in want):
+                self.fallback = None
+                return self._vmap
+        except Exception:  # noqa: BLE001 - not what vmap lacked: the loop
+            pass
+        self.fresh = False
         try:
             self._loop(params, one, one_kwargs, probe, index)
         except Exception as exc:  # noqa: BLE001
@@ -268,7 +286,8 @@ class ModuleGrads:
 
         def response(p, d, sample):
             full = [s.unsqueeze(0) if dim == 0 else s for s, dim in zip(sample, dims)]
-            out = self._run(p, tuple(full[:len(args)]), dict(zip(keys, full[len(args):])))
+            with _PerSampleFresh(d) if self.fresh else contextlib.nullcontext():
+                out = self._run(p, tuple(full[:len(args)]), dict(zip(keys, full[len(args):])))
             return inner(pick(out, index), d.unsqueeze(0))
 
         grads = vmap(grad(response), in_dims=(None, 0, dims))(params, delta, leaves)
@@ -319,6 +338,24 @@ class ModuleGrads:
                 for (n, p), g in zip(leaves.items(), grads):
                     rows[n].append(torch.zeros_like(p) if g is None else g)
         return {n: flat(torch.stack(r), batch) for n, r in rows.items()}
+
+
+class _PerSampleFresh(TorchFunctionMode):
+    """Inside vmap: tensors made by factory functions (torch.zeros, ...) carry the samples' batch
+    (a per-sample zero added), so per-sample values can be written into them in place."""
+
+    FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.Tensor.new_zeros, torch.Tensor.new_ones,
+                 torch.Tensor.new_empty, torch.Tensor.new_full}
+
+    def __init__(self, like: torch.Tensor):
+        super().__init__()
+        self.zero = torch.zeros_like(like).sum()  # batched under vmap: one zero per sample
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.FACTORIES and isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
+            out = out + self.zero.to(out.dtype)
+        return out
 
 
 def _attention_supported(module: nn.Module, args: tuple, kwargs: dict) -> bool:
