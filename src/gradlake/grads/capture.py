@@ -92,11 +92,13 @@ class _Capture:
         self.active = True
         self._identity: dict[int, torch.Tensor] = {}
         self._recording: spectral.Recording | None = None
+        self.copies: list[tuple[ExactModule, str, torch.Tensor]] = []  # per-sample parameter copies [B, ...]
+        self._forwarded: torch.Tensor | None = None  # the output of the last per-sample forward
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
         handles = []
-        try:
+        with contextlib.ExitStack() as stack:
             for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
             for entry in self.exact:
@@ -104,10 +106,12 @@ class _Capture:
                     handles.append(entry.module.register_forward_pre_hook(partial(self._spectral_forward, entry)))
                 handles.append(entry.module.register_forward_hook(partial(self._exact_forward, entry),
                                                                   with_kwargs=True))
+                if _module_grads(entry).path() == "vmap" and {local for _, local in entry.params} == {
+                        n for n, _ in entry.module.named_parameters()}:
+                    stack.enter_context(_forward_replaced(entry.module, partial(
+                        self._per_sample_forward, entry, entry.module.forward)))
+            stack.callback(lambda: [handle.remove() for handle in handles])
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _factor(self, name: str, shape, role: str, dim: int, rows: int | None = None) -> torch.Tensor | None:
         return self.projector.factor(name, shape, role, dim, self.device, self.dtype, rows)
@@ -229,8 +233,24 @@ class _Capture:
             self._recording = spectral.Recording(module, _module_grads(entry).params())
             self._recording.open()
 
-    def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
+    def _per_sample_forward(self, entry: ExactModule, forward, *args, **kwargs):
+        """A module on the vmap rule run with per-sample copies of its parameters (their gradients
+        come from the batch's own backward: no rerun), where that gives its own output."""
         if not self.active:
+            return forward(*args, **kwargs)
+        self.active = False  # its own (and its children's) hooks stay quiet inside
+        try:
+            found = _module_grads(entry).per_sample_forward(args, kwargs, self.batch)
+        finally:
+            self.active = True
+        if found is None:
+            return forward(*args, **kwargs)
+        self._forwarded, copies = found
+        self.copies.extend((entry, local, copy) for local, copy in copies.items())
+        return self._forwarded
+
+    def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
+        if not self.active or output is self._forwarded:
             return None
         record, self._recording = self._recording, None
         if record is not None:
@@ -362,6 +382,19 @@ class _Capture:
         return torch.eye(dim, device=self.device) if f is None else f
 
 
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable) -> Iterator[None]:
+    saved = vars(module).get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision tensors (autocast); any other dtype (complex included) as it is."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -421,11 +454,16 @@ def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
         capture.slots = len(slots)
         for i, (_, _, cot) in enumerate(slots):
             capture.slot = i
-            grads = torch.autograd.grad(pred, [*capture.roots, *copies.values()], cot.to(pred.dtype),
-                                        retain_graph=i + 1 < len(slots), allow_unused=True)
-            for name, g in zip(copies, grads[len(capture.roots):]):
+            grads = torch.autograd.grad(pred, [*capture.roots, *copies.values(), *(c for *_, c in capture.copies)],
+                                        cot.to(pred.dtype), retain_graph=i + 1 < len(slots), allow_unused=True)
+            grads = [None if g is None else flat(g.float() if g.dtype == torch.bfloat16 else g, inputs.shape[0])
+                     for g in grads[len(capture.roots):]]
+            for name, g in zip(copies, grads):
                 if g is not None:
-                    capture.add_dense(name, flat(g.float() if g.dtype == torch.bfloat16 else g, inputs.shape[0]))
+                    capture.add_dense(name, g)
+            for (entry, local, _), g in zip(capture.copies, grads[len(copies):]):
+                if g is not None:
+                    capture._add_exact(entry, {local: g})
     return gather(capture.phi, slots), pred.detach()
 
 

@@ -146,6 +146,7 @@ class ModuleGrads:
     def __init__(self, module: nn.Module, names: tuple[str, ...], label: str = ""):
         self.module, self.names, self.label = module, names, label
         self._rules: dict[tuple, Grads | Affine] = {}
+        self._per_sample: dict[tuple, bool] = {}  # input shape: whether per_sample_forward holds
         self.fallback: str | None = None  # why vmap could not run the module (the loop rule is used)
         self.direct: Grads | None = None  # spectral rule: the additive rule of its other parameter, if it holds
         self.fresh = False  # vmap rule: tensors the module makes are made per sample (_PerSampleFresh)
@@ -292,6 +293,37 @@ class ModuleGrads:
 
         grads = vmap(grad(response), in_dims=(None, 0, dims))(params, delta, leaves)
         return {n: flat(g, batch) for n, g in grads.items()}
+
+    def per_sample_forward(self, args: tuple, kwargs: dict, batch: int
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The module's output for the batch, run under vmap with a per-sample copy of each
+        parameter ({name: [B, *shape]}, whose gradients in the batch's backward are the per-sample
+        gradients), for a module on the vmap rule; None where the output is not one tensor equal to
+        the module's own (checked once per input shape)."""
+        leaves = [*args, *kwargs.values()]
+        dims = [0 if _batched(a, batch) else None for a in leaves]
+        if 0 not in dims:
+            return None
+        like = leaves[dims.index(0)]
+        copies = {n: p.detach().requires_grad_().expand(batch, *p.shape) for n, p in self.params().items()}
+
+        def run(p, sample):
+            full = [s.unsqueeze(0) if dim == 0 else s for s, dim in zip(sample, dims)]
+            with _PerSampleFresh(full[dims.index(0)]) if self.fresh else contextlib.nullcontext():
+                out = self._run(p, tuple(full[:len(args)]), dict(zip(list(kwargs), full[len(args):])))
+            return out.squeeze(0) if isinstance(out, torch.Tensor) and out.shape[:1] == (1,) else None
+
+        key = (tuple(like.shape[1:]), like.dtype)
+        if key not in self._per_sample:
+            try:
+                with torch.no_grad():
+                    got = vmap(run, in_dims=(0, dims))({n: c.detach() for n, c in copies.items()}, leaves)
+                    self._per_sample[key] = _close(got, self._run(self.params(), args, kwargs))
+            except Exception:  # noqa: BLE001 - not one tensor per sample: the rule in backward
+                self._per_sample[key] = False
+        if not self._per_sample[key]:
+            return None
+        return vmap(run, in_dims=(0, dims))(copies, leaves), copies
 
     def _attention(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         """nn.MultiheadAttention recomputed once for the batch with per-sample copies of its weights
