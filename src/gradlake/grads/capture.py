@@ -3,12 +3,10 @@
 Parameters are frozen while capturing, so backward propagates activation gradients only
 (no weight-gradient GEMMs). Forward hooks on every module that owns parameters:
 
-- a Linear / Conv layer projects its input, ã = P_in a (for a conv, P_in is a kernel
-  (k_in, C_in, *kernel) applied with the layer's stride, padding, padding mode and
-  dilation, which equals unfold(a)·P_inᵀ without unfolding) — at once, or in backward
-  where the input is the smaller of the two to hold — and hooks its output; in backward,
-  with δ the output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã (one
-  batched matmul) and the bias block Σ_positions P_out δ;
+- a Linear / Conv layer projects its input, ã = P_in a — at once, or in backward where the
+  input is the smaller of the two to hold — and hooks its output; in backward, with δ the
+  output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã and the bias block
+  Σ_positions P_out δ (:mod:`gradlake.grads.kron`);
 - any other module gets the exact per-example gradient of its own parameters by the
   verified rules of :mod:`gradlake.grads.modules`, then a dense projection (a spectral
   weight's: P_out ⊗ P_in). A spectral convolution's forward is recorded for the
@@ -16,8 +14,13 @@ Parameters are frozen while capturing, so backward propagates activation gradien
   gradients of its contractions' outputs, the rest from its output gradient). An affine
   module (a norm: output = base ⊙ weight + bias) keeps its output (which the next op
   usually saves anyway) and gets them from it without an extra forward; other modules
-  keep their input for the rule. A module returning a tuple is followed through each of
-  its tensor outputs (the contributions add up: the gradient is linear in δ).
+  keep their input for the rule. A module on the vmap rule whose parameters are all its
+  own runs under vmap with per-sample copies of them, whose gradients come out of the
+  batch's own backward. A module returning a tuple is followed through each of its tensor
+  outputs (the contributions add up: the gradient is linear in δ).
+
+Which modules' hooks cover which parameters is found (and checked against autograd) before
+the first batch of a model and input shape: :mod:`gradlake.grads.routes`.
 
 A module output that does not require grad (the first layer's: inputs never require grad)
 is replaced by (a copy of) a fresh leaf and backward stops there, so no gradient w.r.t.
@@ -34,10 +37,9 @@ from functools import partial
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn import functional as F
 
 from gradlake.errors import GradlakeError, InputError
-from gradlake.grads import spectral
+from gradlake.grads import kron, spectral
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
 from gradlake.grads.modules import Affine, ModuleGrads, flat
 from gradlake.grads.projector import Projector
@@ -106,7 +108,7 @@ class _Capture:
                     handles.append(entry.module.register_forward_pre_hook(partial(self._spectral_forward, entry)))
                 handles.append(entry.module.register_forward_hook(partial(self._exact_forward, entry),
                                                                   with_kwargs=True))
-                if _module_grads(entry).path() == "vmap" and {local for _, local in entry.params} == {
+                if module_grads(entry).path() == "vmap" and {local for _, local in entry.params} == {
                         n for n, _ in entry.module.named_parameters()}:
                     stack.enter_context(_forward_replaced(entry.module, partial(
                         self._per_sample_forward, entry, entry.module.forward)))
@@ -150,43 +152,8 @@ class _Capture:
         return out
 
     def _project_input(self, layer: Layer, a: torch.Tensor) -> torch.Tensor:
-        """Linear: [B, positions, k_in]; conv: [B, k_in, positions]."""
-        weight = layer.module.weight
-        if not layer.conv_dims:
-            factor = self._factor(layer.name, weight.shape, "in", layer.d_in)
-            a = a.reshape(self.batch, -1, layer.d_in)
-            return a if factor is None else a @ factor.T
-        split = layer.input_split(self.projector)
-        module, conv = layer.module, _conv(layer.conv_dims)
-        if module.padding_mode != "zeros":  # pad here (per channel: commutes with channel mixing)
-            a, padding = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
-        else:
-            padding = module.padding
-        if split is None:  # one dense (k_in, C_in, *kernel) kernel
-            factor = self._factor(layer.name, weight.shape, "in", layer.d_in)
-            if factor is None and _pointwise(module, padding):  # identity on a 1x1 conv: the input itself
-                return a.reshape(self.batch, layer.d_in, -1)
-            kernel = self._eye(layer.d_in) if factor is None else factor
-            out = conv(a, kernel.reshape(kernel.shape[0], *weight.shape[1:]), None, module.stride, padding,
-                       module.dilation)
-            return out.reshape(self.batch, out.shape[1], -1)
-        # Separable: channels by a 1x1 conv, then the same k_space filters on each of the
-        # k_channel maps (the maps stacked on the batch axis: one single-channel conv).
-        c_in, taps = weight.shape[1], layer.d_in // weight.shape[1]
-        channel = self._factor(layer.name, weight.shape, "in-channel", c_in, split[0])
-        if channel is not None:
-            a = conv(a, channel.reshape(*channel.shape, *[1] * layer.conv_dims))
-        space = self._factor(layer.name, weight.shape, "in-space", taps, split[1])
-        if taps == 1:  # a 1x1 conv: the channel projection is all of P_in
-            if _pointwise(module, padding):
-                return a.reshape(self.batch, split[0], -1)
-            out = conv(a, self._eye(split[0]).reshape(split[0], split[0], *weight.shape[2:]), None,
-                       module.stride, padding, module.dilation)
-            return out.reshape(self.batch, split[0], -1)
-        space = self._eye(taps) if space is None else space
-        maps = a.reshape(self.batch * split[0], 1, *a.shape[2:])
-        out = conv(maps, space.reshape(split[1], 1, *weight.shape[2:]), None, module.stride, padding, module.dilation)
-        return out.reshape(self.batch, split[0] * split[1], -1)
+        return kron.project_input(layer, a, self.batch, layer.input_split(self.projector),
+                                  partial(self._factor, layer.name, layer.module.weight.shape), self._eye)
 
     def _eye(self, n: int) -> torch.Tensor:
         if n not in self._identity:
@@ -203,20 +170,8 @@ class _Capture:
         projected = held["projected"]
         if self.slot == self.slots - 1:
             held.clear()  # last backward pass: free it now, not when the graph goes
-        factor = self._factor(layer.name, layer.module.weight.shape, "out", layer.d_out)
-        delta = delta.to(self.dtype)
-        if layer.conv_dims:
-            delta = delta.reshape(self.batch, layer.d_out, -1)  # [B, d_out, positions]
-            if factor is not None:
-                delta = factor @ delta
-            block = delta @ projected.transpose(1, 2)
-            bias = delta.sum(dim=2)
-        else:
-            delta = delta.reshape(self.batch, -1, layer.d_out)  # [B, positions, d_out]
-            if factor is not None:
-                delta = delta @ factor.T
-            block = delta.transpose(1, 2) @ projected
-            bias = delta.sum(dim=1)
+        p_out = self._factor(layer.name, layer.module.weight.shape, "out", layer.d_out)
+        block, bias = kron.blocks(layer, delta.to(self.dtype), projected, self.batch, p_out)
         self._add(layer.weight, block)
         if layer.bias:
             self._add(layer.bias, bias)
@@ -229,8 +184,8 @@ class _Capture:
     def _spectral_forward(self, entry: ExactModule, module: nn.Module, args) -> None:
         """Records the forward of a module with a spectral contraction (:mod:`gradlake.grads.spectral`),
         once the spectral rule holds for it (before: its own forward, the rule then reruns it)."""
-        if self.active and "spectral" in _module_grads(entry).path().split("+"):
-            self._recording = spectral.Recording(module, _module_grads(entry).params())
+        if self.active and "spectral" in module_grads(entry).path().split("+"):
+            self._recording = spectral.Recording(module, module_grads(entry).params())
             self._recording.open()
 
     def _per_sample_forward(self, entry: ExactModule, forward, *args, **kwargs):
@@ -240,7 +195,7 @@ class _Capture:
             return forward(*args, **kwargs)
         self.active = False  # its own (and its children's) hooks stay quiet inside
         try:
-            found = _module_grads(entry).per_sample_forward(args, kwargs, self.batch)
+            found = module_grads(entry).per_sample_forward(args, kwargs, self.batch)
         finally:
             self.active = True
         if found is None:
@@ -256,7 +211,7 @@ class _Capture:
         if record is not None:
             record.close()
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        grads = _module_grads(entry)
+        grads = module_grads(entry)
         held = {"args": args, "kwargs": kwargs, "versions": [t._version for t in tensors]}
         outputs = [output] if isinstance(output, torch.Tensor) else list(output)
         followed = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)
@@ -299,7 +254,7 @@ class _Capture:
         if "record" in held:  # the other parameters (the bias) here, the weights' in _spectral_backward
             if held.get("busy"):  # this hook again, inside the backward below
                 return
-            additive = _module_grads(entry).direct
+            additive = module_grads(entry).direct
             if additive is not None:
                 self._add_exact(entry, additive({}, (), {}, _full(delta), None))
                 return
@@ -311,7 +266,7 @@ class _Capture:
             self._add_exact(entry, {n: flat(g, self.batch) for n, g in grads.items()})
             return
         if output is not None and output._version == held["version"]:  # (else changed in place since)
-            params = _module_grads(entry).params()
+            params = module_grads(entry).params()
             per_sample = held["affine"].from_output(output.detach(), _full(delta), params)
             if last:
                 held.clear()
@@ -326,7 +281,7 @@ class _Capture:
         kwargs = {k: _full(v.detach()) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         self.active = False  # the module's own (and its children's) hooks stay quiet
         try:
-            per_sample = _module_grads(entry)(args, kwargs, _full(delta), index)
+            per_sample = module_grads(entry)(args, kwargs, _full(delta), index)
         finally:
             self.active = True
         if last:
@@ -353,22 +308,9 @@ class _Capture:
                 g = g if p_out is None else p_out @ g
                 self._add(qualified, g if p_in is None else g @ p_in.T)
                 continue
-            layer = self.layer_of[qualified]  # a layer not called on batched inputs: project here
-            shape = tuple(layer.module.weight.shape)
-            p_out = self.projector.factor(layer.name, shape, "out", layer.d_out, self.device, torch.float32)
-            g = g if p_out is None else (g.reshape(self.batch, layer.d_out, -1).transpose(1, 2) @ p_out.T
-                                         ).transpose(1, 2).reshape(self.batch, -1)
-            if block.path == "kron":
-                g = g.reshape(self.batch, -1, layer.d_in)
-                split = layer.input_split(self.projector)
-                if split:
-                    c_in = shape[1]
-                    p_in = torch.kron(self._full_factor(layer, "in-channel", c_in, split[0]),
-                                      self._full_factor(layer, "in-space", layer.d_in // c_in, split[1]))
-                else:
-                    p_in = self._full_factor(layer, "in", layer.d_in)
-                g = g @ p_in.T
-            self._add(qualified, g)
+            # a layer not called on batched inputs: projected here
+            self._add(qualified, kron.project_exact(self.layer_of[qualified], block.path, g, self.projector,
+                                                    self.device))
 
     def add_dense(self, qualified: str, g: torch.Tensor) -> None:
         """Dense projection of an exact [B, numel] per-sample gradient into φ."""
@@ -376,10 +318,6 @@ class _Capture:
                                        torch.float32)
         self._add(qualified, g if factor is None else g @ factor.T)
 
-    def _full_factor(self, layer: Layer, role: str, dim: int, rows: int | None = None) -> torch.Tensor:
-        f = self.projector.factor(layer.name, tuple(layer.module.weight.shape), role, dim, self.device,
-                                  torch.float32, rows)
-        return torch.eye(dim, device=self.device) if f is None else f
 
 
 @contextlib.contextmanager
@@ -403,23 +341,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 _MODULE_GRADS: weakref.WeakKeyDictionary[nn.Module, ModuleGrads] = weakref.WeakKeyDictionary()
 
 
-def _module_grads(entry: ExactModule) -> ModuleGrads:
+def module_grads(entry: ExactModule) -> ModuleGrads:
+    """The rules of an exact module's parameters (one per module, kept while it lives)."""
     names = tuple(local for _, local in entry.params)
     found = _MODULE_GRADS.get(entry.module)
     if found is None or found.names != names:
         found = _MODULE_GRADS[entry.module] = ModuleGrads(entry.module, names, entry.name)
     return found
-
-
-def _pointwise(module: nn.Module, padding) -> bool:
-    """A 1x1 conv with stride 1 and no padding: its unfolded input is the input itself."""
-    padding = padding if isinstance(padding, tuple) else (padding,)
-    return (all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
-            and not any(padding))
-
-
-def _conv(dims: int):
-    return (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
 
 
 def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangents, projector: Projector,
@@ -471,36 +399,3 @@ def _check(model, model_plan: Plan, projector: Projector, covered: Routes, x: to
            cot: torch.Tensor) -> torch.Tensor:
     """φ [B, k] of samples ``x`` for one cotangent, float32 (what :func:`routes` checks)."""
     return _capture(model, model_plan, covered, x, lambda pred: {"C": cot}, projector, torch.float32)[0]["C"]
-
-
-
-def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None = None) -> list[dict]:
-    """How each module's parameters are captured, from one capture of ``inputs[:2]``.
-
-    One row per module that captures parameters: {"module", "type", "path", "parameters"},
-    path "kron" (factorised Linear/Conv), "expand" (per-sample copies of a container's
-    [1, ...] parameters), "affine", "additive", "attention", "vmap" (exact per-sample rules of
-    :mod:`gradlake.grads.modules`) or "loop" (the per-sample autograd fallback, with
-    "reason"). A module that covers parameters of submodules it does not call lists them
-    all. Unsupported structures raise :class:`gradlake.errors.InputError` naming the module.
-    """
-    projector = projector or Projector(k_in=4, k_out=4, k_dense=16)
-    x = inputs[:2]
-    projected_grads(model, x, lambda pred: {"C": torch.zeros_like(pred)}, projector)
-    model_plan = plan(model)
-    covered = routes(model, model_plan, x)
-    rows = [{"module": layer.name, "type": type(layer.module).__name__, "path": "kron",
-             "parameters": [n for n in (layer.weight, layer.bias) if n]}
-            for layer in model_plan.layers if layer.name in covered.reached]
-    for entry in covered.exact(model_plan, model):
-        grads = _module_grads(entry)
-        row = {"module": entry.name, "type": type(entry.module).__name__, "path": grads.path() or "unused",
-               "parameters": [q for q, _ in entry.params]}
-        if grads.fallback:
-            row["reason"] = grads.fallback
-        rows.append(row)
-    for name, qualified in covered.expanded:
-        rows.append({"module": name, "type": type(model.get_submodule(name)).__name__, "path": "expand",
-                     "parameters": list(qualified)})
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return sorted(rows, key=lambda row: order[row["module"]])
