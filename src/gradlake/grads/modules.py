@@ -314,11 +314,16 @@ class ModuleGrads:
             return out.squeeze(0) if isinstance(out, torch.Tensor) and out.shape[:1] == (1,) else None
 
         key = (tuple(like.shape[1:]), like.dtype)
-        if key not in self._per_sample:
+        if key not in self._per_sample:  # on copies of the inputs, which must stay unchanged (no in-place use)
+            copied = [a.clone() if isinstance(a, torch.Tensor) else a for a in leaves]
+            again = [a.clone() if isinstance(a, torch.Tensor) else a for a in leaves]
             try:
                 with torch.no_grad():
-                    got = vmap(run, in_dims=(0, dims))({n: c.detach() for n, c in copies.items()}, leaves)
-                    self._per_sample[key] = _close(got, self._run(self.params(), args, kwargs))
+                    got = vmap(run, in_dims=(0, dims))({n: c.detach() for n, c in copies.items()}, copied)
+                    want = self._run(self.params(), tuple(again[:len(args)]), dict(zip(kwargs, again[len(args):])))
+                self._per_sample[key] = _close(got, want) and all(
+                    torch.equal(a, c) and torch.equal(a, g) for a, c, g in zip(leaves, copied, again)
+                    if isinstance(a, torch.Tensor))
             except Exception:  # noqa: BLE001 - not one tensor per sample: the rule in backward
                 self._per_sample[key] = False
         if not self._per_sample[key]:
