@@ -93,6 +93,7 @@ class _Capture:
         self.slot = 0
         self.active = True
         self._identity: dict[int, torch.Tensor] = {}
+        self._factors: dict[tuple, torch.Tensor | None] = {}
         self._recording: spectral.Recording | None = None
         self.copies: list[tuple[ExactModule, str, torch.Tensor]] = []  # per-sample parameter copies [B, ...]
         self._forwarded: torch.Tensor | None = None  # the output of the last per-sample forward
@@ -116,7 +117,10 @@ class _Capture:
             yield
 
     def _factor(self, name: str, shape, role: str, dim: int, rows: int | None = None) -> torch.Tensor | None:
-        return self.projector.factor(name, shape, role, dim, self.device, self.dtype, rows)
+        key = (name, role, dim, rows)  # (a layer's shape is fixed within a capture)
+        if key not in self._factors:
+            self._factors[key] = self.projector.factor(name, shape, role, dim, self.device, self.dtype, rows)
+        return self._factors[key]
 
     def _track(self, name: str, output) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
