@@ -117,7 +117,7 @@ class Recording:
                 continue
             terms = [*ingredients, *(t for j, t in enumerate(conjugates) if j != i)]
             name = self._leaf_of(op)
-            if project is not None and name in project:
+            if project is not None and name in project and op.is_complex():
                 p_out, p_in = project[name]
                 out = "z" + ("y" if p_out is not None else sub[0])
                 if p_out is not None:
