@@ -7,10 +7,14 @@
 For each model, timed in one process with interleaved repeats (medians), same batch and threads:
   train    forward + backward of ⟨model(x), r⟩ with parameter gradients (a training step)
   capture  gradlake.grads.capture.projected_grads, one cotangent, Projector(k_in = k_out = k)
-ratio = capture / train. "slow" lists the modules whose parameters take the exact per-sample
-rules "vmap" (torch.func over the module) or "loop" (per-sample autograd: modules vmap cannot
-run, e.g. in-place writes into fresh tensors), from gradlake.grads.describe; "kron", "affine"
-and "additive" modules cost about what their share of a training step does.
+ratio = capture / train. The last column lists the modules whose parameters take the exact
+per-sample rules "vmap" (torch.func over the module; where the parameters are all the module's
+own, it runs so in the batch's forward with per-sample copies of them, no rerun) or "loop"
+(per-sample autograd: modules vmap cannot run, e.g. data-dependent branches), from
+gradlake.grads.describe; "kron", "affine", "additive" and "spectral" modules cost about what
+their share of a training step does. At batch 8 the small models here spend a fixed ~0.1-0.3 ms
+per hooked module and capture on Python hooks, a visible share of a 5-30 ms training step;
+--batch 32 shows the ratio with that share small.
 
 The third-party-style models are those of tests/grads/thirdparty_models.py; FNO/TFNO need
 neuraloperator (skipped without it). The Well's 8 models (tests/grads/well_models.py, 32², 4
@@ -132,7 +136,7 @@ def main() -> None:
     names = args.models or list(table)
     print(f"batch {args.batch}, resolution {args.resolution}, k_in = k_out = {args.k}, {args.threads} threads, "
           f"{args.clock} clock, median of {args.repeats} interleaved repeats; ratio = capture time ÷ train time")
-    print(f"{'model':<24}{'params':>9}{'train s':>10}{'capture s':>11}{'ratio':>8}  modules on slower paths")
+    print(f"{'model':<24}{'params':>9}{'train s':>10}{'capture s':>11}{'ratio':>8}  modules on vmap/loop")
     for name in names:
         factory, shape = table[name]
         try:

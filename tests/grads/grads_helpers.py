@@ -101,3 +101,18 @@ class ConvNet1d(nn.Module):
         cube = x[:, :1, :8].reshape(-1, 1, 2, 2, 2).repeat(1, 1, 2, 2, 2)
         g = self.c3(cube).mean(dim=(2, 3, 4)).repeat(1, 4)
         return self.fc(torch.cat([h, g], dim=1))
+
+
+class DataDependent(nn.Module):
+    """A gain used inside a non-linearity, behind a branch on the data (what vmap cannot run: the
+    loop rule), after a Linear; on [B, X, C]."""
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.lift = nn.Linear(channels, channels)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        h = self.lift(x)
+        gain = self.gain if float(h.abs().max()) < 1e3 else self.gain.clamp(max=1.0)
+        return torch.tanh(h * gain) * gain

@@ -99,3 +99,21 @@ def test_capture_takes_the_weights_from_the_batchs_own_forward(monkeypatch):
     assert rel_err(again["C"], first["C"]) <= 1e-6
     exact, _ = exact_grads(model, x, lambda pred: {"C": cot})
     assert rel_err(again["C"], projector.apply(model, exact["C"])) <= 1e-5
+
+
+@pytest.mark.parametrize("factorization", [None, "tucker"])
+@pytest.mark.parametrize("k_in, k_out", [(3, 2), (3, 10_000), (10_000, 2), (10_000, 10_000)])
+def test_spectral_blocks_projected_in_the_capture_equal_the_projected_autograd_loop(factorization, k_in, k_out):
+    """The capture's projection of the weights' per-sample gradients, with each of P_out and P_in a
+    projection or the identity (a dense weight, a Tucker core; the Tucker factors: dense blocks)."""
+    torch.manual_seed(0)
+    module = _neuralop(factorization)
+    x, cot = torch.randn(3, 5, 12, 10), torch.randn(3, 4, 12, 10)
+    projector = Projector(seed=3, k_in=k_in, k_out=k_out)
+    assert any(b["path"] == "spectral" for b in projector.spec(module)["parameters"])
+    phi, _ = projected_grads(module, x, lambda pred: {"C": cot}, projector)  # prepares: the rule chosen
+    phi, _ = projected_grads(module, x, lambda pred: {"C": cot}, projector)  # the recorded forward
+    names = [n for n, _ in module.named_parameters()]
+    loop = _loop(module, names, x, {}, cot)
+    want = projector.apply(module, torch.cat([loop[n] for n in names], dim=1))
+    assert rel_err(phi["C"], want) <= 1e-5

@@ -12,7 +12,7 @@ import importlib
 
 import pytest
 import torch
-from grads_helpers import loop_grads, rel_err
+from grads_helpers import DataDependent, loop_grads, rel_err
 from thirdparty_models import (Conv1dNet, Conv3dNet, ConvNeXtNet, SpectralNormMLP, SwinLike, TimmViT, TltorchFNO,
                                TorchTransformer, TorchvisionViT, afno, refno_like)
 
@@ -79,7 +79,8 @@ CASES = {
     "torchvision-style-vit": (TorchvisionViT, (BATCH, 4, 16, 16), {"kron", "affine", "attention", "expand"}),
     "torch-transformer-encoder": (TorchTransformer, (BATCH, 3, 10), {"kron", "affine", "attention"}),
     "spectral-norm-mlp": (SpectralNormMLP, (BATCH, 12, 10), {"vmap"}),
-    "afno-channels-last": (afno, (BATCH, 4, 8, 8), {"kron", "affine", "loop"}),
+    "afno-channels-last": (afno, (BATCH, 4, 8, 8), {"kron", "affine", "vmap"}),
+    "data-dependent-branch": (DataDependent, (BATCH, 6, 3), {"kron", "loop"}),
     "convnext-style": (ConvNeXtNet, (BATCH, 4, 12, 12), {"kron", "expand", "affine", "vmap"}),
     "conv-1d": (Conv1dNet, (BATCH, 3, 16), {"kron", "vmap"}),
     "conv-3d": (Conv3dNet, (BATCH, 2, 4, 4, 4), {"kron", "affine", "vmap"}),

@@ -7,13 +7,14 @@
     describe(model, inputs)                            # which path covers each module's parameters
 
 See :mod:`gradlake.grads.projector` (the projection), :mod:`gradlake.grads.coverage` (which
-path covers each parameter), :mod:`gradlake.grads.capture` (the hooks) and
-:mod:`gradlake.grads.exact` (the exact reference path).
+path covers each parameter), :mod:`gradlake.grads.routes` (which hooks cover them, checked),
+:mod:`gradlake.grads.capture` (the hooks; :mod:`~gradlake.grads.kron`, :mod:`~gradlake.grads.modules`
+and :mod:`~gradlake.grads.spectral` their rules) and :mod:`gradlake.grads.exact` (the exact
+reference path).
 """
 
 from gradlake.grads.adapters import ChannelsLast
-from gradlake.grads.api import compute
-from gradlake.grads.capture import describe
+from gradlake.grads.api import compute, describe
 from gradlake.grads.projector import Projector
 
 __all__ = ["ChannelsLast", "Projector", "compute", "describe"]

@@ -1,4 +1,5 @@
-"""``compute``: projected (or exact) per-example gradients of the observables of a batch."""
+"""``compute``: projected (or exact) per-example gradients of the observables of a batch; ``describe``:
+which path captures each module's parameters."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from torch import nn
 
 from gradlake import physics
 from gradlake.errors import InputError
-from gradlake.grads.capture import projected_grads
+from gradlake.grads.capture import module_grads, projected_grads
+from gradlake.grads.coverage import plan
 from gradlake.grads.exact import exact_grads
 from gradlake.grads.projector import Projector
+from gradlake.grads.routes import routes
 
 # No float16: the loss cotangents (~1e-7 on a 128x128 grid) underflow its range; bfloat16 has
 # float32's exponent range.
@@ -96,3 +99,35 @@ def compute(model: nn.Module, inputs, targets, observables: Sequence[str] = ("C"
     if return_loss:
         return phi, physics.observable(physics.LOSS, pred.float(), x, y, channels, task).detach()
     return phi
+
+
+def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None = None) -> list[dict]:
+    """How each module's parameters are captured, from one capture of ``inputs[:2]``.
+
+    One row per module that captures parameters: {"module", "type", "path", "parameters"},
+    path "kron" (factorised Linear/Conv), "expand" (per-sample copies of a container's
+    [1, ...] parameters), "affine", "additive", "attention", "vmap" (exact per-sample rules of
+    :mod:`gradlake.grads.modules`) or "loop" (the per-sample autograd fallback, with
+    "reason"). A module that covers parameters of submodules it does not call lists them
+    all. Unsupported structures raise :class:`gradlake.errors.InputError` naming the module.
+    """
+    projector = projector or Projector(k_in=4, k_out=4, k_dense=16)
+    x = inputs[:2]
+    projected_grads(model, x, lambda pred: {"C": torch.zeros_like(pred)}, projector)
+    model_plan = plan(model)
+    covered = routes(model, model_plan, x)
+    rows = [{"module": layer.name, "type": type(layer.module).__name__, "path": "kron",
+             "parameters": [n for n in (layer.weight, layer.bias) if n]}
+            for layer in model_plan.layers if layer.name in covered.reached]
+    for entry in covered.exact(model_plan, model):
+        grads = module_grads(entry)
+        row = {"module": entry.name, "type": type(entry.module).__name__, "path": grads.path() or "unused",
+               "parameters": [q for q, _ in entry.params]}
+        if grads.fallback:
+            row["reason"] = grads.fallback
+        rows.append(row)
+    for name, qualified in covered.expanded:
+        rows.append({"module": name, "type": type(model.get_submodule(name)).__name__, "path": "expand",
+                     "parameters": list(qualified)})
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(rows, key=lambda row: order[row["module"]])

@@ -3,12 +3,10 @@
 Parameters are frozen while capturing, so backward propagates activation gradients only
 (no weight-gradient GEMMs). Forward hooks on every module that owns parameters:
 
-- a Linear / Conv layer projects its input, ã = P_in a (for a conv, P_in is a kernel
-  (k_in, C_in, *kernel) applied with the layer's stride, padding, padding mode and
-  dilation, which equals unfold(a)·P_inᵀ without unfolding) — at once, or in backward
-  where the input is the smaller of the two to hold — and hooks its output; in backward,
-  with δ the output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã (one
-  batched matmul) and the bias block Σ_positions P_out δ;
+- a Linear / Conv layer projects its input, ã = P_in a — at once, or in backward where the
+  input is the smaller of the two to hold — and hooks its output; in backward, with δ the
+  output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã and the bias block
+  Σ_positions P_out δ (:mod:`gradlake.grads.kron`);
 - any other module gets the exact per-example gradient of its own parameters by the
   verified rules of :mod:`gradlake.grads.modules`, then a dense projection (a spectral
   weight's: P_out ⊗ P_in). A spectral convolution's forward is recorded for the
@@ -16,13 +14,13 @@ Parameters are frozen while capturing, so backward propagates activation gradien
   gradients of its contractions' outputs, the rest from its output gradient). An affine
   module (a norm: output = base ⊙ weight + bias) keeps its output (which the next op
   usually saves anyway) and gets them from it without an extra forward; other modules
-  keep their input for the rule. A module returning a tuple is followed through each of
-  its tensor outputs (the contributions add up: the gradient is linear in δ).
+  keep their input for the rule. A module on the vmap rule whose parameters are all its
+  own runs under vmap with per-sample copies of them, whose gradients come out of the
+  batch's own backward. A module returning a tuple is followed through each of its tensor
+  outputs (the contributions add up: the gradient is linear in δ).
 
-Before the first batch of a model (and input shape), a dry run (:func:`routes`) records
-which modules are called on batched inputs: a parameter whose module is never called that
-way (a factorised weight held in a submodule, a layer applied to a parameter) is covered
-by the rule of its nearest ancestor that is, and projected by its block's own factors.
+Which modules' hooks cover which parameters is found (and checked against autograd) before
+the first batch of a model and input shape: :mod:`gradlake.grads.routes`.
 
 A module output that does not require grad (the first layer's: inputs never require grad)
 is replaced by (a copy of) a fresh leaf and backward stops there, so no gradient w.r.t.
@@ -32,248 +30,22 @@ the model input is ever computed.
 from __future__ import annotations
 
 import contextlib
-import logging
 import weakref
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn import functional as F
 
 from gradlake.errors import GradlakeError, InputError
-from gradlake.grads import spectral
+from gradlake.grads import kron, spectral
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
-from gradlake.grads.modules import Affine, ModuleGrads, flat, inner, parameter
+from gradlake.grads.modules import Affine, ModuleGrads, flat
 from gradlake.grads.projector import Projector
-
-log = logging.getLogger(__name__)
+from gradlake.grads.routes import Routes, frozen, per_sample_copies, routes
 
 Cotangents = Callable[[torch.Tensor], dict[str, torch.Tensor]]
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module, requires_grad: bool = False) -> Iterator[None]:
-    """Parameters do not require grad (or all do) inside the block (restored after); no fused
-    attention fast paths, which skip the submodules of nn.MultiheadAttention and nn.Transformer*."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        torch.backends.mha.set_fastpath_enabled(False)
-        for p, _ in saved:
-            p.requires_grad_(requires_grad)
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-DRY_BATCH = 7  # samples in the dry run: a size unlikely to be any other dimension of a layer's input
-
-
-@dataclass(frozen=True)
-class Routes:
-    """How the hooks cover a model's parameters for one input shape (module names only)."""
-
-    reached: frozenset[str]  # planned modules whose hooks capture their own parameters
-    claims: tuple[tuple[str, tuple[str, ...]], ...]  # (ancestor, qualified parameter names it covers)
-    expanded: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (container, its parameters given per-sample copies)
-    grouped: frozenset[str] = frozenset()  # reached modules called on [batch * m, ...] rows, m per sample
-
-    def exact(self, model_plan: Plan, model: nn.Module) -> tuple[ExactModule, ...]:
-        """The exact modules of the plan that were reached, with the claimed parameters added."""
-        claims = dict(self.claims)
-        expanded = dict(self.expanded)
-        entries = []
-        for entry in model_plan.exact:
-            if entry.name in self.reached and entry.name not in expanded:
-                extra = claims.pop(entry.name, ())
-                entries.append(ExactModule(entry.name, entry.module, entry.params + _local(entry.name, extra)))
-        for name, params in claims.items():
-            entries.append(ExactModule(name, model.get_submodule(name), _local(name, params)))
-        return tuple(entries)
-
-
-def _local(ancestor: str, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    return tuple((q, q[len(ancestor) + 1:] if ancestor else q) for q in names)
-
-
-_ROUTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Routes]] = weakref.WeakKeyDictionary()
-
-
-def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor, projector: Projector | None = None) -> Routes:
-    """How the capture covers ``model`` for inputs shaped like ``inputs`` (cached per model and shape).
-
-    Plain autograd on two samples, one at a time, gives reference per-sample gradients (and
-    the parameters the output depends on); a forward on copies of sample 0 (no grad) records
-    which planned modules are called on batched inputs: parameters of the others are claimed
-    by their nearest such ancestor. A module called on [batch * m, ...] rows (windows, tokens
-    flattened sample-major) keeps its own path, its row gradients summed per sample. With
-    ``projector``, the capture of the two samples is then checked against the projected
-    reference (:func:`verify`); if that fails with such row modules, they are handed to their
-    callers and the check repeated.
-    """
-    key = (tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), tuple(n for n, _ in model_plan.parameters))
-    cached = _ROUTES.setdefault(model, {})
-    if key in cached:
-        return cached[key]
-    x = _pair(inputs)
-    with torch.no_grad(), frozen(model):
-        out = model(x)
-    if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
-        raise InputError("grads model: the model must return one tensor with the batch on dimension 0")
-    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
-    params = dict(model.named_parameters())
-    reference = [_sample_grads(model, list(params.values()), x[b:b + 1], cot[b:b + 1]) for b in range(2)]
-    used = {n for i, n in enumerate(params) if any(g[i] is not None for g in reference)}
-    if not used:
-        raise InputError("grads model: the model output does not depend on any of its parameters")
-    called: set[str] = set()
-    unbatched: set[str] = set()
-    grouped: set[str] = set()  # called on [batch * m, ...] (e.g. windows): rows summed per sample
-    convs = {layer.name for layer in model_plan.layers if layer.conv_dims}
-
-    def record(name, module, args, kwargs, output):
-        called.add(name)
-        inputs_lead = [a.shape[0] for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim()]
-        outputs = list(output) if isinstance(output, (tuple, list)) else [output]
-        outputs_lead = [o.shape[0] if isinstance(o, torch.Tensor) and o.dim() else None
-                        for o in outputs if o is not None]
-        if DRY_BATCH in inputs_lead and all(n == DRY_BATCH for n in outputs_lead):
-            return
-        rows = outputs_lead[0] if outputs_lead else None
-        if (rows and rows % DRY_BATCH == 0 and rows in inputs_lead and name not in convs
-                and all(n == rows for n in outputs_lead)):
-            grouped.add(name)
-        else:
-            unbatched.add(name)
-
-    handles = [m.register_forward_hook(partial(record, n), with_kwargs=True) for n, m in model.named_modules()]
-    try:
-        with torch.no_grad(), frozen(model):
-            model(inputs[:1].expand(DRY_BATCH, *inputs.shape[1:]).clone())
-    finally:
-        for handle in handles:
-            handle.remove()
-    rows = None
-    if projector is not None:
-        rows = torch.stack([torch.cat([flat(torch.zeros_like(p) if g is None else g, 1)[0]
-                                       for p, g in zip(params.values(), grads)]) for grads in reference])
-    reference = dict(zip(params, zip(*reference)))
-    result = _assemble(model, model_plan, called - unbatched, used, x, cot, reference, grouped)
-    if projector is not None:
-        try:
-            verify(model, model_plan, result, x, cot, rows, projector)
-        except InputError:
-            if not result.grouped:
-                raise
-            # modules on [batch * m, ...] whose rows are not per-sample: their callers cover them
-            result = _assemble(model, model_plan, called - unbatched - grouped, used, x, cot, reference, set())
-            verify(model, model_plan, result, x, cot, rows, projector)
-    for ancestor, qualified in result.claims:
-        log.info("grads: module %r covers %s (their own modules are not called on batched inputs)",
-                 ancestor or "<model>", ", ".join(qualified))
-    cached[key] = result
-    return result
-
-
-def _assemble(model, model_plan: Plan, reached: set[str], used: set[str], x, cot, reference, grouped) -> Routes:
-    """Routes from the modules reached on batched inputs: the others' parameters claimed by ancestors."""
-    entries = [(layer.name, (layer.weight, layer.bias)) for layer in model_plan.layers]
-    entries += [(entry.name, tuple(q for q, _ in entry.params)) for entry in model_plan.exact]
-    claims: dict[str, list[str]] = {}
-    for name, qualified in entries:
-        missing = [q for q in qualified if q in used]
-        if name in reached or not missing:
-            continue
-        parts = name.split(".") if name else []
-        ancestor = next(".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1) if ".".join(parts[:i]) in reached)
-        claims.setdefault(ancestor, []).extend(missing)
-    for ancestor in claims:
-        if any(layer.name == ancestor for layer in model_plan.layers):
-            raise InputError(f"model module {ancestor!r}: a Linear/Conv layer whose forward uses parameters "
-                             f"of its submodules ({', '.join(claims[ancestor])}) is not supported")
-    expandable = _expandable(model, model_plan, reached, claims, x, cot, reference)
-    names = {n for n, _ in entries}
-    return Routes(frozenset(names & reached), tuple((a, tuple(q)) for a, q in claims.items()), expandable,
-                  frozenset(names & reached & grouped))
-
-
-def _sample_grads(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, cot: torch.Tensor) -> tuple:
-    """Gradients of ⟨model(x), cot⟩ w.r.t. ``params`` by plain autograd (None: not used)."""
-    with frozen(model, requires_grad=True), torch.enable_grad():
-        out = model(x)
-        if not out.requires_grad:
-            raise InputError("grads model: the model output does not depend on any of its parameters")
-        try:
-            grads = torch.autograd.grad(inner(out, cot), params, allow_unused=True)
-        except RuntimeError as exc:
-            raise InputError(f"grads model: backward through the model fails, as it would in a training "
-                             f"step: {str(exc).splitlines()[0][:200]}") from exc
-    return tuple(None if g is None else g.detach() for g in grads)
-
-
-def _batched(value, batch: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
-
-
-def _pair(inputs: torch.Tensor) -> torch.Tensor:
-    """Two samples for the checks: the batch's first two, or the first and a variation of it."""
-    return inputs[:2] if inputs.shape[0] >= 2 else torch.cat([inputs, 1.5 * inputs.roll(1, -1) - 0.1])
-
-
-def _copies(model: nn.Module, names, batch: int) -> dict[str, torch.Tensor]:
-    """A per-sample copy [batch, ...] of each [1, ...] parameter, a leaf that requires grad."""
-    return {q: parameter(model, q).detach().expand(batch, *parameter(model, q).shape[1:]).clone()
-            .requires_grad_() for q in names}
-
-
-def _expandable(model: nn.Module, model_plan: Plan, reached, claims, x: torch.Tensor, cot: torch.Tensor,
-                reference: dict[str, tuple]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Containers (class tokens, positional embeddings on a model or encoder) whose own parameters
-    all have a leading 1 that broadcasts over the batch: their per-sample gradients come from the
-    batched backward through per-sample copies [B, ...] of them, instead of a vmap over the whole
-    container. Used where, on the two samples ``x``, the copies give the same output and the same
-    per-sample gradients as the ``reference`` (autograd, one sample at a time), and where no exact
-    module encloses the container (its rule reruns it on single samples, where [B, ...] copies
-    would not fit, as in ReFNO's spectral filters inside the model that owns the positional embedding)."""
-    found = []
-    for entry in model_plan.exact:
-        params = [parameter(entry.module, local) for _, local in entry.params]
-        if (entry.name in reached and entry.name not in claims and any(True for _ in entry.module.children())
-                and all("." not in local for _, local in entry.params)
-                and all(p.dim() >= 1 and p.shape[0] == 1 for p in params)):
-            found.append((entry.name, tuple(q for q, _ in entry.params)))
-    ruled = ({entry.name for entry in model_plan.exact if entry.name in reached} | set(claims)) - {n for n, _ in found}
-    found = [(name, qs) for name, qs in found
-             if not any(r != name and (not r or name.startswith(f"{r}.")) for r in ruled)]
-    if not found:
-        return ()
-    names = [q for _, qs in found for q in qs]
-    with torch.no_grad(), frozen(model):
-        plain = model(x)
-    copies = _copies(model, names, 2)
-    try:
-        with frozen(model), torch.enable_grad():
-            out = functional_call(model, copies, (x,))
-            if out.shape != plain.shape or not torch.allclose(out, plain, rtol=1e-5,
-                                                               atol=1e-6 * float(plain.abs().max())):
-                return ()
-            got = torch.autograd.grad(inner(out, cot), list(copies.values()), allow_unused=True)
-    except RuntimeError:  # the parameters are not used in a way that broadcasts over the batch
-        return ()
-    for name, g in zip(names, got):
-        p = parameter(model, name)
-        for b in range(2):
-            want = reference[name][b]
-            want = torch.zeros_like(p) if want is None else want
-            have = torch.zeros_like(p) if g is None else g[b:b + 1]
-            if not torch.allclose(have, want, rtol=1e-4, atol=1e-6 * max(float(want.abs().max()), 1e-30)):
-                return ()
-    return tuple(found)
 
 
 def slots_of(cotangents: dict[str, torch.Tensor], pred: torch.Tensor) -> list[tuple[str, int | None, torch.Tensor]]:
@@ -321,12 +93,15 @@ class _Capture:
         self.slot = 0
         self.active = True
         self._identity: dict[int, torch.Tensor] = {}
+        self._factors: dict[tuple, torch.Tensor | None] = {}
         self._recording: spectral.Recording | None = None
+        self.copies: list[tuple[ExactModule, str, torch.Tensor]] = []  # per-sample parameter copies [B, ...]
+        self._forwarded: torch.Tensor | None = None  # the output of the last per-sample forward
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
         handles = []
-        try:
+        with contextlib.ExitStack() as stack:
             for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
             for entry in self.exact:
@@ -334,13 +109,18 @@ class _Capture:
                     handles.append(entry.module.register_forward_pre_hook(partial(self._spectral_forward, entry)))
                 handles.append(entry.module.register_forward_hook(partial(self._exact_forward, entry),
                                                                   with_kwargs=True))
+                if module_grads(entry).path() == "vmap" and {local for _, local in entry.params} == {
+                        n for n, _ in entry.module.named_parameters()}:
+                    stack.enter_context(_forward_replaced(entry.module, partial(
+                        self._per_sample_forward, entry, entry.module.forward)))
+            stack.callback(lambda: [handle.remove() for handle in handles])
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _factor(self, name: str, shape, role: str, dim: int, rows: int | None = None) -> torch.Tensor | None:
-        return self.projector.factor(name, shape, role, dim, self.device, self.dtype, rows)
+        key = (name, role, dim, rows)  # (a layer's shape is fixed within a capture)
+        if key not in self._factors:
+            self._factors[key] = self.projector.factor(name, shape, role, dim, self.device, self.dtype, rows)
+        return self._factors[key]
 
     def _track(self, name: str, output) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
@@ -376,43 +156,8 @@ class _Capture:
         return out
 
     def _project_input(self, layer: Layer, a: torch.Tensor) -> torch.Tensor:
-        """Linear: [B, positions, k_in]; conv: [B, k_in, positions]."""
-        weight = layer.module.weight
-        if not layer.conv_dims:
-            factor = self._factor(layer.name, weight.shape, "in", layer.d_in)
-            a = a.reshape(self.batch, -1, layer.d_in)
-            return a if factor is None else a @ factor.T
-        split = layer.input_split(self.projector)
-        module, conv = layer.module, _conv(layer.conv_dims)
-        if module.padding_mode != "zeros":  # pad here (per channel: commutes with channel mixing)
-            a, padding = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
-        else:
-            padding = module.padding
-        if split is None:  # one dense (k_in, C_in, *kernel) kernel
-            factor = self._factor(layer.name, weight.shape, "in", layer.d_in)
-            if factor is None and _pointwise(module, padding):  # identity on a 1x1 conv: the input itself
-                return a.reshape(self.batch, layer.d_in, -1)
-            kernel = self._eye(layer.d_in) if factor is None else factor
-            out = conv(a, kernel.reshape(kernel.shape[0], *weight.shape[1:]), None, module.stride, padding,
-                       module.dilation)
-            return out.reshape(self.batch, out.shape[1], -1)
-        # Separable: channels by a 1x1 conv, then the same k_space filters on each of the
-        # k_channel maps (the maps stacked on the batch axis: one single-channel conv).
-        c_in, taps = weight.shape[1], layer.d_in // weight.shape[1]
-        channel = self._factor(layer.name, weight.shape, "in-channel", c_in, split[0])
-        if channel is not None:
-            a = conv(a, channel.reshape(*channel.shape, *[1] * layer.conv_dims))
-        space = self._factor(layer.name, weight.shape, "in-space", taps, split[1])
-        if taps == 1:  # a 1x1 conv: the channel projection is all of P_in
-            if _pointwise(module, padding):
-                return a.reshape(self.batch, split[0], -1)
-            out = conv(a, self._eye(split[0]).reshape(split[0], split[0], *weight.shape[2:]), None,
-                       module.stride, padding, module.dilation)
-            return out.reshape(self.batch, split[0], -1)
-        space = self._eye(taps) if space is None else space
-        maps = a.reshape(self.batch * split[0], 1, *a.shape[2:])
-        out = conv(maps, space.reshape(split[1], 1, *weight.shape[2:]), None, module.stride, padding, module.dilation)
-        return out.reshape(self.batch, split[0] * split[1], -1)
+        return kron.project_input(layer, a, self.batch, layer.input_split(self.projector),
+                                  partial(self._factor, layer.name, layer.module.weight.shape), self._eye)
 
     def _eye(self, n: int) -> torch.Tensor:
         if n not in self._identity:
@@ -429,20 +174,8 @@ class _Capture:
         projected = held["projected"]
         if self.slot == self.slots - 1:
             held.clear()  # last backward pass: free it now, not when the graph goes
-        factor = self._factor(layer.name, layer.module.weight.shape, "out", layer.d_out)
-        delta = delta.to(self.dtype)
-        if layer.conv_dims:
-            delta = delta.reshape(self.batch, layer.d_out, -1)  # [B, d_out, positions]
-            if factor is not None:
-                delta = factor @ delta
-            block = delta @ projected.transpose(1, 2)
-            bias = delta.sum(dim=2)
-        else:
-            delta = delta.reshape(self.batch, -1, layer.d_out)  # [B, positions, d_out]
-            if factor is not None:
-                delta = delta @ factor.T
-            block = delta.transpose(1, 2) @ projected
-            bias = delta.sum(dim=1)
+        p_out = self._factor(layer.name, layer.module.weight.shape, "out", layer.d_out)
+        block, bias = kron.blocks(layer, delta.to(self.dtype), projected, self.batch, p_out)
         self._add(layer.weight, block)
         if layer.bias:
             self._add(layer.bias, bias)
@@ -455,18 +188,34 @@ class _Capture:
     def _spectral_forward(self, entry: ExactModule, module: nn.Module, args) -> None:
         """Records the forward of a module with a spectral contraction (:mod:`gradlake.grads.spectral`),
         once the spectral rule holds for it (before: its own forward, the rule then reruns it)."""
-        if self.active and "spectral" in _module_grads(entry).path().split("+"):
-            self._recording = spectral.Recording(module, _module_grads(entry).params())
+        if self.active and "spectral" in module_grads(entry).path().split("+"):
+            self._recording = spectral.Recording(module, module_grads(entry).params())
             self._recording.open()
 
-    def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
+    def _per_sample_forward(self, entry: ExactModule, forward, *args, **kwargs):
+        """A module on the vmap rule run with per-sample copies of its parameters (their gradients
+        come from the batch's own backward: no rerun), where that gives its own output."""
         if not self.active:
+            return forward(*args, **kwargs)
+        self.active = False  # its own (and its children's) hooks stay quiet inside
+        try:
+            found = module_grads(entry).per_sample_forward(args, kwargs, self.batch)
+        finally:
+            self.active = True
+        if found is None:
+            return forward(*args, **kwargs)
+        self._forwarded, copies = found
+        self.copies.extend((entry, local, copy) for local, copy in copies.items())
+        return self._forwarded
+
+    def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
+        if not self.active or output is self._forwarded:
             return None
         record, self._recording = self._recording, None
         if record is not None:
             record.close()
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        grads = _module_grads(entry)
+        grads = module_grads(entry)
         held = {"args": args, "kwargs": kwargs, "versions": [t._version for t in tensors]}
         outputs = [output] if isinstance(output, torch.Tensor) else list(output)
         followed = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)
@@ -482,9 +231,9 @@ class _Capture:
         if single and record is not None and getattr(rules[0], "__name__", "") == "_spectral":
             held.update(record=record, output=output)  # the weights' gradients from the recorded contractions
             for call in record.calls:
-                if call[2].grad_fn is None:
-                    self.roots.append(call[2])  # (an input that does not require grad)
-                call[2].register_hook(partial(self._spectral_backward, entry, record, call))
+                if call.out.grad_fn is None:
+                    self.roots.append(call.out)  # (an input that does not require grad)
+                call.out.register_hook(partial(self._spectral_backward, entry, record, call))
         for i in followed:
             outputs[i] = self._track(entry.name, outputs[i])
             outputs[i].register_hook(partial(self._exact_backward, entry, held, None if single else i))
@@ -493,7 +242,15 @@ class _Capture:
         return type(output)(*outputs) if hasattr(output, "_fields") else type(output)(outputs)
 
     def _spectral_backward(self, entry: ExactModule, record, call, d: torch.Tensor) -> None:
-        self._add_exact(entry, {n: flat(g, self.batch) for n, g in record.weight_grads(call, d).items()})
+        project = {local: tuple(self.projector.factor(qualified, self.blocks[qualified].shape, role,
+                                                      self.blocks[qualified].factors[f"d_{role}"], self.device,
+                                                      torch.float32) for role in ("out", "in"))
+                   for qualified, local in entry.params if self.blocks[qualified].path == "spectral"}
+        grads, projected = record.weight_grads(call, d, project)
+        for qualified, local in entry.params:
+            if local in projected:
+                self._add(qualified, projected[local])
+        self._add_exact(entry, {n: flat(g, self.batch) for n, g in grads.items()})
 
     def _exact_backward(self, entry: ExactModule, held: dict, index: int | None, delta: torch.Tensor) -> None:
         output = held.get("output")
@@ -501,7 +258,7 @@ class _Capture:
         if "record" in held:  # the other parameters (the bias) here, the weights' in _spectral_backward
             if held.get("busy"):  # this hook again, inside the backward below
                 return
-            additive = _module_grads(entry).direct
+            additive = module_grads(entry).direct
             if additive is not None:
                 self._add_exact(entry, additive({}, (), {}, _full(delta), None))
                 return
@@ -513,7 +270,7 @@ class _Capture:
             self._add_exact(entry, {n: flat(g, self.batch) for n, g in grads.items()})
             return
         if output is not None and output._version == held["version"]:  # (else changed in place since)
-            params = _module_grads(entry).params()
+            params = module_grads(entry).params()
             per_sample = held["affine"].from_output(output.detach(), _full(delta), params)
             if last:
                 held.clear()
@@ -528,7 +285,7 @@ class _Capture:
         kwargs = {k: _full(v.detach()) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         self.active = False  # the module's own (and its children's) hooks stay quiet
         try:
-            per_sample = _module_grads(entry)(args, kwargs, _full(delta), index)
+            per_sample = module_grads(entry)(args, kwargs, _full(delta), index)
         finally:
             self.active = True
         if last:
@@ -555,22 +312,9 @@ class _Capture:
                 g = g if p_out is None else p_out @ g
                 self._add(qualified, g if p_in is None else g @ p_in.T)
                 continue
-            layer = self.layer_of[qualified]  # a layer not called on batched inputs: project here
-            shape = tuple(layer.module.weight.shape)
-            p_out = self.projector.factor(layer.name, shape, "out", layer.d_out, self.device, torch.float32)
-            g = g if p_out is None else (g.reshape(self.batch, layer.d_out, -1).transpose(1, 2) @ p_out.T
-                                         ).transpose(1, 2).reshape(self.batch, -1)
-            if block.path == "kron":
-                g = g.reshape(self.batch, -1, layer.d_in)
-                split = layer.input_split(self.projector)
-                if split:
-                    c_in = shape[1]
-                    p_in = torch.kron(self._full_factor(layer, "in-channel", c_in, split[0]),
-                                      self._full_factor(layer, "in-space", layer.d_in // c_in, split[1]))
-                else:
-                    p_in = self._full_factor(layer, "in", layer.d_in)
-                g = g @ p_in.T
-            self._add(qualified, g)
+            # a layer not called on batched inputs: projected here
+            self._add(qualified, kron.project_exact(self.layer_of[qualified], block.path, g, self.projector,
+                                                    self.device))
 
     def add_dense(self, qualified: str, g: torch.Tensor) -> None:
         """Dense projection of an exact [B, numel] per-sample gradient into φ."""
@@ -578,10 +322,19 @@ class _Capture:
                                        torch.float32)
         self._add(qualified, g if factor is None else g @ factor.T)
 
-    def _full_factor(self, layer: Layer, role: str, dim: int, rows: int | None = None) -> torch.Tensor:
-        f = self.projector.factor(layer.name, tuple(layer.module.weight.shape), role, dim, self.device,
-                                  torch.float32, rows)
-        return torch.eye(dim, device=self.device) if f is None else f
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable) -> Iterator[None]:
+    saved = vars(module).get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -592,23 +345,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 _MODULE_GRADS: weakref.WeakKeyDictionary[nn.Module, ModuleGrads] = weakref.WeakKeyDictionary()
 
 
-def _module_grads(entry: ExactModule) -> ModuleGrads:
+def module_grads(entry: ExactModule) -> ModuleGrads:
+    """The rules of an exact module's parameters (one per module, kept while it lives)."""
     names = tuple(local for _, local in entry.params)
     found = _MODULE_GRADS.get(entry.module)
     if found is None or found.names != names:
         found = _MODULE_GRADS[entry.module] = ModuleGrads(entry.module, names, entry.name)
     return found
-
-
-def _pointwise(module: nn.Module, padding) -> bool:
-    """A 1x1 conv with stride 1 and no padding: its unfolded input is the input itself."""
-    padding = padding if isinstance(padding, tuple) else (padding,)
-    return (all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
-            and not any(padding))
-
-
-def _conv(dims: int):
-    return (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
 
 
 def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangents, projector: Projector,
@@ -624,18 +367,16 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
     if dtype not in (torch.float32, torch.bfloat16):
         raise InputError(f"grads precision: expected float32 or bfloat16, got {dtype}")
     model_plan = plan(model)
-    covered = routes(model, model_plan, inputs, projector)
+    covered = routes(model, model_plan, inputs, projector, partial(_check, model, model_plan, projector))
     return _capture(model, model_plan, covered, inputs, cotangents, projector, dtype)
 
-
-VERIFY_TOLERANCE = 1e-3  # relative, per parameter block (float32 summation order differs)
 
 
 def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
     capture = _Capture(model_plan, covered.exact(model_plan, model), covered.reached, projector,
                        inputs.shape[0], inputs.device, dtype)
     autocast = torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    copies = _copies(model, [q for _, qs in covered.expanded for q in qs], inputs.shape[0])
+    copies = per_sample_copies(model, [q for _, qs in covered.expanded for q in qs], inputs.shape[0])
     with frozen(model), torch.enable_grad(), capture.hooks(), autocast:
         pred = functional_call(model, copies, (inputs,)) if copies else model(inputs)
         if not pred.requires_grad:
@@ -645,64 +386,20 @@ def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
         capture.slots = len(slots)
         for i, (_, _, cot) in enumerate(slots):
             capture.slot = i
-            grads = torch.autograd.grad(pred, [*capture.roots, *copies.values()], cot.to(pred.dtype),
-                                        retain_graph=i + 1 < len(slots), allow_unused=True)
-            for name, g in zip(copies, grads[len(capture.roots):]):
+            grads = torch.autograd.grad(pred, [*capture.roots, *copies.values(), *(c for *_, c in capture.copies)],
+                                        cot.to(pred.dtype), retain_graph=i + 1 < len(slots), allow_unused=True)
+            grads = [None if g is None else flat(g.float() if g.dtype == torch.bfloat16 else g, inputs.shape[0])
+                     for g in grads[len(capture.roots):]]
+            for name, g in zip(copies, grads):
                 if g is not None:
-                    capture.add_dense(name, flat(g.float() if g.dtype == torch.bfloat16 else g, inputs.shape[0]))
+                    capture.add_dense(name, g)
+            for (entry, local, _), g in zip(capture.copies, grads[len(copies):]):
+                if g is not None:
+                    capture._add_exact(entry, {local: g})
     return gather(capture.phi, slots), pred.detach()
 
 
-def verify(model: nn.Module, model_plan: Plan, covered: Routes, x: torch.Tensor, cot: torch.Tensor,
-           grads: torch.Tensor, projector: Projector) -> None:
-    """The capture of samples ``x`` (float32, cotangent ``cot``) against ``projector.apply`` of
-    their per-sample gradients ``grads`` [B, p] by plain autograd; InputError naming every parameter
-    whose block differs (a parameter used outside its module's forward, a layer whose input
-    mixes samples, ...), so such a model is refused before any batch instead of given wrong numbers."""
-    phi, _ = _capture(model, model_plan, covered, x, lambda pred: {"C": cot}, projector, torch.float32)
-    expected = projector.apply(model, grads)
-    scale = float(expected.norm())
-    wrong = []
-    for block in model_plan.layout(projector).blocks:
-        got, want = (t[:, block.offset:block.offset + block.k] for t in (phi["C"], expected))
-        error = float((got - want).norm())
-        if error > VERIFY_TOLERANCE * float(want.norm()) + 1e-6 * scale:
-            wrong.append(f"{block.name} (relative error {error / max(float(want.norm()), 1e-30):.2g})")
-    if wrong:
-        raise InputError("grads model: the captured gradients of these parameters differ from autograd's, "
-                         "so gradlake.grads cannot capture this model (is a parameter used outside its "
-                         "module's forward, does a layer mix samples, or does the model change between "
-                         "calls: dropout or batch statistics in training mode?): " + ", ".join(wrong[:8])
-                         + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
-
-
-def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None = None) -> list[dict]:
-    """How each module's parameters are captured, from one capture of ``inputs[:2]``.
-
-    One row per module that captures parameters: {"module", "type", "path", "parameters"},
-    path "kron" (factorised Linear/Conv), "expand" (per-sample copies of a container's
-    [1, ...] parameters), "affine", "additive", "attention", "vmap" (exact per-sample rules of
-    :mod:`gradlake.grads.modules`) or "loop" (the per-sample autograd fallback, with
-    "reason"). A module that covers parameters of submodules it does not call lists them
-    all. Unsupported structures raise :class:`gradlake.errors.InputError` naming the module.
-    """
-    projector = projector or Projector(k_in=4, k_out=4, k_dense=16)
-    x = inputs[:2]
-    projected_grads(model, x, lambda pred: {"C": torch.zeros_like(pred)}, projector)
-    model_plan = plan(model)
-    covered = routes(model, model_plan, x)
-    rows = [{"module": layer.name, "type": type(layer.module).__name__, "path": "kron",
-             "parameters": [n for n in (layer.weight, layer.bias) if n]}
-            for layer in model_plan.layers if layer.name in covered.reached]
-    for entry in covered.exact(model_plan, model):
-        grads = _module_grads(entry)
-        row = {"module": entry.name, "type": type(entry.module).__name__, "path": grads.path() or "unused",
-               "parameters": [q for q, _ in entry.params]}
-        if grads.fallback:
-            row["reason"] = grads.fallback
-        rows.append(row)
-    for name, qualified in covered.expanded:
-        rows.append({"module": name, "type": type(model.get_submodule(name)).__name__, "path": "expand",
-                     "parameters": list(qualified)})
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return sorted(rows, key=lambda row: order[row["module"]])
+def _check(model, model_plan: Plan, projector: Projector, covered: Routes, x: torch.Tensor,
+           cot: torch.Tensor) -> torch.Tensor:
+    """φ [B, k] of samples ``x`` for one cotangent, float32 (what :func:`routes` checks)."""
+    return _capture(model, model_plan, covered, x, lambda pred: {"C": cot}, projector, torch.float32)[0]["C"]

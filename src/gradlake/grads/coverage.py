@@ -12,7 +12,7 @@
   ...), whose blocks are the gradients w.r.t. the original parameters. Any other parameter
   whose module is never called (a factorised weight held in a submodule, as tltorch's in
   neuraloperator) is found by a dry run and covered by its nearest called ancestor
-  (:func:`gradlake.grads.capture.routes`).
+  (:func:`gradlake.grads.routes.routes`).
 - A complex parameter counts as its real and imaginary parts (shape [..., 2]).
 - A spectral weight (a block of >= 4 dims ending in a (real, imaginary) pair, under a module
   that contracts Fourier modes through its own ``_contract``, as neuraloperator's
@@ -27,6 +27,7 @@ flattened per-example gradient. Nothing is skipped: every parameter is in exactl
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -178,8 +179,21 @@ class Plan:
         return Layout(tuple(blocks), offset)
 
 
+_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Plan]] = weakref.WeakKeyDictionary()
+
+
 def plan(model: nn.Module) -> Plan:
-    """Classify every parameter of ``model``; InputError for structures hooks cannot capture."""
+    """Classify every parameter of ``model``; InputError for structures hooks cannot capture.
+    Kept per model while its modules, their types and their parameters (objects, shapes) stay."""
+    key = tuple((id(m), type(m), callable(vars(m).get("_contract")),
+                 *((n, id(p), None if p is None else p.shape) for n, p in m._parameters.items())) for m in model.modules())
+    found = _PLANS.get(model)
+    if found is None or found[0] != key:
+        found = _PLANS[model] = (key, _plan(model))
+    return found[1]
+
+
+def _plan(model: nn.Module) -> Plan:
     seen: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:

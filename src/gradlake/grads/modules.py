@@ -17,10 +17,12 @@ Used for every parameter outside Linear/Conv layers. Six rules, the first that h
   neuraloperator's SpectralConv): outer products per mode (:mod:`gradlake.grads.spectral`),
   used where they match the loop on two samples;
 - *vmap*: ``torch.func`` vmap over samples of grad of ⟨module(x_b), δ_b⟩ (any module that
-  vmap can run);
+  vmap can run; a module that writes per-sample values in place into tensors it makes, as
+  AFNO's spectrum, runs with those tensors made per sample, where that equals the loop on
+  two samples);
 - *loop*: the same gradient by plain autograd, one sample at a time (modules vmap cannot
-  run: in-place writes into fresh tensors, as in FNO spectral convolutions; data-dependent
-  control flow). Slower; :func:`gradlake.grads.describe` lists the modules that take it.
+  run: data-dependent control flow). Slower; :func:`gradlake.grads.describe` lists the
+  modules that take it.
 
 A rule is used for a module only after it reproduced the module's output exactly on one
 sample with random parameter values (affine, additive) or ran on one sample (vmap, loop),
@@ -31,6 +33,7 @@ and a complex parameter's gradient is returned as (real, imaginary) pairs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from gradlake.errors import InputError
 from gradlake.grads import spectral
@@ -142,8 +146,10 @@ class ModuleGrads:
     def __init__(self, module: nn.Module, names: tuple[str, ...], label: str = ""):
         self.module, self.names, self.label = module, names, label
         self._rules: dict[tuple, Grads | Affine] = {}
+        self._per_sample: dict[tuple, bool] = {}  # input shape: whether per_sample_forward holds
         self.fallback: str | None = None  # why vmap could not run the module (the loop rule is used)
         self.direct: Grads | None = None  # spectral rule: the additive rule of its other parameter, if it holds
+        self.fresh = False  # vmap rule: tensors the module makes are made per sample (_PerSampleFresh)
 
     def __call__(self, args: tuple, kwargs: dict, delta: torch.Tensor, index: int | None = None
                  ) -> dict[str, torch.Tensor]:
@@ -217,6 +223,19 @@ class ModuleGrads:
             return self._vmap
         except Exception as exc:  # noqa: BLE001 - any reason vmap cannot run the module: try the loop
             self.fallback = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        two = tuple(a[:2] if _batched(a, batch) else a for a in args)
+        two_kwargs = {k: v[:2] if _batched(v, batch) else v for k, v in kwargs.items()}
+        delta = torch.randn((min(batch, 2), *out[1:]), generator=torch.Generator().manual_seed(2)).to(probe)
+        self.fresh = True
+        try:  # in-place writes of per-sample values into tensors the module makes: made per sample
+            got = self._vmap(params, two, two_kwargs, delta, index)
+            want = self._loop(params, two, two_kwargs, delta, index)
+            if all(_close(got[n], want[n]) for n in want):
+                self.fallback = None
+                return self._vmap
+        except Exception:  # noqa: BLE001 - not what vmap lacked: the loop
+            pass
+        self.fresh = False
         try:
             self._loop(params, one, one_kwargs, probe, index)
         except Exception as exc:  # noqa: BLE001
@@ -268,11 +287,48 @@ class ModuleGrads:
 
         def response(p, d, sample):
             full = [s.unsqueeze(0) if dim == 0 else s for s, dim in zip(sample, dims)]
-            out = self._run(p, tuple(full[:len(args)]), dict(zip(keys, full[len(args):])))
+            with _PerSampleFresh(d) if self.fresh else contextlib.nullcontext():
+                out = self._run(p, tuple(full[:len(args)]), dict(zip(keys, full[len(args):])))
             return inner(pick(out, index), d.unsqueeze(0))
 
         grads = vmap(grad(response), in_dims=(None, 0, dims))(params, delta, leaves)
         return {n: flat(g, batch) for n, g in grads.items()}
+
+    def per_sample_forward(self, args: tuple, kwargs: dict, batch: int
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The module's output for the batch, run under vmap with a per-sample copy of each
+        parameter ({name: [B, *shape]}, whose gradients in the batch's backward are the per-sample
+        gradients), for a module on the vmap rule; None where the output is not one tensor equal to
+        the module's own (checked once per input shape)."""
+        leaves = [*args, *kwargs.values()]
+        dims = [0 if _batched(a, batch) else None for a in leaves]
+        if 0 not in dims:
+            return None
+        like = leaves[dims.index(0)]
+        copies = {n: p.detach().requires_grad_().expand(batch, *p.shape) for n, p in self.params().items()}
+
+        def run(p, sample):
+            full = [s.unsqueeze(0) if dim == 0 else s for s, dim in zip(sample, dims)]
+            with _PerSampleFresh(full[dims.index(0)]) if self.fresh else contextlib.nullcontext():
+                out = self._run(p, tuple(full[:len(args)]), dict(zip(list(kwargs), full[len(args):])))
+            return out.squeeze(0) if isinstance(out, torch.Tensor) and out.shape[:1] == (1,) else None
+
+        key = (tuple(like.shape[1:]), like.dtype)
+        if key not in self._per_sample:  # on copies of the inputs, which must stay unchanged (no in-place use)
+            copied = [a.clone() if isinstance(a, torch.Tensor) else a for a in leaves]
+            again = [a.clone() if isinstance(a, torch.Tensor) else a for a in leaves]
+            try:
+                with torch.no_grad():
+                    got = vmap(run, in_dims=(0, dims))({n: c.detach() for n, c in copies.items()}, copied)
+                    want = self._run(self.params(), tuple(again[:len(args)]), dict(zip(kwargs, again[len(args):])))
+                self._per_sample[key] = _close(got, want) and all(
+                    torch.equal(a, c) and torch.equal(a, g) for a, c, g in zip(leaves, copied, again)
+                    if isinstance(a, torch.Tensor))
+            except Exception:  # noqa: BLE001 - not one tensor per sample: the rule in backward
+                self._per_sample[key] = False
+        if not self._per_sample[key]:
+            return None
+        return vmap(run, in_dims=(0, dims))(copies, leaves), copies
 
     def _attention(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         """nn.MultiheadAttention recomputed once for the batch with per-sample copies of its weights
@@ -319,6 +375,24 @@ class ModuleGrads:
                 for (n, p), g in zip(leaves.items(), grads):
                     rows[n].append(torch.zeros_like(p) if g is None else g)
         return {n: flat(torch.stack(r), batch) for n, r in rows.items()}
+
+
+class _PerSampleFresh(TorchFunctionMode):
+    """Inside vmap: tensors made by factory functions (torch.zeros, ...) carry the samples' batch
+    (a per-sample zero added), so per-sample values can be written into them in place."""
+
+    FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.Tensor.new_zeros, torch.Tensor.new_ones,
+                 torch.Tensor.new_empty, torch.Tensor.new_full}
+
+    def __init__(self, like: torch.Tensor):
+        super().__init__()
+        self.zero = torch.zeros_like(like).sum()  # batched under vmap: one zero per sample
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.FACTORIES and isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
+            out = out + self.zero.to(out.dtype)
+        return out
 
 
 def _attention_supported(module: nn.Module, args: tuple, kwargs: dict) -> bool:
