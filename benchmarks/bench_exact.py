@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gradlake import models, physics  # noqa: E402
+from gradlake.errors import GradlakeError  # noqa: E402
 from gradlake.config import DataConfig  # noqa: E402
 from gradlake.data import generate  # noqa: E402
 from gradlake.reduce import minibatch  # noqa: E402
@@ -60,7 +61,7 @@ def model_for(args, res: int, preset: str):
 
         return load_checkpoint(args.checkpoint)[0]
     torch.manual_seed(0)
-    return models.build("unet", preset, channels=4, resolution=res)
+    return models.build("unet", preset, channels=4, resolution=res, **({"width": args.width} if args.width else {}))
 
 
 def reference_jacobian(model, x: torch.Tensor) -> np.ndarray:
@@ -80,7 +81,7 @@ def reference_jacobian(model, x: torch.Tensor) -> np.ndarray:
 def agreement(args, root: str) -> list[float]:
     url = args.data or dataset(root, args.small_res, args.small_per_class)
     ds, x, y = batch(url, args.small_per_class)
-    model = model_for(argparse.Namespace(checkpoint=None), args.small_res, "tiny")
+    model = model_for(argparse.Namespace(checkpoint=None, width=0), args.small_res, "tiny")
     jac = BatchJacobian(model, x)
     res = physics.residuals(jac.output, x, y, ("C",), ds.channels)
     n, p = jac.output.numel(), jac.n_params
@@ -143,8 +144,12 @@ def speed(args, root: str) -> None:
         jac_k = jac if dtype == torch.float64 else BatchJacobian(model, x, dtype)
         for label, extra in (("one λ", ()), ("8 λ", sweep)):
             t = time.perf_counter()
-            solve = solve_hat(jac_k, res, ("CC",), lam, SolverSettings(method="lanczos", htol=args.htol,
-                                                                        block=args.block), lambdas=extra)
+            try:
+                solve = solve_hat(jac_k, res, ("CC",), lam, SolverSettings(method="lanczos", htol=args.htol,
+                                                                            block=args.block), lambdas=extra)
+            except GradlakeError as refused:  # float32 products below their round-off floor
+                print(f"  {name:16s} {label:6s}: refused: {refused}")
+                continue
             seconds = time.perf_counter() - t
             worst = max(row_std_error(solve.at(v, ("CC",))["CC"], want[v]) for v in (lam, *extra))
             runs[(name, label)] = (seconds, solve.info.products)
@@ -171,6 +176,8 @@ def speed(args, root: str) -> None:
           f"error {row_std_error(h['CC'], want[lam]):.2f}")
     for label in ("one λ", "8 λ"):
         for name in ("lanczos float64", "lanczos float32"):
+            if (name, label) not in runs:
+                continue
             (ps, pp), (ls, lp) = runs[("pcg", label)], runs[(name, label)]
             print(f"ratio pcg ÷ {name}, {label}: time {ps / ls:.2f}, products {pp / lp:.2f}")
 
@@ -224,6 +231,8 @@ def main() -> None:
     parser.add_argument("--paper-iter", type=int, default=300, help="the paper's solve: iterations at most")
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--width", type=int, default=0, help="without --checkpoint: the fresh tiny UNet's width "
+                                                                 "(8: p = 81.6k > N·d = 49,152 for 48 samples at 16²)")
     parser.add_argument("--data", default="")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
