@@ -210,6 +210,22 @@ class RayActors:
             ray.kill(slot.actor)
 
 
+class _Silent:
+    """The progress of a run without a description: none."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # --------------------------------------------------------------------------- the loop
 @dataclass
 class Executor:
@@ -224,7 +240,7 @@ class Executor:
     def run(self, fn: Callable[[Any, Any], Any], context: Any, units: Sequence, desc: str, unit: str = "units",
             ordered: bool = True, skipped: int = 0, stop: Callable[[], str] | None = None) -> Run:
         """The records of ``fn(context, u)`` for every unit, as an iterator of (index, record)
-        (see :class:`Run`). ``skipped``: units done before (counted by the progress bar);
+        (see :class:`Run`); ``desc`` names the progress bar ("": none). ``skipped``: units done before (counted by the progress bar);
         ``stop()``: a reason to stop (e.g. a lost lease), checked between units."""
         return Run(self, fn, context, list(units), desc, unit, ordered, skipped, stop)
 
@@ -258,7 +274,7 @@ class Run:
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         ex, backend, units = self.executor, self.executor.backend, self.units
-        self.bar = bar = progress(len(units) + self.skipped, self.desc, self.unit)
+        self.bar = bar = progress(len(units) + self.skipped, self.desc, self.unit) if self.desc else _Silent()
         if self.skipped:
             bar.update(self.skipped)
         if not units:
