@@ -238,11 +238,13 @@ class Executor:
     backoff_s: float = BACKOFF_S
 
     def run(self, fn: Callable[[Any, Any], Any], context: Any, units: Sequence, desc: str, unit: str = "units",
-            ordered: bool = True, skipped: int = 0, stop: Callable[[], str] | None = None) -> Run:
+            ordered: bool = True, skipped: int = 0, stop: Callable[[], str] | None = None,
+            postfix: Callable[[Any], dict[str, Any]] | None = None) -> Run:
         """The records of ``fn(context, u)`` for every unit, as an iterator of (index, record)
         (see :class:`Run`); ``desc`` names the progress bar ("": none). ``skipped``: units done before (counted by the progress bar);
-        ``stop()``: a reason to stop (e.g. a lost lease), checked between units."""
-        return Run(self, fn, context, list(units), desc, unit, ordered, skipped, stop)
+        ``stop()``: a reason to stop (e.g. a lost lease), checked between units; ``postfix(record)``:
+        what the progress bar shows of each record."""
+        return Run(self, fn, context, list(units), desc, unit, ordered, skipped, stop, postfix)
 
     def map(self, fn, context, units: Sequence, desc: str, unit: str = "units") -> list:
         """The records of every unit, in unit order."""
@@ -264,9 +266,10 @@ class Run:
     :attr:`bar` is the progress bar, for the caller's postfix."""
 
     def __init__(self, executor: Executor, fn, context, units: list, desc: str, unit: str, ordered: bool,
-                 skipped: int, stop):
+                 skipped: int, stop, postfix):
         self.executor, self.fn, self.context, self.units = executor, fn, context, units
-        self.desc, self.unit, self.ordered, self.skipped, self.stop = desc, unit, ordered, skipped, stop
+        self.desc, self.unit, self.ordered, self.skipped = desc, unit, ordered, skipped
+        self.stop, self.postfix = stop, postfix
         self.failures: list[Failure] = []
         self.retries = 0
         self.workers = 0
@@ -336,6 +339,8 @@ class Run:
                             raise
                         retry(index, attempt, first_line(err))
                     else:
+                        if self.postfix:
+                            bar.set_postfix(**self.postfix(record))
                         bar.update(1)
                         if not self.ordered:
                             yield index, record
