@@ -9,10 +9,11 @@ blocks of whole trajectories; (3) the response pass over the same blocks (group 
 same-trajectory T×T sums, per-trajectory lag curves and self-influence written by the
 tasks); then the dense tiles (at most tile_max rows a side), the top-k lists (written by
 their tasks) and the influence-vs-distance pairs (their rows looked up where stored).
-Each pass keeps a window of tasks in flight and sums their results in Ray tasks over a
-binary tree fixed by the block order, so driver and object-store memory do not grow with
-the number of samples and the results are bit-identical whatever the number of workers,
-the timing or the parts of the plan.
+Each pass runs its units on the one executor (gradlake.distributed.executor: Ray tasks by
+default), a window at a time, and sums their results in order over a binary tree fixed by
+the block order, so driver and object-store memory do not grow with the number of samples
+and the results are bit-identical whatever the backend, the number of workers, the timing or
+the parts of the plan.
 The exact minibatch mode runs one Ray task per minibatch (distributed/exact_tasks.py).
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +32,8 @@ import ray
 from gradlake import __version__, fsio, streaming
 from gradlake.config import RayConfig, ReduceConfig, settings_hash
 from gradlake.distributed.cluster import ensure_ray
+from gradlake.distributed.executor import Executor, RayTasks
 from gradlake.errors import GradlakeError, InputError
-from gradlake.progress import progress
 from gradlake.query import shard_parts
 from gradlake.stages import reduce as work
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
@@ -44,72 +45,39 @@ from gradlake.reduce.output import SUMMARY, ReduceOutput
 from gradlake.store.layout import LEASE
 from gradlake.reduce.pairwise import pair_ranks
 
-_part_index = ray.remote(work.part_index)
-_rows_at = ray.remote(work.rows_at)
-_moments = ray.remote(work.moments_work)
-_perturbation = ray.remote(work.perturbation_work)
-_response = ray.remote(work.response_work)
-_tile = ray.remote(work.tile_work)
-_topk = ray.remote(work.topk_work)
-_distance = ray.remote(work.distance_work)
-_add = ray.remote(streaming.add_results)
-_lag_tables = ray.remote(work.lag_tables)  # reads every trajectory's lag curves: off the driver
-
 PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
                   "distance_pairs.parquet", "distance_curve.parquet")
 
 
-def _wait(refs, bar) -> None:
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5, fetch_local=False)
-        if done:
-            bar.update(len(done))
-    ray.get(refs)  # raise a task's error here
+def _apply(context: tuple, unit: dict[str, Any]):
+    """A unit of a pass: the stage function ``fn(**shared, **unit)``; the pass's shared arguments
+    (the context) reach each worker once."""
+    fn, shared = context
+    return fn(**shared, **unit)
 
 
-def _blockwise(submit: Callable[[int, Any], Any], blocks: list, desc: str, window: int):
-    """Run ``submit(i, block)`` for every block, at most ``window`` at a time, and return the
-    sum of their results. The sum runs in Ray tasks over a tree fixed by the block order
-    (:class:`streaming.OrderedSum`), so it is bit-identical for any window or number of workers,
-    and only O(window + log n) partial results are alive at once."""
-    total = streaming.OrderedSum(lambda a, b: _add.remote(a, b))
-    bar = progress(len(blocks), desc, "blocks")
-    running: list = []
-    for i, block in enumerate(blocks):
-        if len(running) >= window:
-            done, running = ray.wait(running, num_returns=1, fetch_local=False)
-            bar.update(len(done))
-        ref = submit(i, block)
-        running.append(ref)
-        total.push(ref)
-    _wait(running, bar)
-    result = ray.get(total.result())
-    bar.close()
-    return result
+class _Passes:
+    """The passes of one reduce on the executor: each unit a call of a gradlake.stages.reduce
+    function with the pass's shared arguments and its own."""
 
+    def __init__(self, executor: Executor):
+        self.executor = executor
 
-def _in_order(submit: Callable[[Any], Any], items: list, desc: str, unit: str, window: int):
-    """Yield ``ray.get(submit(item))`` for each item in order, at most ``window`` in flight
-    (the caller folds each result in and drops it: memory does not grow with the items)."""
-    bar = progress(len(items), desc, unit)
-    running: list = []
-    for item in items:
-        running.append(submit(item))
-        if len(running) >= window:
-            yield ray.get(running.pop(0))
-            bar.update(1)
-    for ref in running:
-        yield ray.get(ref)
-        bar.update(1)
-    bar.close()
+    def run(self, fn, shared: dict, units: list[dict], desc: str, unit: str):
+        """(index, result) of every unit, in unit order, a window at a time."""
+        return self.executor.run(_apply, (fn, shared), units, desc, unit)
 
+    def map(self, fn, shared: dict, units: list[dict], desc: str, unit: str) -> list:
+        return self.executor.map(_apply, (fn, shared), units, desc, unit)
 
-def _run_all(refs, desc: str, unit: str) -> list:
-    bar = progress(len(refs), desc, unit)
-    _wait(refs, bar)
-    bar.close()
-    return ray.get(refs)
+    def fold(self, fn, shared: dict, units: list[dict], desc: str):
+        """The sum of the units' results over a tree fixed by the unit order: bit-identical for any
+        window, backend or number of workers (:meth:`Executor.fold`)."""
+        return self.executor.fold(_apply, (fn, shared), units, desc, "blocks")
+
+    def one(self, fn, shared: dict, desc: str = ""):
+        """One call off the driver."""
+        return self.executor.map(_apply, (fn, shared), [{}], desc, "tasks")[0]
 
 
 # --------------------------------------------------------------------------- checks
@@ -162,13 +130,13 @@ def check_settings(store, settings: ReduceConfig) -> list[str]:
 
 
 # --------------------------------------------------------------------------- one checkpoint
-def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutput, so, window: int,
+def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutput, so, passes: _Passes,
                        data_url: str) -> dict:
     started = time.monotonic()
     src = work.StoreRef(store.url, so, name)
     plan = work.BlockPlan(settings.block_rows, settings.tile_size, settings.tile_max)
-    for part in _in_order(lambda shards: _part_index.remote(src, shards, settings), shard_parts(store),
-                          f"reduce {name}: plan", "parts", window):
+    for _, part in passes.run(work.part_index, {"src": src, "settings": settings},
+                              [{"shards": shards} for shards in shard_parts(store)], f"reduce {name}: plan", "parts"):
         plan.add(part)
     classes = tuple(sorted(plan.classes))
     n_times = plan.n_times
@@ -177,9 +145,9 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     n_rows = store.n_rows
     reference_blocks = plan.reference_blocks(n_rows)
 
-    mom = _blockwise(lambda i, span: _moments.remote(src, span, settings.reference_split,
-                                                     tuple(sorted({settings.metric, *perturbation_obs}))),
-                     reference_blocks, f"reduce {name}: metric", window)
+    mom = passes.fold(work.moments_work, {"src": src, "reference_split": settings.reference_split,
+                                          "observables": tuple(sorted({settings.metric, *perturbation_obs}))},
+                      [{"span": span} for span in reference_blocks], f"reduce {name}: metric")
     source = f"checkpoint {name}: metric {settings.metric}"
     probe_metric = Metric.from_moments(mom[settings.metric], source)
     metric = probe_metric if settings.metric_estimator == "probes" else \
@@ -188,15 +156,13 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     reducer = AggregateReducer({lam: metric.whitener(lam) for lam in lambdas},
                                {o: mom[o] for o in perturbation_obs}, settings.pairs, settings.normalize,
                                len(classes), layers)
-    reducer_ref = ray.put(reducer)
-
     blocks = plan.trajectory_blocks(n_rows)
-    pert = _blockwise(lambda i, span: _perturbation.remote(src, span, settings, classes, n_times, reducer_ref),
-                      blocks, f"reduce {name}: perturbation sums", window)
-    pert_ref = ray.put(pert)
-    resp = _blockwise(lambda i, span: _response.remote(src, span, settings, classes, n_times, reducer_ref,
-                                                       pert_ref, out, f"part-{i:06d}"),
-                      blocks, f"reduce {name}: response pass", window)
+    shared = {"src": src, "settings": settings, "n_times": n_times, "reducer": reducer}
+    pert = passes.fold(work.perturbation_work, {**shared, "classes": classes},
+                       [{"span": span} for span in blocks], f"reduce {name}: perturbation sums")
+    resp = passes.fold(work.response_work, {**shared, "class_names": classes, "perturbation": pert, "out": out},
+                       [{"span": span, "part": f"part-{i:06d}"} for i, span in enumerate(blocks)],
+                       f"reduce {name}: response pass")
     arrays = work.finalize_variants(reducer, resp, pert)
     labels = {"lambda": list(lambdas), "pair": list(settings.pairs), "normalization": list(settings.normalize),
               "relation": list(RELATIONS), "class": list(classes), "response_class": list(classes),
@@ -219,8 +185,9 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
                     description="η̃ = (1/probes) Σ_ref Σ_v φ_V φ_Vᵀ (or Σ φ_C φ_Cᵀ), float64")
     out.write_array(f"{name}/metric_eigenvalues", metric.eigenvalues, ("eigen",),
                     description="eigenvalues of η̃, descending (the k-space NTK spectrum)")
-    out.write_table(f"lag_stats.parquet/checkpoint={name}/part-0.parquet",
-                    ray.get(_lag_tables.remote(out, name, reducer_ref, classes)))
+    out.write_table(f"lag_stats.parquet/checkpoint={name}/part-0.parquet",  # reads every lag curve: off the driver
+                    passes.one(work.lag_tables, {"out": out, "checkpoint": name, "reducer": reducer,
+                                                 "class_names": classes}))
 
     summary = {"samples": plan.samples, "response_samples": plan.response,
                "perturbation_samples": plan.perturbation, "reference_samples": mom[settings.metric].count,
@@ -234,14 +201,14 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
         print(f"warning: reduce, checkpoint {name}: {warning['message']}. Remedy: {warning['remedy']}.",
               file=sys.stderr, flush=True)
     inverse = metric.inverse(settings.damping)
-    summary["tiles"] = _tiles(name, src, settings, inverse, plan, out)
-    summary["topk"] = _topk_lists(name, src, settings, inverse, plan, reference_blocks, out, layers)
-    summary["distance"] = _distance_curve(name, src, settings, reducer_ref, plan, window, out, data_url)
+    summary["tiles"] = _tiles(name, src, settings, inverse, plan, out, passes)
+    summary["topk"] = _topk_lists(name, src, settings, inverse, plan, reference_blocks, out, layers, passes)
+    summary["distance"] = _distance_curve(name, src, settings, reducer, plan, out, data_url, passes)
     summary["seconds"] = round(time.monotonic() - started, 2)
     return summary
 
 
-def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
+def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out, passes: _Passes) -> dict:
     if settings.tile_max == 0:
         return {"skipped": "reduce.tile_max = 0"}
     rows_r, rows_c = plan.tile_rows, plan.tile_cols  # at most tile_max each
@@ -250,7 +217,7 @@ def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
     size = settings.tile_size
     out.write_array(f"{name}/tiles/response_rows", rows_r, ("response",), where=settings.tile_rows)
     out.write_array(f"{name}/tiles/perturbation_rows", rows_c, ("perturbation",), where=settings.tile_cols)
-    refs = []
+    bands = []
     col_blocks = streaming.row_blocks(rows_c, size)
     for pair in settings.pairs:
         path = f"{name}/tiles/{pair}"
@@ -260,45 +227,48 @@ def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
                          description="H_AB(i, j) for the response_rows x perturbation_rows samples")
         band = size * max(1, settings.block_rows // size)  # whole chunks per task: no shared writes
         for r in range(0, len(rows_r), band):
-            refs.append(_tile.remote(src, pair, inverse, rows_r[r:r + band], col_blocks, out, path, r))
-    entries = sum(_run_all(refs, f"reduce {name}: tiles", "row bands"))
+            bands.append({"pair": pair, "rows_a": rows_r[r:r + band], "array_path": path, "row0": r})
+    entries = sum(passes.map(work.tile_work, {"src": src, "inverse": inverse, "col_blocks": col_blocks, "out": out},
+                             bands, f"reduce {name}: tiles", "row bands"))
     return {"response_rows": len(rows_r), "perturbation_rows": len(rows_c), "entries": int(entries)}
 
 
-def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_blocks, out, layers) -> dict:
+def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_blocks, out, layers,
+                passes: _Passes) -> dict:
     if settings.topk == 0:
         return {"skipped": "reduce.topk = 0"}
     if not plan.queries:
         return {"skipped": "reduce.topk_queries selects no sample"}
-    refs = [_topk.remote(src, settings.pairs, inverse, span, settings.topk_queries, reference_blocks,
-                         settings.reference_split, settings.topk, out,
-                         f"topk.parquet/checkpoint={name}/part-{i:06d}.parquet", layers)
-            for i, span in enumerate(plan.query_blocks(src.store.n_rows))]
-    _run_all(refs, f"reduce {name}: top-k", "query blocks")
+    shared = {"src": src, "pairs": settings.pairs, "inverse": inverse, "query_where": settings.topk_queries,
+              "candidate_spans": reference_blocks, "reference_split": settings.reference_split, "k": settings.topk,
+              "out": out, "layers": layers}
+    passes.map(work.topk_work, shared, [{"query_span": span, "path": f"topk.parquet/checkpoint={name}/part-{i:06d}.parquet"}
+                                        for i, span in enumerate(plan.query_blocks(src.store.n_rows))],
+               f"reduce {name}: top-k", "query blocks")
     return {"queries": plan.queries, "candidates": plan.reference, "k": settings.topk}
 
 
-def _distance_curve(name, src, settings, reducer_ref, plan: work.BlockPlan, window: int, out, dataset_url: str) -> dict:
+def _distance_curve(name, src, settings, reducer, plan: work.BlockPlan, out, dataset_url: str,
+                    passes: _Passes) -> dict:
     if settings.distance_pairs == 0:
         return {"skipped": "reduce.distance_pairs = 0"}
     ranks = pair_ranks(plan.response, plan.perturbation, settings.distance_pairs, settings.seed)
-    rows_i, rows_j = (_rows_of_ranks(src, plan, key, getattr(settings, key), r, window) for key, r in
+    rows_i, rows_j = (_rows_of_ranks(src, plan, key, getattr(settings, key), r, passes) for key, r in
                       (("response", ranks[0]), ("perturbation", ranks[1])))
     keep = rows_i != rows_j
     rows_i, rows_j = rows_i[keep], rows_j[keep]
     try:
-        pairs, curve = ray.get(_distance.remote(src, reducer_ref, settings.damping, rows_i, rows_j,
-                                                dataset_url, src.storage_options, settings.distance_bins))
-    except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, InputError):  # the dataset moved, changed or is unreachable: say so, go on
-            return {"skipped": f"dataset {dataset_url!r} unavailable: {err.cause}"}
-        raise
+        pairs, curve = passes.one(work.distance_work, {
+            "src": src, "reducer": reducer, "damping": settings.damping, "rows_i": rows_i, "rows_j": rows_j,
+            "dataset_url": dataset_url, "storage_options": src.storage_options, "n_bins": settings.distance_bins})
+    except InputError as err:  # the dataset moved, changed or is unreachable: say so, go on
+        return {"skipped": f"dataset {dataset_url!r} unavailable: {err}"}
     out.write_table(f"distance_pairs.parquet/checkpoint={name}/part-0.parquet", pairs)
     out.write_table(f"distance_curve.parquet/checkpoint={name}/part-0.parquet", curve)
     return {"pairs": len(rows_i), "dataset": dataset_url}
 
 
-def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.ndarray, window: int) -> np.ndarray:
+def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.ndarray, passes: _Passes) -> np.ndarray:
     """The rows at positions ``ranks`` of selection ``key`` (response or perturbation, of
     filter ``where``), looked up in the parts that hold them."""
     rows = np.zeros(len(ranks), np.int64)
@@ -309,8 +279,9 @@ def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.nd
         if len(inside):
             jobs.append((part["shards"], inside, ranks[inside] - first))
         first += count
-    for (_, inside, _), found in zip(jobs, _in_order(lambda job: _rows_at.remote(src, job[0], where, job[2]), jobs,
-                                                     "reduce: distance pairs", "parts", window)):
+    for (_, inside, _), (_, found) in zip(jobs, passes.run(work.rows_at, {"src": src, "where": where},
+                                                           [{"shards": shards, "ranks": at} for shards, _, at in jobs],
+                                                           "reduce: distance pairs", "parts")):
         rows[inside] = found
     return rows
 
@@ -350,20 +321,21 @@ def _checkpoint_lag_table(out: ReduceOutput) -> pa.Table:
 # --------------------------------------------------------------------------- the stage
 def tasks_in_flight() -> int:
     """Block tasks submitted at once: twice the cluster's CPUs. Scheduling only: the results
-    do not depend on it (see _blockwise)."""
+    do not depend on it (see Executor.fold)."""
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
 def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
                storage_options: dict[str, Any] | None = None, overwrite: bool = False,
-               data_url: str = "") -> dict[str, Any]:
+               data_url: str = "", executor: Executor | None = None) -> dict[str, Any]:
     """The reduce stage (see reduce/__init__.py for what it writes). Restartable: checkpoints
     finished with the same settings are kept; summary.json is written last. The settings
     are checked first, then the driver takes the lease on the output folder (a second reduce
     of the same name is refused with InputError, nothing written). Results of the same name
     made with other settings are replaced whole with ``overwrite``, else refused (InputError).
     ``data_url``: where the store's dataset is now (checked by its fingerprint first); default
-    the URL store.json records."""
+    the URL store.json records. ``executor``: where the units run (default: Ray tasks on the Ray
+    of ``ray_config``); the results are the same bits on any."""
     from gradlake.store import GradientStore, Lease
 
     so = dict(storage_options or {})
@@ -378,11 +350,11 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
         "store": store.url, "reduce": settings.name, "dataset": store.spec.dataset,
         "checkpoints": {name: store.provenance["checkpoints"][name].get("sha256", "") for name in names}})
     with Lease(out, f"reduce {settings.name!r}") as lease:
-        return _run(store, names, settings, ray_config, out, so, lease, overwrite, data_url)
+        return _run(store, names, settings, ray_config, out, so, lease, overwrite, data_url, executor)
 
 
 def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig, out: ReduceOutput, so,
-         lease, overwrite: bool, data_url: str) -> dict[str, Any]:
+         lease, overwrite: bool, data_url: str, executor: Executor | None) -> dict[str, Any]:
     started = time.monotonic()
     settings_hash = _settings_hash(store, settings)
     done = {}
@@ -400,8 +372,10 @@ def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig,
             if entry != LEASE:
                 out.remove(entry)
         done = {}
-    ensure_ray(ray_config.address, ray_config.num_cpus)
-    window = tasks_in_flight()
+    if executor is None:
+        ensure_ray(ray_config.address, ray_config.num_cpus)
+        executor = Executor(RayTasks(), window=tasks_in_flight())
+    passes = _Passes(executor)
     checkpoints = {}
     for name in names:
         if name in done:
@@ -413,7 +387,7 @@ def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig,
         for folder in PER_CHECKPOINT:
             out.remove(f"{folder}/checkpoint={name}")
         out.remove(f"results.zarr/{name}")
-        checkpoints[name] = _reduce_checkpoint(store, name, settings, out, so, window, data_url)
+        checkpoints[name] = _reduce_checkpoint(store, name, settings, out, so, passes, data_url)
         out.write_json(f"done/{name}.json", {"checkpoint": name, "settings": settings_hash,
                                              "summary": checkpoints[name]})
     out.write_table("lag_checkpoints.parquet", _checkpoint_lag_table(out))
