@@ -14,6 +14,7 @@ from gradlake.distributed.executor import Executor, InProcess, RayActors, RayTas
 from gradlake.errors import GradlakeError, InputError
 
 ray = pytest.importorskip("ray")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reduce"))  # reduce_helpers
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import a test module
 
 
@@ -64,9 +65,9 @@ BACKENDS = {
 
 
 def _records(backend, **kw):
-    ex = Executor(backend, backoff_s=0.01, **kw)
     context = 7 if isinstance(backend, RayActors) else {"seed": 7}
-    return ex.map(_square_sum, context, list(range(12)), "toy")
+    with Executor(backend, backoff_s=0.01, **kw) as ex:
+        return ex.map(_square_sum, context, list(range(12)), "toy")
 
 
 @pytest.mark.parametrize("kind", ["threads", "tasks", "actors"])
@@ -79,10 +80,9 @@ def test_every_backend_gives_the_same_records_in_unit_order(ray_session, kind):
 
 @pytest.mark.parametrize("kind", ["serial", "threads", "tasks", "actors"])
 def test_a_fold_is_the_same_bits_whatever_the_backend_or_window(ray_session, kind):
-    ex = Executor(BACKENDS[kind](), window=3)
     context = 7 if kind == "actors" else {"seed": 7}
-    total = ex.fold(lambda c, u: _square_sum(c if isinstance(c, dict) else _offset(c), u)["sum"], context,
-                    list(range(13)), "toy")
+    with Executor(BACKENDS[kind](), window=3) as ex:
+        total = ex.fold(lambda c, u: _square_sum(c, u)["sum"], context, list(range(13)), "toy")
     reference = Executor(InProcess(), window=1).fold(lambda c, u: _square_sum(c, u)["sum"], {"seed": 7},
                                                      list(range(13)), "toy")
     assert total.tobytes() == reference.tobytes()
@@ -91,8 +91,9 @@ def test_a_fold_is_the_same_bits_whatever_the_backend_or_window(ray_session, kin
 @pytest.mark.parametrize("kind", ["tasks", "actors"])
 def test_a_killed_worker_s_unit_is_retried(ray_session, kind, tmp_path):
     backend = RayTasks() if kind == "tasks" else RayActors(lambda context: context, count=2)
-    run = Executor(backend, backoff_s=0.01).run(_die_once, str(tmp_path), list(range(4)), "toy")
-    assert list(run) == [(u, u * 10) for u in range(4)]
+    with Executor(backend, backoff_s=0.01) as ex:
+        run = ex.run(_die_once, str(tmp_path), list(range(4)), "toy")
+        assert list(run) == [(u, u * 10) for u in range(4)]
     assert (tmp_path / "died-1").exists() and run.retries == 1
 
 
@@ -114,8 +115,8 @@ def test_a_unit_that_keeps_failing_raises_its_error_or_is_listed(ray_session):
 @pytest.mark.parametrize("kind", ["serial", "tasks", "actors"])
 def test_input_error_stops_at_once_without_retries(ray_session, kind):
     backend = RayActors(lambda c: c, count=1) if kind == "actors" else BACKENDS[kind]()
-    run = Executor(backend, retries=5, backoff_s=10).run(_bad_input, None, [0, 1], "toy")
-    with pytest.raises(InputError, match="bad setting"):
+    with Executor(backend, retries=5, backoff_s=10) as ex, pytest.raises(InputError, match="bad setting"):
+        run = ex.run(_bad_input, None, [0, 1], "toy")
         list(run)
     assert run.retries == 0
 
@@ -123,3 +124,59 @@ def test_input_error_stops_at_once_without_retries(ray_session, kind):
 def test_stop_ends_the_run(ray_session):
     with pytest.raises(GradlakeError, match="lease lost"):
         list(Executor(InProcess()).run(_always_fails, None, [0], "toy", stop=lambda: "lease lost"))
+
+
+def _hash_outputs():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "hash_outputs.py"
+    spec = importlib.util.spec_from_file_location("hash_outputs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.hashes
+
+
+@pytest.mark.slow
+def test_the_reduce_is_bit_identical_in_process_on_ray_tasks_and_on_ray_actors(ray_session, tmp_path):
+    import dataclasses
+
+    from gradlake.config import RayConfig, ReduceConfig
+    from gradlake.distributed.reduce_tasks import run_reduce
+    from reduce_helpers import make_dataset, make_store
+
+    ds = make_dataset(str(tmp_path / "data"), per_class=4, n_times=6)
+    store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",), k=8)
+    settings = ReduceConfig(damping=1e-3, pairs=("CC", "EC"), normalize=("none", "row-std"), block_rows=8,
+                            topk=3, distance_pairs=20, tile_max=16, tile_size=8)
+    backends = {"serial": InProcess(), "tasks": RayTasks(), "actors": RayActors(lambda context: context, count=2)}
+    hashes = _hash_outputs()
+    found = {}
+    for name, backend in backends.items():
+        with Executor(backend, window=3) as ex:  # window 3: units finish out of order
+            run_reduce(store.url, dataclasses.replace(settings, name=name), RayConfig(), executor=ex)
+        found[name] = {path: h for path, h in hashes(Path(store.reduce_url(name))).items()
+                       if not path.endswith(".json")}
+    assert any("twotime" in path for path in found["serial"]) and any("topk" in path for path in found["serial"])
+    assert any("distance_curve" in path for path in found["serial"]) and any("tiles" in path for path in found["serial"])
+    assert found["serial"] == found["tasks"] == found["actors"]
+
+
+def _made(context):
+    return {"pid": os.getpid(), "token": np.random.default_rng().integers(1 << 62)}
+
+
+def _state_of(state, unit):
+    return state["pid"], int(state["token"])
+
+
+def test_actors_make_their_state_once_per_run_and_keep_their_processes_across_runs(ray_session):
+    with Executor(RayActors(_made, count=2), window=2) as ex:
+        first = ex.map(_state_of, None, list(range(8)), "toy")
+        second = ex.map(_state_of, None, list(range(8)), "toy")
+    for records in (first, second):
+        tokens = {}
+        for pid, token in records:
+            tokens.setdefault(pid, set()).add(token)
+        assert all(len(t) == 1 for t in tokens.values())  # one state per actor and run
+    assert {pid for pid, _ in first} == {pid for pid, _ in second}  # the same actors
+    assert {t for _, t in first}.isdisjoint({t for _, t in second})  # a state made anew for each run

@@ -97,12 +97,17 @@ def _call(fn, context, unit):
 
 
 class _Holder:
-    """A Ray actor's state: made once by ``setup(context)``, given to every unit it runs."""
+    """A Ray actor's state: made by ``setup(context)`` once per run (and again after a restart),
+    given to every unit of that run it is handed."""
 
-    def __init__(self, setup, context):
-        self.state = setup(context)
+    def __init__(self, setup):
+        self.setup, self.run_id, self.state = setup, None, None
 
-    def run(self, fn, unit):
+    def run(self, fn, run_id: int, boxed: list, unit):
+        if run_id != self.run_id:  # the context stays boxed (unresolved) until a new run needs it
+            import ray
+
+            self.state, self.run_id = self.setup(ray.get(boxed[0])), run_id
         return fn(self.state, unit)
 
 
@@ -159,27 +164,32 @@ class _Slot:
 
 
 class RayActors:
-    """A pool of ``count`` Ray actors, each holding ``setup(context)``, one unit at a time
-    each; a dead actor is restarted by Ray (``max_restarts``) and its unit retried."""
+    """A pool of Ray actors (``count``, at most one per unit of the first run), each holding
+    ``setup(context)`` and running one unit at a time; a dead actor is restarted by Ray
+    (``max_restarts``) and its unit retried. The pool lives from the first run to
+    :meth:`shutdown` (``with executor:``), so the runs of a stage share its workers."""
 
     def __init__(self, setup: Callable[[Any], Any], count: int, max_restarts: int = 3, **options: Any):
         self.setup, self.count, self.max_restarts, self.options = setup, count, max_restarts, options
-        self.workers = count
+        self.workers, self._slots, self._runs = count, [], 0
 
     def start(self, fn, context, count: int) -> None:
         import ray
 
-        self.workers = max(1, min(self.count, count))
-        holder = ray.remote(_Holder).options(max_restarts=self.max_restarts, max_task_retries=0, **self.options)
-        self._fn, self._slots = fn, [_Slot(holder.remote(self.setup, context)) for _ in range(self.workers)]
-        self._idle, self._where = list(self._slots), {}
+        if not self._slots:
+            self.workers = max(1, min(self.count, count))
+            holder = ray.remote(_Holder).options(max_restarts=self.max_restarts, max_task_retries=0, **self.options)
+            self._slots = [_Slot(holder.remote(self.setup)) for _ in range(self.workers)]
+        self._runs += 1
+        self._fn, self._boxed = fn, [ray.put(context)]
+        self._idle, self._where = [s for s in self._slots if s.deaths <= self.max_restarts], {}
 
     def slots(self) -> int:
         return len(self._idle)
 
     def submit(self, unit):
         slot = self._idle.pop()
-        ref = slot.actor.run.remote(self._fn, unit)
+        ref = slot.actor.run.remote(self._fn, self._runs, self._boxed, unit)
         self._where[ref] = slot
         return ref
 
@@ -204,10 +214,15 @@ class RayActors:
         return value
 
     def close(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        """End the pool's actors."""
         import ray
 
         for slot in self._slots:
             ray.kill(slot.actor)
+        self._slots = []
 
 
 class _Silent:
@@ -249,6 +264,17 @@ class Executor:
     def map(self, fn, context, units: Sequence, desc: str, unit: str = "units") -> list:
         """The records of every unit, in unit order."""
         return [record for _, record in self.run(fn, context, units, desc, unit)]
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """End the backend's workers (an actor pool's); runs until then share them."""
+        if hasattr(self.backend, "shutdown"):
+            self.backend.shutdown()
 
     def fold(self, fn, context, units: Sequence, desc: str, unit: str = "blocks", add=add_results):
         """The sum of the units' records over a binary tree fixed by the unit order
