@@ -254,12 +254,13 @@ class Executor:
 
     def run(self, fn: Callable[[Any, Any], Any], context: Any, units: Sequence, desc: str, unit: str = "units",
             ordered: bool = True, skipped: int = 0, stop: Callable[[], str] | None = None,
-            postfix: Callable[[Any], dict[str, Any]] | None = None) -> Run:
+            postfix: Callable[[Any], dict[str, Any]] | None = None,
+            label: Callable[[Any], str] | None = None) -> Run:
         """The records of ``fn(context, u)`` for every unit, as an iterator of (index, record)
         (see :class:`Run`); ``desc`` names the progress bar ("": none). ``skipped``: units done before (counted by the progress bar);
         ``stop()``: a reason to stop (e.g. a lost lease), checked between units; ``postfix(record)``:
-        what the progress bar shows of each record."""
-        return Run(self, fn, context, list(units), desc, unit, ordered, skipped, stop, postfix)
+        what the progress bar shows of each record; ``label(unit)``: a unit's name in messages."""
+        return Run(self, fn, context, list(units), desc, unit, ordered, skipped, stop, postfix, label)
 
     def map(self, fn, context, units: Sequence, desc: str, unit: str = "units") -> list:
         """The records of every unit, in unit order."""
@@ -292,14 +293,17 @@ class Run:
     :attr:`bar` is the progress bar, for the caller's postfix."""
 
     def __init__(self, executor: Executor, fn, context, units: list, desc: str, unit: str, ordered: bool,
-                 skipped: int, stop, postfix):
+                 skipped: int, stop, postfix, label):
         self.executor, self.fn, self.context, self.units = executor, fn, context, units
         self.desc, self.unit, self.ordered, self.skipped = desc, unit, ordered, skipped
-        self.stop, self.postfix = stop, postfix
+        self.stop, self.postfix, self.label = stop, postfix, label
         self.failures: list[Failure] = []
         self.retries = 0
         self.workers = 0
         self.bar = None
+
+    def _name(self, index: int) -> str:
+        return self.label(self.units[index]) if self.label else f"{self.unit} {index}"
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         ex, backend, units = self.executor, self.executor.backend, self.units
@@ -322,7 +326,7 @@ class Run:
         def retry(index: int, attempt: int, error: str) -> None:
             if attempt < ex.retries:
                 delay = min(BACKOFF_MAX_S, ex.backoff_s * 2 ** attempt)
-                bar.write(f"{self.desc}: {self.unit} {index} failed (attempt {attempt + 1}): {error}; "
+                bar.write(f"{self.desc}: {self._name(index)} failed (attempt {attempt + 1}): {error}; "
                           f"retrying in {delay:.1f} s")
                 self.retries += 1
                 heapq.heappush(later, (time.monotonic() + delay, index, attempt + 1))
@@ -373,7 +377,7 @@ class Run:
                         else:
                             held[index] = record
                     if self.failures and not ex.keep_going:
-                        raise GradlakeError(f"{self.desc}: {self.unit} {self.failures[0].index} failed "
+                        raise GradlakeError(f"{self.desc}: {self._name(self.failures[0].index)} failed "
                                             f"{ex.retries + 1} times: {self.failures[0].error}")
                 while self.ordered and (following in held or following in settled):
                     if following in held:
