@@ -36,6 +36,7 @@ from gradlake.distributed.executor import Executor, RayTasks
 from gradlake.errors import GradlakeError, InputError
 from gradlake.query import shard_parts
 from gradlake.stages import reduce as work
+from gradlake.stages.records import Records, other_settings
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.reduce.layers import Layers
 from gradlake.distributed.exact_tasks import run_exact
@@ -357,12 +358,9 @@ def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig,
          lease, overwrite: bool, data_url: str, executor: Executor | None) -> dict[str, Any]:
     started = time.monotonic()
     settings_hash = _settings_hash(store, settings)
-    done = {}
-    for entry in out.ls("done"):  # fresh listing; a temp file of a killed write is not a record
-        if entry.endswith(".json") and not entry.startswith("."):
-            record = out.read_json(f"done/{entry}")
-            done[record["checkpoint"]] = record
-    replace = any(r.get("settings") != settings_hash for r in done.values())
+    records = Records(out, "done")  # one per checkpoint
+    done = {record["checkpoint"]: record for record in records.load().values()}
+    replace = other_settings(done, settings_hash)
     if replace and not overwrite:
         raise InputError(f"reduce.name: {out.url} holds the results of a reduce {settings.name!r} with other "
                          "settings; pass --overwrite to replace them, or choose another --name")
@@ -383,13 +381,12 @@ def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig,
             continue
         if lease.lost:
             raise GradlakeError(f"reduce: {lease.lost}; stopping (finished checkpoints are kept)")
-        out.remove(f"done/{name}.json")
+        records.remove(name)
         for folder in PER_CHECKPOINT:
             out.remove(f"{folder}/checkpoint={name}")
         out.remove(f"results.zarr/{name}")
         checkpoints[name] = _reduce_checkpoint(store, name, settings, out, so, passes, data_url)
-        out.write_json(f"done/{name}.json", {"checkpoint": name, "settings": settings_hash,
-                                             "summary": checkpoints[name]})
+        records.write(name, {"checkpoint": name, "settings": settings_hash, "summary": checkpoints[name]})
     out.write_table("lag_checkpoints.parquet", _checkpoint_lag_table(out))
 
     exact = None

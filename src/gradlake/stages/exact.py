@@ -40,12 +40,13 @@ from gradlake.reduce.exact import PAPER, SolverSettings, solve_hat
 from gradlake.reduce.jacobian import BatchJacobian
 from gradlake.reduce.metric import Metric, Moments, full_rank_probes
 from gradlake.reduce.output import RESULTS, ReduceOutput
+from gradlake.stages.records import Records, other_settings
 
 EXACT_JSON = "exact.json"
 H_ARRAY = "exact/H"
 SWEEP_ARRAY = "exact/H_sweep"
 PROJECTED_ARRAY = "exact/projected"
-DONE = "exact/done"  # the minibatches' completion records, mb-<m>.json
+DONE = "exact/done"  # the minibatches' completion records, mb-<m>.json (gradlake.stages.records)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class ExactSpec:
 
     def output(self) -> ReduceOutput:
         return ReduceOutput(self.out_url, self.storage_options, provenance=self.identity)
+
+    def records(self) -> Records:
+        return Records(self.output(), DONE, "mb-")
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,7 @@ def run_unit(spec: ExactSpec, unit: Minibatch) -> dict[str, Any]:
                                                     damping, pairs, normalize, solved, calibration)
         out.open_array(PROJECTED_ARRAY)[m] = projected
     result["seconds"] = round(time.monotonic() - started, 2)
-    out.write_json(f"{DONE}/mb-{m:06d}.json", result)
+    spec.records().write(f"{m:06d}", result)
     return result
 
 
@@ -261,11 +265,7 @@ def _agreement(model, inputs, targets, rows, channels, solve, settings, damping,
 
 def completed(spec: ExactSpec) -> dict[int, dict[str, Any]]:
     """Minibatch -> its completion record, of every minibatch with one (of any settings)."""
-    out, done = spec.output(), {}
-    for entry in out.ls(DONE):
-        if entry.endswith(".json") and entry.startswith("mb-"):
-            done[int(entry[3:-5])] = out.read_json(f"{DONE}/{entry}")
-    return done
+    return {int(name): record for name, record in spec.records().load().items()}
 
 
 def resume(spec: ExactSpec, units: list[Minibatch]) -> set[int]:
@@ -279,7 +279,7 @@ def resume(spec: ExactSpec, units: list[Minibatch]) -> set[int]:
     out.remove(EXACT_JSON)
     done = completed(spec)
     size = batches[0].num_rows
-    if any(r.get("settings") != record["settings"] for r in done.values()) or not out.exists(f"{RESULTS}/{H_ARRAY}/zarr.json"):
+    if other_settings(done, record["settings"]) or not out.exists(f"{RESULTS}/{H_ARRAY}/zarr.json"):
         for rel in ("exact", "results.zarr/exact", "exact_batches.parquet", "exact_agreement.parquet",
                     "exact_lags.parquet", "exact_sweep.parquet", "exact_spectrum.parquet"):
             out.remove(rel)
