@@ -309,6 +309,7 @@ class Run:
         ex, backend, units = self.executor, self.executor.backend, self.units
         self.bar = bar = progress(len(units) + self.skipped, self.desc, self.unit) if self.desc else _Silent()
         if self.skipped:
+            bar.set_postfix(skipped=self.skipped)
             bar.update(self.skipped)
         if not units:
             bar.close()
@@ -371,11 +372,11 @@ class Run:
                     else:
                         if self.postfix:
                             bar.set_postfix(**self.postfix(record))
-                        bar.update(1)
                         if not self.ordered:
-                            yield index, record
+                            yield index, record  # the caller may set the bar's postfix first
                         else:
                             held[index] = record
+                        bar.update(1)
                     if self.failures and not ex.keep_going:
                         raise GradlakeError(f"{self.desc}: {self._name(self.failures[0].index)} failed "
                                             f"{ex.retries + 1} times: {self.failures[0].error}")
