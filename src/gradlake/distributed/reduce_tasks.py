@@ -19,36 +19,28 @@ The exact minibatch mode runs one Ray task per minibatch (distributed/exact_task
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
-from gradlake import __version__, fsio, streaming
-from gradlake.config import RayConfig, ReduceConfig, settings_hash
+from gradlake import streaming
+from gradlake.config import RayConfig, ReduceConfig
 from gradlake.distributed.cluster import ensure_ray
 from gradlake.distributed.executor import Executor, RayTasks
 from gradlake.errors import GradlakeError, InputError
 from gradlake.query import shard_parts
 from gradlake.stages import reduce as work
-from gradlake.stages.records import Records, other_settings
+from gradlake.stages import reduce_plan as stage
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.reduce.layers import Layers
 from gradlake.distributed.exact_tasks import run_exact
 from gradlake.stages.exact import EXACT_JSON
 from gradlake.reduce.metric import Metric, metric_warnings, numerical_rank
 from gradlake.reduce.output import SUMMARY, ReduceOutput
-from gradlake.store.layout import LEASE
 from gradlake.reduce.pairwise import pair_ranks
-
-PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
-                  "distance_pairs.parquet", "distance_curve.parquet")
-
 
 def _apply(context: tuple, unit: dict[str, Any]):
     """A unit of a pass: the stage function ``fn(**shared, **unit)``; the pass's shared arguments
@@ -79,55 +71,6 @@ class _Passes:
     def one(self, fn, shared: dict, desc: str = ""):
         """One call off the driver."""
         return self.executor.map(_apply, (fn, shared), [{}], desc, "tasks")[0]
-
-
-# --------------------------------------------------------------------------- checks
-def _settings_hash(store, settings: ReduceConfig) -> str:
-    return settings_hash(settings, store.spec.to_json(),
-                         {c: store.provenance["checkpoints"][c]["sha256"] for c in store.checkpoints})
-
-
-def check_settings(store, settings: ReduceConfig) -> list[str]:
-    """Everything about the settings that can be checked before work; the checkpoints."""
-    if not fsio.is_path_name(settings.name):
-        raise InputError(f"reduce.name: expected letters, digits, '.', '_' or '-', got {settings.name!r}")
-    held = store.observables
-    if settings.metric not in held:
-        raise InputError(f"reduce.metric: observable {settings.metric!r} is not in store {store.url} "
-                         f"(it holds {', '.join(held)})")
-    for pair in settings.pairs:
-        if len(pair) != 2 or not set(pair) <= set(held) or "V" in pair:
-            raise InputError(f"reduce.pairs: {pair!r} needs two observables of {', '.join(o for o in held if o != 'V')} "
-                             f"held by store {store.url}")
-    for lam in (settings.damping, *settings.lambdas):
-        if not lam > 0:
-            raise InputError(f"reduce.lambdas: expected values > 0, got {lam!r}")
-    if settings.by_layer:
-        try:
-            Layers.from_spec(store.spec.projector, store.spec.model, store.k)
-        except InputError as err:
-            raise InputError(f"reduce.by_layer: {err}") from None
-    names = [store.checkpoint(c) for c in settings.checkpoints] or store.checkpoints
-    if not names:
-        raise InputError(f"{store.url}: the store holds no checkpoint; run `gradlake grads` first")
-    for name in names:
-        work.check_complete(store, name)
-    first, *rest = shard_parts(store)
-    table = store.samples(names[0], shards=first)  # every filter is checked on the first part
-    reference = f"split == '{settings.reference_split}'"
-    for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols", "reference_split"):
-        where = reference if key == "reference_split" else getattr(settings, key)
-        try:
-            found = work.matches(table, where).any()
-        except InputError as err:
-            raise InputError(f"reduce.{key}: {err}") from None
-        if key in ("response", "perturbation", "reference_split") and not found \
-                and not any(store.samples(names[0], where, shards=p, columns=["row"]).num_rows for p in rest):
-            if key == "reference_split":
-                raise InputError(f"reduce.reference_split: no sample of split {settings.reference_split!r} in "
-                                 f"store {store.url} (it holds splits {', '.join(store.spec.splits)})")
-            raise InputError(f"reduce.{key}: {where!r} selects no sample of store {store.url}")
-    return names
 
 
 # --------------------------------------------------------------------------- one checkpoint
@@ -287,38 +230,6 @@ def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.nd
     return rows
 
 
-# --------------------------------------------------------------------------- across checkpoints
-def _checkpoint_lag_table(out: ReduceOutput) -> pa.Table:
-    """Median and quartiles over checkpoints of each checkpoint's pooled lag curve: over all
-    checkpoints (group "*") and, for seed-prefixed names "seed-<s>-<rest>", over the seeds of
-    each <rest> (e.g. one epoch across seeds)."""
-    t = out.read_tables("lag_stats.parquet", filters=pc.field("class") == "all")
-    keys = ["lambda", "pair", "normalization", "relation", "lag"]
-    t = t.sort_by([(k, "ascending") for k in [*keys, "checkpoint"]])
-    names = np.asarray(t.column("checkpoint").to_pylist())
-    groups = np.array([n.split("-", 2)[2] if n.startswith("seed-") and n.count("-") >= 2 else "*" for n in names])
-    values = t.column("pooled_mean").to_numpy(zero_copy_only=False)
-    key_cols = {k: t.column(k).to_numpy(zero_copy_only=False) if k in ("lambda", "lag") else
-                np.asarray(t.column(k).to_pylist()) for k in keys}
-    key_id = np.unique(np.stack([np.unique(v, return_inverse=True)[1] for v in key_cols.values()], 1),
-                       axis=0, return_inverse=True)[1].ravel()
-    rows = []
-    for group in ["*", *sorted(set(groups) - {"*"})]:
-        sel_group = np.ones(len(names), bool) if group == "*" else groups == group
-        for kid in np.unique(key_id):
-            sel = sel_group & (key_id == kid)
-            if not sel.any():
-                continue
-            vals = values[sel]
-            finite = vals[np.isfinite(vals)]
-            q25, med, q75 = np.percentile(finite, [25, 50, 75]) if len(finite) else (np.nan,) * 3
-            first = np.flatnonzero(sel)[0]
-            rows.append({"group": group, **{k: key_cols[k][first].item() if hasattr(key_cols[k][first], "item")
-                                            else key_cols[k][first] for k in keys},
-                         "median": med, "q25": q25, "q75": q75, "checkpoints": int(sel.sum())})
-    return pa.Table.from_pylist(rows)
-
-
 # --------------------------------------------------------------------------- the stage
 def tasks_in_flight() -> int:
     """Block tasks submitted at once: twice the cluster's CPUs. Scheduling only: the results
@@ -337,39 +248,19 @@ def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
     ``data_url``: where the store's dataset is now (checked by its fingerprint first); default
     the URL store.json records. ``executor``: where the units run (default: Ray tasks on the Ray
     of ``ray_config``); the results are the same bits on any."""
-    from gradlake.store import GradientStore, Lease
+    from gradlake.store import Lease
 
-    so = dict(storage_options or {})
-    store = GradientStore.open(store_url, so or None)
-    names = check_settings(store, settings)
-    if data_url:
-        from gradlake.data import open_checked
-
-        open_checked(data_url, store.spec.dataset["fingerprint"], so or None)
-    data_url = data_url or store.spec.dataset.get("url", "")
-    out = ReduceOutput(store.reduce_url(settings.name), so, provenance={
-        "store": store.url, "reduce": settings.name, "dataset": store.spec.dataset,
-        "checkpoints": {name: store.provenance["checkpoints"][name].get("sha256", "") for name in names}})
+    spec = stage.ReduceSpec(store_url, settings, dict(storage_options or {}), data_url, overwrite)
+    store, names, data_url, out = stage.open_checked(spec)
     with Lease(out, f"reduce {settings.name!r}") as lease:
-        return _run(store, names, settings, ray_config, out, so, lease, overwrite, data_url, executor)
+        return _run(spec, store, names, ray_config, out, lease, data_url, executor)
 
 
-def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig, out: ReduceOutput, so,
-         lease, overwrite: bool, data_url: str, executor: Executor | None) -> dict[str, Any]:
+def _run(spec: stage.ReduceSpec, store, names: list[str], ray_config: RayConfig, out: ReduceOutput, lease,
+         data_url: str, executor: Executor | None) -> dict[str, Any]:
     started = time.monotonic()
-    settings_hash = _settings_hash(store, settings)
-    records = Records(out, "done")  # one per checkpoint
-    done = {record["checkpoint"]: record for record in records.load().values()}
-    replace = other_settings(done, settings_hash)
-    if replace and not overwrite:
-        raise InputError(f"reduce.name: {out.url} holds the results of a reduce {settings.name!r} with other "
-                         "settings; pass --overwrite to replace them, or choose another --name")
-    out.remove(SUMMARY)
-    if replace:
-        for entry in out.ls(""):  # another reduce's results under this name: replace them whole
-            if entry != LEASE:
-                out.remove(entry)
-        done = {}
+    settings, so = spec.settings, spec.storage_options
+    done = stage.plan(spec, store, out)
     if executor is None:
         ensure_ray(ray_config.address, ray_config.num_cpus)
         executor = Executor(RayTasks(), window=tasks_in_flight())
@@ -377,29 +268,16 @@ def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig,
     checkpoints = {}
     for name in names:
         if name in done:
-            checkpoints[name] = done[name]["summary"]
+            checkpoints[name] = done[name]
             continue
         if lease.lost:
             raise GradlakeError(f"reduce: {lease.lost}; stopping (finished checkpoints are kept)")
-        records.remove(name)
-        for folder in PER_CHECKPOINT:
-            out.remove(f"{folder}/checkpoint={name}")
-        out.remove(f"results.zarr/{name}")
+        stage.start_unit(out, name)
         checkpoints[name] = _reduce_checkpoint(store, name, settings, out, so, passes, data_url)
-        records.write(name, {"checkpoint": name, "settings": settings_hash, "summary": checkpoints[name]})
-    out.write_table("lag_checkpoints.parquet", _checkpoint_lag_table(out))
-
-    exact = None
-    if settings.exact.enabled:
-        exact = _exact(store, settings, out, so, data_url)
-    out.consolidate()  # after every array of results.zarr (the exact mode's too)
-    summary = {
-        "complete": True, "name": settings.name, "store": store.url, "settings_hash": settings_hash,
-        "gradlake_version": __version__, "settings": dataclasses.asdict(settings),
-        "checkpoints": checkpoints, "exact": exact,
-        "warnings": [{"checkpoint": name, **w} for name, info in checkpoints.items() for w in info.get("warnings", [])],
-        "seconds": round(time.monotonic() - started, 2), "url": out.url,
-    }
+        stage.finish_unit(spec, store, out, name, checkpoints[name])
+    out.write_table("lag_checkpoints.parquet", stage.checkpoint_lag_table(out))
+    exact = _exact(store, settings, out, so, data_url) if settings.exact.enabled else None
+    summary = stage.finish(spec, store, out, checkpoints, exact, time.monotonic() - started)
     if lease.lost:
         raise GradlakeError(f"reduce: {lease.lost}; summary.json not written")
     out.write_json(SUMMARY, summary)
