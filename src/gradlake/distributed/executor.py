@@ -257,9 +257,10 @@ class Executor:
             postfix: Callable[[Any], dict[str, Any]] | None = None,
             label: Callable[[Any], str] | None = None) -> Run:
         """The records of ``fn(context, u)`` for every unit, as an iterator of (index, record)
-        (see :class:`Run`); ``desc`` names the progress bar ("": none). ``skipped``: units done before (counted by the progress bar);
-        ``stop()``: a reason to stop (e.g. a lost lease), checked between units; ``postfix(record)``:
-        what the progress bar shows of each record; ``label(unit)``: a unit's name in messages."""
+        (see :class:`Run`). ``desc`` names the progress bar ("": none); ``skipped``: units done
+        before (the bar counts them); ``stop()``: a reason to stop (e.g. a lost lease), checked
+        between units; ``postfix(record)``: what the bar shows of each record; ``label(unit)``:
+        a unit's name in messages (default: its index)."""
         return Run(self, fn, context, list(units), desc, unit, ordered, skipped, stop, postfix, label)
 
     def map(self, fn, context, units: Sequence, desc: str, unit: str = "units") -> list:
