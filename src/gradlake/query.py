@@ -6,9 +6,10 @@ Top-k scores any number of queries in one pass: their preconditioned rows
 a = φ_A (η̃ + λI)⁻¹ [Q, k] stay in memory and each block of candidate rows costs one GEMM
 a φ_Bᵀ and a :class:`TopK` merge. The candidates are cut into parts of whole shards; each
 part selects its own candidates (the filter runs in its Parquet scan), so no process ever
-holds every candidate row. A *mapper* runs a function over the parts: in this process by
-default, as Ray tasks with :func:`gradlake.distributed.query_tasks.ray_mapper`. Parts are
-merged in part order, so the answer does not depend on who ran them.
+holds every candidate row. A *mapper* runs a function over the parts on the executor
+(gradlake.distributed.executor): in this process by default, as Ray tasks with
+:func:`gradlake.distributed.query_tasks.ray_mapper`. Parts are merged in part order, so the
+answer does not depend on who ran them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import os
 import posixpath
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,23 +153,23 @@ Mapper = Callable[[Callable[..., Any], list[tuple]], list]
 """``mapper(fn, args)`` returns ``[fn(store, *a) for a in args]`` in order, run anywhere."""
 
 
+def _part(store: GradientStore, call: tuple) -> Any:
+    """One part of a pass: ``fn(store, *args)``."""
+    fn, args = call
+    return fn(store, *args)
+
+
 def in_process(store: GradientStore, workers: int | None = None, desc: str | None = None) -> Mapper:
     """The mapper that runs the parts here, ``workers`` at a time (default: one per core) in
-    threads. Reads, casts and GEMMs release the GIL, so parts overlap on the cores. With
-    ``desc``, a progress bar counts the parts done."""
-    workers = workers or os.cpu_count() or 1
+    threads of the executor (gradlake.distributed.executor). Reads, casts and GEMMs release the
+    GIL, so parts overlap on the cores. With ``desc``, a progress bar counts the parts done."""
+    from gradlake.distributed.executor import Executor, InProcess
+
+    executor = Executor(InProcess(threads=workers or os.cpu_count() or 1), retries=0)
 
     def run(fn, args):
-        bar = progress(len(args), desc, "parts") if desc else None
-        results = []
-        with one_thread_per_call(), ThreadPoolExecutor(workers) as pool:
-            for result in pool.map(lambda a: fn(store, *a), args):
-                results.append(result)
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
-        return results
+        with one_thread_per_call():
+            return executor.map(_part, store, [(fn, a) for a in args], desc or "", "parts")
 
     return run
 

@@ -138,7 +138,7 @@ def test_one_reduce_per_name_at_a_time_and_results_alike_however_planned(tmp_pat
 def test_bad_selections_are_refused_before_anything_is_written(tmp_path, monkeypatch, setting, message):
     import gradlake.query
     from gradlake.config import RayConfig, ReduceConfig
-    from gradlake.distributed.reduce_tasks import check_settings
+    from gradlake.stages.reduce_plan import check_settings
     from gradlake.errors import InputError
     from gradlake.distributed.reduce_tasks import run_reduce
 

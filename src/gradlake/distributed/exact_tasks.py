@@ -1,8 +1,8 @@
-"""The exact minibatch mode on Ray: one task per minibatch (a GPU each where the cluster has them).
+"""The exact minibatch mode on Ray: one executor task per minibatch (a GPU each where the cluster has them).
 
 The driver plans the minibatches, skips those with a completion record from a run with the
-same settings, keeps a bounded window of tasks in flight (``ray.wait``), lets Ray retry a
-failed task, and aggregates once every minibatch is done (gradlake.stages.exact).
+same settings, runs the others on the executor (gradlake.distributed.executor: a bounded window
+in flight, retries), and aggregates once every minibatch is done (gradlake.stages.exact).
 """
 
 from __future__ import annotations
@@ -13,18 +13,22 @@ from typing import Any
 import ray
 
 from gradlake.config import ExactConfig
-from gradlake.progress import progress
-from gradlake.reduce import minibatch
+from gradlake.distributed.executor import Executor, RayTasks
 from gradlake.stages import exact as exact_stage
-from gradlake.reduce.output import ReduceOutput
 
 
-@ray.remote(max_retries=2)
-def _minibatch(cpus: int, *args):
+def _minibatch(spec: exact_stage.ExactSpec, unit: exact_stage.Minibatch) -> dict[str, Any]:
     import torch
 
-    torch.set_num_threads(max(1, cpus))
-    return exact_stage.minibatch_work(*args)
+    torch.set_num_threads(max(1, spec.settings.cpus))
+    return exact_stage.run_unit(spec, unit)
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, Any]:
+    solve = record["solve"]
+    bound = solve["h_error_bound"]
+    return {"method": solve["method"], "products": solve["products"], "seconds": record["seconds"],
+            **({"bound": f"{bound:.1e}"} if bound is not None else {})}
 
 
 def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfig, damping: float,
@@ -39,32 +43,17 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfi
 
     started = time.monotonic()
     so = storage_options or None
-    ds = Dataset.open(data_url, storage_options=so)
-    pairs = exact_stage.check_pairs(ds.channels, pairs)
-    batches = minibatch.plan(ds.trajectories, ds.n_times, settings.split, settings.classes, settings.per_class,
-                             settings.minibatches)
-    identity = {"checkpoint": checkpoint, "dataset": data_url, **(identity or {})}
-    out = ReduceOutput(out_url, so, provenance=identity)
-    lambdas = tuple(lam for lam in dict.fromkeys(lambdas) if lam != damping)
-    record, done = exact_stage.prepare(out, batches, settings, damping, lambdas, pairs, normalize, identity)
+    channels = Dataset.open(data_url, storage_options=so).channels
+    spec = exact_stage.ExactSpec(
+        checkpoint, data_url, exact_stage.ReduceOutput(out_url, so).url, settings, damping,
+        tuple(lam for lam in dict.fromkeys(lambdas) if lam != damping), exact_stage.check_pairs(channels, pairs),
+        tuple(normalize), so, {"checkpoint": checkpoint, "dataset": data_url, **(identity or {})})
+    units = exact_stage.plan(spec)
+    done = exact_stage.resume(spec, units)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and settings.device != "cpu" else 0
-    task = _minibatch.options(num_cpus=settings.cpus, num_gpus=gpus)
     window = max(1, int(ray.cluster_resources().get("CPU", 1)) // settings.cpus + 1)
-    todo = [m for m in range(len(batches)) if m not in done]
-    bar = progress(len(batches), "exact: minibatches", "minibatch")
-    bar.update(len(done))
-    pending = []
-    while todo or pending:
-        while todo and len(pending) < window:
-            m = todo.pop(0)
-            pending.append(task.remote(settings.cpus, checkpoint, data_url, out.url, m, batches[m], settings,
-                                       damping, lambdas, pairs, normalize, so, record))
-        finished, pending = ray.wait(pending, num_returns=1)
-        for result in ray.get(finished):
-            solve = result["solve"]
-            bound = solve["h_error_bound"]
-            bar.set_postfix(method=solve["method"], products=solve["products"], seconds=result["seconds"],
-                            **({"bound": f"{bound:.1e}"} if bound is not None else {}))
-            bar.update(1)
-    bar.close()
-    return exact_stage.finish(out, batches, settings, damping, lambdas, pairs, normalize, identity, started)
+    executor = Executor(RayTasks(num_cpus=settings.cpus, num_gpus=gpus), window=window)
+    for _ in executor.run(_minibatch, spec, [u for u in units if u.index not in done], "exact: minibatches",
+                          "minibatch", ordered=False, skipped=len(done), postfix=_postfix):
+        pass
+    return exact_stage.finish(spec, units, exact_stage.completed(spec), started)

@@ -1,9 +1,10 @@
 """The grads stage: plan shards, create the store, drive a pool of Ray actors over them.
 
 The driver checks every input and the store's compatibility before any work, skips
-committed shards, hands one shard at a time to each actor (a ``ray.wait`` loop, so it
-knows exactly which shard is where), retries failed shards with backoff on any actor,
-and reports a shard that keeps failing once the others are done (GradlakeError). It holds
+committed shards, hands one shard at a time to each actor of the executor
+(gradlake.distributed.executor: each actor holds a ShardWorker with its models), which
+retries failed shards with backoff on any actor; a shard that keeps failing is reported
+once the others are done (GradlakeError). It holds
 the store's lease from before it writes anything until the end, and compacts the committed
 shards' sample rows into samples.parquet: each compaction group as soon as its shards are
 all committed, the rest when the shards are done (also after failures).
@@ -12,8 +13,6 @@ all committed, the rest when the shards are done (also after failures).
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import itertools
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import numpy as np
 from gradlake.config import GradsConfig, RayConfig, TaskConfig
 from gradlake.data.index import SPLIT_NAMES
 from gradlake.distributed.plan import ShardTask, plan_shards
-from gradlake.distributed.shard_work import FAULT_ENV, Fault, WorkerSettings
+from gradlake.distributed.shard_work import FAULT_ENV, Fault, WorkerSettings, open_worker, run_shard
 from gradlake.errors import GradlakeError, InputError
 from gradlake.progress import progress
 from gradlake.store import GradientStore, Lease, StoreSpec, compact, create_store
@@ -39,7 +38,7 @@ from gradlake.store.verify import check_missing, check_parquet, repair
 from gradlake.store.writer import set_stage_status
 
 STAGE = "grads"
-BACKOFF_S, BACKOFF_MAX_S = 0.5, 30.0
+BACKOFF_S = 0.5  # the first retry's delay; it doubles per attempt
 
 
 def run_grads(data_url: str, checkpoints: Mapping[str, str] | list[str], store_url: str, settings: GradsConfig,
@@ -355,12 +354,6 @@ class _Outcome:
     startup_s: float = 0.0  # start until the first result, less that shard's own work
 
 
-@dataclass
-class _Slot:
-    actor: Any
-    deaths: int = 0
-
-
 def _actor_plan(settings: GradsConfig, n_tasks: int) -> tuple[int, dict[str, Any]]:
     """(number of actors, their Ray resource options): one per GPU, else per CPU slot."""
     import ray
@@ -376,95 +369,42 @@ def _actor_plan(settings: GradsConfig, n_tasks: int) -> tuple[int, dict[str, Any
 
 def _drive(tasks: list[ShardTask], worker: WorkerSettings, settings: GradsConfig, total: int,
            skipped: int, lease: Lease, per_group: int, group_done: Callable[[str, int], Any]) -> _Outcome:
-    """Run the tasks on a pool of actors; ``group_done(checkpoint, group)`` is called once the
-    last task of a compaction group (``per_group`` shards) has committed."""
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    from gradlake.distributed.actors import GradsActor
+    """Run the tasks on a pool of actors holding a ShardWorker each (the executor,
+    gradlake.distributed.executor); ``group_done(checkpoint, group)`` is called once the last
+    task of a compaction group (``per_group`` shards) has committed."""
+    from gradlake.distributed.executor import Executor, RayActors
 
     count, options = _actor_plan(settings, len(tasks))
-    max_restarts = settings.retries + 1
-    slots = [_Slot(GradsActor.options(max_restarts=max_restarts, max_task_retries=0, **options)
-                   .remote(worker, settings.threads_per_worker)) for _ in range(count)]
-    outcome = _Outcome(workers=count)
-    order = itertools.count()
-    queue = [(0.0, next(order), task, 0) for task in tasks]  # (ready at, tie, task, attempt)
-    heapq.heapify(queue)
-    idle = list(slots)
-    inflight: dict[Any, tuple[_Slot, ShardTask, int]] = {}
-    bar = progress(total, "grads", unit="shard")
-    if skipped:
-        bar.set_postfix(skipped=skipped)
-        bar.update(skipped)
+    pool = RayActors(open_worker, count, max_restarts=settings.retries + 1, **options)
+    outcome = _Outcome()
     started = time.monotonic()
     samples = written = 0
     pending = Counter((t.checkpoint, t.shard // per_group) for t in tasks)
-
-    def retry(task: ShardTask, attempt: int, error: str) -> None:
-        if attempt < settings.retries:
-            delay = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** attempt)
-            bar.write(f"grads: {task.checkpoint} shard {task.shard} failed (attempt {attempt + 1}): "
-                      f"{error}; retrying in {delay:.1f} s")
-            outcome.retries += 1
-            heapq.heappush(queue, (time.monotonic() + delay, next(order), task, attempt + 1))
-        else:
-            outcome.failures.append((task, error))
-
-    try:
-        while queue or inflight:
-            if lease.lost:
-                raise GradlakeError(f"grads: {lease.lost}; stopping (committed shards stay committed)")
-            now = time.monotonic()
-            while idle and queue and queue[0][0] <= now:
-                _, _, task, attempt = heapq.heappop(queue)
-                slot = idle.pop()
-                inflight[slot.actor.run.remote(task)] = (slot, task, attempt)
-            if not inflight:
-                if not idle:  # every worker is gone
-                    outcome.failures += [(t, "no worker left (every actor died)") for _, _, t, _ in queue]
-                    break
-                time.sleep(max(0.0, queue[0][0] - now))
-                continue
-            timeout = max(0.0, queue[0][0] - now) if queue and idle else None
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout)
-            for ref in done:
-                slot, task, attempt = inflight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except RayActorError as err:
-                    slot.deaths += 1
-                    if slot.deaths <= max_restarts:
-                        idle.append(slot)
-                    retry(task, attempt, f"worker died ({_first_line(err)})")
-                    continue
-                except RayTaskError as err:
-                    cause = err.cause if err.cause is not None else err
-                    if isinstance(cause, InputError):  # every attempt would fail alike: stop, once
-                        raise InputError(f"grads: {_first_line(cause)}") from None
-                    idle.append(slot)
-                    retry(task, attempt, _first_line(cause))
-                    continue
-                idle.append(slot)
+    with Executor(pool, window=count, retries=settings.retries, keep_going=True, backoff_s=BACKOFF_S) as executor:
+        run = executor.run(run_shard, (worker, settings.threads_per_worker), tasks, "grads", "shard", ordered=False,
+                           skipped=skipped, stop=lambda: lease.lost and f"{lease.lost} (committed shards stay committed)",
+                           label=lambda task: f"{task.checkpoint} shard {task.shard}")
+        try:
+            for index, result in run:
+                task = tasks[index]
                 if not outcome.results:
                     outcome.startup_s = max(0.0, time.monotonic() - started - result.get("compute_seconds", 0.0))
                 outcome.results.append(result)
                 samples += result["samples"]
                 written += result["bytes"]
                 elapsed = time.monotonic() - started
-                remaining = total - skipped - len(outcome.results) - len(outcome.failures)
-                bar.set_postfix(checkpoint=task.checkpoint, shard=task.shard,
-                                samples_s=round(samples / elapsed, 1), mb=round(written / 1e6, 2),
-                                eta_s=round(remaining * elapsed / len(outcome.results), 1))
-                bar.update(1)
+                remaining = total - skipped - len(outcome.results) - len(run.failures)
+                run.bar.set_postfix(checkpoint=task.checkpoint, shard=task.shard,
+                                    samples_s=round(samples / elapsed, 1), mb=round(written / 1e6, 2),
+                                    eta_s=round(remaining * elapsed / len(outcome.results), 1))
                 group = (task.checkpoint, task.shard // per_group)
                 pending[group] -= 1
                 if not pending[group]:
                     group_done(*group)
-    finally:
-        bar.close()
-        for slot in slots:
-            ray.kill(slot.actor)
+        except InputError as err:  # every attempt would fail alike: stop, once
+            raise InputError(f"grads: {_first_line(err)}") from None
+    outcome.failures = [(failure.unit, failure.error) for failure in run.failures]
+    outcome.retries, outcome.workers = run.retries, run.workers
     return outcome
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,8 @@ import ray
 
 from gradlake import fsio, lds
 from gradlake.config import JobConfig, settings_hash
+from gradlake.distributed.executor import Executor, RayTasks
 from gradlake.errors import InputError
-from gradlake.progress import progress
 
 LDS_JSON, LDS_PARQUET = "lds.json", "lds.parquet"
 METHODS = ("projected", "inner_product")  # (a) φᵀ(η̃ + λI)⁻¹φ from the store, (c) φᵀφ; (b) exact: see exact_status
@@ -56,16 +57,27 @@ def observables_at(checkpoint: str, data_url: str, rows: np.ndarray, names: tupl
     return out
 
 
-@ray.remote(max_retries=2)
-def _retrain(cpus: int, job: JobConfig, m: int, trajectories: list[int], rows: np.ndarray, names: tuple[str, ...],
-             record: dict[str, Any]) -> dict[str, Any]:
-    """Retrain on subset ``m``, evaluate the test samples, write the subset's record (last)."""
+@dataclass(frozen=True)
+class Retrainings:
+    """What every retraining reads: the job, the test rows and observables, the record's settings."""
+
+    job: JobConfig
+    rows: np.ndarray
+    names: tuple[str, ...]
+    record: dict[str, Any]
+
+
+def _retrain(spec: Retrainings, unit: tuple[int, list[int]]) -> dict[str, Any]:
+    """Retrain on subset ``m`` (the unit: m, its trajectories), evaluate the test samples, write
+    the subset's record (last)."""
     import torch
 
     from gradlake.plugins import use_paths
     from gradlake.train import train
 
-    torch.set_num_threads(max(1, cpus))
+    job, rows, names, record = spec.job, spec.rows, spec.names, spec.record
+    m, trajectories = unit
+    torch.set_num_threads(max(1, job.eval.lds.cpus))
     use_paths(job.python_path)
     so = job.store.storage_options or None
     started, cpu = time.monotonic(), time.process_time()
@@ -189,22 +201,13 @@ def run_lds(job: JobConfig) -> dict[str, Any]:
         elif "record" in found or not _same(found.get("started", {}), identity):
             folder.remove(f"subsets/s-{m:04d}")  # another run's; one of these settings resumes its training
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and job.train.device != "cpu" else 0
-    task = _retrain.options(num_cpus=settings.cpus, num_gpus=gpus)
     window = max(1, int(ray.cluster_resources().get("CPU", 1)) // settings.cpus + 1)
-    todo, pending = [m for m in range(settings.subsets) if m not in done], []
-    bar = progress(settings.subsets, "lds: retrainings", "subset")
-    bar.update(len(done))
-    job_ref = ray.put(job)
-    while todo or pending:
-        while todo and len(pending) < window:
-            m = todo.pop(0)
-            pending.append(task.remote(settings.cpus, job_ref, m, train_ids[masks[m]].tolist(), rows, names, record))
-        finished, pending = ray.wait(pending, num_returns=1)
-        for result in ray.get(finished):
-            done[result["subset"]] = result
-            bar.set_postfix(seconds=result["seconds"])
-            bar.update(1)
-    bar.close()
+    executor = Executor(RayTasks(num_cpus=settings.cpus, num_gpus=gpus), window=window)
+    todo = [(m, train_ids[masks[m]].tolist()) for m in range(settings.subsets) if m not in done]
+    for _, result in executor.run(_retrain, Retrainings(job, rows, names, record), todo, "lds: retrainings",
+                                  "subset", ordered=False, skipped=len(done),
+                                  postfix=lambda result: {"seconds": result["seconds"]}):
+        done[result["subset"]] = result
 
     actual = {a: np.array([done[m]["values"][a] for m in range(settings.subsets)]) - np.array(full[a])
               for a in names}

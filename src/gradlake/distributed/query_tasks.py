@@ -13,23 +13,25 @@ import ray
 
 from gradlake import query
 from gradlake.distributed.cluster import ensure_ray
-from gradlake.progress import progress
+from gradlake.distributed.executor import Executor, RayTasks
 
 
-def _run_part(fn, url: str, storage_options: dict[str, Any], allow_partial: bool, *args):
+def _run_part(source: tuple, call: tuple):
+    """One part on a Ray worker: open the store, resolve the shared plans, run ``fn(store, *args)``."""
     from gradlake.store import GradientStore
 
+    url, storage_options, allow_partial = source
+    fn, args = call
+    args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
     return fn(GradientStore.open(url, storage_options or None, allow_partial), *args)
-
-
-_part = ray.remote(_run_part)
 
 
 def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: str = "query",
                allow_partial: bool = False) -> query.Mapper:
-    """A :data:`gradlake.query.Mapper` running each part as a Ray task on the store at ``url``
-    (opened with ``allow_partial``)."""
-    options = dict(storage_options or {})
+    """A :data:`gradlake.query.Mapper` running each part as a Ray task of the executor
+    (gradlake.distributed.executor) on the store at ``url`` (opened with ``allow_partial``)."""
+    source = (url, dict(storage_options or {}), allow_partial)
+    executor = Executor(RayTasks())
 
     def run(fn, args: list[tuple]) -> list:
         shared: dict[int, Any] = {}
@@ -41,14 +43,8 @@ def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: st
                 shared[id(value)] = ray.put(value)
             return shared[id(value)]
 
-        refs = [_part.remote(fn, url, options, allow_partial, *map(put_once, part)) for part in args]
-        bar = progress(len(refs), f"{desc}: {getattr(fn, '__name__', 'part')}", "parts")
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5, fetch_local=False)
-            bar.update(len(done))
-        bar.close()
-        return ray.get(refs)
+        calls = [(fn, tuple(map(put_once, part))) for part in args]
+        return executor.map(_run_part, source, calls, f"{desc}: {getattr(fn, '__name__', 'part')}", "parts")
 
     return run
 

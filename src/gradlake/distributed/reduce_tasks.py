@@ -9,166 +9,78 @@ blocks of whole trajectories; (3) the response pass over the same blocks (group 
 same-trajectory T×T sums, per-trajectory lag curves and self-influence written by the
 tasks); then the dense tiles (at most tile_max rows a side), the top-k lists (written by
 their tasks) and the influence-vs-distance pairs (their rows looked up where stored).
-Each pass keeps a window of tasks in flight and sums their results in Ray tasks over a
-binary tree fixed by the block order, so driver and object-store memory do not grow with
-the number of samples and the results are bit-identical whatever the number of workers,
-the timing or the parts of the plan.
+Each pass runs its units on the one executor (gradlake.distributed.executor: Ray tasks by
+default), a window at a time, and sums their results in order over a binary tree fixed by
+the block order, so driver and object-store memory do not grow with the number of samples
+and the results are bit-identical whatever the backend, the number of workers, the timing or
+the parts of the plan.
 The exact minibatch mode runs one Ray task per minibatch (distributed/exact_tasks.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
-from gradlake import __version__, fsio, streaming
-from gradlake.config import RayConfig, ReduceConfig, settings_hash
+from gradlake import streaming
+from gradlake.config import RayConfig, ReduceConfig
 from gradlake.distributed.cluster import ensure_ray
+from gradlake.distributed.executor import Executor, RayTasks
 from gradlake.errors import GradlakeError, InputError
-from gradlake.progress import progress
 from gradlake.query import shard_parts
 from gradlake.stages import reduce as work
+from gradlake.stages import reduce_plan as stage
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.reduce.layers import Layers
 from gradlake.distributed.exact_tasks import run_exact
 from gradlake.stages.exact import EXACT_JSON
 from gradlake.reduce.metric import Metric, metric_warnings, numerical_rank
 from gradlake.reduce.output import SUMMARY, ReduceOutput
-from gradlake.store.layout import LEASE
 from gradlake.reduce.pairwise import pair_ranks
 
-_part_index = ray.remote(work.part_index)
-_rows_at = ray.remote(work.rows_at)
-_moments = ray.remote(work.moments_work)
-_perturbation = ray.remote(work.perturbation_work)
-_response = ray.remote(work.response_work)
-_tile = ray.remote(work.tile_work)
-_topk = ray.remote(work.topk_work)
-_distance = ray.remote(work.distance_work)
-_add = ray.remote(streaming.add_results)
-_lag_tables = ray.remote(work.lag_tables)  # reads every trajectory's lag curves: off the driver
-
-PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
-                  "distance_pairs.parquet", "distance_curve.parquet")
+def _apply(context: tuple, unit: dict[str, Any]):
+    """A unit of a pass: the stage function ``fn(**shared, **unit)``; the pass's shared arguments
+    (the context) reach each worker once."""
+    fn, shared = context
+    return fn(**shared, **unit)
 
 
-def _wait(refs, bar) -> None:
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5, fetch_local=False)
-        if done:
-            bar.update(len(done))
-    ray.get(refs)  # raise a task's error here
+class _Passes:
+    """The passes of one reduce on the executor: each unit a call of a gradlake.stages.reduce
+    function with the pass's shared arguments and its own."""
 
+    def __init__(self, executor: Executor):
+        self.executor = executor
 
-def _blockwise(submit: Callable[[int, Any], Any], blocks: list, desc: str, window: int):
-    """Run ``submit(i, block)`` for every block, at most ``window`` at a time, and return the
-    sum of their results. The sum runs in Ray tasks over a tree fixed by the block order
-    (:class:`streaming.OrderedSum`), so it is bit-identical for any window or number of workers,
-    and only O(window + log n) partial results are alive at once."""
-    total = streaming.OrderedSum(lambda a, b: _add.remote(a, b))
-    bar = progress(len(blocks), desc, "blocks")
-    running: list = []
-    for i, block in enumerate(blocks):
-        if len(running) >= window:
-            done, running = ray.wait(running, num_returns=1, fetch_local=False)
-            bar.update(len(done))
-        ref = submit(i, block)
-        running.append(ref)
-        total.push(ref)
-    _wait(running, bar)
-    result = ray.get(total.result())
-    bar.close()
-    return result
+    def run(self, fn, shared: dict, units: list[dict], desc: str, unit: str):
+        """(index, result) of every unit, in unit order, a window at a time."""
+        return self.executor.run(_apply, (fn, shared), units, desc, unit)
 
+    def map(self, fn, shared: dict, units: list[dict], desc: str, unit: str) -> list:
+        return self.executor.map(_apply, (fn, shared), units, desc, unit)
 
-def _in_order(submit: Callable[[Any], Any], items: list, desc: str, unit: str, window: int):
-    """Yield ``ray.get(submit(item))`` for each item in order, at most ``window`` in flight
-    (the caller folds each result in and drops it: memory does not grow with the items)."""
-    bar = progress(len(items), desc, unit)
-    running: list = []
-    for item in items:
-        running.append(submit(item))
-        if len(running) >= window:
-            yield ray.get(running.pop(0))
-            bar.update(1)
-    for ref in running:
-        yield ray.get(ref)
-        bar.update(1)
-    bar.close()
+    def fold(self, fn, shared: dict, units: list[dict], desc: str):
+        """The sum of the units' results over a tree fixed by the unit order: bit-identical for any
+        window, backend or number of workers (:meth:`Executor.fold`)."""
+        return self.executor.fold(_apply, (fn, shared), units, desc, "blocks")
 
-
-def _run_all(refs, desc: str, unit: str) -> list:
-    bar = progress(len(refs), desc, unit)
-    _wait(refs, bar)
-    bar.close()
-    return ray.get(refs)
-
-
-# --------------------------------------------------------------------------- checks
-def _settings_hash(store, settings: ReduceConfig) -> str:
-    return settings_hash(settings, store.spec.to_json(),
-                         {c: store.provenance["checkpoints"][c]["sha256"] for c in store.checkpoints})
-
-
-def check_settings(store, settings: ReduceConfig) -> list[str]:
-    """Everything about the settings that can be checked before work; the checkpoints."""
-    if not fsio.is_path_name(settings.name):
-        raise InputError(f"reduce.name: expected letters, digits, '.', '_' or '-', got {settings.name!r}")
-    held = store.observables
-    if settings.metric not in held:
-        raise InputError(f"reduce.metric: observable {settings.metric!r} is not in store {store.url} "
-                         f"(it holds {', '.join(held)})")
-    for pair in settings.pairs:
-        if len(pair) != 2 or not set(pair) <= set(held) or "V" in pair:
-            raise InputError(f"reduce.pairs: {pair!r} needs two observables of {', '.join(o for o in held if o != 'V')} "
-                             f"held by store {store.url}")
-    for lam in (settings.damping, *settings.lambdas):
-        if not lam > 0:
-            raise InputError(f"reduce.lambdas: expected values > 0, got {lam!r}")
-    if settings.by_layer:
-        try:
-            Layers.from_spec(store.spec.projector, store.spec.model, store.k)
-        except InputError as err:
-            raise InputError(f"reduce.by_layer: {err}") from None
-    names = [store.checkpoint(c) for c in settings.checkpoints] or store.checkpoints
-    if not names:
-        raise InputError(f"{store.url}: the store holds no checkpoint; run `gradlake grads` first")
-    for name in names:
-        work.check_complete(store, name)
-    first, *rest = shard_parts(store)
-    table = store.samples(names[0], shards=first)  # every filter is checked on the first part
-    reference = f"split == '{settings.reference_split}'"
-    for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols", "reference_split"):
-        where = reference if key == "reference_split" else getattr(settings, key)
-        try:
-            found = work.matches(table, where).any()
-        except InputError as err:
-            raise InputError(f"reduce.{key}: {err}") from None
-        if key in ("response", "perturbation", "reference_split") and not found \
-                and not any(store.samples(names[0], where, shards=p, columns=["row"]).num_rows for p in rest):
-            if key == "reference_split":
-                raise InputError(f"reduce.reference_split: no sample of split {settings.reference_split!r} in "
-                                 f"store {store.url} (it holds splits {', '.join(store.spec.splits)})")
-            raise InputError(f"reduce.{key}: {where!r} selects no sample of store {store.url}")
-    return names
+    def one(self, fn, shared: dict, desc: str = ""):
+        """One call off the driver."""
+        return self.executor.map(_apply, (fn, shared), [{}], desc, "tasks")[0]
 
 
 # --------------------------------------------------------------------------- one checkpoint
-def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutput, so, window: int,
+def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutput, so, passes: _Passes,
                        data_url: str) -> dict:
     started = time.monotonic()
     src = work.StoreRef(store.url, so, name)
     plan = work.BlockPlan(settings.block_rows, settings.tile_size, settings.tile_max)
-    for part in _in_order(lambda shards: _part_index.remote(src, shards, settings), shard_parts(store),
-                          f"reduce {name}: plan", "parts", window):
+    for _, part in passes.run(work.part_index, {"src": src, "settings": settings},
+                              [{"shards": shards} for shards in shard_parts(store)], f"reduce {name}: plan", "parts"):
         plan.add(part)
     classes = tuple(sorted(plan.classes))
     n_times = plan.n_times
@@ -177,9 +89,9 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     n_rows = store.n_rows
     reference_blocks = plan.reference_blocks(n_rows)
 
-    mom = _blockwise(lambda i, span: _moments.remote(src, span, settings.reference_split,
-                                                     tuple(sorted({settings.metric, *perturbation_obs}))),
-                     reference_blocks, f"reduce {name}: metric", window)
+    mom = passes.fold(work.moments_work, {"src": src, "reference_split": settings.reference_split,
+                                          "observables": tuple(sorted({settings.metric, *perturbation_obs}))},
+                      [{"span": span} for span in reference_blocks], f"reduce {name}: metric")
     source = f"checkpoint {name}: metric {settings.metric}"
     probe_metric = Metric.from_moments(mom[settings.metric], source)
     metric = probe_metric if settings.metric_estimator == "probes" else \
@@ -188,15 +100,13 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     reducer = AggregateReducer({lam: metric.whitener(lam) for lam in lambdas},
                                {o: mom[o] for o in perturbation_obs}, settings.pairs, settings.normalize,
                                len(classes), layers)
-    reducer_ref = ray.put(reducer)
-
     blocks = plan.trajectory_blocks(n_rows)
-    pert = _blockwise(lambda i, span: _perturbation.remote(src, span, settings, classes, n_times, reducer_ref),
-                      blocks, f"reduce {name}: perturbation sums", window)
-    pert_ref = ray.put(pert)
-    resp = _blockwise(lambda i, span: _response.remote(src, span, settings, classes, n_times, reducer_ref,
-                                                       pert_ref, out, f"part-{i:06d}"),
-                      blocks, f"reduce {name}: response pass", window)
+    shared = {"src": src, "settings": settings, "n_times": n_times, "reducer": reducer}
+    pert = passes.fold(work.perturbation_work, {**shared, "classes": classes},
+                       [{"span": span} for span in blocks], f"reduce {name}: perturbation sums")
+    resp = passes.fold(work.response_work, {**shared, "class_names": classes, "perturbation": pert, "out": out},
+                       [{"span": span, "part": f"part-{i:06d}"} for i, span in enumerate(blocks)],
+                       f"reduce {name}: response pass")
     arrays = work.finalize_variants(reducer, resp, pert)
     labels = {"lambda": list(lambdas), "pair": list(settings.pairs), "normalization": list(settings.normalize),
               "relation": list(RELATIONS), "class": list(classes), "response_class": list(classes),
@@ -219,8 +129,9 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
                     description="η̃ = (1/probes) Σ_ref Σ_v φ_V φ_Vᵀ (or Σ φ_C φ_Cᵀ), float64")
     out.write_array(f"{name}/metric_eigenvalues", metric.eigenvalues, ("eigen",),
                     description="eigenvalues of η̃, descending (the k-space NTK spectrum)")
-    out.write_table(f"lag_stats.parquet/checkpoint={name}/part-0.parquet",
-                    ray.get(_lag_tables.remote(out, name, reducer_ref, classes)))
+    out.write_table(f"lag_stats.parquet/checkpoint={name}/part-0.parquet",  # reads every lag curve: off the driver
+                    passes.one(work.lag_tables, {"out": out, "checkpoint": name, "reducer": reducer,
+                                                 "class_names": classes}))
 
     summary = {"samples": plan.samples, "response_samples": plan.response,
                "perturbation_samples": plan.perturbation, "reference_samples": mom[settings.metric].count,
@@ -234,14 +145,14 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
         print(f"warning: reduce, checkpoint {name}: {warning['message']}. Remedy: {warning['remedy']}.",
               file=sys.stderr, flush=True)
     inverse = metric.inverse(settings.damping)
-    summary["tiles"] = _tiles(name, src, settings, inverse, plan, out)
-    summary["topk"] = _topk_lists(name, src, settings, inverse, plan, reference_blocks, out, layers)
-    summary["distance"] = _distance_curve(name, src, settings, reducer_ref, plan, window, out, data_url)
+    summary["tiles"] = _tiles(name, src, settings, inverse, plan, out, passes)
+    summary["topk"] = _topk_lists(name, src, settings, inverse, plan, reference_blocks, out, layers, passes)
+    summary["distance"] = _distance_curve(name, src, settings, reducer, plan, out, data_url, passes)
     summary["seconds"] = round(time.monotonic() - started, 2)
     return summary
 
 
-def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
+def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out, passes: _Passes) -> dict:
     if settings.tile_max == 0:
         return {"skipped": "reduce.tile_max = 0"}
     rows_r, rows_c = plan.tile_rows, plan.tile_cols  # at most tile_max each
@@ -250,7 +161,7 @@ def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
     size = settings.tile_size
     out.write_array(f"{name}/tiles/response_rows", rows_r, ("response",), where=settings.tile_rows)
     out.write_array(f"{name}/tiles/perturbation_rows", rows_c, ("perturbation",), where=settings.tile_cols)
-    refs = []
+    bands = []
     col_blocks = streaming.row_blocks(rows_c, size)
     for pair in settings.pairs:
         path = f"{name}/tiles/{pair}"
@@ -260,45 +171,48 @@ def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out) -> dict:
                          description="H_AB(i, j) for the response_rows x perturbation_rows samples")
         band = size * max(1, settings.block_rows // size)  # whole chunks per task: no shared writes
         for r in range(0, len(rows_r), band):
-            refs.append(_tile.remote(src, pair, inverse, rows_r[r:r + band], col_blocks, out, path, r))
-    entries = sum(_run_all(refs, f"reduce {name}: tiles", "row bands"))
+            bands.append({"pair": pair, "rows_a": rows_r[r:r + band], "array_path": path, "row0": r})
+    entries = sum(passes.map(work.tile_work, {"src": src, "inverse": inverse, "col_blocks": col_blocks, "out": out},
+                             bands, f"reduce {name}: tiles", "row bands"))
     return {"response_rows": len(rows_r), "perturbation_rows": len(rows_c), "entries": int(entries)}
 
 
-def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_blocks, out, layers) -> dict:
+def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_blocks, out, layers,
+                passes: _Passes) -> dict:
     if settings.topk == 0:
         return {"skipped": "reduce.topk = 0"}
     if not plan.queries:
         return {"skipped": "reduce.topk_queries selects no sample"}
-    refs = [_topk.remote(src, settings.pairs, inverse, span, settings.topk_queries, reference_blocks,
-                         settings.reference_split, settings.topk, out,
-                         f"topk.parquet/checkpoint={name}/part-{i:06d}.parquet", layers)
-            for i, span in enumerate(plan.query_blocks(src.store.n_rows))]
-    _run_all(refs, f"reduce {name}: top-k", "query blocks")
+    shared = {"src": src, "pairs": settings.pairs, "inverse": inverse, "query_where": settings.topk_queries,
+              "candidate_spans": reference_blocks, "reference_split": settings.reference_split, "k": settings.topk,
+              "out": out, "layers": layers}
+    passes.map(work.topk_work, shared, [{"query_span": span, "path": f"topk.parquet/checkpoint={name}/part-{i:06d}.parquet"}
+                                        for i, span in enumerate(plan.query_blocks(src.store.n_rows))],
+               f"reduce {name}: top-k", "query blocks")
     return {"queries": plan.queries, "candidates": plan.reference, "k": settings.topk}
 
 
-def _distance_curve(name, src, settings, reducer_ref, plan: work.BlockPlan, window: int, out, dataset_url: str) -> dict:
+def _distance_curve(name, src, settings, reducer, plan: work.BlockPlan, out, dataset_url: str,
+                    passes: _Passes) -> dict:
     if settings.distance_pairs == 0:
         return {"skipped": "reduce.distance_pairs = 0"}
     ranks = pair_ranks(plan.response, plan.perturbation, settings.distance_pairs, settings.seed)
-    rows_i, rows_j = (_rows_of_ranks(src, plan, key, getattr(settings, key), r, window) for key, r in
+    rows_i, rows_j = (_rows_of_ranks(src, plan, key, getattr(settings, key), r, passes) for key, r in
                       (("response", ranks[0]), ("perturbation", ranks[1])))
     keep = rows_i != rows_j
     rows_i, rows_j = rows_i[keep], rows_j[keep]
     try:
-        pairs, curve = ray.get(_distance.remote(src, reducer_ref, settings.damping, rows_i, rows_j,
-                                                dataset_url, src.storage_options, settings.distance_bins))
-    except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, InputError):  # the dataset moved, changed or is unreachable: say so, go on
-            return {"skipped": f"dataset {dataset_url!r} unavailable: {err.cause}"}
-        raise
+        pairs, curve = passes.one(work.distance_work, {
+            "src": src, "reducer": reducer, "damping": settings.damping, "rows_i": rows_i, "rows_j": rows_j,
+            "dataset_url": dataset_url, "storage_options": src.storage_options, "n_bins": settings.distance_bins})
+    except InputError as err:  # the dataset moved, changed or is unreachable: say so, go on
+        return {"skipped": f"dataset {dataset_url!r} unavailable: {err}"}
     out.write_table(f"distance_pairs.parquet/checkpoint={name}/part-0.parquet", pairs)
     out.write_table(f"distance_curve.parquet/checkpoint={name}/part-0.parquet", curve)
     return {"pairs": len(rows_i), "dataset": dataset_url}
 
 
-def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.ndarray, window: int) -> np.ndarray:
+def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.ndarray, passes: _Passes) -> np.ndarray:
     """The rows at positions ``ranks`` of selection ``key`` (response or perturbation, of
     filter ``where``), looked up in the parts that hold them."""
     rows = np.zeros(len(ranks), np.int64)
@@ -309,126 +223,61 @@ def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.nd
         if len(inside):
             jobs.append((part["shards"], inside, ranks[inside] - first))
         first += count
-    for (_, inside, _), found in zip(jobs, _in_order(lambda job: _rows_at.remote(src, job[0], where, job[2]), jobs,
-                                                     "reduce: distance pairs", "parts", window)):
+    for (_, inside, _), (_, found) in zip(jobs, passes.run(work.rows_at, {"src": src, "where": where},
+                                                           [{"shards": shards, "ranks": at} for shards, _, at in jobs],
+                                                           "reduce: distance pairs", "parts")):
         rows[inside] = found
     return rows
-
-
-# --------------------------------------------------------------------------- across checkpoints
-def _checkpoint_lag_table(out: ReduceOutput) -> pa.Table:
-    """Median and quartiles over checkpoints of each checkpoint's pooled lag curve: over all
-    checkpoints (group "*") and, for seed-prefixed names "seed-<s>-<rest>", over the seeds of
-    each <rest> (e.g. one epoch across seeds)."""
-    t = out.read_tables("lag_stats.parquet", filters=pc.field("class") == "all")
-    keys = ["lambda", "pair", "normalization", "relation", "lag"]
-    t = t.sort_by([(k, "ascending") for k in [*keys, "checkpoint"]])
-    names = np.asarray(t.column("checkpoint").to_pylist())
-    groups = np.array([n.split("-", 2)[2] if n.startswith("seed-") and n.count("-") >= 2 else "*" for n in names])
-    values = t.column("pooled_mean").to_numpy(zero_copy_only=False)
-    key_cols = {k: t.column(k).to_numpy(zero_copy_only=False) if k in ("lambda", "lag") else
-                np.asarray(t.column(k).to_pylist()) for k in keys}
-    key_id = np.unique(np.stack([np.unique(v, return_inverse=True)[1] for v in key_cols.values()], 1),
-                       axis=0, return_inverse=True)[1].ravel()
-    rows = []
-    for group in ["*", *sorted(set(groups) - {"*"})]:
-        sel_group = np.ones(len(names), bool) if group == "*" else groups == group
-        for kid in np.unique(key_id):
-            sel = sel_group & (key_id == kid)
-            if not sel.any():
-                continue
-            vals = values[sel]
-            finite = vals[np.isfinite(vals)]
-            q25, med, q75 = np.percentile(finite, [25, 50, 75]) if len(finite) else (np.nan,) * 3
-            first = np.flatnonzero(sel)[0]
-            rows.append({"group": group, **{k: key_cols[k][first].item() if hasattr(key_cols[k][first], "item")
-                                            else key_cols[k][first] for k in keys},
-                         "median": med, "q25": q25, "q75": q75, "checkpoints": int(sel.sum())})
-    return pa.Table.from_pylist(rows)
 
 
 # --------------------------------------------------------------------------- the stage
 def tasks_in_flight() -> int:
     """Block tasks submitted at once: twice the cluster's CPUs. Scheduling only: the results
-    do not depend on it (see _blockwise)."""
+    do not depend on it (see Executor.fold)."""
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
 def run_reduce(store_url: str, settings: ReduceConfig, ray_config: RayConfig,
                storage_options: dict[str, Any] | None = None, overwrite: bool = False,
-               data_url: str = "") -> dict[str, Any]:
+               data_url: str = "", executor: Executor | None = None) -> dict[str, Any]:
     """The reduce stage (see reduce/__init__.py for what it writes). Restartable: checkpoints
     finished with the same settings are kept; summary.json is written last. The settings
     are checked first, then the driver takes the lease on the output folder (a second reduce
     of the same name is refused with InputError, nothing written). Results of the same name
     made with other settings are replaced whole with ``overwrite``, else refused (InputError).
     ``data_url``: where the store's dataset is now (checked by its fingerprint first); default
-    the URL store.json records."""
-    from gradlake.store import GradientStore, Lease
+    the URL store.json records. ``executor``: where the units run (default: Ray tasks on the Ray
+    of ``ray_config``); the results are the same bits on any."""
+    from gradlake.store import Lease
 
-    so = dict(storage_options or {})
-    store = GradientStore.open(store_url, so or None)
-    names = check_settings(store, settings)
-    if data_url:
-        from gradlake.data import open_checked
-
-        open_checked(data_url, store.spec.dataset["fingerprint"], so or None)
-    data_url = data_url or store.spec.dataset.get("url", "")
-    out = ReduceOutput(store.reduce_url(settings.name), so, provenance={
-        "store": store.url, "reduce": settings.name, "dataset": store.spec.dataset,
-        "checkpoints": {name: store.provenance["checkpoints"][name].get("sha256", "") for name in names}})
+    spec = stage.ReduceSpec(store_url, settings, dict(storage_options or {}), data_url, overwrite)
+    store, names, data_url, out = stage.open_checked(spec)
     with Lease(out, f"reduce {settings.name!r}") as lease:
-        return _run(store, names, settings, ray_config, out, so, lease, overwrite, data_url)
+        return _run(spec, store, names, ray_config, out, lease, data_url, executor)
 
 
-def _run(store, names: list[str], settings: ReduceConfig, ray_config: RayConfig, out: ReduceOutput, so,
-         lease, overwrite: bool, data_url: str) -> dict[str, Any]:
+def _run(spec: stage.ReduceSpec, store, names: list[str], ray_config: RayConfig, out: ReduceOutput, lease,
+         data_url: str, executor: Executor | None) -> dict[str, Any]:
     started = time.monotonic()
-    settings_hash = _settings_hash(store, settings)
-    done = {}
-    for entry in out.ls("done"):  # fresh listing; a temp file of a killed write is not a record
-        if entry.endswith(".json") and not entry.startswith("."):
-            record = out.read_json(f"done/{entry}")
-            done[record["checkpoint"]] = record
-    replace = any(r.get("settings") != settings_hash for r in done.values())
-    if replace and not overwrite:
-        raise InputError(f"reduce.name: {out.url} holds the results of a reduce {settings.name!r} with other "
-                         "settings; pass --overwrite to replace them, or choose another --name")
-    out.remove(SUMMARY)
-    if replace:
-        for entry in out.ls(""):  # another reduce's results under this name: replace them whole
-            if entry != LEASE:
-                out.remove(entry)
-        done = {}
-    ensure_ray(ray_config.address, ray_config.num_cpus)
-    window = tasks_in_flight()
+    settings, so = spec.settings, spec.storage_options
+    done = stage.plan(spec, store, out)
+    if executor is None:
+        ensure_ray(ray_config.address, ray_config.num_cpus)
+        executor = Executor(RayTasks(), window=tasks_in_flight())
+    passes = _Passes(executor)
     checkpoints = {}
     for name in names:
         if name in done:
-            checkpoints[name] = done[name]["summary"]
+            checkpoints[name] = done[name]
             continue
         if lease.lost:
             raise GradlakeError(f"reduce: {lease.lost}; stopping (finished checkpoints are kept)")
-        out.remove(f"done/{name}.json")
-        for folder in PER_CHECKPOINT:
-            out.remove(f"{folder}/checkpoint={name}")
-        out.remove(f"results.zarr/{name}")
-        checkpoints[name] = _reduce_checkpoint(store, name, settings, out, so, window, data_url)
-        out.write_json(f"done/{name}.json", {"checkpoint": name, "settings": settings_hash,
-                                             "summary": checkpoints[name]})
-    out.write_table("lag_checkpoints.parquet", _checkpoint_lag_table(out))
-
-    exact = None
-    if settings.exact.enabled:
-        exact = _exact(store, settings, out, so, data_url)
-    out.consolidate()  # after every array of results.zarr (the exact mode's too)
-    summary = {
-        "complete": True, "name": settings.name, "store": store.url, "settings_hash": settings_hash,
-        "gradlake_version": __version__, "settings": dataclasses.asdict(settings),
-        "checkpoints": checkpoints, "exact": exact,
-        "warnings": [{"checkpoint": name, **w} for name, info in checkpoints.items() for w in info.get("warnings", [])],
-        "seconds": round(time.monotonic() - started, 2), "url": out.url,
-    }
+        stage.start_unit(out, name)
+        checkpoints[name] = _reduce_checkpoint(store, name, settings, out, so, passes, data_url)
+        stage.finish_unit(spec, store, out, name, checkpoints[name])
+    out.write_table("lag_checkpoints.parquet", stage.checkpoint_lag_table(out))
+    exact = _exact(store, settings, out, so, data_url) if settings.exact.enabled else None
+    summary = stage.finish(spec, store, out, checkpoints, exact, time.monotonic() - started)
     if lease.lost:
         raise GradlakeError(f"reduce: {lease.lost}; summary.json not written")
     out.write_json(SUMMARY, summary)

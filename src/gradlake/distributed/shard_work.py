@@ -1,4 +1,5 @@
-"""The work of one shard, as plain Python (no Ray): the grads actor is a thin wrapper of it.
+"""The work of one shard, as plain Python (no Ray): each grads actor of the executor holds a
+:class:`ShardWorker` (:func:`open_worker`) and runs shards on it (:func:`run_shard`).
 
 A :class:`ShardWorker` opens the dataset and the store once, loads each checkpoint's model
 once, and for each shard reads its samples straight from the dataset URL, computes φ in
@@ -172,6 +173,20 @@ class ShardWorker:
                 time.sleep(3600)
 
         return hook
+
+
+def open_worker(context: tuple[WorkerSettings, int]) -> ShardWorker:
+    """A worker's state: (settings, torch threads) -> its ShardWorker."""
+    import torch
+
+    settings, threads = context
+    torch.set_num_threads(threads)
+    return ShardWorker(settings)
+
+
+def run_shard(worker: ShardWorker, task: ShardTask) -> dict[str, Any]:
+    """One unit of the grads stage on a worker's ShardWorker."""
+    return worker.run(task)
 
 
 def _stats() -> dict[str, Any]:

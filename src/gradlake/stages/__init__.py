@@ -1,5 +1,8 @@
-"""The stages' units of work, free of Ray: what one task of a stage reads, computes and writes.
+"""The stages, free of Ray: each a frozen spec, its plan (the units, resumed from their
+completion records, gradlake.stages.records), its units of work (what one unit reads, computes
+and writes) and its finish (exact.py; reduce_plan.py with the units in reduce.py).
 
-gradlake.distributed runs these units (as Ray tasks or actors); the numerics they call live in
-gradlake.reduce and gradlake.grads, the I/O in gradlake.store and gradlake.data.
+gradlake.distributed.executor runs the units (in process, as Ray tasks or on Ray actors); the
+numerics they call live in gradlake.reduce and gradlake.grads, the I/O in gradlake.store and
+gradlake.data.
 """

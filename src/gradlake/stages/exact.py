@@ -2,11 +2,13 @@
 
 Minibatches come from :func:`gradlake.reduce.minibatch.plan` (minibatch 0 is the paper's
 batch). Each is solved by exact.py — dense or Nyström-preconditioned CG, in output or
-parameter space, float64 by default — in :func:`minibatch_work`, which writes its own chunk
+parameter space, float64 by default — in :func:`run_unit`, which writes its own chunk
 of ``results.zarr/exact/H`` and then its record ``exact/done/mb-<m>.json`` (at-least-once
 delivery is harmless: a rerun writes the same bytes; a chunk without a record is solved
 again). :func:`finish` then aggregates every minibatch (reduce.minibatch) and writes
-``exact.json`` last. The Ray driver is gradlake.distributed.exact_tasks.
+``exact.json`` last. The stage's shape: :class:`ExactSpec`, :func:`plan` (the minibatches),
+:func:`resume` (the finished ones), :func:`run_unit`, :func:`finish`; the driver that runs the
+units on the executor is gradlake.distributed.exact_tasks.
 
 Agreement: on the first ``agreement`` minibatches H is recomputed from projected gradients
 (gradlake.grads.compute with Projector(k_in = k_out = k), and with the energy allocation of
@@ -22,7 +24,7 @@ too when cosine is asked for).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -38,11 +40,61 @@ from gradlake.reduce.exact import PAPER, SolverSettings, solve_hat
 from gradlake.reduce.jacobian import BatchJacobian
 from gradlake.reduce.metric import Metric, Moments, full_rank_probes
 from gradlake.reduce.output import RESULTS, ReduceOutput
+from gradlake.stages.records import Records, other_settings
 
 EXACT_JSON = "exact.json"
 H_ARRAY = "exact/H"
 SWEEP_ARRAY = "exact/H_sweep"
 PROJECTED_ARRAY = "exact/projected"
+DONE = "exact/done"  # the minibatches' completion records, mb-<m>.json (gradlake.stages.records)
+
+
+@dataclass(frozen=True)
+class ExactSpec:
+    """One exact run: what its units and its finish read (``pairs``: of the dataset's channels,
+    see :func:`check_pairs`; ``lambdas``: the sweep's other λ)."""
+
+    checkpoint: str
+    data_url: str
+    out_url: str
+    settings: ExactConfig
+    damping: float
+    lambdas: tuple[float, ...] = ()
+    pairs: tuple[str, ...] = ("CC", "MC", "EC")
+    normalize: tuple[str, ...] = ("none", "row-std", "cosine")
+    storage_options: dict[str, Any] | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """What every minibatch's record carries: the hash of the run's settings."""
+        return {"settings": settings_hash(self.settings, {
+            "damping": self.damping, "lambdas": list(self.lambdas), "pairs": list(self.pairs),
+            "normalize": list(self.normalize), **self.identity})}
+
+    def output(self) -> ReduceOutput:
+        return ReduceOutput(self.out_url, self.storage_options, provenance=self.identity)
+
+    def records(self) -> Records:
+        return Records(self.output(), DONE, "mb-")
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    """One unit: minibatch ``index`` and its samples (position, row, trajectory, t, class)."""
+
+    index: int
+    rows: pa.Table
+
+
+def plan(spec: ExactSpec) -> list[Minibatch]:
+    """Every minibatch of the run (gradlake.reduce.minibatch.plan; minibatch 0 is the paper's)."""
+    from gradlake.data import Dataset
+
+    ds = Dataset.open(spec.data_url, storage_options=spec.storage_options)
+    s = spec.settings
+    return [Minibatch(m, batch) for m, batch in
+            enumerate(minibatch.plan(ds.trajectories, ds.n_times, s.split, s.classes, s.per_class, s.minibatches))]
 
 
 def solve_pairs(pairs, normalize) -> tuple[str, ...]:
@@ -125,15 +177,16 @@ def check_pairs(channels, pairs) -> tuple[str, ...]:
     return kept
 
 
-def minibatch_work(checkpoint: str, data_url: str, out_url: str, m: int, batch: pa.Table,
-                   settings: ExactConfig, damping: float, lambdas, pairs, normalize,
-                   storage_options: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any]:
+def run_unit(spec: ExactSpec, unit: Minibatch) -> dict[str, Any]:
     """Solve minibatch ``m``, write its chunk of H (and of the projected estimates), then its record."""
     from gradlake.data import Dataset
     from gradlake.models.checkpoint import load_checkpoint
     from gradlake.train import resolve_device
 
     started = time.monotonic()
+    checkpoint, data_url, out_url, m, batch = spec.checkpoint, spec.data_url, spec.out_url, unit.index, unit.rows
+    settings, damping, lambdas, pairs, normalize = spec.settings, spec.damping, spec.lambdas, spec.pairs, spec.normalize
+    storage_options, record = spec.storage_options, spec.record
     ds = Dataset.open(data_url, storage_options=storage_options)
     device = resolve_device(settings.device)
     dtype = torch.float64 if settings.dtype == "float64" else torch.float32
@@ -165,7 +218,7 @@ def minibatch_work(checkpoint: str, data_url: str, out_url: str, m: int, batch: 
                                                     damping, pairs, normalize, solved, calibration)
         out.open_array(PROJECTED_ARRAY)[m] = projected
     result["seconds"] = round(time.monotonic() - started, 2)
-    out.write_json(f"exact/done/mb-{m:06d}.json", result)
+    spec.records().write(f"{m:06d}", result)
     return result
 
 
@@ -231,22 +284,23 @@ def _agreement(model, inputs, targets, rows, channels, solve, settings, damping,
     return rows_out, np.stack(stacked)
 
 
-def prepare(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, damping: float, lambdas, pairs,
-            normalize, identity: dict[str, Any]) -> tuple[dict[str, Any], set[int]]:
-    """Arrays and the batch table for the planned minibatches; returns (record, finished minibatches).
+def completed(spec: ExactSpec) -> dict[int, dict[str, Any]]:
+    """Minibatch -> its completion record, of every minibatch with one (of any settings)."""
+    return {int(name): record for name, record in spec.records().load().items()}
+
+
+def resume(spec: ExactSpec, units: list[Minibatch]) -> set[int]:
+    """Arrays and the batch table for the planned minibatches; returns the finished minibatches.
 
     A previous run with other settings (different hash in its records) is removed first.
     """
-    solved = solve_pairs(pairs, normalize)
-    record = {"settings": settings_hash(settings, {"damping": damping, "lambdas": list(lambdas), "pairs": list(pairs),
-                                                   "normalize": list(normalize), **identity})}
+    out, batches, settings, lambdas = spec.output(), [u.rows for u in units], spec.settings, spec.lambdas
+    solved = solve_pairs(spec.pairs, spec.normalize)
+    record = spec.record
     out.remove(EXACT_JSON)
-    done = {}
-    for entry in out.ls("exact/done"):
-        if entry.endswith(".json") and entry.startswith("mb-"):
-            done[int(entry[3:-5])] = out.read_json(f"exact/done/{entry}")
+    done = completed(spec)
     size = batches[0].num_rows
-    if any(r.get("settings") != record["settings"] for r in done.values()) or not out.exists(f"{RESULTS}/{H_ARRAY}/zarr.json"):
+    if other_settings(done, record["settings"]) or not out.exists(f"{RESULTS}/{H_ARRAY}/zarr.json"):
         for rel in ("exact", "results.zarr/exact", "exact_batches.parquet", "exact_agreement.parquet",
                     "exact_lags.parquet", "exact_sweep.parquet", "exact_spectrum.parquet"):
             out.remove(rel)
@@ -273,7 +327,7 @@ def prepare(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, d
         table = pa.concat_tables([b.append_column("minibatch", pa.array(np.full(b.num_rows, m, np.int32)))
                                   for m, b in enumerate(batches)])
         out.write_table("exact_batches.parquet", table)
-    return record, {m for m in done if m < len(batches)}
+    return {m for m in done if m < len(batches)}
 
 
 def _headlines(hs: list[dict[str, np.ndarray]], batches, pairs, normalize) -> dict:
@@ -283,11 +337,14 @@ def _headlines(hs: list[dict[str, np.ndarray]], batches, pairs, normalize) -> di
                    for norm in normalize} for pair in pairs}
 
 
-def finish(out: ReduceOutput, batches: list[pa.Table], settings: ExactConfig, damping: float, lambdas, pairs,
-           normalize, identity: dict[str, Any], started: float) -> dict[str, Any]:
-    """Aggregate every minibatch, write the statistics, then exact.json (last); returns the summary."""
+def finish(spec: ExactSpec, units: list[Minibatch], records: dict[int, dict[str, Any]],
+           started: float) -> dict[str, Any]:
+    """Aggregate every minibatch (``records``: minibatch -> its completion record), write the
+    statistics, then exact.json (last); returns the summary."""
+    out, batches, settings, damping = spec.output(), [u.rows for u in units], spec.settings, spec.damping
+    lambdas, pairs, normalize, identity = spec.lambdas, spec.pairs, spec.normalize, spec.identity
     solved = solve_pairs(pairs, normalize)
-    records = [out.read_json(f"exact/done/mb-{m:06d}.json") for m in range(len(batches))]
+    records = [records[u.index] for u in units]
     values = out.open_array(H_ARRAY)[...]
     classes = sorted({c for b in batches for c in b.column("class").to_pylist()})
     n_t = 1 + max(int(np.max(b.column("t").to_numpy())) for b in batches)
