@@ -95,7 +95,12 @@ def test_validate_prints_resolved_settings_and_warns_about_an_empty_split(tmp_pa
     assert code == 0 and settings["paths"]["store"] == "runs/quickstart/store"
     assert settings["paths"]["report"] == "runs/quickstart/report"
     assert settings["grads"]["k_dense"] == 8 * 8 and settings["data"]["output_dt"] == 0.025
-    assert settings["data"]["trajectories_per_split"] == {"train": 9, "val": 0, "test": 3}
+    assert settings["data"]["trajectories_per_split"] == {"train": 12, "val": 3, "test": 9}
+    assert "warning" not in err
+    small = tmp_path / "small.toml"
+    small.write_text('[data]\ntrajectories = 4\n')
+    code, out, err = cli(["validate", str(small)])
+    assert code == 0 and json.loads(out)["data"]["trajectories_per_split"] == {"train": 9, "val": 0, "test": 3}
     assert "warning: split 'val' will be empty" in err and "grads.splits holds it" in err
     job = tmp_path / "job.toml"
     job.write_text('out = "s3://bucket/x"\n[data]\ntrajectories = 20\n[grads]\nk_dense = 5\n')

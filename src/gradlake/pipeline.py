@@ -90,7 +90,10 @@ def resolved(job: JobConfig) -> dict[str, Any]:
 
 
 def known_ridge(job: JobConfig) -> dict[str, Any] | None:
-    """d_eff and the store's μ_k once the job's exact run has written a spectrum (else None)."""
+    """d_eff and the store's μ_k once the job's exact run has written a spectrum (else None). Local
+    stores only: validating a job stays offline (`gradlake info` reads remote stores)."""
+    if "://" in job.store_url and not job.store_url.startswith("file://"):
+        return None
     from gradlake.reduce.output import ReduceOutput
     from gradlake.stages.exact import ridge_of_store
     from gradlake.store import GradientStore
