@@ -77,10 +77,7 @@ def _lags_over_training(plan: Plan, section: Section, results: ReduceResults, st
         if results.has("lag_checkpoints.parquet") else None
     for _, pair, _, norm in plan.variants(coords):
         part = select(stats, pair=pair, normalization=norm, **{"class": "all"})
-        panels = [(RELATION_NAMES[rel], {ckpt: band(select(part, relation=rel, checkpoint=ckpt))
-                                         for ckpt in results.checkpoints
-                                         if select(part, relation=rel, checkpoint=ckpt).num_rows})
-                  for rel in RELATION_NAMES]
+        panels = _relation_panels(part, "checkpoint", results.checkpoints, str)
         plan.figure(section, f"lags-training-{pair}-{norm}",
                     f"{pair_title(pair)}, {norm}: the lag curve (all classes, median and IQR over "
                     "trajectories) of each checkpoint; how the curves change shows how training changes "
@@ -94,9 +91,7 @@ def _lags_over_training(plan: Plan, section: Section, results: ReduceResults, st
         groups = sorted(set(seeds.column("group").to_pylist()) - {"*"})
         if not groups:
             continue
-        panels = [(RELATION_NAMES[rel], {f"{g} (over seeds)": band(select(seeds, relation=rel, group=g))
-                                         for g in groups if select(seeds, relation=rel, group=g).num_rows})
-                  for rel in RELATION_NAMES]
+        panels = _relation_panels(seeds, "group", groups, lambda g: f"{g} (over seeds)")
         plan.figure(section, f"lags-seeds-{pair}-{norm}",
                     f"{pair_title(pair)}, {norm}: for each checkpoint name shared by several seeds, the median "
                     "and IQR over seeds of the pooled lag curve; narrow bands mean the decay does not depend "
@@ -104,3 +99,11 @@ def _lags_over_training(plan: Plan, section: Section, results: ReduceResults, st
                     figures.lag_curves, group="across seeds", panels=panels, ylabel=norm_label(norm),
                     title=f"{pair_title(pair)} versus lag across seeds\n{norm_label(norm)}, all classes")
 
+
+def _relation_panels(table, column: str, values, label) -> list:
+    """One panel per relation: {label(value): band of the rows with ``column`` == value}, values without rows left out."""
+    panels = []
+    for rel in RELATION_NAMES:
+        rows = {label(v): select(table, relation=rel, **{column: v}) for v in values}
+        panels.append((RELATION_NAMES[rel], {name: band(part) for name, part in rows.items() if part.num_rows}))
+    return panels
