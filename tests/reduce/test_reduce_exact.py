@@ -210,17 +210,29 @@ def test_error_in_units_bounds_the_normalised_error():
     h = {"CC": g @ g.T}
     bound = {"CC": np.full((6, 6), 1e-6 * np.abs(h["CC"]).max())}
     worst = {n: error_in_units(h, bound, "CC", n) for n in ("none", "row-std", "cosine")}
-    for _ in range(20):
-        e = rng.uniform(-1, 1, size=(6, 6)) * bound["CC"]
-        e = 0.5 * (e + e.T)
+    # adversarial (row-std): every entry of a row at ±bound, signed by its effect on z_ij, for each (i, j)
+    centred = h["CC"] - h["CC"].mean(1, keepdims=True)
+    std = np.sqrt((centred ** 2).mean(1))
+    worst_case = []
+    for i, j in np.ndindex(6, 6):
+        grad = -h["CC"][i, j] * centred[i] / (6 * std[i] ** 3)  # ∂z_ij/∂h_ik
+        grad[j] += 1 / std[i]
+        e = np.zeros((6, 6))
+        e[i] = np.sign(grad) * bound["CC"][i]
+        worst_case.append(e)
+    symmetric = [rng.uniform(-1, 1, size=(6, 6)) * bound["CC"] for _ in range(20)]
+    tight = 0.0
+    for e in [*worst_case, *(0.5 * (e + e.T) for e in symmetric)]:
         for norm in ("none", "row-std"):
             moved = np.abs(normalize_matrix(h["CC"] + e, norm) - normalize_matrix(h["CC"], norm)).max()
             scale = 1.0 if norm == "row-std" else np.abs(h["CC"]).max()
             assert moved / scale <= 1.01 * worst[norm]
+            tight = max(tight, moved / worst["row-std"]) if norm == "row-std" else tight
         d = np.diag(h["CC"] + e)
         moved = np.abs(normalize_matrix(h["CC"] + e, "cosine", d, d) -
                        normalize_matrix(h["CC"], "cosine", np.diag(h["CC"]), np.diag(h["CC"]))).max()
         assert moved <= 1.01 * worst["cosine"]
+    assert tight > 0.99  # the row-std bound is attained: no looser than it must be
 
 
 def test_paper_solver_is_the_stacked_restarted_minres(setup):

@@ -167,8 +167,12 @@ def error_in_units(h: dict[str, np.ndarray], bound: dict[str, np.ndarray], pair:
     if norm == "none":
         return float(b.max() / max(np.abs(hp).max(), 1e-300))
     if norm == "row-std":
-        std = np.maximum(hp.std(axis=1, keepdims=True), 1e-300)  # |Δstd_i| <= max_j b_ij
-        return float(((b + np.abs(hp) / std * b.max(1, keepdims=True)) / std).max())
+        # z = h/σ moves by Δz_ij = Σ_k Δh_ik ∂z_ij/∂h_ik with ∂σ_i/∂h_ik = c_ik/(Bσ_i): the worst Δ in the box
+        centred = hp - hp.mean(axis=1, keepdims=True)
+        std = np.maximum(np.sqrt((centred * centred).mean(1, keepdims=True)), 1e-300)
+        z, via_std = hp / std, np.abs(centred) / (hp.shape[1] * std)  # |∂σ_i/∂h_ik|
+        others = (b * via_std).sum(1, keepdims=True) - b * via_std
+        return float(((b * np.abs(1 - z * centred / (hp.shape[1] * std)) + np.abs(z) * others) / std).max())
     if norm == "cosine":
         da, db = np.diag(h[pair[0] * 2]), np.diag(h[pair[1] * 2])
         ea, eb = np.diag(bound[pair[0] * 2]), np.diag(bound[pair[1] * 2])
