@@ -95,7 +95,7 @@ def known_ridge(job: JobConfig) -> dict[str, Any] | None:
     if "://" in job.store_url and not job.store_url.startswith("file://"):
         return None
     from gradlake.reduce.output import ReduceOutput
-    from gradlake.stages.exact import ridge_of_store
+    from gradlake.stages.exact_ridge import ridge_of_store
     from gradlake.store import GradientStore
 
     options = job.store.storage_options or None

@@ -156,7 +156,7 @@ class GradsConfig:
 
 @dataclass(frozen=True)
 class ExactConfig:
-    """The paper's exact minibatch influence over many minibatches (see gradlake.stages.exact)."""
+    """The paper's exact minibatch influence over many minibatches (see gradlake.stages.exact_plan)."""
 
     enabled: bool = False
     checkpoint: str = ""  # empty -> last checkpoint

@@ -40,7 +40,7 @@ from gradlake.stages.reduce_source import StoreRef
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.reduce.layers import Layers
 from gradlake.distributed.exact_tasks import run_exact
-from gradlake.stages.exact import EXACT_JSON
+from gradlake.stages.exact_plan import EXACT_JSON
 from gradlake.reduce.metric import Metric, metric_warnings, numerical_rank
 from gradlake.reduce.output import SUMMARY, ReduceOutput
 from gradlake.reduce.pairwise import pair_ranks

@@ -170,4 +170,3 @@ def _pooled(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Pair-weighted mean over trajectories (axis 0) of per-trajectory means."""
     pooled_sum = np.nansum(np.where(weights > 0, values * weights, 0), 0)
     return np.divide(pooled_sum, weights.sum(0), out=np.full(pooled_sum.shape, np.nan), where=weights.sum(0) > 0)
-

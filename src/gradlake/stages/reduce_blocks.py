@@ -143,4 +143,3 @@ def rows_at(src: StoreRef, shards: tuple[int, int], where: str, ranks: np.ndarra
     """The rows at positions ``ranks`` among the rows of ``where`` in ``shards``."""
     rows = src.samples(shards)
     return rows.column("row").to_numpy()[matches(rows, where)][np.asarray(ranks, dtype=np.int64)]
-
