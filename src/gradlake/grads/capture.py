@@ -41,7 +41,9 @@ from torch.func import functional_call
 from gradlake.errors import GradlakeError, InputError
 from gradlake.grads import kron, spectral
 from gradlake.grads.coverage import ExactModule, Layer, Plan, plan
-from gradlake.grads.modules import Affine, ModuleGrads, flat
+from gradlake.grads.affine import Affine
+from gradlake.grads.modules import ModuleGrads
+from gradlake.grads.tensors import flat
 from gradlake.grads.projector import Projector
 from gradlake.grads.routes import Routes, frozen, per_sample_copies, routes
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from gradlake.grads.capture import Cotangents, frozen, gather, slots_of
-from gradlake.grads.modules import flat, inner
+from gradlake.grads.tensors import flat, inner
 
 log = logging.getLogger(__name__)
 
