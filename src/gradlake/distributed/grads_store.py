@@ -112,7 +112,7 @@ def _store_spec(dataset, model_config: dict[str, Any], projector: dict[str, Any]
                  "channels": list(dataset.channels), "n_trajectories": dataset.n_trajectories,
                  "n_times": dataset.n_times},
         model=model_config, projector=projector, observables=tuple(settings.observables),
-        probes=probes, probe_seed=settings.seed, k=k, dtype=settings.storage_dtype,
+        probes=probes, probe_seed=settings.effective_probe_seed, k=k, dtype=settings.storage_dtype,
         n_rows=n_rows, shard_rows=shard_rows, chunk_rows=chunk_rows_for(shard_rows, k * itemsize),
         splits=tuple(settings.splits), n_samples=len(held),
         n_shards=len(np.unique(np.asarray(held, dtype=np.int64) // shard_rows)),
