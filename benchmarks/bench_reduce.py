@@ -131,7 +131,8 @@ def bench_tiles(root: str, band: int, size: int, k: int, repeats: int):
 
     n_cols = 4 * size
     store = make_store(f"{root}/tiles", max(band, n_cols), k)
-    from gradlake.stages.reduce import StoreRef
+    from gradlake.stages.reduce_pairwise import tile_work
+    from gradlake.stages.reduce_source import StoreRef
 
     src = StoreRef(store.url, {}, "ck")
     inverse = Metric(np.eye(k) * 3.0).inverse(1e-4)
@@ -156,7 +157,7 @@ def bench_tiles(root: str, band: int, size: int, k: int, repeats: int):
 
     t_np = timed(lambda: [a_mem @ b_mem[i:i + size].T for i in range(0, n_cols, size)])
     t_band = timed(compute)
-    t_write = timed(lambda: work.tile_work(src, "CC", inverse, rows_a, cols, out, "t/CC", 0))
+    t_write = timed(lambda: tile_work(src, "CC", inverse, rows_a, cols, out, "t/CC", 0))
     return t_np / t_band, t_np / t_write
 
 

@@ -76,7 +76,7 @@ def in_process(data: str, checkpoint: str, settings: GradsConfig, repeats: int) 
 
 def shard_worker(data: str, checkpoint: str, store: str, settings: GradsConfig) -> tuple[float, float]:
     """(samples/s, peak RSS MB) of a ShardWorker committing every shard into a new store, no Ray."""
-    from gradlake.distributed.grads_stage import prepare
+    from gradlake.distributed.grads_store import prepare
     from gradlake.distributed.shard_work import ShardWorker, WorkerSettings
 
     plan = prepare(data, [checkpoint], store, settings, {})

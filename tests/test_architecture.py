@@ -1,14 +1,15 @@
 """The package's floor plan, read statically from its imports (ast; nothing is imported).
 
-Three rules (issue 18):
+Four rules (issue 18):
 
+- no module over MAX_LINES lines (one idea each: a longer one is split along its seams);
 - no import cycle between gradlake modules;
 - Ray is imported only in ``gradlake.distributed`` and ``gradlake.cli`` (the CLI's
   ``--address`` handling);
 - ``gradlake.reduce`` and ``gradlake.grads`` hold algebra only: no dataset, checkpoint,
   store, config, training or Ray import.
 
-Every import counts, at module level or inside a function, for all three rules. A
+Every import counts, at module level or inside a function, for the three import rules. A
 function-level import still couples the two modules (and still runs, later), so deferring an
 import is no way out of a cycle: the cycle check counts them too. Two exceptions:
 ``TYPE_CHECKING`` blocks never run, so they are skipped; and the root package's functions
@@ -33,6 +34,7 @@ ANY = "*"
 ALLOWED: dict[str, object] = {}
 ROOT = "gradlake"
 
+MAX_LINES = 420
 RAY_HOMES = ("gradlake.distributed", "gradlake.cli")
 ALGEBRA = ("gradlake.reduce", "gradlake.grads")
 NOT_IN_ALGEBRA = ("ray", "gradlake.data", "gradlake.models.checkpoint", "gradlake.store",
@@ -168,6 +170,13 @@ def _broken(graph) -> list[str]:
 @pytest.fixture(scope="module")
 def graph():
     return import_graph()
+
+
+def test_no_module_is_over_max_lines():
+    long = sorted((n, str(p.relative_to(SRC))) for p in (SRC / PACKAGE).rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > MAX_LINES)
+    assert not long, f"modules over {MAX_LINES} lines (split each into modules of one idea):\n" + "\n".join(
+        f"{path}: {n} lines" for n, path in reversed(long))
 
 
 def test_no_import_cycles(graph):

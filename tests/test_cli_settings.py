@@ -85,8 +85,8 @@ def test_grads_options_reach_the_settings(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["grads", "--data", "d", "--checkpoint", "c", "--out", str(tmp_path), "--allocation", "energy",
               "--precision", "bfloat16", "--projection", "gaussian", "--k-dense", "7", "--k-total", "99",
-              "--calibration-samples", "3", "--threads", "2", "--quiet"])
+              "--calibration-samples", "3", "--threads", "2", "--probe-seed", "5", "--quiet"])
     assert exit_info.value.code in (0, None)
     s = seen["settings"]
     assert (s.allocation, s.precision, s.projection, s.k_dense, s.k_total, s.calibration_samples,
-            s.threads_per_worker) == ("energy", "bfloat16", "gaussian", 7, 99, 3, 2)
+            s.threads_per_worker, s.probe_seed, s.seed) == ("energy", "bfloat16", "gaussian", 7, 99, 3, 2, 5, 0)

@@ -32,6 +32,8 @@ def test_quickstart_job_parses():
         ({"grads": {"allocation": "greedy"}}, "grads.allocation: expected one of 'uniform', 'energy'"),
         ({"grads": {"calibration_samples": 0}}, "grads.calibration_samples: expected int > 0"),
         ({"reduce": {"metric_estimator": "x"}}, "reduce.metric_estimator: expected one of 'probes', 'shrink'"),
+        ({"grads": {"probe_seed": -1}}, "grads.probe_seed: expected int >= 0, got -1"),
+        ({"grads": {"probe_seed": "7"}}, "grads.probe_seed: expected int, got '7'"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):
@@ -71,6 +73,26 @@ def test_renamed_settings_keep_the_stage_hashes():
     data["splits"] = data.pop("split_fractions")
     grads = dataclasses.asdict(job.grads)
     grads["dtype"] = grads.pop("storage_dtype")
+    del grads["probe_seed"]  # added later: it counts only when set
     plan = _stage_plan(job)
     assert plan["data"][0] == config.settings_hash(data, job.data_url)
     assert plan["grads"][0] == config.settings_hash(plan["train"][0], grads, job.store_url)
+
+
+def test_probe_seed_defaults_to_the_projection_seed_and_keeps_the_grads_hash():
+    """grads.probe_seed unset: the probes' seed is grads.seed (as before the two were split) and
+    the grads stage's hash is what it was; set, even to grads.seed, it is a new setting."""
+    from gradlake.pipeline import _stage_plan, resolved
+
+    job = config.parse_job({"grads": {"seed": 3}})
+    assert job.grads.probe_seed is None and job.grads.effective_probe_seed == 3
+    assert resolved(job)["grads"]["probe_seed"] == 3
+    grads = dataclasses.asdict(job.grads)
+    grads["dtype"] = grads.pop("storage_dtype")
+    del grads["probe_seed"]
+    plan = _stage_plan(job)
+    assert plan["grads"][0] == config.settings_hash(plan["train"][0], grads, job.store_url)
+    split = config.parse_job({"grads": {"seed": 3, "probe_seed": 5}})
+    assert split.grads.effective_probe_seed == 5 and split.grads.seed == 3
+    assert _stage_plan(split)["grads"][0] != plan["grads"][0]
+    assert _stage_plan(split)["train"][0] == plan["train"][0]

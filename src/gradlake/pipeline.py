@@ -67,12 +67,14 @@ def checkpoints(job: JobConfig) -> dict[str, str]:
 # manifest): `gradlake validate` prints it. gradlake.config only parses and checks.
 def resolved(job: JobConfig) -> dict[str, Any]:
     """The settings as the job will run them, every default filled in: the output paths,
-    grads.k_dense, the generator's time step and CFL, trajectories per split, the Ray address."""
+    grads.k_dense and grads.probe_seed, the generator's time step and CFL, trajectories per split,
+    the Ray address."""
     settings = job.to_dict()
     values = {"name": settings.pop("name"), "out": settings.pop("out"),
               "paths": {"data": job.data_url, "train": job.train_dir, "store": job.store_url,
                         "report": job.report_dir}, **settings}
     values["grads"]["k_dense"] = job.grads.k_dense or job.grads.k_in * job.grads.k_out
+    values["grads"]["probe_seed"] = job.grads.effective_probe_seed
     values["ray"]["address"] = job.ray.address or os.environ.get("RAY_ADDRESS", "") or "embedded local Ray"
     values["reduce"]["exact"]["checkpoint"] = job.reduce.exact.checkpoint or "the last checkpoint"
     if job.data.source == "generate":
@@ -95,7 +97,7 @@ def known_ridge(job: JobConfig) -> dict[str, Any] | None:
     if "://" in job.store_url and not job.store_url.startswith("file://"):
         return None
     from gradlake.reduce.output import ReduceOutput
-    from gradlake.stages.exact import ridge_of_store
+    from gradlake.stages.exact_ridge import ridge_of_store
     from gradlake.store import GradientStore
 
     options = job.store.storage_options or None
@@ -221,7 +223,7 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
     data_h = settings_hash(_settings(job.data, renamed={"split_fractions": "splits"}), job.data_url)
     train_h = settings_hash(data_h, _settings(job.model, ("path", "kwargs", "checkpoint")), job.train,
                             *([job.task] if job.task != type(job.task)() else []))
-    grads_h = settings_hash(train_h, _settings(job.grads, renamed={"storage_dtype": "dtype"}), job.store_url)
+    grads_h = settings_hash(train_h, _settings(job.grads, ("probe_seed",), renamed={"storage_dtype": "dtype"}), job.store_url)
     reduce_h = settings_hash(grads_h, job.reduce)
     lds_h = settings_hash(grads_h, job.eval.lds, job.reduce.metric, job.reduce.metric_estimator,
                           job.reduce.damping, job.reduce.reference_split, job.reduce.name)

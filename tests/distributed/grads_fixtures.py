@@ -58,6 +58,6 @@ def reference_phis(data_url, checkpoint, settings=SETTINGS, storage_options=None
     x, y = ds.samples(rows)
     phis, loss = compute(model, x, y, observables=settings.observables,
                          projector=Projector.from_config(settings), channels=ds.channels,
-                         sample_ids=rows, probes=settings.probes, probe_seed=settings.seed,
+                         sample_ids=rows, probes=settings.probes, probe_seed=settings.effective_probe_seed,
                          return_loss=True)
     return rows, {k: v.numpy() for k, v in phis.items()}, loss.numpy()

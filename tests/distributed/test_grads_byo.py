@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from gradlake.config import GradsConfig, ModelConfig, TaskConfig, TrainConfig
-from gradlake.distributed.grads_stage import prepare
+from gradlake.distributed.grads_store import prepare
 from gradlake.distributed.shard_work import ShardWorker, WorkerSettings
 from gradlake.plugins import use_paths
 from well_helpers import write_well

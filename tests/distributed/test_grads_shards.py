@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gradlake.distributed.grads_stage import prepare
+from gradlake.distributed.grads_store import prepare
 from gradlake.distributed.plan import plan_shards
 from gradlake.distributed.shard_work import Capture, Fault, ShardWorker, WorkerSettings
 from gradlake.errors import GradlakeError, InputError

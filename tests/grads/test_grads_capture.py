@@ -9,9 +9,9 @@ from torch import nn
 
 from gradlake.errors import GradlakeError, InputError
 from gradlake.grads import Projector, describe
+from gradlake.grads.affine import Affine
 from gradlake.grads.capture import projected_grads
 from gradlake.grads.coverage import plan
-from gradlake.grads.modules import Affine
 from gradlake.grads.exact import exact_grads
 
 CASES = [(TokenBlock, (4, 5, 3)), (ConvNet2d, (3, 3, 8, 8)), (ConvNet1d, (3, 2, 12))]

@@ -13,7 +13,8 @@ from gradlake.grads.allocation import allocate, block_statistics
 from gradlake.grads.capture import projected_grads
 from gradlake.grads.coverage import plan
 from gradlake.grads.exact import exact_grads
-from gradlake.grads.modules import ModuleGrads, flat, parameter
+from gradlake.grads.modules import ModuleGrads
+from gradlake.grads.tensors import flat, parameter
 
 
 def _neuralop(factorization=None, dims=2):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from reduce_helpers import make_dataset, make_store
 
-from gradlake.stages.reduce import BlockPlan, PartIndex
+from gradlake.stages.reduce_blocks import BlockPlan, PartIndex
 from gradlake.streaming import row_blocks
 
 

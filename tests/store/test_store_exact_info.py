@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradlake.stages.exact import DEFF_GRID, effective_ridge
+from gradlake.stages.exact_ridge import DEFF_GRID, effective_ridge
 from gradlake.store import GradientStore, create_store
 from test_store_io import CKPT, fill, make_spec
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import typer
 
@@ -36,6 +37,7 @@ def grads(
     storage_dtype: str = setting(GradsConfig, "storage_dtype", "--storage-dtype", "--dtype"),
     probes: int = setting(GradsConfig, "probes"),
     seed: int = setting(GradsConfig, "seed"),
+    probe_seed: Optional[int] = setting(GradsConfig, "probe_seed"),
     splits: str = setting(GradsConfig, "splits"),
     shard_rows: int = setting(GradsConfig, "shard_rows"),
     batch_size: int = setting(GradsConfig, "batch_size"),
@@ -61,7 +63,7 @@ def grads(
     job = config.parse_job({
         "stages": ["grads"], "reduce": {"pairs": []},
         "grads": {"observables": names(observables), "k_in": k_in, "k_out": k_out, "storage_dtype": storage_dtype,
-                  "probes": probes, "seed": seed, "splits": names(splits), "shard_rows": shard_rows,
+                  "probes": probes, "seed": seed, "probe_seed": probe_seed, "splits": names(splits), "shard_rows": shard_rows,
                   "batch_size": batch_size, "workers": workers, "threads_per_worker": threads,
                   "device": device, "retries": retries, "projection": projection, "k_dense": k_dense,
                   "precision": precision, "allocation": allocation, "k_total": k_total,

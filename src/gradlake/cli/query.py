@@ -59,7 +59,7 @@ def info(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = 
 def _known_ridges(opened, endpoint_url, profile) -> dict[str, dict]:
     """{reduce name: d_eff and μ_k} from every exact run written into the store."""
     from gradlake.reduce.output import ReduceOutput
-    from gradlake.stages.exact import ridge_of_store
+    from gradlake.stages.exact_ridge import ridge_of_store
 
     found = {}
     for name in opened.reduce_names():

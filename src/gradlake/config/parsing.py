@@ -51,6 +51,8 @@ def _describe(tp) -> str:
         return f"list of {inner}" if args[-1] is Ellipsis else f"list of {len(args)} {inner}"
     if origin in (dict,):
         return "table"
+    if origin in (typing.Union, types.UnionType):  # an optional setting: a job file leaves it out
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -107,6 +109,10 @@ def _convert(value: Any, tp, path: str):
         return value
     if tp is Any:
         return value
+    if tp is type(None):  # an optional setting left unset (the command line's default)
+        if value is not None:
+            bad()
+        return None
     raise TypeError(f"unsupported setting type {tp!r} at {path}")  # a bug in this module
 
 

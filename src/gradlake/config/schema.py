@@ -132,7 +132,9 @@ class GradsConfig:
                                                "× probes >= 2k (a full-rank probe metric).")
     k_in: int = rule(positive, 16, help="Projection rows on the input side of each layer.")
     k_out: int = rule(positive, 16, help="Projection rows on the output side of each layer.")
-    seed: int = setting(0, "Seed of the projection and of the V probes.")
+    seed: int = setting(0, "Seed of the projection, and of the V probes unless --probe-seed is given.")
+    probe_seed: int | None = rule(lambda x: _check(x is None or x >= 0, ">= 0"), None,
+                                  help="Seed of the V probes (apart from the projection's); unset: --seed.")
     storage_dtype: Literal["float16", "float32"] = setting(
         "float16", "Stored dtype of φ: float16 or float32 (computed in --precision, then cast).")
     splits: tuple[str, ...] = setting(("train", "val", "test"), "Splits whose samples the store holds.")
@@ -153,10 +155,15 @@ class GradsConfig:
     k_total: int = rule(non_negative, 0, help="Energy allocation: total k; 0 = the uniform projector's k.")
     calibration_samples: int = rule(positive, 8, help="Energy allocation: held samples that measure the energy.")
 
+    @property
+    def effective_probe_seed(self) -> int:
+        """The V probes' seed: ``probe_seed``, else ``seed`` (the one seed of stores before the two split)."""
+        return self.seed if self.probe_seed is None else self.probe_seed
+
 
 @dataclass(frozen=True)
 class ExactConfig:
-    """The paper's exact minibatch influence over many minibatches (see gradlake.stages.exact)."""
+    """The paper's exact minibatch influence over many minibatches (see gradlake.stages.exact_plan)."""
 
     enabled: bool = False
     checkpoint: str = ""  # empty -> last checkpoint

@@ -2,7 +2,8 @@
 
 The driver plans the minibatches, skips those with a completion record from a run with the
 same settings, runs the others on the executor (gradlake.distributed.executor: a bounded window
-in flight, retries), and aggregates once every minibatch is done (gradlake.stages.exact).
+in flight, retries), and aggregates once every minibatch is done (gradlake.stages.exact_plan,
+exact_unit, exact_finish).
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import ray
 
 from gradlake.config import ExactConfig
 from gradlake.distributed.executor import Executor, RayTasks
-from gradlake.stages import exact as exact_stage
+from gradlake.reduce.output import ReduceOutput
+from gradlake.stages import exact_plan
+from gradlake.stages.exact_finish import finish
+from gradlake.stages.exact_unit import run_unit
 
 
-def _minibatch(spec: exact_stage.ExactSpec, unit: exact_stage.Minibatch) -> dict[str, Any]:
+def _minibatch(spec: exact_plan.ExactSpec, unit: exact_plan.Minibatch) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(max(1, spec.settings.cpus))
-    return exact_stage.run_unit(spec, unit)
+    return run_unit(spec, unit)
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, Any]:
@@ -44,16 +48,16 @@ def run_exact(checkpoint: str, data_url: str, out_url: str, settings: ExactConfi
     started = time.monotonic()
     so = storage_options or None
     channels = Dataset.open(data_url, storage_options=so).channels
-    spec = exact_stage.ExactSpec(
-        checkpoint, data_url, exact_stage.ReduceOutput(out_url, so).url, settings, damping,
-        tuple(lam for lam in dict.fromkeys(lambdas) if lam != damping), exact_stage.check_pairs(channels, pairs),
+    spec = exact_plan.ExactSpec(
+        checkpoint, data_url, ReduceOutput(out_url, so).url, settings, damping,
+        tuple(lam for lam in dict.fromkeys(lambdas) if lam != damping), exact_plan.check_pairs(channels, pairs),
         tuple(normalize), so, {"checkpoint": checkpoint, "dataset": data_url, **(identity or {})})
-    units = exact_stage.plan(spec)
-    done = exact_stage.resume(spec, units)
+    units = exact_plan.plan(spec)
+    done = exact_plan.resume(spec, units)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and settings.device != "cpu" else 0
     window = max(1, int(ray.cluster_resources().get("CPU", 1)) // settings.cpus + 1)
     executor = Executor(RayTasks(num_cpus=settings.cpus, num_gpus=gpus), window=window)
     for _ in executor.run(_minibatch, spec, [u for u in units if u.index not in done], "exact: minibatches",
                           "minibatch", ordered=False, skipped=len(done), postfix=_postfix):
         pass
-    return exact_stage.finish(spec, units, exact_stage.completed(spec), started)
+    return finish(spec, units, exact_plan.completed(spec), started)

@@ -1,12 +1,12 @@
 """The reduce stage on Ray: tasks over row blocks, results combined in a tree.
 
 Per checkpoint: (0) the plan: tasks scan the samples table part by part (shard ranges) and
-the driver folds their selected rows, in order, into row spans of blocks (work.BlockPlan),
-so it holds O(blocks) numbers, never a row per sample; every later task reads its own
-block's sample rows with the row range pushed into the scan; (1) reference-set moments
-(the metric η̃ and the row-std moments) over row blocks; (2) perturbation group sums over
-blocks of whole trajectories; (3) the response pass over the same blocks (group sums,
-same-trajectory T×T sums, per-trajectory lag curves and self-influence written by the
+the driver folds their selected rows, in order, into row spans of blocks (BlockPlan of
+gradlake.stages.reduce_blocks), so it holds O(blocks) numbers, never a row per sample; every
+later task reads its own block's sample rows with the row range pushed into the scan; (1)
+reference-set moments (the metric η̃ and the row-std moments) over row blocks; (2) perturbation
+group sums over blocks of whole trajectories; (3) the response pass over the same blocks (group
+sums, same-trajectory T×T sums, per-trajectory lag curves and self-influence written by the
 tasks); then the dense tiles (at most tile_max rows a side), the top-k lists (written by
 their tasks) and the influence-vs-distance pairs (their rows looked up where stored).
 Each pass runs its units on the one executor (gradlake.distributed.executor: Ray tasks by
@@ -32,12 +32,15 @@ from gradlake.distributed.cluster import ensure_ray
 from gradlake.distributed.executor import Executor, RayTasks
 from gradlake.errors import GradlakeError, InputError
 from gradlake.query import shard_parts
-from gradlake.stages import reduce as work
+from gradlake.stages import reduce_aggregates as aggregates
+from gradlake.stages import reduce_pairwise as pairwise
 from gradlake.stages import reduce_plan as stage
+from gradlake.stages.reduce_blocks import BlockPlan, part_index, rows_at
+from gradlake.stages.reduce_source import StoreRef
 from gradlake.reduce.aggregates import RELATIONS, AggregateReducer
 from gradlake.reduce.layers import Layers
 from gradlake.distributed.exact_tasks import run_exact
-from gradlake.stages.exact import EXACT_JSON
+from gradlake.stages.exact_plan import EXACT_JSON
 from gradlake.reduce.metric import Metric, metric_warnings, numerical_rank
 from gradlake.reduce.output import SUMMARY, ReduceOutput
 from gradlake.reduce.pairwise import pair_ranks
@@ -50,7 +53,7 @@ def _apply(context: tuple, unit: dict[str, Any]):
 
 
 class _Passes:
-    """The passes of one reduce on the executor: each unit a call of a gradlake.stages.reduce
+    """The passes of one reduce on the executor: each unit a call of a gradlake.stages.reduce_*
     function with the pass's shared arguments and its own."""
 
     def __init__(self, executor: Executor):
@@ -77,9 +80,9 @@ class _Passes:
 def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutput, so, passes: _Passes,
                        data_url: str) -> dict:
     started = time.monotonic()
-    src = work.StoreRef(store.url, so, name)
-    plan = work.BlockPlan(settings.block_rows, settings.tile_size, settings.tile_max)
-    for _, part in passes.run(work.part_index, {"src": src, "settings": settings},
+    src = StoreRef(store.url, so, name)
+    plan = BlockPlan(settings.block_rows, settings.tile_size, settings.tile_max)
+    for _, part in passes.run(part_index, {"src": src, "settings": settings},
                               [{"shards": shards} for shards in shard_parts(store)], f"reduce {name}: plan", "parts"):
         plan.add(part)
     classes = tuple(sorted(plan.classes))
@@ -89,8 +92,8 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     n_rows = store.n_rows
     reference_blocks = plan.reference_blocks(n_rows)
 
-    mom = passes.fold(work.moments_work, {"src": src, "reference_split": settings.reference_split,
-                                          "observables": tuple(sorted({settings.metric, *perturbation_obs}))},
+    mom = passes.fold(aggregates.moments_work, {"src": src, "reference_split": settings.reference_split,
+                                                "observables": tuple(sorted({settings.metric, *perturbation_obs}))},
                       [{"span": span} for span in reference_blocks], f"reduce {name}: metric")
     source = f"checkpoint {name}: metric {settings.metric}"
     probe_metric = Metric.from_moments(mom[settings.metric], source)
@@ -102,12 +105,13 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
                                len(classes), layers)
     blocks = plan.trajectory_blocks(n_rows)
     shared = {"src": src, "settings": settings, "n_times": n_times, "reducer": reducer}
-    pert = passes.fold(work.perturbation_work, {**shared, "classes": classes},
+    pert = passes.fold(aggregates.perturbation_work, {**shared, "classes": classes},
                        [{"span": span} for span in blocks], f"reduce {name}: perturbation sums")
-    resp = passes.fold(work.response_work, {**shared, "class_names": classes, "perturbation": pert, "out": out},
+    resp = passes.fold(aggregates.response_work,
+                       {**shared, "class_names": classes, "perturbation": pert, "out": out},
                        [{"span": span, "part": f"part-{i:06d}"} for i, span in enumerate(blocks)],
                        f"reduce {name}: response pass")
-    arrays = work.finalize_variants(reducer, resp, pert)
+    arrays = aggregates.finalize_variants(reducer, resp, pert)
     labels = {"lambda": list(lambdas), "pair": list(settings.pairs), "normalization": list(settings.normalize),
               "relation": list(RELATIONS), "class": list(classes), "response_class": list(classes),
               "perturbation_class": list(classes), "t_response": list(range(n_times)),
@@ -130,8 +134,8 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     out.write_array(f"{name}/metric_eigenvalues", metric.eigenvalues, ("eigen",),
                     description="eigenvalues of η̃, descending (the k-space NTK spectrum)")
     out.write_table(f"lag_stats.parquet/checkpoint={name}/part-0.parquet",  # reads every lag curve: off the driver
-                    passes.one(work.lag_tables, {"out": out, "checkpoint": name, "reducer": reducer,
-                                                 "class_names": classes}))
+                    passes.one(aggregates.lag_tables, {"out": out, "checkpoint": name, "reducer": reducer,
+                                                       "class_names": classes}))
 
     summary = {"samples": plan.samples, "response_samples": plan.response,
                "perturbation_samples": plan.perturbation, "reference_samples": mom[settings.metric].count,
@@ -152,7 +156,7 @@ def _reduce_checkpoint(store, name: str, settings: ReduceConfig, out: ReduceOutp
     return summary
 
 
-def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out, passes: _Passes) -> dict:
+def _tiles(name, src, settings, inverse, plan: BlockPlan, out, passes: _Passes) -> dict:
     if settings.tile_max == 0:
         return {"skipped": "reduce.tile_max = 0"}
     rows_r, rows_c = plan.tile_rows, plan.tile_cols  # at most tile_max each
@@ -172,12 +176,13 @@ def _tiles(name, src, settings, inverse, plan: work.BlockPlan, out, passes: _Pas
         band = size * max(1, settings.block_rows // size)  # whole chunks per task: no shared writes
         for r in range(0, len(rows_r), band):
             bands.append({"pair": pair, "rows_a": rows_r[r:r + band], "array_path": path, "row0": r})
-    entries = sum(passes.map(work.tile_work, {"src": src, "inverse": inverse, "col_blocks": col_blocks, "out": out},
-                             bands, f"reduce {name}: tiles", "row bands"))
+    entries = sum(passes.map(pairwise.tile_work,
+                             {"src": src, "inverse": inverse, "col_blocks": col_blocks, "out": out}, bands,
+                             f"reduce {name}: tiles", "row bands"))
     return {"response_rows": len(rows_r), "perturbation_rows": len(rows_c), "entries": int(entries)}
 
 
-def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_blocks, out, layers,
+def _topk_lists(name, src, settings, inverse, plan: BlockPlan, reference_blocks, out, layers,
                 passes: _Passes) -> dict:
     if settings.topk == 0:
         return {"skipped": "reduce.topk = 0"}
@@ -186,13 +191,14 @@ def _topk_lists(name, src, settings, inverse, plan: work.BlockPlan, reference_bl
     shared = {"src": src, "pairs": settings.pairs, "inverse": inverse, "query_where": settings.topk_queries,
               "candidate_spans": reference_blocks, "reference_split": settings.reference_split, "k": settings.topk,
               "out": out, "layers": layers}
-    passes.map(work.topk_work, shared, [{"query_span": span, "path": f"topk.parquet/checkpoint={name}/part-{i:06d}.parquet"}
-                                        for i, span in enumerate(plan.query_blocks(src.store.n_rows))],
+    passes.map(pairwise.topk_work, shared,
+               [{"query_span": span, "path": f"topk.parquet/checkpoint={name}/part-{i:06d}.parquet"}
+                for i, span in enumerate(plan.query_blocks(src.store.n_rows))],
                f"reduce {name}: top-k", "query blocks")
     return {"queries": plan.queries, "candidates": plan.reference, "k": settings.topk}
 
 
-def _distance_curve(name, src, settings, reducer, plan: work.BlockPlan, out, dataset_url: str,
+def _distance_curve(name, src, settings, reducer, plan: BlockPlan, out, dataset_url: str,
                     passes: _Passes) -> dict:
     if settings.distance_pairs == 0:
         return {"skipped": "reduce.distance_pairs = 0"}
@@ -202,7 +208,7 @@ def _distance_curve(name, src, settings, reducer, plan: work.BlockPlan, out, dat
     keep = rows_i != rows_j
     rows_i, rows_j = rows_i[keep], rows_j[keep]
     try:
-        pairs, curve = passes.one(work.distance_work, {
+        pairs, curve = passes.one(pairwise.distance_work, {
             "src": src, "reducer": reducer, "damping": settings.damping, "rows_i": rows_i, "rows_j": rows_j,
             "dataset_url": dataset_url, "storage_options": src.storage_options, "n_bins": settings.distance_bins})
     except InputError as err:  # the dataset moved, changed or is unreachable: say so, go on
@@ -212,7 +218,7 @@ def _distance_curve(name, src, settings, reducer, plan: work.BlockPlan, out, dat
     return {"pairs": len(rows_i), "dataset": dataset_url}
 
 
-def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.ndarray, passes: _Passes) -> np.ndarray:
+def _rows_of_ranks(src, plan: BlockPlan, key: str, where: str, ranks: np.ndarray, passes: _Passes) -> np.ndarray:
     """The rows at positions ``ranks`` of selection ``key`` (response or perturbation, of
     filter ``where``), looked up in the parts that hold them."""
     rows = np.zeros(len(ranks), np.int64)
@@ -223,7 +229,7 @@ def _rows_of_ranks(src, plan: work.BlockPlan, key: str, where: str, ranks: np.nd
         if len(inside):
             jobs.append((part["shards"], inside, ranks[inside] - first))
         first += count
-    for (_, inside, _), (_, found) in zip(jobs, passes.run(work.rows_at, {"src": src, "where": where},
+    for (_, inside, _), (_, found) in zip(jobs, passes.run(rows_at, {"src": src, "where": where},
                                                            [{"shards": shards, "ranks": at} for shards, _, at in jobs],
                                                            "reduce: distance pairs", "parts")):
         rows[inside] = found

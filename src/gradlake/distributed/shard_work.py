@@ -107,7 +107,7 @@ class Capture:
         g = self.grads
         phis, loss = compute(model, inputs, targets, observables=g.observables, projector=self.projector,
                              channels=self.channels, sample_ids=rows, probes=g.probes,
-                             probe_seed=g.seed, return_loss=True, precision=g.precision, task=self.task)
+                             probe_seed=g.effective_probe_seed, return_loss=True, precision=g.precision, task=self.task)
         return ({obs: phi.detach().float().cpu().numpy() for obs, phi in phis.items()},
                 loss.detach().float().cpu().numpy())
 

@@ -8,8 +8,10 @@
 
 See :mod:`gradlake.grads.projector` (the projection), :mod:`gradlake.grads.coverage` (which
 path covers each parameter), :mod:`gradlake.grads.routes` (which hooks cover them, checked),
-:mod:`gradlake.grads.capture` (the hooks; :mod:`~gradlake.grads.kron`, :mod:`~gradlake.grads.modules`
-and :mod:`~gradlake.grads.spectral` their rules) and :mod:`gradlake.grads.exact` (the exact
+:mod:`gradlake.grads.capture` (one batch's forward and backward passes), :mod:`gradlake.grads.hooks`
+(its hooks; :mod:`~gradlake.grads.kron`, :mod:`~gradlake.grads.modules` with
+:mod:`~gradlake.grads.affine`, :mod:`~gradlake.grads.attention`, :mod:`~gradlake.grads.spectral`
+and :mod:`~gradlake.grads.tensors` their rules) and :mod:`gradlake.grads.exact` (the exact
 reference path).
 """
 

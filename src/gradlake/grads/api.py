@@ -12,9 +12,10 @@ from torch import nn
 
 from gradlake import physics
 from gradlake.errors import InputError
-from gradlake.grads.capture import module_grads, projected_grads
+from gradlake.grads.capture import projected_grads
 from gradlake.grads.coverage import plan
 from gradlake.grads.exact import exact_grads
+from gradlake.grads.hooks import module_grads
 from gradlake.grads.projector import Projector
 from gradlake.grads.routes import routes
 

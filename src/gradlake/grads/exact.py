@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from gradlake.grads.capture import Cotangents, frozen, gather, slots_of
-from gradlake.grads.modules import flat, inner
+from gradlake.grads.capture import Cotangents, gather, slots_of
+from gradlake.grads.routes import frozen
+from gradlake.grads.tensors import flat, inner
 
 log = logging.getLogger(__name__)
 

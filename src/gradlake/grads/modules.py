@@ -29,114 +29,29 @@ sample with random parameter values (affine, additive) or ran on one sample (vma
 checked once per module and output shape, so correctness never rests on the module's class
 or parameter names. Complex parameters and outputs are real pairs: ⟨y, δ⟩ = Re Σ y conj(δ),
 and a complex parameter's gradient is returned as (real, imaginary) pairs.
+
+Here: :class:`ModuleGrads`, which chooses a module's rule and runs the vmap and loop rules; the
+affine and additive rules are in :mod:`gradlake.grads.affine`, the attention rule in
+:mod:`gradlake.grads.attention`, the spectral one in :mod:`gradlake.grads.spectral`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from gradlake.errors import InputError
-from gradlake.grads import spectral
-
-MAX_BIAS_RATIO = 16.0  # |bias| / |weight| up to which an affine module's grads come from its output
-Grads = Callable[[dict[str, torch.Tensor], tuple, dict, torch.Tensor], dict[str, torch.Tensor]]
-
-
-def _placements(shape: tuple[int, ...], out: tuple[int, ...]) -> list[int]:
-    """Output axes where a parameter of ``shape`` can start, broadcast over the others."""
-    r = len(shape)
-    spots = []
-    for start in range(len(out) - r + 1):
-        if start == 0 and (r == 0 or shape[0] != 1):
-            continue  # only a size-1 leading dim may sit on the batch axis
-        if all(s in (1, o) for s, o in zip(shape, out[start:start + r])):
-            spots.append(start)
-    return spots
-
-
-def _view(p: torch.Tensor, start: int, ndim: int) -> torch.Tensor:
-    return p.reshape((1,) * start + tuple(p.shape) + (1,) * (ndim - start - p.dim()))
-
-
-def _reduce(t: torch.Tensor, shape: tuple[int, ...], start: int) -> torch.Tensor:
-    """Per-sample sum of ``t`` [B, ...] onto a parameter of ``shape`` placed at ``start``: [B, numel]."""
-    placed = (1,) * start + tuple(shape) + (1,) * (t.dim() - start - len(shape))
-    dims = [d for d in range(1, t.dim()) if placed[d] == 1 and t.shape[d] != 1]
-    if dims:
-        t = t.sum(dim=dims, keepdim=True)
-    return t.reshape(t.shape[0], -1)
-
-
-@dataclass(frozen=True, eq=False)
-class Affine:
-    """The affine rule: output = base ⊙ weight + bias, parameters of ``shape`` at output axis ``start``."""
-
-    shape: tuple[int, ...]
-    start: int
-    unit: dict[str, torch.Tensor] = field(repr=False)  # weight = 1 (and bias = 0): the parameters giving base
-    weight: str = "weight"
-    bias: str | None = None
-
-    def from_base(self, base: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{name: [B, numel]} from base and the output gradient."""
-        out = {self.weight: _reduce(base.to(delta.dtype) * delta, self.shape, self.start)}
-        if self.bias:
-            out[self.bias] = _reduce(delta, self.shape, self.start)
-        return out
-
-    def invertible(self, params: dict[str, torch.Tensor]) -> bool:
-        """Whether :meth:`from_output` is within float rounding of :meth:`from_base` for ``params``."""
-        weight = params[self.weight].abs()
-        bias = params[self.bias].abs() if self.bias else torch.zeros_like(weight)
-        return bool((bias <= MAX_BIAS_RATIO * weight).all() and (weight > 0).all())
-
-    def from_output(self, output: torch.Tensor, delta: torch.Tensor,
-                    params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{name: [B, numel]} from the module's output (base ⊙ weight + bias) and the output gradient."""
-        weighted = _reduce(output.to(delta.dtype) * delta, self.shape, self.start)
-        out = {}
-        if self.bias:
-            out[self.bias] = _reduce(delta, self.shape, self.start)
-            weighted = weighted - params[self.bias].reshape(1, -1).to(delta.dtype) * out[self.bias]
-        out[self.weight] = weighted / params[self.weight].reshape(1, -1).to(delta.dtype)
-        return out
-
-
-def pick(output, index: int | None) -> torch.Tensor:
-    """The output tensor a hook follows: the output itself, or element ``index`` of a tuple/list."""
-    return output if index is None else output[index]
-
-
-def inner(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """⟨y, δ⟩ as a real scalar (Re Σ y conj(δ) for complex tensors)."""
-    if y.is_complex():
-        return (torch.view_as_real(y) * torch.view_as_real(delta.to(y.dtype))).sum()
-    return (y * delta).sum()
-
-
-def flat(g: torch.Tensor, batch: int) -> torch.Tensor:
-    """[B, ...] per-sample gradients as real [B, numel] (a complex entry becomes (real, imaginary))."""
-    return (torch.view_as_real(g) if g.is_complex() else g).reshape(batch, -1)
+from gradlake.grads import attention, spectral
+from gradlake.grads.affine import Affine, simple_rule
+from gradlake.grads.tensors import Grads, close, flat, inner, parameter, pick
 
 
 def _batched(value, batch: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
-
-
-def parameter(module: nn.Module, name: str) -> nn.Parameter:
-    """The parameter registered as ``name`` (a dotted path), as stored: unlike ``get_parameter``,
-    also where the owner's attribute access returns a view of it (tltorch's complex factorised
-    tensors store real [..., 2] parameters and return complex views)."""
-    prefix, _, local = name.rpartition(".")
-    return (module.get_submodule(prefix) if prefix else module)._parameters[local]
 
 
 class ModuleGrads:
@@ -187,23 +102,23 @@ class ModuleGrads:
         out = tuple(output.shape)
         real = all(not p.is_complex() for p in params.values()) and not output.is_complex()
         if index is None and real:
-            simple = self._simple(params, one, one_kwargs, out)
+            simple = simple_rule(self._run, params, one, one_kwargs, out)
             if simple is not None:
                 return simple
         probe = torch.zeros((1, *out[1:]), dtype=output.dtype, device=output.device)
-        if index in (None, 0) and _attention_supported(self.module, args, kwargs):
+        if index in (None, 0) and attention.supported(self.module, args, kwargs):
             gen = torch.Generator(device="cpu").manual_seed(1)
             delta = torch.randn(probe.shape, generator=gen).to(probe)
             want = self._vmap(params, one, one_kwargs, delta, index)
             got = self._attention(params, one, one_kwargs, delta, index)
-            if all(_close(got[n], want[n]) for n in want):
+            if all(close(got[n], want[n]) for n in want):
                 return self._attention
         if spectral.supported(self.module):
             two = tuple(a[:2] if _batched(a, batch) else a for a in args)
             two_kwargs = {k: v[:2] if _batched(v, batch) else v for k, v in kwargs.items()}
             try:  # the bias: by the additive rule where it holds (its gradients then cost a sum)
                 direct = spectral.direct_names(self.module, params, one, one_kwargs, lambda y: pick(y, index))
-                additive = self._simple({n: params[n] for n in direct}, one, one_kwargs, out) \
+                additive = simple_rule(self._run, {n: params[n] for n in direct}, one, one_kwargs, out) \
                     if len(direct) == 1 and index is None and not output.is_complex() \
                     and not params[direct[0]].is_complex() else None
             except Exception:  # noqa: BLE001 - not the structure the rule expects (checked below)
@@ -216,7 +131,7 @@ class ModuleGrads:
                 got = self._spectral(params, two, two_kwargs, delta, index)
             except Exception:  # noqa: BLE001 - not the structure the rule expects: the other rules
                 got = None
-            if got is not None and all(_close(got[n], want[n]) for n in want):
+            if got is not None and all(close(got[n], want[n]) for n in want):
                 return self._spectral
         try:
             self._vmap(params, one, one_kwargs, probe, index)
@@ -230,7 +145,7 @@ class ModuleGrads:
         try:  # in-place writes of per-sample values into tensors the module makes: made per sample
             got = self._vmap(params, two, two_kwargs, delta, index)
             want = self._loop(params, two, two_kwargs, delta, index)
-            if all(_close(got[n], want[n]) for n in want):
+            if all(close(got[n], want[n]) for n in want):
                 self.fallback = None
                 return self._vmap
         except Exception:  # noqa: BLE001 - not what vmap lacked: the loop
@@ -243,41 +158,6 @@ class ModuleGrads:
                              f"failed under vmap ({self.fallback}) and in a per-sample loop "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
         return self._loop
-
-    def _simple(self, params, one, kwargs, out: tuple[int, ...]) -> Affine | Grads | None:
-        """The affine or additive rule, where it reproduces the module's output on one sample."""
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        probe = {n: (torch.rand(p.shape, generator=gen) + 0.5).to(p) for n, p in params.items()}
-        with torch.no_grad():
-            expected = self._run(probe, one, kwargs)
-            if not isinstance(expected, torch.Tensor):
-                return None
-            shapes = {tuple(p.shape) for p in params.values()}
-            names = sorted(params, key=lambda n: n.rsplit(".", 1)[-1] != "weight")  # a "weight" first
-            if len(params) <= 2 and len(shapes) == 1:
-                shape = shapes.pop()
-                for weight in names:
-                    bias = next((n for n in names if n != weight), None)
-                    unit = {n: torch.ones_like(p) if n == weight else torch.zeros_like(p) for n, p in params.items()}
-                    base = self._run(unit, one, kwargs)
-                    for start in _placements(shape, out):
-                        guess = base * _view(probe[weight], start, len(out))
-                        if bias:
-                            guess = guess + _view(probe[bias], start, len(out))
-                        if _close(guess, expected):
-                            return Affine(shape, start, unit, weight, bias)
-            if len(params) == 1:
-                (name, p), = params.items()
-                base = self._run({name: torch.zeros_like(p)}, one, kwargs)
-                for start in _placements(tuple(p.shape), out):
-                    if _close(base + _view(probe[name], start, len(out)), expected):
-                        return self._additive(name, tuple(p.shape), start)
-        return None
-
-    def _additive(self, name, shape, start) -> Grads:
-        def _add(params, args, kwargs, delta, index):
-            return {name: _reduce(delta, shape, start)}
-        return _add
 
     def _vmap(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         batch = delta.shape[0]
@@ -321,7 +201,7 @@ class ModuleGrads:
                 with torch.no_grad():
                     got = vmap(run, in_dims=(0, dims))({n: c.detach() for n, c in copies.items()}, copied)
                     want = self._run(self.params(), tuple(again[:len(args)]), dict(zip(kwargs, again[len(args):])))
-                self._per_sample[key] = _close(got, want) and all(
+                self._per_sample[key] = close(got, want) and all(
                     torch.equal(a, c) and torch.equal(a, g) for a, c, g in zip(leaves, copied, again)
                     if isinstance(a, torch.Tensor))
             except Exception:  # noqa: BLE001 - not one tensor per sample: the rule in backward
@@ -331,25 +211,8 @@ class ModuleGrads:
         return vmap(run, in_dims=(0, dims))(copies, leaves), copies
 
     def _attention(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
-        """nn.MultiheadAttention recomputed once for the batch with per-sample copies of its weights
-        (batched matmuls, fused attention): their gradients are the per-sample gradients."""
-        module, batch = self.module, delta.shape[0]
-        query, key, value = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
-        copies = {n: p.expand(batch, *p.shape).clone().requires_grad_() for n, p in params.items()}
-        heads, dim = module.num_heads, module.embed_dim
-        with torch.enable_grad():
-            weights = copies["in_proj_weight"].chunk(3, dim=1)
-            biases = copies["in_proj_bias"].chunk(3, dim=1) if "in_proj_bias" in copies else (None,) * 3
-            projected = []
-            for x, w, b in zip((query, key, value), weights, biases):
-                y = x @ w.transpose(1, 2) + (0 if b is None else b[:, None, :])
-                projected.append(y.view(batch, -1, heads, dim // heads).transpose(1, 2))
-            attended = F.scaled_dot_product_attention(*projected).transpose(1, 2).reshape(batch, -1, dim)
-            out = attended @ copies["out_proj.weight"].transpose(1, 2)
-            if "out_proj.bias" in copies:
-                out = out + copies["out_proj.bias"][:, None, :]
-            grads = torch.autograd.grad(inner(out, delta), list(copies.values()), allow_unused=True)
-        return {n: flat(torch.zeros_like(c) if g is None else g, batch) for (n, c), g in zip(copies.items(), grads)}
+        """The attention rule (:mod:`gradlake.grads.attention`)."""
+        return attention.per_sample_grads(self.module, params, args, kwargs, delta)
 
     def _spectral(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         grads = spectral.spectral_grads(self.module, params, args, kwargs, delta, lambda out: pick(out, index), inner,
@@ -393,24 +256,3 @@ class _PerSampleFresh(TorchFunctionMode):
         if func in self.FACTORIES and isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
             out = out + self.zero.to(out.dtype)
         return out
-
-
-def _attention_supported(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """An nn.MultiheadAttention call that :meth:`ModuleGrads._attention` reproduces: batch first,
-    one embedding size, no masks, no extra key/value biases, no dropout in use."""
-    if not isinstance(module, nn.MultiheadAttention):
-        return False
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    return (module.batch_first and module._qkv_same_embed_dim and module.bias_k is None
-            and not module.add_zero_attn and not (module.training and module.dropout > 0)
-            and len(args) + sum(n in kwargs for n in ("query", "key", "value")) == 3 and len(tensors) == len(args)
-            and all(kwargs.get(n) is None for n in ("key_padding_mask", "attn_mask"))
-            and not kwargs.get("is_causal", False) and not any(t.is_complex() for t in tensors))
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a, b = a.detach(), b.detach()
-    if a.shape != b.shape:
-        return False
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)))

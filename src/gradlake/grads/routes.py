@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from gradlake.errors import InputError
 from gradlake.grads.coverage import ExactModule, Plan
-from gradlake.grads.modules import flat, inner, parameter
+from gradlake.grads.tensors import flat, inner, parameter
 from gradlake.grads.projector import Projector
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,9 @@
 
 Modules: metric (η̃, its eigendecomposition, the whitener), aggregates (group averages in
 O(N k²)), pairwise (tiles, top-k, influence vs distance), exact (the paper's matrix-free
-minibatch computation; its stage: gradlake.stages.exact), output (writing results).
-The units of work on store rows: gradlake.stages.reduce; the stage's spec, plan and finish:
+minibatch computation; its stage: gradlake.stages.exact_*), output (writing results).
+The units of work on store rows: gradlake.stages.reduce_source, reduce_blocks, reduce_aggregates
+and reduce_pairwise; the stage's spec, plan and finish:
 gradlake.stages.reduce_plan; its driver (entry point ``run_reduce``): gradlake.distributed.reduce_tasks.
 
 Results: ``<store>/reduce/<name>/`` — plain zarr v3 and Parquet, readable without gradlake.

@@ -1,6 +1,6 @@
 """The reduce stage's shape (no Ray): its spec, its checks, its plan (which checkpoints are
 done, from their completion records) and its finish (the tables across checkpoints, the
-summary, written last). Its units of work are in gradlake.stages.reduce; the driver that runs
+summary, written last). Its units of work are in gradlake.stages.reduce_*; the driver that runs
 them on the executor is gradlake.distributed.reduce_tasks.
 """
 
@@ -20,8 +20,8 @@ from gradlake.errors import InputError
 from gradlake.query import shard_parts
 from gradlake.reduce.layers import Layers
 from gradlake.reduce.output import SUMMARY, ReduceOutput
-from gradlake.stages import reduce as work
 from gradlake.stages.records import Records, other_settings
+from gradlake.stages.reduce_source import check_complete, matches
 from gradlake.store.layout import LEASE
 
 PER_CHECKPOINT = ("lags.parquet", "self_influence.parquet", "lag_stats.parquet", "topk.parquet",
@@ -142,14 +142,14 @@ def check_settings(store, settings: ReduceConfig) -> list[str]:
     if not names:
         raise InputError(f"{store.url}: the store holds no checkpoint; run `gradlake grads` first")
     for name in names:
-        work.check_complete(store, name)
+        check_complete(store, name)
     first, *rest = shard_parts(store)
     table = store.samples(names[0], shards=first)  # every filter is checked on the first part
     reference = f"split == '{settings.reference_split}'"
     for key in ("response", "perturbation", "topk_queries", "tile_rows", "tile_cols", "reference_split"):
         where = reference if key == "reference_split" else getattr(settings, key)
         try:
-            found = work.matches(table, where).any()
+            found = matches(table, where).any()
         except InputError as err:
             raise InputError(f"reduce.{key}: {err}") from None
         if key in ("response", "perturbation", "reference_split") and not found \
