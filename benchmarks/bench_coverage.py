@@ -1,4 +1,4 @@
-"""Capture ÷ training step per architecture, and which modules take the slower exact paths.
+"""Capture ÷ training step per architecture, and which modules take the slower per-sample rules.
 
     python benchmarks/bench_coverage.py                      # every architecture, batch 8
     python benchmarks/bench_coverage.py --models fno-2d unet --batch 16 --repeats 7
@@ -7,7 +7,7 @@
 For each model, timed in one process with interleaved repeats (medians), same batch and threads:
   train    forward + backward of ⟨model(x), r⟩ with parameter gradients (a training step)
   capture  gradlake.grads.capture.projected_grads, one cotangent, Projector(k_in = k_out = k)
-ratio = capture / train. The last column lists the modules whose parameters take the exact
+ratio = capture / train. The last column lists the modules whose parameters take the
 per-sample rules "vmap" (torch.func over the module; where the parameters are all the module's
 own, it runs so in the batch's forward with per-sample copies of them, no rerun) or "loop"
 (per-sample autograd: modules vmap cannot run, e.g. data-dependent branches), from

@@ -123,7 +123,7 @@ def stage_rates(store, metric, k: int, rows: int = 16384, repeats: int = 5) -> d
 def index_recall(url: str, queries: int, k: int = 10) -> list[str]:
     """Recall@k of the approximate index (default factory) against the brute-force pass."""
     try:
-        from gradlake.approx import ApproximateIndex, build_index
+        from gradlake.approximate_index import ApproximateIndex, build_index
     except ImportError:
         return ["index: faiss-cpu is not installed (pip install 'gradlake[index]')"]
     start = time.perf_counter()

@@ -55,7 +55,7 @@ def write_inputs(root: str, n_traj: int, n_times: int, res: int, model: str, see
 def in_process(data: str, checkpoint: str, settings: GradsConfig, repeats: int) -> float:
     """Capture throughput (samples/s) with the samples already in memory."""
     from gradlake.data import Dataset
-    from gradlake.distributed.shard_work import Capture
+    from gradlake.stages.grads_unit import Capture
 
     ds = Dataset.open(data)
     rows = ds.index().select()
@@ -76,8 +76,8 @@ def in_process(data: str, checkpoint: str, settings: GradsConfig, repeats: int) 
 
 def shard_worker(data: str, checkpoint: str, store: str, settings: GradsConfig) -> tuple[float, float]:
     """(samples/s, peak RSS MB) of a ShardWorker committing every shard into a new store, no Ray."""
-    from gradlake.distributed.grads_store import prepare
-    from gradlake.distributed.shard_work import ShardWorker, WorkerSettings
+    from gradlake.stages.grads_plan import prepare
+    from gradlake.stages.grads_unit import ShardWorker, WorkerSettings
 
     plan = prepare(data, [checkpoint], store, settings, {})
     worker = ShardWorker(WorkerSettings(data, store, settings))

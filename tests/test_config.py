@@ -54,6 +54,33 @@ def test_a_renamed_setting_is_read_under_its_old_name_with_a_warning():
         config.parse_job({"data": {"splits": [0.5, 0.5, 0.5]}})
 
 
+def test_the_exact_modes_compute_dtype_is_read_under_its_old_name_with_a_warning():
+    with pytest.warns(FutureWarning, match="reduce.exact.dtype is renamed reduce.exact.compute_dtype"):
+        job = config.parse_job({"reduce": {"exact": {"dtype": "float32"}}})
+    assert job.reduce.exact.compute_dtype == "float32"
+    with pytest.raises(InputError, match="give only reduce.exact.compute_dtype"):
+        config.parse_job({"reduce": {"exact": {"dtype": "float32", "compute_dtype": "float32"}}})
+    assert config.RENAMED == {("data", "splits"): "split_fractions", ("grads", "dtype"): "storage_dtype",
+                              ("reduce.exact", "dtype"): "compute_dtype"}
+
+
+def test_renamed_settings_keep_the_reduce_and_exact_hashes_and_records():
+    """The reduce stage's hash, the exact minibatches' records and the reduce's recorded settings
+    hold reduce.exact.compute_dtype under its old name, dtype, so finished results stay finished."""
+    from gradlake.pipeline import _stage_plan
+    from gradlake.stages.exact_plan import ExactSpec
+
+    job = config.parse_job({"reduce": {"exact": {"compute_dtype": "float32"}}})
+    reduce = dataclasses.asdict(job.reduce)
+    reduce["exact"]["dtype"] = reduce["exact"].pop("compute_dtype")
+    assert config.recorded(job.reduce) == reduce
+    plan = _stage_plan(job)
+    assert plan["reduce"][0] == config.settings_hash(plan["grads"][0], reduce)
+    spec = ExactSpec("ckpt", "data", "out", job.reduce.exact, 0.1)
+    assert spec.record["settings"] == config.settings_hash(reduce["exact"], {
+        "damping": 0.1, "lambdas": [], "pairs": list(spec.pairs), "normalize": list(spec.normalize)})
+
+
 def test_the_old_name_still_builds_a_data_config():
     with pytest.warns(FutureWarning, match="split_fractions"):
         data = config.DataConfig(splits=(0.5, 0.25, 0.25))

@@ -121,7 +121,7 @@ def test_topk_bad_selections(store_url):
 @pytest.mark.parametrize("factory, nprobe", [(None, 1), ("IVF4,Flat", 4)])
 def test_approximate_index_beside_the_store_equals_dense_numpy_when_exhaustive(store_url, factory, nprobe):
     pytest.importorskip("faiss")
-    from gradlake.approx import ApproximateIndex, build_index
+    from gradlake.approximate_index import ApproximateIndex, build_index
 
     url, phis = store_url
     rows = np.arange(N)
@@ -132,3 +132,15 @@ def test_approximate_index_beside_the_store_equals_dense_numpy_when_exhaustive(s
     assert (Path(url) / "index" / f"ivf{nprobe}" / "index.json").exists()  # beside the store
     table = ApproximateIndex(url, f"ivf{nprobe}").topk("t == 2", k=4, response="E", nprobe=nprobe)
     _check(table, phis, rows[rows % T == 2], candidates, "EC", 4)
+
+
+def test_the_index_module_under_its_old_name_warns_and_is_the_same():
+    import importlib
+    import sys
+
+    import gradlake.approximate_index as index
+
+    sys.modules.pop("gradlake.approx", None)
+    with pytest.warns(FutureWarning, match="gradlake.approximate_index"):
+        old = importlib.import_module("gradlake.approx")
+    assert old.ApproximateIndex is index.ApproximateIndex and old.build_index is index.build_index

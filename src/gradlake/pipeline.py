@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable
 
 from gradlake import fsio
-from gradlake.config import JobConfig, settings_hash
+from gradlake.config import JobConfig, recorded, settings_hash
 from gradlake.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -155,16 +155,14 @@ def setting_warnings(job: JobConfig) -> list[str]:
     return out
 
 
-def _settings(section: Any, added: tuple[str, ...] = (), renamed: dict[str, str] | None = None) -> dict[str, Any]:
-    """A section's settings for a hash; fields added later count only when set, and renamed
-    fields (new name -> old) under their old names, so the hashes of jobs stay what they were."""
-    values = dataclasses.asdict(section)
+def _settings(section: Any, added: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A section's settings for a hash (renamed ones under their old names: config.recorded); fields
+    added later count only when set, so the hashes of jobs stay what they were."""
+    values = recorded(section)
     default = type(section)()
     for name in added:
         if getattr(section, name) == getattr(default, name):
             values.pop(name)
-    for new, old in (renamed or {}).items():
-        values[old] = values.pop(new)
     return values
 
 
@@ -220,10 +218,10 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
                              lds_dir=job.lds_dir if job.eval.lds.enabled else None)
         return {"index": index}
 
-    data_h = settings_hash(_settings(job.data, renamed={"split_fractions": "splits"}), job.data_url)
+    data_h = settings_hash(_settings(job.data), job.data_url)
     train_h = settings_hash(data_h, _settings(job.model, ("path", "kwargs", "checkpoint")), job.train,
                             *([job.task] if job.task != type(job.task)() else []))
-    grads_h = settings_hash(train_h, _settings(job.grads, ("probe_seed",), renamed={"storage_dtype": "dtype"}), job.store_url)
+    grads_h = settings_hash(train_h, _settings(job.grads, ("probe_seed",)), job.store_url)
     reduce_h = settings_hash(grads_h, job.reduce)
     lds_h = settings_hash(grads_h, job.eval.lds, job.reduce.metric, job.reduce.metric_estimator,
                           job.reduce.damping, job.reduce.reference_split, job.reduce.name)

@@ -5,9 +5,9 @@ import os
 import numpy as np
 
 from gradlake.config import GradsConfig, ModelConfig, TaskConfig, TrainConfig
-from gradlake.distributed.grads_store import prepare
-from gradlake.distributed.shard_work import ShardWorker, WorkerSettings
 from gradlake.plugins import use_paths
+from gradlake.stages.grads_plan import prepare
+from gradlake.stages.grads_unit import ShardWorker, WorkerSettings
 from well_helpers import write_well
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")

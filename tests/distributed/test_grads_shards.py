@@ -5,10 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gradlake.distributed.grads_store import prepare
-from gradlake.distributed.plan import plan_shards
-from gradlake.distributed.shard_work import Capture, Fault, ShardWorker, WorkerSettings
 from gradlake.errors import GradlakeError, InputError
+from gradlake.stages.grads_plan import plan_shards, prepare
+from gradlake.stages.grads_unit import Capture, Fault, ShardWorker, WorkerSettings
 from gradlake.store import GradientStore
 
 from grads_fixtures import SETTINGS, reference_phis

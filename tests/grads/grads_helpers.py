@@ -42,7 +42,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class TokenBlock(nn.Module):
     """Linear on [B, D] and [B, T, D] tokens, attention projections, RMSNorm, and a
-    positional embedding owned by a non-leaf module (through the exact path)."""
+    positional embedding owned by a non-leaf module (through the ruled path)."""
 
     def __init__(self, d_in: int = 3, tokens: int = 5, dim: int = 8):
         super().__init__()
@@ -64,7 +64,7 @@ class TokenBlock(nn.Module):
 
 class ConvNet2d(nn.Module):
     """Conv2d with circular and zero padding, strides 1 and 2, dilation, a separate
-    CircularPad2d, GroupNorm, and a grouped conv and a transposed conv (exact path)."""
+    CircularPad2d, GroupNorm, and a grouped conv and a transposed conv (ruled path)."""
 
     def __init__(self, c: int = 3):
         super().__init__()

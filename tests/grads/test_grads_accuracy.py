@@ -29,17 +29,17 @@ def test_projected_inner_products_are_unbiased_and_sharpen_with_k(name):
     torch.manual_seed(0)
     model = models.build(name, "tiny", channels=4, resolution=16)
     x, y = _batch(8, 16)
-    exact = compute(model, x, y, ("C",), None)["C"].double()
-    gram = exact @ exact.T
+    full = compute(model, x, y, ("C",), None)["C"].double()
+    gram = full @ full.T
 
     def grams(k, seeds):
         out = []
         for seed in seeds:
-            phi = Projector(seed=seed, k_in=k, k_out=k).apply(model, exact.float()).double()
+            phi = Projector(seed=seed, k_in=k, k_out=k).apply(model, full.float()).double()
             out.append(phi @ phi.T)
         return out
 
-    # compute() is the projection of the exact gradient (the capture path, checked once here).
+    # compute() is the projection of the full gradient (the capture path, checked once here).
     phi = compute(model, x, y, ("C",), Projector(seed=0, k_in=4, k_out=4))["C"].double()
     assert torch.allclose(phi @ phi.T, grams(4, [0])[0], rtol=1e-4, atol=1e-6 * float(gram.abs().max()))
 

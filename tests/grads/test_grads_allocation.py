@@ -12,7 +12,7 @@ from gradlake import models
 from gradlake.errors import InputError
 from gradlake.grads import Projector, compute
 from gradlake.grads.allocation import allocate, block_statistics, calibrate
-from gradlake.grads.coverage import plan
+from gradlake.grads.capture_plan import plan
 
 
 def _batch(n: int, seed: int, resolution: int = 16):
@@ -61,12 +61,12 @@ def test_spec_round_trips_and_a_reopened_projector_projects_identically(unet, ca
 
 
 @pytest.mark.parametrize("conv", ["full", "separable"])
-def test_capture_with_allocated_rows_equals_projecting_the_exact_gradient(unet, calibrated, conv):
+def test_capture_with_allocated_rows_equals_projecting_the_full_gradient(unet, calibrated, conv):
     projector = Projector(seed=3, conv=conv, allocation="energy", k_total=600, dims=calibrated.dims)
     x, y = _batch(3, seed=2)
-    exact = compute(unet, x, y, ("C",), None)["C"]
+    full = compute(unet, x, y, ("C",), None)["C"]
     captured = compute(unet, x, y, ("C",), projector)["C"]
-    expected = projector.apply(unet, exact)
+    expected = projector.apply(unet, full)
     assert captured.shape == (3, projector.k(unet))
     assert float((captured - expected).norm() / expected.norm()) < 1e-4
 
@@ -78,11 +78,11 @@ def test_energy_allocation_beats_uniform_at_equal_k(unet):
     k = uniform.k(unet)
     energy = calibrate(unet, x, y, k_total=k, seed=0)
     assert energy.k(unet) <= k
-    exact = compute(unet, xe, ye, ("C",), None)["C"].double()
-    gram = exact @ exact.T
+    full = compute(unet, xe, ye, ("C",), None)["C"].double()
+    gram = full @ full.T
 
     def error(projector):
-        phi = projector.apply(unet, exact.float()).double()
+        phi = projector.apply(unet, full.float()).double()
         return float((phi @ phi.T - gram).norm() / gram.norm())
 
     uniform_err = statistics.median(error(Projector(seed=s, k_in=4, k_out=4)) for s in range(5))

@@ -11,8 +11,8 @@ from gradlake.errors import GradlakeError, InputError
 from gradlake.grads import Projector, describe
 from gradlake.grads.affine import Affine
 from gradlake.grads.capture import projected_grads
-from gradlake.grads.coverage import plan
-from gradlake.grads.exact import exact_grads
+from gradlake.grads.capture_plan import plan
+from gradlake.grads.full import full_grads
 
 CASES = [(TokenBlock, (4, 5, 3)), (ConvNet2d, (3, 3, 8, 8)), (ConvNet1d, (3, 2, 12))]
 
@@ -46,10 +46,10 @@ def test_identity_projection_is_the_exact_per_sample_gradient(cls, shape, conv):
 
 
 @pytest.mark.parametrize("cls,shape", CASES, ids=[c.__name__ for c, _ in CASES])
-def test_exact_mode_matches_the_loop(cls, shape):
+def test_full_gradients_match_the_loop(cls, shape):
     model, x = _model(cls, shape)
     cotangents = fixed_cotangents(probes=1)
-    phi, _ = exact_grads(model, x, cotangents)
+    phi, _ = full_grads(model, x, cotangents)
     cots = cotangents(model(x).detach())
     assert rel_err(phi["C"], loop_grads(model, x, cots["C"])) < 1e-5
     assert rel_err(phi["V"][:, 0], loop_grads(model, x, cots["V"][:, 0])) < 1e-5

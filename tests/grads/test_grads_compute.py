@@ -39,18 +39,18 @@ def test_phi_C_is_the_gradient_of_the_samples_own_loss(name):
     assert phi["C"].dtype == torch.float32 and phi["C"].shape == ref.shape
     assert rel_err(phi["C"], ref) < 1e-5
     torch.testing.assert_close(loss, physics.scaled_mse(model(x), y).detach())
-    exact = compute(model, x, y, ("C",), projector=None)
-    assert rel_err(exact["C"], ref) < 1e-5
+    full = compute(model, x, y, ("C",), projector=None)
+    assert rel_err(full["C"], ref) < 1e-5
 
 
 def test_all_observables_share_one_forward_and_match_their_residuals():
     model, x, y = _setup("unet", batch=2)
     obs = ("C", "M", "E", "V")
     phi = compute(model, x, y, obs, projector=IDENTITY, channels=EULER, sample_ids=[7, 3], probes=2)
-    exact = compute(model, x, y, obs, projector=None, channels=EULER, sample_ids=[7, 3], probes=2)
+    full = compute(model, x, y, obs, projector=None, channels=EULER, sample_ids=[7, 3], probes=2)
     assert list(phi) == list(obs) and phi["V"].shape == (2, 2, IDENTITY.k(model))
     for name in obs:
-        assert rel_err(phi[name], exact[name]) < 1e-5, name
+        assert rel_err(phi[name], full[name]) < 1e-5, name
     # "V" is keyed by sample id, not batch position: sample 3 alone gives the same rows.
     alone = compute(model, x[1:], y[1:], ("V",), projector=Projector(k_in=8, k_out=8), channels=EULER,
                     sample_ids=[3], probes=2)

@@ -11,9 +11,9 @@ from thirdparty_models import TltorchFNO
 from gradlake.grads import Projector
 from gradlake.grads.allocation import allocate, block_statistics
 from gradlake.grads.capture import projected_grads
-from gradlake.grads.coverage import plan
-from gradlake.grads.exact import exact_grads
-from gradlake.grads.modules import ModuleGrads
+from gradlake.grads.capture_plan import plan
+from gradlake.grads.full import full_grads
+from gradlake.grads.module_rules import ModuleGrads
 from gradlake.grads.tensors import flat, parameter
 
 
@@ -77,13 +77,13 @@ def test_spectral_weights_are_projected_as_matrices_and_allocated_as_layers():
     blocks = {b["name"]: b for b in Projector(k_in=5, k_out=3).spec(model)["parameters"]}
     assert blocks["conv.weight.0.tensor"]["path"] == "spectral" and blocks["conv.weight.0.tensor"]["k"] == 15
     assert blocks["conv.bias"]["path"] == "exact"
-    exact, _ = exact_grads(model, x, lambda pred: {"C": cot})
-    dims = allocate(model_plan, block_statistics(model, exact["C"]), 300)
+    full, _ = full_grads(model, x, lambda pred: {"C": cot})
+    dims = allocate(model_plan, block_statistics(model, full["C"]), 300)
     assert set(spectral) <= set(dims["layers"])
     for projector in (Projector(seed=1, k_in=5, k_out=3),
                       Projector(seed=1, allocation="energy", k_total=300, dims=dims)):
         phi, _ = projected_grads(model, x, lambda pred: {"C": cot}, projector)
-        assert rel_err(phi["C"], projector.apply(model, exact["C"])) <= 1e-5
+        assert rel_err(phi["C"], projector.apply(model, full["C"])) <= 1e-5
 
 
 def test_capture_takes_the_weights_from_the_batchs_own_forward(monkeypatch):
@@ -98,8 +98,8 @@ def test_capture_takes_the_weights_from_the_batchs_own_forward(monkeypatch):
     monkeypatch.setattr("gradlake.grads.spectral.spectral_grads", rerun)
     again, _ = projected_grads(model, x, lambda pred: {"C": cot}, projector)
     assert rel_err(again["C"], first["C"]) <= 1e-6
-    exact, _ = exact_grads(model, x, lambda pred: {"C": cot})
-    assert rel_err(again["C"], projector.apply(model, exact["C"])) <= 1e-5
+    full, _ = full_grads(model, x, lambda pred: {"C": cot})
+    assert rel_err(again["C"], projector.apply(model, full["C"])) <= 1e-5
 
 
 @pytest.mark.parametrize("factorization", [None, "tucker"])

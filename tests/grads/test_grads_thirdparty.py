@@ -1,4 +1,4 @@
-"""Third-party architectures: exact Gram against a per-sample autograd loop, projected Gram against exact.
+"""Third-party architectures: full Gram against a per-sample autograd loop, projected Gram against the full one.
 
 neuraloperator's FNO and TFNO are built from the package (a test dependency). timm's ViT and
 Swin and torchvision's ViT run where those packages load (not next to the CPU torch wheel:
@@ -19,7 +19,7 @@ from thirdparty_models import (Conv1dNet, Conv3dNet, ConvNeXtNet, SpectralNormML
 from gradlake.errors import InputError
 from gradlake.grads import Projector, describe
 from gradlake.grads.capture import projected_grads
-from gradlake.grads.exact import exact_grads
+from gradlake.grads.full import full_grads
 
 BATCH = 6
 K = 16
@@ -110,19 +110,19 @@ def _correlation(a, b):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_exact_and_projected_grams(name):
+def test_full_and_projected_grams(name):
     model, x, cot, cotangents = _setup(name)
     ref = loop_grads(model, x, cot)  # independent: plain autograd, one sample at a time
-    exact, _ = exact_grads(model, x, cotangents)
-    assert exact["C"].shape == ref.shape
-    assert rel_err(_gram(exact["C"]), _gram(ref)) <= 1e-4
-    assert rel_err(exact["C"], ref) <= 1e-4
+    full, _ = full_grads(model, x, cotangents)
+    assert full["C"].shape == ref.shape
+    assert rel_err(_gram(full["C"]), _gram(ref)) <= 1e-4
+    assert rel_err(full["C"], ref) <= 1e-4
 
     projector = Projector(seed=0, k_in=K, k_out=K)
     phi, _ = projected_grads(model, x, cotangents, projector)
     # Exactly the projection of the true per-sample gradients (block by block, Projector.apply) ...
     assert rel_err(phi["C"], projector.apply(model, ref)) <= 1e-4
-    # ... whose Gram matrix follows the exact one.
+    # ... whose Gram matrix follows the full one.
     assert _correlation(_gram(phi["C"]), _gram(ref)) >= 0.95
 
 
@@ -148,8 +148,8 @@ def test_complex_parameters_are_real_and_imaginary_parts_not_the_real_part_only(
     assert entry["shape"] == [*block.shape, 2] and entry["k"] == 2 * block.numel()
     imag = ref[:, entry["offset"] + 1:entry["offset"] + entry["k"]:2]
     assert imag.norm() > 0.1 * ref[:, entry["offset"]:entry["offset"] + entry["k"]].norm()
-    exact, _ = exact_grads(model, x, cotangents)
-    assert rel_err(exact["C"][:, entry["offset"] + 1:entry["offset"] + entry["k"]:2], imag) <= 1e-4
+    full, _ = full_grads(model, x, cotangents)
+    assert rel_err(full["C"][:, entry["offset"] + 1:entry["offset"] + entry["k"]:2], imag) <= 1e-4
 
 
 def test_unsupported_modules_are_refused_up_front_with_their_name():

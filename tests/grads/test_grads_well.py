@@ -1,6 +1,6 @@
 """The Well's own 8 benchmark models (the_well 1.2.0 with the neuraloperator 0.3.0 it pins), at 32²
-with 4 channels: exact per-example gradients against a per-sample autograd loop, projected φ
-against P applied to them, and the projected Gram matrix against the exact one at k ≈ 1-7k.
+with 4 channels: full per-example gradients against a per-sample autograd loop, projected φ
+against P applied to them, and the projected Gram matrix against the full one at k ≈ 1-7k.
 
 They need a separate environment (the_well pins fsspec==2024.10.0 and neuraloperator 0.3, which
 conflict with this project's): ``make test-well`` builds it and runs this file; elsewhere it skips.
@@ -15,7 +15,7 @@ from grads_helpers import loop_grads, rel_err
 
 from gradlake.grads import Projector, describe
 from gradlake.grads.capture import projected_grads
-from gradlake.grads.exact import exact_grads
+from gradlake.grads.full import full_grads
 
 REASON = well_models.available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -47,8 +47,8 @@ def _correlation(a, b):
 def test_well_model_projected_gram_follows_the_exact_one(name):
     model, x, cot = _setup(name)
     ref = loop_grads(model, x, cot)  # independent: plain autograd, one sample at a time
-    exact, _ = exact_grads(model, x, lambda pred: {"C": cot})
-    assert rel_err(exact["C"], ref) <= 1e-4
+    full, _ = full_grads(model, x, lambda pred: {"C": cot})
+    assert rel_err(full["C"], ref) <= 1e-4
     gram = (ref @ ref.T).double()
     for seed in range(3):
         projector = Projector(seed=seed, k_in=K.get(name, 16), k_out=K.get(name, 16))

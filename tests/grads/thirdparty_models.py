@@ -395,7 +395,7 @@ class MaskedSpectralFilter(nn.Module):
 
 class ReFNOLike(nn.Module):
     """A model owning a positional embedding [H, W, C] around a block whose own parameter has a
-    leading 1 (per-sample copies of it must not be used inside the model's own exact rule)."""
+    leading 1 (per-sample copies of it must not be used inside the model's own rule)."""
 
     def __init__(self, channels=3, size=8, dim=4):
         super().__init__()

@@ -234,7 +234,7 @@ def _approximate_topk(store: str, name: str, query_where: str, train_where: Opti
                       checkpoint: Optional[str], metric: Optional[str], damping: Optional[float], nprobe: int,
                       refine: int, options):
     """Top-k from the index ``name``, once it is known to answer for these settings."""
-    from gradlake.approx import ApproximateIndex
+    from gradlake.approximate_index import ApproximateIndex
 
     if len(pair) != 2:
         raise InputError(f"--pair: expected two observable letters like 'CC', got {pair!r}")
@@ -265,7 +265,7 @@ def index_build(
     endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet,
 ):
     """Build the approximate index of the whitened φ's of a selection, beside the store."""
-    from gradlake.approx import INDEX_DIR, build_index
+    from gradlake.approximate_index import INDEX_DIR, build_index
 
     record = build_index(store, name, where, observable, metric, checkpoint, factory or None, damping, train_rows,
                          seed, storage_options(endpoint_url, profile) or None)
@@ -275,7 +275,7 @@ def index_build(
 @index_app.command("list")
 def index_list(store: str = StoreArg, endpoint_url: str = EndpointUrl, profile: str = Profile, quiet: bool = Quiet):
     """The indexes beside a store and what each was built from."""
-    from gradlake.approx import index_records
+    from gradlake.approximate_index import index_records
 
     records = index_records(_open(store, endpoint_url, profile).url, storage_options(endpoint_url, profile) or None)
     for name, r in records.items():

@@ -93,7 +93,8 @@ def exact(
     normalize: str = typer.Option("none,row-std,cosine", "--normalize", help="Normalisations of the agreement report."),
     max_iter: int = typer.Option(2000, "--max-iter", help="pcg and paper iterations; lanczos block steps."),
     block: int = typer.Option(8, "--block", help="Vectors per vmapped JVP/VJP (memory vs speed)."),
-    dtype: str = typer.Option("float64", "--dtype", help="float64 or float32."),
+    compute_dtype: str = typer.Option("float64", "--compute-dtype", "--dtype",
+                                      help="Precision of the model's products (J, JVP, VJP): float64 or float32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     address: str = Address,
     num_cpus: int = NumCpus,
@@ -115,7 +116,8 @@ def exact(
                              "paper_check": paper_check, "krylov_gb": krylov_gb,
                              "minibatches": minibatches, "method": method, "space": space, "agreement": agreement,
                              "cpus": cpus, "split": split, "ks": [int(k) for k in names(ks)], "probes": probes,
-                             "max_iter": max_iter, "block": block, "dtype": dtype, "device": device}},
+                             "max_iter": max_iter, "block": block, "compute_dtype": compute_dtype,
+                             "device": device}},
         "ray": {"address": address, "num_cpus": num_cpus},
     }, source="gradlake exact")
     options = storage_options(endpoint_url, profile)

@@ -25,6 +25,7 @@ from gradlake.config.schema import (
     help_of,
     non_negative,
     positive,
+    recorded,
     rule,
     setting,
     settings_hash,
@@ -34,5 +35,5 @@ __all__ = [
     "NORMALIZATIONS", "OBSERVABLES", "RENAMED", "SECRET_WORDS", "STAGES", "DataConfig", "EvalConfig", "ExactConfig",
     "GradsConfig", "JobConfig", "LdsConfig", "ModelConfig", "RayConfig", "ReduceConfig", "ReportConfig",
     "StoreConfig", "TaskConfig", "TrainConfig", "_build", "dumps", "fraction", "help_of", "load_job",
-    "non_negative", "parse_job", "positive", "rule", "secret_option", "setting", "settings_hash",
+    "non_negative", "parse_job", "positive", "recorded", "rule", "secret_option", "setting", "settings_hash",
 ]

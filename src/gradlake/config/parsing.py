@@ -116,8 +116,21 @@ def _convert(value: Any, tp, path: str):
     raise TypeError(f"unsupported setting type {tp!r} at {path}")  # a bug in this module
 
 
+def _renames(cls, prefix: str = "") -> dict[tuple[str, str], str]:
+    """(section, old name) -> new name of every setting of ``cls`` (and its sections) whose field says
+    what it ``was`` (:func:`gradlake.config.schema.setting`)."""
+    found = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "was" in f.metadata:
+            found[(prefix, f.metadata["was"])] = f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            found.update(_renames(hints[f.name], f"{prefix}.{f.name}" if prefix else f.name))
+    return found
+
+
 # Settings renamed: (section, old name) -> new name. The old name is still read, with a warning.
-RENAMED = {("data", "splits"): "split_fractions", ("grads", "dtype"): "storage_dtype"}
+RENAMED = _renames(JobConfig)
 
 
 def _renamed(values: dict[str, Any], prefix: str) -> dict[str, Any]:

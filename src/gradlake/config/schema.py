@@ -43,9 +43,11 @@ def rule(check, default=dataclasses.MISSING, help: str = "", **kw):
     return field(default=default, metadata=metadata, **kw)
 
 
-def setting(default, help: str):
-    """A dataclass field with its help text (and no value check)."""
-    return field(default=default, metadata={"help": help})
+def setting(default, help: str, was: str = ""):
+    """A dataclass field with its help text (and no value check). ``was``: the setting's old name,
+    if it was renamed: job files may still give it (a FutureWarning), and hashes and result
+    records keep it (:func:`recorded`), so results made before the rename still match."""
+    return field(default=default, metadata={"help": help, **({"was": was} if was else {})})
 
 
 def help_of(section, name: str) -> str:
@@ -65,7 +67,8 @@ class DataConfig:
     steps: int = rule(lambda x: _check(x >= 2, ">= 2"), 9)  # stored snapshots per trajectory
     resolution: int = rule(lambda x: _check(x >= 8, ">= 8"), 64)
     seed: int = 0
-    split_fractions: tuple[float, float, float] = (0.65, 0.05, 0.30)  # train / val / test, by trajectory
+    split_fractions: tuple[float, float, float] = setting((0.65, 0.05, 0.30), "Train / val / test fractions, by "
+                                                          "trajectory.", was="splits")
     output_dt: float = rule(non_negative, 0.0)  # time between snapshots; 0 -> the family's default
     cfl: float = rule(lambda x: _check(0 <= x < 1, "in [0, 1)"), 0.0)  # 0 -> the family's default
     viscosity: float = rule(positive, 1e-3)  # ns only
@@ -136,7 +139,7 @@ class GradsConfig:
     probe_seed: int | None = rule(lambda x: _check(x is None or x >= 0, ">= 0"), None,
                                   help="Seed of the V probes (apart from the projection's); unset: --seed.")
     storage_dtype: Literal["float16", "float32"] = setting(
-        "float16", "Stored dtype of φ: float16 or float32 (computed in --precision, then cast).")
+        "float16", "Stored dtype of φ: float16 or float32 (computed in --precision, then cast).", was="dtype")
     splits: tuple[str, ...] = setting(("train", "val", "test"), "Splits whose samples the store holds.")
     batch_size: int = rule(positive, 16, help="Samples per gradient batch.")
     shard_rows: int = rule(non_negative, 0, help="Rows per shard (one zarr shard, one writer; the unit of work and "
@@ -192,7 +195,8 @@ class ExactConfig:
     max_iter: int = rule(positive, 2000)  # pcg and paper iterations; lanczos block steps
     block: int = rule(positive, 8)  # vectors per vmapped JVP/VJP (memory vs speed)
     cpus: int = rule(positive, 1)  # CPUs (torch threads) per minibatch task
-    dtype: Literal["float64", "float32"] = "float64"  # precision of the model's products (J, JVP, VJP)
+    compute_dtype: Literal["float64", "float32"] = setting(
+        "float64", "Precision of the model's products (J, JVP, VJP): float64 or float32.", was="dtype")
     device: str = "auto"
 
 
@@ -322,9 +326,21 @@ class JobConfig:
 STAGES = ("data", "train", "grads", "reduce", "lds", "report")
 
 
+def recorded(settings) -> dict[str, Any]:
+    """A settings dataclass as hashes and result records hold it: ``dataclasses.asdict``, with
+    renamed settings under their old names (``was``)."""
+    values = dataclasses.asdict(settings)
+    out = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        out[f.metadata.get("was", f.name)] = recorded(value) if dataclasses.is_dataclass(value) else values[f.name]
+    return out
+
+
 def settings_hash(*parts: Any) -> str:
-    """A short, stable hash of settings (dataclasses or JSON values): what a result depends on."""
-    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+    """A short, stable hash of settings (dataclasses, as :func:`recorded`, or JSON values): what a
+    result depends on."""
+    blob = json.dumps([recorded(p) if dataclasses.is_dataclass(p) else p for p in parts],
                       sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

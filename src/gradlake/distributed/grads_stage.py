@@ -1,9 +1,9 @@
 """The grads stage: plan shards, create the store, drive a pool of Ray actors over them.
 
-The driver checks every input (gradlake.distributed.grads_inputs) and the store's
-compatibility (gradlake.distributed.grads_store) before any work, skips committed shards, hands
+The driver checks every input (gradlake.stages.grads_inputs) and the store's
+compatibility (gradlake.stages.grads_plan) before any work, skips committed shards, hands
 one shard at a time to each actor of the executor (gradlake.distributed.executor: each actor
-holds a ShardWorker with its models), which retries failed shards with backoff on any actor; a
+holds a ShardWorker with its models, gradlake.stages.grads_unit), which retries failed shards with backoff on any actor; a
 shard that keeps failing is reported once the others are done (GradlakeError). It holds the
 store's lease from before it writes anything until the end, and compacts the committed shards'
 sample rows into samples.parquet: each compaction group as soon as its shards are all
@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradlake.config import GradsConfig, RayConfig, TaskConfig
-from gradlake.distributed.grads_inputs import Inputs, check_inputs
-from gradlake.distributed.grads_store import prepare
-from gradlake.distributed.plan import ShardTask
-from gradlake.distributed.shard_work import FAULT_ENV, Fault, WorkerSettings, open_worker, run_shard
 from gradlake.errors import GradlakeError, InputError
+from gradlake.stages.grads_inputs import Inputs, check_inputs
+from gradlake.stages.grads_plan import prepare
+from gradlake.stages.grads_unit import FAULT_ENV, Fault, ShardTask, WorkerSettings, open_worker, run_shard
 from gradlake.store import Lease, compact
 from gradlake.store.layout import StoreFiles, group_shards
 from gradlake.store.writer import set_stage_status

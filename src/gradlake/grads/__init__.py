@@ -6,13 +6,13 @@
     p.spec(model)                                      # JSON provenance; Projector.from_spec(spec)
     describe(model, inputs)                            # which path covers each module's parameters
 
-See :mod:`gradlake.grads.projector` (the projection), :mod:`gradlake.grads.coverage` (which
+See :mod:`gradlake.grads.projector` (the projection), :mod:`gradlake.grads.capture_plan` (which
 path covers each parameter), :mod:`gradlake.grads.routes` (which hooks cover them, checked),
 :mod:`gradlake.grads.capture` (one batch's forward and backward passes), :mod:`gradlake.grads.hooks`
-(its hooks; :mod:`~gradlake.grads.kron`, :mod:`~gradlake.grads.modules` with
+(its hooks; :mod:`~gradlake.grads.kron`, :mod:`~gradlake.grads.module_rules` with
 :mod:`~gradlake.grads.affine`, :mod:`~gradlake.grads.attention`, :mod:`~gradlake.grads.spectral`
-and :mod:`~gradlake.grads.tensors` their rules) and :mod:`gradlake.grads.exact` (the exact
-reference path).
+and :mod:`~gradlake.grads.tensors` their rules) and :mod:`gradlake.grads.full` (full per-example
+gradients, the reference path).
 """
 
 from gradlake.grads.adapters import ChannelsLast

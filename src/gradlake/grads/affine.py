@@ -1,5 +1,5 @@
 """The affine and additive rules: a module whose output is base(x) ⊙ weight + bias, or base(x) + p,
-with its parameters broadcast along some output axes (see :mod:`gradlake.grads.modules`).
+with its parameters broadcast along some output axes (see :mod:`gradlake.grads.module_rules`).
 
 :func:`simple_rule` admits one only where it reproduces the module's output on one sample with
 random parameter values, so it never rests on the module's class or parameter names.

@@ -11,7 +11,7 @@ total k to the blocks where it removes the most error:
   for a dense factor; an identity side (a = d_out, b = d_in, k = numel) adds nothing;
 - the error of the Gram matrix Σ_blocks is then ≈ Σ_b [Q_b/a + Q_b/b + W_b/(ab)] with
   W_b = mean ‖G‖⁴ and Q_b = mean ‖GGᵀ‖_F² over calibration rows (and W/k for dense blocks);
-- a spectral weight (:mod:`gradlake.grads.coverage`) counts as a layer, keyed by its parameter name;
+- a spectral weight (:mod:`gradlake.grads.capture_plan`) counts as a layer, keyed by its parameter name;
 - :func:`allocate` starts every block at one row per factor and doubles (or completes to the
   identity) the factor with the largest error removed per coordinate added, while it fits.
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from gradlake.errors import InputError
-from gradlake.grads.coverage import Plan, plan
+from gradlake.grads.capture_plan import Plan, plan
 from gradlake.grads.projector import Projector
 
 SIGNIFICANT = 4  # digits the calibration statistics are rounded to before allocating
@@ -74,7 +74,7 @@ def block_statistics(model: nn.Module, grads: torch.Tensor) -> dict[str, dict[st
             entry["bias_w4"] = ((block(bias) ** 2).sum(1) ** 2).mean()
         layers[name] = {key: _round(value) for key, value in entry.items()}
     spectral = {name for name, _, _ in model_plan.spectral}
-    for entry in model_plan.exact:
+    for entry in model_plan.ruled:
         for qualified in (q for q, _ in entry.params if q not in spectral):
             norms = (block(qualified) ** 2).sum(1)
             dense[qualified] = {"energy": _round(norms.mean()), "w4": _round((norms**2).mean())}
@@ -143,7 +143,7 @@ def allocate(model_plan: Plan, statistics: dict[str, Any], k_total: int) -> dict
         for name, d_out, d_in in model_plan.spectral:
             states.append(("layers", name, _LayerState(d_out, d_in, False, statistics["layers"][name])))
         spectral = {name for name, _, _ in model_plan.spectral}
-        for entry in model_plan.exact:
+        for entry in model_plan.ruled:
             for qualified in (q for q, _ in entry.params if q not in spectral):
                 numel = int(np.prod(dict(model_plan.parameters)[qualified]) or 1)
                 states.append(("dense", qualified, _DenseState(numel, statistics["dense"][qualified])))

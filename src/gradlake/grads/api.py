@@ -1,4 +1,4 @@
-"""``compute``: projected (or exact) per-example gradients of the observables of a batch; ``describe``:
+"""``compute``: projected (or full) per-example gradients of the observables of a batch; ``describe``:
 which path captures each module's parameters."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from torch import nn
 from gradlake import physics
 from gradlake.errors import InputError
 from gradlake.grads.capture import projected_grads
-from gradlake.grads.coverage import plan
-from gradlake.grads.exact import exact_grads
+from gradlake.grads.capture_plan import plan
+from gradlake.grads.full import full_grads
 from gradlake.grads.hooks import module_grads
 from gradlake.grads.projector import Projector
 from gradlake.grads.routes import routes
@@ -51,7 +51,7 @@ def compute(model: nn.Module, inputs, targets, observables: Sequence[str] = ("C"
     """φ_A = P J_iᵀ r_{A,i} for each observable A and sample i of one batch.
 
     Returns {A: float32 [B, k]} ("V": [B, probes, k]) on the model's device, with
-    k = ``projector.k(model)``; ``projector=None`` gives the exact gradient [B, p] (small
+    k = ``projector.k(model)``; ``projector=None`` gives the full gradient [B, p] (small
     models only). φ_C is the projected gradient of the sample's own loss. The cotangents
     r_A come from :func:`gradlake.physics.residuals` of ``task`` (default: the paper's scaled
     MSE and M/E drifts, :class:`gradlake.physics.PDETask`); inputs are [B, C, *grid] with any
@@ -94,7 +94,7 @@ def compute(model: nn.Module, inputs, targets, observables: Sequence[str] = ("C"
 
     with evaluating(model):
         if projector is None:
-            phi, pred = exact_grads(model, x, cotangents)
+            phi, pred = full_grads(model, x, cotangents)
         else:
             phi, pred = projected_grads(model, x, cotangents, projector, PRECISIONS[precision])
     if return_loss:
@@ -108,7 +108,7 @@ def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None
     One row per module that captures parameters: {"module", "type", "path", "parameters"},
     path "kron" (factorised Linear/Conv), "expand" (per-sample copies of a container's
     [1, ...] parameters), "affine", "additive", "attention", "vmap" (exact per-sample rules of
-    :mod:`gradlake.grads.modules`) or "loop" (the per-sample autograd fallback, with
+    :mod:`gradlake.grads.module_rules`) or "loop" (the per-sample autograd fallback, with
     "reason"). A module that covers parameters of submodules it does not call lists them
     all. Unsupported structures raise :class:`gradlake.errors.InputError` naming the module.
     """
@@ -120,7 +120,7 @@ def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None
     rows = [{"module": layer.name, "type": type(layer.module).__name__, "path": "kron",
              "parameters": [n for n in (layer.weight, layer.bias) if n]}
             for layer in model_plan.layers if layer.name in covered.reached]
-    for entry in covered.exact(model_plan, model):
+    for entry in covered.ruled(model_plan, model):
         grads = module_grads(entry)
         row = {"module": entry.name, "type": type(entry.module).__name__, "path": grads.path() or "unused",
                "parameters": [q for q, _ in entry.params]}

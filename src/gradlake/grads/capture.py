@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from gradlake.errors import GradlakeError, InputError
-from gradlake.grads.coverage import Plan, plan
+from gradlake.grads.capture_plan import Plan, plan
 from gradlake.grads.hooks import BatchHooks
 from gradlake.grads.projector import Projector
 from gradlake.grads.routes import Routes, frozen, per_sample_copies, routes
@@ -68,7 +68,7 @@ def projected_grads(model: nn.Module, inputs: torch.Tensor, cotangents: Cotangen
 
 
 def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
-    capture = BatchHooks(model_plan, covered.exact(model_plan, model), covered.reached, projector,
+    capture = BatchHooks(model_plan, covered.ruled(model_plan, model), covered.reached, projector,
                          inputs.shape[0], inputs.device, dtype)
     autocast = torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32)
     copies = per_sample_copies(model, [q for _, qs in covered.expanded for q in qs], inputs.shape[0])
@@ -90,7 +90,7 @@ def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
                     capture.add_dense(name, g)
             for (entry, local, _), g in zip(capture.copies, grads[len(copies):]):
                 if g is not None:
-                    capture.add_exact(entry, {local: g})
+                    capture.add_per_sample(entry, {local: g})
     return gather(capture.phi, slots), pred.detach()
 
 

@@ -7,8 +7,8 @@ Parameters are frozen while capturing, so backward propagates activation gradien
   input is the smaller of the two to hold — and hooks its output; in backward, with δ the
   output gradient, the per-example block is Σ_positions (P_out δ) ⊗ ã and the bias block
   Σ_positions P_out δ (:mod:`gradlake.grads.kron`);
-- any other module gets the exact per-example gradient of its own parameters by the
-  verified rules of :mod:`gradlake.grads.modules`, then a dense projection (a spectral
+- any other module (a ruled one) gets the full per-example gradient of its own parameters by the
+  verified rules of :mod:`gradlake.grads.module_rules`, then a dense projection (a spectral
   weight's: P_out ⊗ P_in). A spectral convolution's forward is recorded for the
   ``spectral`` rule (:mod:`gradlake.grads.spectral`: its weights' blocks come from the
   gradients of its contractions' outputs, the rest from its output gradient). An affine
@@ -38,8 +38,8 @@ from torch import nn
 from gradlake.errors import GradlakeError
 from gradlake.grads import kron, spectral
 from gradlake.grads.affine import Affine
-from gradlake.grads.coverage import ExactModule, Layer, Plan
-from gradlake.grads.modules import ModuleGrads
+from gradlake.grads.capture_plan import Layer, Plan, RuledModule
+from gradlake.grads.module_rules import ModuleGrads
 from gradlake.grads.projector import Projector
 from gradlake.grads.tensors import flat
 
@@ -48,11 +48,11 @@ class BatchHooks:
     """Hooks for one batch: projected inputs in forward, per-example blocks in backward, added into
     ``phi`` [slots, B, k] at the backward pass ``slot``."""
 
-    def __init__(self, model_plan: Plan, exact: tuple[ExactModule, ...], reached: frozenset[str],
+    def __init__(self, model_plan: Plan, ruled: tuple[RuledModule, ...], reached: frozenset[str],
                  projector: Projector, batch: int, device: torch.device, dtype: torch.dtype):
         self.plan, self.projector, self.batch, self.device, self.dtype = model_plan, projector, batch, device, dtype
         self.layers = tuple(layer for layer in model_plan.layers if layer.name in reached)
-        self.exact = exact
+        self.ruled = ruled
         self.layer_of = {n: layer for layer in model_plan.layers for n in (layer.weight, layer.bias) if n}
         layout = model_plan.layout(projector)
         self.blocks = {block.name: block for block in layout.blocks}
@@ -68,7 +68,7 @@ class BatchHooks:
         self._identity: dict[int, torch.Tensor] = {}
         self._factors: dict[tuple, torch.Tensor | None] = {}
         self._recording: spectral.Recording | None = None
-        self.copies: list[tuple[ExactModule, str, torch.Tensor]] = []  # per-sample parameter copies [B, ...]
+        self.copies: list[tuple[RuledModule, str, torch.Tensor]] = []  # per-sample parameter copies [B, ...]
         self._forwarded: torch.Tensor | None = None  # the output of the last per-sample forward
 
     @contextlib.contextmanager
@@ -77,10 +77,10 @@ class BatchHooks:
         with contextlib.ExitStack() as stack:
             for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
-            for entry in self.exact:
+            for entry in self.ruled:
                 if spectral.supported(entry.module):
                     handles.append(entry.module.register_forward_pre_hook(partial(self._spectral_forward, entry)))
-                handles.append(entry.module.register_forward_hook(partial(self._exact_forward, entry),
+                handles.append(entry.module.register_forward_hook(partial(self._ruled_forward, entry),
                                                                   with_kwargs=True))
                 if module_grads(entry).path() == "vmap" and {local for _, local in entry.params} == {
                         n for n, _ in entry.module.named_parameters()}:
@@ -158,14 +158,14 @@ class BatchHooks:
         self.phi[self.slot, :, offset:offset + k] += block.reshape(self.batch, k)
 
     # Every other module with parameters ---------------------------------------------------
-    def _spectral_forward(self, entry: ExactModule, module: nn.Module, args) -> None:
+    def _spectral_forward(self, entry: RuledModule, module: nn.Module, args) -> None:
         """Records the forward of a module with a spectral contraction (:mod:`gradlake.grads.spectral`),
         once the spectral rule holds for it (before: its own forward, the rule then reruns it)."""
         if self.active and "spectral" in module_grads(entry).path().split("+"):
             self._recording = spectral.Recording(module, module_grads(entry).params())
             self._recording.open()
 
-    def _per_sample_forward(self, entry: ExactModule, forward, *args, **kwargs):
+    def _per_sample_forward(self, entry: RuledModule, forward, *args, **kwargs):
         """A module on the vmap rule run with per-sample copies of its parameters (their gradients
         come from the batch's own backward: no rerun), where that gives its own output."""
         if not self.active:
@@ -181,7 +181,7 @@ class BatchHooks:
         self.copies.extend((entry, local, copy) for local, copy in copies.items())
         return self._forwarded
 
-    def _exact_forward(self, entry: ExactModule, module: nn.Module, args, kwargs, output):
+    def _ruled_forward(self, entry: RuledModule, module: nn.Module, args, kwargs, output):
         if not self.active or output is self._forwarded:
             return None
         record, self._recording = self._recording, None
@@ -209,12 +209,12 @@ class BatchHooks:
                 call.out.register_hook(partial(self._spectral_backward, entry, record, call))
         for i in followed:
             outputs[i] = self._track(entry.name, outputs[i])
-            outputs[i].register_hook(partial(self._exact_backward, entry, held, None if single else i))
+            outputs[i].register_hook(partial(self._ruled_backward, entry, held, None if single else i))
         if single:
             return outputs[0]
         return type(output)(*outputs) if hasattr(output, "_fields") else type(output)(outputs)
 
-    def _spectral_backward(self, entry: ExactModule, record, call, d: torch.Tensor) -> None:
+    def _spectral_backward(self, entry: RuledModule, record, call, d: torch.Tensor) -> None:
         project = {local: tuple(self.projector.factor(qualified, self.blocks[qualified].shape, role,
                                                       self.blocks[qualified].factors[f"d_{role}"], self.device,
                                                       torch.float32) for role in ("out", "in"))
@@ -223,9 +223,9 @@ class BatchHooks:
         for qualified, local in entry.params:
             if local in projected:
                 self._add(qualified, projected[local])
-        self.add_exact(entry, {n: flat(g, self.batch) for n, g in grads.items()})
+        self.add_per_sample(entry, {n: flat(g, self.batch) for n, g in grads.items()})
 
-    def _exact_backward(self, entry: ExactModule, held: dict, index: int | None, delta: torch.Tensor) -> None:
+    def _ruled_backward(self, entry: RuledModule, held: dict, index: int | None, delta: torch.Tensor) -> None:
         output = held.get("output")
         last = index is None and self.slot == self.slots - 1  # (tuple outputs share what is held)
         if "record" in held:  # the other parameters (the bias) here, the weights' in _spectral_backward
@@ -233,21 +233,21 @@ class BatchHooks:
                 return
             additive = module_grads(entry).direct
             if additive is not None:
-                self.add_exact(entry, additive({}, (), {}, _full(delta), None))
+                self.add_per_sample(entry, additive({}, (), {}, _full(delta), None))
                 return
             held["busy"] = True
             try:
                 grads = held["record"].direct_grads(output, _full(delta))
             finally:
                 held["busy"] = False
-            self.add_exact(entry, {n: flat(g, self.batch) for n, g in grads.items()})
+            self.add_per_sample(entry, {n: flat(g, self.batch) for n, g in grads.items()})
             return
         if output is not None and output._version == held["version"]:  # (else changed in place since)
             params = module_grads(entry).params()
             per_sample = held["affine"].from_output(output.detach(), _full(delta), params)
             if last:
                 held.clear()
-            self.add_exact(entry, per_sample)
+            self.add_per_sample(entry, per_sample)
             return
         args, kwargs = held["args"], held["kwargs"]
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -263,10 +263,10 @@ class BatchHooks:
             self.active = True
         if last:
             held.clear()
-        self.add_exact(entry, per_sample)
+        self.add_per_sample(entry, per_sample)
 
-    def add_exact(self, entry: ExactModule, per_sample: dict[str, torch.Tensor]) -> None:
-        """Projection of each parameter's exact [B, numel] per-sample gradient into φ, by its block's factors."""
+    def add_per_sample(self, entry: RuledModule, per_sample: dict[str, torch.Tensor]) -> None:
+        """Projection of each parameter's full [B, numel] per-sample gradient into φ, by its block's factors."""
         for qualified, local in entry.params:
             if local not in per_sample:  # (a rule giving some parameters' contributions at a time)
                 continue
@@ -286,11 +286,11 @@ class BatchHooks:
                 self._add(qualified, g if p_in is None else g @ p_in.T)
                 continue
             # a layer not called on batched inputs: projected here
-            self._add(qualified, kron.project_exact(self.layer_of[qualified], block.path, g, self.projector,
-                                                    self.device))
+            self._add(qualified, kron.project_per_sample(self.layer_of[qualified], block.path, g, self.projector,
+                                                         self.device))
 
     def add_dense(self, qualified: str, g: torch.Tensor) -> None:
-        """Dense projection of an exact [B, numel] per-sample gradient into φ."""
+        """Dense projection of a full [B, numel] per-sample gradient into φ."""
         factor = self.projector.factor(qualified, self.blocks[qualified].shape, "dense", g.shape[1], self.device,
                                        torch.float32)
         self._add(qualified, g if factor is None else g @ factor.T)
@@ -317,8 +317,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 _MODULE_GRADS: weakref.WeakKeyDictionary[nn.Module, ModuleGrads] = weakref.WeakKeyDictionary()
 
 
-def module_grads(entry: ExactModule) -> ModuleGrads:
-    """The rules of an exact module's parameters (one per module, kept while it lives)."""
+def module_grads(entry: RuledModule) -> ModuleGrads:
+    """The rules of a ruled module's parameters (one per module, kept while it lives)."""
     names = tuple(local for _, local in entry.params)
     found = _MODULE_GRADS.get(entry.module)
     if found is None or found.names != names:

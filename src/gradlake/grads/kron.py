@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradlake.grads.coverage import Layer
+from gradlake.grads.capture_plan import Layer
 from gradlake.grads.projector import Projector
 
 Factor = Callable[..., "torch.Tensor | None"]
@@ -77,9 +77,9 @@ def blocks(layer: Layer, delta: torch.Tensor, projected: torch.Tensor, batch: in
     return delta.transpose(1, 2) @ projected, delta.sum(dim=1)
 
 
-def project_exact(layer: Layer, path: str, g: torch.Tensor, projector: Projector, device: torch.device
-                  ) -> torch.Tensor:
-    """A layer's exact [B, numel] weight (``path`` "kron") or bias ("kron-bias") gradient projected
+def project_per_sample(layer: Layer, path: str, g: torch.Tensor, projector: Projector, device: torch.device
+                       ) -> torch.Tensor:
+    """A layer's full [B, numel] weight (``path`` "kron") or bias ("kron-bias") gradient projected
     by its factors (a layer not called on batched inputs, covered by an ancestor's rule)."""
     batch, shape = g.shape[0], tuple(layer.module.weight.shape)
 

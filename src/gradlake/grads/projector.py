@@ -12,14 +12,14 @@ it acts on is the identity (exact); with large enough k_in, k_out and k_dense th
 projection is the identity and φ equals the per-example gradient (in the layout of
 ``model.named_parameters()``), which is what the exactness tests use.
 
-How each parameter is covered (see :mod:`gradlake.grads.coverage`):
+How each parameter is covered (see :mod:`gradlake.grads.capture_plan`):
 - ``kron``: the weight of a Linear or Conv layer, projected by P_out ⊗ P_in
   (k_out' * k_in' coordinates; k' = min(k, dimension));
 - ``kron-bias``: that layer's bias, projected by the same P_out (k_out' coordinates);
-- ``exact``: any other parameter, whose per-example gradient is computed exactly and
-  projected by a dense matrix (min(k_dense, numel) coordinates);
-- ``spectral``: a spectral conv's weight, computed exactly and projected as a d_out x d_in
-  matrix by P_out ⊗ P_in (:mod:`gradlake.grads.coverage`).
+- ``exact``: any other parameter (a ruled module's), whose full per-example gradient is computed
+  by its module's rule and projected by a dense matrix (min(k_dense, numel) coordinates);
+- ``spectral``: a spectral conv's weight, computed in full and projected as a d_out x d_in
+  matrix by P_out ⊗ P_in (:mod:`gradlake.grads.capture_plan`).
 
 Allocation: "uniform" gives every layer the same k_in x k_out and every other parameter
 k_dense; "energy" gives each layer and parameter its own rows (``dims``), chosen by
@@ -153,7 +153,7 @@ class Projector:
 
     def spec(self, model: nn.Module) -> dict[str, Any]:
         """JSON-able description: settings, generator, total k, every parameter and its block."""
-        from gradlake.grads.coverage import plan
+        from gradlake.grads.capture_plan import plan
 
         layout = plan(model).layout(self)
         return {"format": SPEC_FORMAT, "generator": GENERATOR, **self.settings(), "k": layout.k,
@@ -161,7 +161,7 @@ class Projector:
 
     def k(self, model: nn.Module) -> int:
         """Length of φ for ``model``."""
-        from gradlake.grads.coverage import plan
+        from gradlake.grads.capture_plan import plan
 
         return plan(model).layout(self).k
 
@@ -171,7 +171,7 @@ class Projector:
         The reference for the factorised capture (and the projection step of the dense
         baselines): the same P, applied block by block to gradients that exist in full.
         """
-        from gradlake.grads.coverage import plan
+        from gradlake.grads.capture_plan import plan
 
         model_plan = plan(model)
         layers = {layer.name: layer for layer in model_plan.layers}

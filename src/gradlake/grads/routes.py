@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from gradlake.errors import InputError
-from gradlake.grads.coverage import ExactModule, Plan
+from gradlake.grads.capture_plan import Plan, RuledModule
 from gradlake.grads.tensors import flat, inner, parameter
 from gradlake.grads.projector import Projector
 
@@ -63,17 +63,17 @@ class Routes:
     expanded: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (container, its parameters given per-sample copies)
     grouped: frozenset[str] = frozenset()  # reached modules called on [batch * m, ...] rows, m per sample
 
-    def exact(self, model_plan: Plan, model: nn.Module) -> tuple[ExactModule, ...]:
-        """The exact modules of the plan that were reached, with the claimed parameters added."""
+    def ruled(self, model_plan: Plan, model: nn.Module) -> tuple[RuledModule, ...]:
+        """The ruled modules of the plan that were reached, with the claimed parameters added."""
         claims = dict(self.claims)
         expanded = dict(self.expanded)
         entries = []
-        for entry in model_plan.exact:
+        for entry in model_plan.ruled:
             if entry.name in self.reached and entry.name not in expanded:
                 extra = claims.pop(entry.name, ())
-                entries.append(ExactModule(entry.name, entry.module, entry.params + _local(entry.name, extra)))
+                entries.append(RuledModule(entry.name, entry.module, entry.params + _local(entry.name, extra)))
         for name, params in claims.items():
-            entries.append(ExactModule(name, model.get_submodule(name), _local(name, params)))
+            entries.append(RuledModule(name, model.get_submodule(name), _local(name, params)))
         return tuple(entries)
 
 
@@ -164,7 +164,7 @@ def routes(model: nn.Module, model_plan: Plan, inputs: torch.Tensor, projector: 
 def _assemble(model, model_plan: Plan, reached: set[str], used: set[str], x, cot, reference, grouped) -> Routes:
     """Routes from the modules reached on batched inputs: the others' parameters claimed by ancestors."""
     entries = [(layer.name, (layer.weight, layer.bias)) for layer in model_plan.layers]
-    entries += [(entry.name, tuple(q for q, _ in entry.params)) for entry in model_plan.exact]
+    entries += [(entry.name, tuple(q for q, _ in entry.params)) for entry in model_plan.ruled]
     claims: dict[str, list[str]] = {}
     for name, qualified in entries:
         missing = [q for q in qualified if q in used]
@@ -218,17 +218,17 @@ def _expandable(model: nn.Module, model_plan: Plan, reached, claims, x: torch.Te
     all have a leading 1 that broadcasts over the batch: their per-sample gradients come from the
     batched backward through per-sample copies [B, ...] of them, instead of a vmap over the whole
     container. Used where, on the two samples ``x``, the copies give the same output and the same
-    per-sample gradients as the ``reference`` (autograd, one sample at a time), and where no exact
+    per-sample gradients as the ``reference`` (autograd, one sample at a time), and where no ruled
     module encloses the container (its rule reruns it on single samples, where [B, ...] copies
     would not fit, as in ReFNO's spectral filters inside the model that owns the positional embedding)."""
     found = []
-    for entry in model_plan.exact:
+    for entry in model_plan.ruled:
         params = [parameter(entry.module, local) for _, local in entry.params]
         if (entry.name in reached and entry.name not in claims and any(True for _ in entry.module.children())
                 and all("." not in local for _, local in entry.params)
                 and all(p.dim() >= 1 and p.shape[0] == 1 for p in params)):
             found.append((entry.name, tuple(q for q, _ in entry.params)))
-    ruled = ({entry.name for entry in model_plan.exact if entry.name in reached} | set(claims)) - {n for n, _ in found}
+    ruled = ({entry.name for entry in model_plan.ruled if entry.name in reached} | set(claims)) - {n for n, _ in found}
     found = [(name, qs) for name, qs in found
              if not any(r != name and (not r or name.startswith(f"{r}.")) for r in ruled)]
     if not found:

@@ -286,7 +286,7 @@ def _lanczos(jac, res, observables, pairs, damping, solver, lambdas, normalize, 
     if not info.converged:
         krylov = _bounds(solve, damping, pairs, normalize, floor=False)
         why = (f"the round-off floor of {kv_dtype} products, about u‖K‖/λ, is above it; use float64 products "
-               "(dtype), a larger λ or a larger htol" if krylov <= solver.htol else
+               "(compute_dtype), a larger λ or a larger htol" if krylov <= solver.htol else
                f"after {quad.products} products, Krylov dimension {quad.theta.numel()} of {n}; raise krylov_gb "
                "(the basis' memory) or max_iter, or λ")
         raise GradlakeError(f"exact: block Lanczos did not bound H within htol={solver.htol:g} at λ = {damping:g} "

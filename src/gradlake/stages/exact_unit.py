@@ -70,7 +70,7 @@ def run_unit(spec: ExactSpec, unit: Minibatch) -> dict[str, Any]:
     storage_options, record = spec.storage_options, spec.record
     ds = Dataset.open(data_url, storage_options=storage_options)
     device = resolve_device(settings.device)
-    dtype = torch.float64 if settings.dtype == "float64" else torch.float32
+    dtype = torch.float64 if settings.compute_dtype == "float64" else torch.float32
     rows = batch.column("row").to_numpy()
     model, _ = load_checkpoint(checkpoint, storage_options, device=device)
     inputs, targets = ds.samples(rows)

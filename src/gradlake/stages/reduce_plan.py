@@ -6,7 +6,6 @@ them on the executor is gradlake.distributed.reduce_tasks.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gradlake import __version__, fsio
-from gradlake.config import ReduceConfig, settings_hash
+from gradlake.config import ReduceConfig, recorded, settings_hash
 from gradlake.errors import InputError
 from gradlake.query import shard_parts
 from gradlake.reduce.layers import Layers
@@ -105,7 +104,7 @@ def finish(spec: ReduceSpec, store, out: ReduceOutput, checkpoints: dict[str, di
     out.consolidate()  # after every array of results.zarr (the exact mode's too)
     return {
         "complete": True, "name": settings.name, "store": store.url, "settings_hash": settings_hash_of(store, settings),
-        "gradlake_version": __version__, "settings": dataclasses.asdict(settings),
+        "gradlake_version": __version__, "settings": recorded(settings),
         "checkpoints": checkpoints, "exact": exact,
         "warnings": [{"checkpoint": name, **w} for name, info in checkpoints.items() for w in info.get("warnings", [])],
         "seconds": round(seconds, 2), "url": out.url,

@@ -1,4 +1,4 @@
-"""Exact per-example gradients of one module's own parameters, from its input and output gradient.
+"""Full per-example gradients of one module's own parameters, from its input and output gradient.
 
 Used for every parameter outside Linear/Conv layers. Six rules, the first that holds:
 

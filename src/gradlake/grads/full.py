@@ -1,4 +1,4 @@
-"""Exact per-example gradients J_iᵀ r_i ∈ R^p (``projector=None``), for small models.
+"""Full per-example gradients J_iᵀ r_i ∈ R^p (``projector=None``), for small models.
 
 Independent of the hook-based capture: ``torch.func`` maps a per-sample VJP of the whole
 model over the batch; a model that vmap cannot run (in-place writes into fresh tensors, as
@@ -22,8 +22,8 @@ from gradlake.grads.tensors import flat, inner
 log = logging.getLogger(__name__)
 
 
-def exact_grads(model: nn.Module, inputs: torch.Tensor,
-                cotangents: Cotangents) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def full_grads(model: nn.Module, inputs: torch.Tensor,
+               cotangents: Cotangents) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """{name: float32 [B, p] or [B, m, p]} in ``model.named_parameters()`` order, and pred."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
@@ -47,7 +47,7 @@ def exact_grads(model: nn.Module, inputs: torch.Tensor,
         try:
             phi = vmap(per_sample)(inputs, stacked)  # [B, slots, p]
         except Exception as exc:  # noqa: BLE001 - vmap cannot run this model: one sample at a time
-            log.info("grads exact mode: vmap failed (%s: %s); per-sample autograd loop",
+            log.info("grads full gradients: vmap failed (%s: %s); per-sample autograd loop",
                      type(exc).__name__, str(exc).splitlines()[0][:160])
             phi = _loop(model, params, buffers, inputs, stacked)
     return gather(phi.float().transpose(0, 1), slots), pred

@@ -89,7 +89,7 @@ def _check_weights(names: list[str], paths: list[str], dataset, held: np.ndarray
                    task: TaskConfig, options) -> None:
     """Each checkpoint's weights load into its model and are finite, and (a float16 store) the
     φ's of the first held samples fit float16: failures that every attempt of a shard would repeat."""
-    from gradlake.distributed.shard_work import Capture
+    from gradlake.stages.grads_unit import Capture
     from gradlake.models.checkpoint import load_checkpoint
 
     rows = held[:2]

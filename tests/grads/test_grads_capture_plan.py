@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradlake.grads.coverage import plan
+from gradlake.grads.capture_plan import plan
 
 
 def _paths(model_plan):
     return ([(layer.name, layer.weight) for layer in model_plan.layers],
-            [(entry.name, entry.params) for entry in model_plan.exact], model_plan.parameters)
+            [(entry.name, entry.params) for entry in model_plan.ruled], model_plan.parameters)
 
 
 def test_the_plan_is_kept_and_rebuilt_when_a_module_or_parameter_changes():

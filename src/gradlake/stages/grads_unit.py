@@ -1,5 +1,6 @@
-"""The work of one shard, as plain Python (no Ray): each grads actor of the executor holds a
-:class:`ShardWorker` (:func:`open_worker`) and runs shards on it (:func:`run_shard`).
+"""The grads stage's unit: the work of one shard (no Ray). Each grads actor of the executor
+(gradlake.distributed.executor) holds a :class:`ShardWorker` (:func:`open_worker`) and runs shards
+on it (:func:`run_shard`); :class:`Capture` computes one batch's projected gradients.
 
 A :class:`ShardWorker` opens the dataset and the store once, loads each checkpoint's model
 once, and for each shard reads its samples straight from the dataset URL, computes φ in
@@ -19,12 +20,24 @@ from typing import Any
 import numpy as np
 
 from gradlake.config import GradsConfig, TaskConfig
-from gradlake.distributed.plan import ShardTask
 from gradlake.errors import InputError
 from gradlake.store import ShardWriter
 
 FAULT_ENV = "GRADLAKE_TEST_FAULT"  # test hook, see Fault
 VALUES = {"nan": np.nan, "big": 1e6}  # the value a fault puts into φ
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: the held rows of one shard, for one checkpoint."""
+
+    checkpoint: str  # name in the store
+    checkpoint_path: str
+    shard: int
+    rows: np.ndarray  # sorted dataset rows inside the shard's range
+
+    def __repr__(self) -> str:
+        return f"ShardTask({self.checkpoint}, shard {self.shard}, {len(self.rows)} rows)"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,12 @@
-"""The grads stage's store: the projector's spec (an energy allocation calibrated once), the
-store spec sized from the settings, the store created (or extended) and repaired, and the
-uncommitted shards listed (:func:`prepare`)."""
+"""The grads stage's plan: its units (:class:`~gradlake.stages.grads_unit.ShardTask`, one shard
+of one checkpoint) and its store: the projector's spec (an energy allocation calibrated once),
+the store spec sized from the settings, the store created (or extended) and repaired, and the
+uncommitted shards listed (:func:`prepare`).
+
+Gradlake shard s is the row range [s * shard_rows, (s + 1) * shard_rows) of the dataset's
+sample index, which is exactly one zarr shard of every array in the store: one writer per
+zarr shard, ever. A shard is planned when it holds at least one sample of the store's splits.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +18,23 @@ from typing import Any
 import numpy as np
 
 from gradlake.config import GradsConfig, TaskConfig
-from gradlake.distributed.grads_inputs import Inputs, check_inputs
-from gradlake.distributed.plan import ShardTask, plan_shards
 from gradlake.progress import progress
 from gradlake.reduce.metric import full_rank_probes
+from gradlake.stages.grads_inputs import Inputs, check_inputs
+from gradlake.stages.grads_unit import ShardTask
 from gradlake.store import GradientStore, StoreSpec, create_store
 from gradlake.store.layout import StoreFiles
 from gradlake.store.spec import chunk_rows_for, shard_rows_for
 from gradlake.store.store import read_metadata
 from gradlake.store.verify import check_missing, check_parquet, repair
+
+
+def plan_shards(held_rows: np.ndarray, shard_rows: int) -> dict[int, np.ndarray]:
+    """Shard number -> its sorted held rows, for every shard with at least one."""
+    rows = np.unique(np.asarray(held_rows, dtype=np.int64))
+    shard = rows // shard_rows
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    return {int(part[0] // shard_rows): part for part in np.split(rows, cuts) if len(part)}
 
 
 @dataclass

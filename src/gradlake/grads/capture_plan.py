@@ -3,10 +3,10 @@
 - A ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (groups=1, the stock forward) is a *layer*: its
   weight gradient is captured factorised (``kron``), its bias through P_out (``kron-bias``).
 - Every other module that owns parameters directly (norms, positional embeddings, grouped
-  or transposed convs, ...) is *exact*: per-example gradients of its own parameters come
-  from its recorded input and output gradient (rules of :mod:`gradlake.grads.modules`),
-  then a dense projection.
-- A module whose forward reads parameters of its submodules without calling them is exact
+  or transposed convs, ...) is *ruled* (:class:`RuledModule`): per-example gradients of its own
+  parameters come in full from its recorded input and output gradient (the rules of
+  :mod:`gradlake.grads.module_rules`), then a dense projection (block path ``exact``).
+- A module whose forward reads parameters of its submodules without calling them is ruled
   for its whole subtree: ``nn.MultiheadAttention`` (its out_proj), and any module with
   ``torch.nn.utils.parametrize`` parametrizations (spectral_norm, weight_norm, orthogonal,
   ...), whose blocks are the gradients w.r.t. the original parameters. Any other parameter
@@ -16,7 +16,7 @@
 - A complex parameter counts as its real and imaginary parts (shape [..., 2]).
 - A spectral weight (a block of >= 4 dims ending in a (real, imaginary) pair, under a module
   that contracts Fourier modes through its own ``_contract``, as neuraloperator's
-  SpectralConv: [C_in, C_out, *modes, 2]) is exact, but projected like a layer's weight,
+  SpectralConv: [C_in, C_out, *modes, 2]) is ruled, but projected like a layer's weight,
   ``spectral``: its per-example gradient as a C_in x (C_out·modes·2) matrix G, P_out G P_inᵀ
   (k_out' * k_in' coordinates; the factors keyed by the parameter's name).
 
@@ -86,8 +86,9 @@ class Layer:
 
 
 @dataclass(frozen=True)
-class ExactModule:
-    """A module whose own parameters get exact per-example gradients."""
+class RuledModule:
+    """A module whose own parameters' per-example gradients come in full from a per-module rule
+    (:mod:`gradlake.grads.module_rules`), not factorised as a :class:`Layer`'s."""
 
     name: str
     module: nn.Module
@@ -100,7 +101,7 @@ class Block:
 
     name: str
     shape: tuple[int, ...]
-    path: str  # "kron" | "kron-bias" | "spectral" | "exact"
+    path: str  # "kron" | "kron-bias" | "spectral" | "exact" (a ruled module's: dense; stores record the name)
     module: str
     offset: int
     k: int
@@ -136,11 +137,11 @@ def _is_layer(module: nn.Module) -> bool:
 class Plan:
     parameters: tuple[tuple[str, tuple[int, ...]], ...]  # named_parameters order
     layers: tuple[Layer, ...]
-    exact: tuple[ExactModule, ...]
-    spectral: tuple[tuple[str, int, int], ...] = ()  # (exact parameter, d_out, d_in) projected as a matrix
+    ruled: tuple[RuledModule, ...]
+    spectral: tuple[tuple[str, int, int], ...] = ()  # (ruled parameter, d_out, d_in) projected as a matrix
 
     def layout(self, projector: Projector | None) -> Layout:
-        """Blocks of φ for ``projector`` (None: identity everywhere, the exact gradient)."""
+        """Blocks of φ for ``projector`` (None: identity everywhere, the full gradient)."""
         owner: dict[str, tuple[str, str, dict[str, Any]]] = {}
         for layer in self.layers:
             k_out = projector.rows("out", layer.d_out, layer.name) if projector else layer.d_out
@@ -153,7 +154,7 @@ class Plan:
             owner[layer.weight] = ("kron", layer.name, dims)
             if layer.bias:
                 owner[layer.bias] = ("kron-bias", layer.name, {"d_out": layer.d_out, "k_out": k_out})
-        for entry in self.exact:
+        for entry in self.ruled:
             for qualified, _ in entry.params:
                 owner[qualified] = ("exact", entry.name, {})
         for qualified, d_out, d_in in self.spectral:
@@ -200,7 +201,7 @@ def _plan(model: nn.Module) -> Plan:
             raise InputError(f"model parameter {name!r} is the same tensor as {seen[id(param)]!r}; "
                              "tied parameters are not supported by gradlake.grads")
         seen[id(param)] = name
-    layers, exact, covered = [], [], []
+    layers, ruled, covered = [], [], []
     for mod_name, module in model.named_modules():
         reason = refusal(module)
         if reason:
@@ -224,10 +225,10 @@ def _plan(model: nn.Module) -> Plan:
                 bias=(f"{mod_name}.bias" if mod_name else "bias") if module.bias is not None else None,
             ))
         else:
-            exact.append(ExactModule(mod_name, module, tuple(own)))
+            ruled.append(RuledModule(mod_name, module, tuple(own)))
     parameters = tuple((n, param_shape(p)) for n, p in model.named_parameters())
     contracting = [f"{n}." if n else "" for n, m in model.named_modules() if callable(vars(m).get("_contract"))]
     spectral = tuple((name, shape[0], math.prod(shape[1:])) for name, shape in parameters
                      if len(shape) >= 4 and shape[-1] == 2 and any(name.startswith(c) for c in contracting)
                      and not any(name in (layer.weight, layer.bias) for layer in layers))
-    return Plan(parameters, tuple(layers), tuple(exact), spectral)
+    return Plan(parameters, tuple(layers), tuple(ruled), spectral)
