@@ -136,13 +136,16 @@ class HatSolve:
         w = self._weights(lam)
         return {p: self.quad.form(w, self.columns[p[0]], self.columns[p[1]]).cpu().numpy() for p in pairs}
 
-    def bound(self, lam: float, pair: str, floor: bool = True) -> np.ndarray:
-        """Entrywise bound on |Ĥ_AB − H_AB| at λ: the Krylov part e_i e_j (Gauss–Radau, ≤ ‖ρ_i‖‖ρ_j‖;
-        zero for the dense spectrum) plus (``floor``) the round-off floor of the products (reduce.lanczos)."""
-        res, low = self.quad.error_factors(lam), self.quad.floor(lam)
+    def bound(self, lam: float, pair: str, parts: tuple[str, ...] = ("krylov", "floor")) -> np.ndarray:
+        """Entrywise bound on |Ĥ_AB − H_AB| at λ, the sum of its ``parts``: "krylov", e_i e_j (Gauss–Radau,
+        ≤ ‖ρ_i‖‖ρ_j‖; zero for the dense spectrum), and "floor", the round-off floor of the products
+        (reduce.lanczos)."""
         a, b = self.columns[pair[0]], self.columns[pair[1]]
-        krylov = torch.outer(res[a], res[b])
-        return (krylov + torch.outer(low[a], low[b]) if floor else krylov).cpu().numpy()
+        total = torch.zeros((a.stop - a.start, b.stop - b.start), dtype=torch.float64)
+        for factors in ([self.quad.error_factors(lam)] if "krylov" in parts else []) + \
+                ([self.quad.floor(lam)] if "floor" in parts else []):
+            total += torch.outer(factors[a], factors[b]).cpu()
+        return total.numpy()
 
     def d_eff(self, lam: float) -> float | None:
         """d_eff(λ) = tr K (K + λI)⁻¹: exact from the dense spectrum, estimated from the probes by lanczos."""
@@ -182,12 +185,13 @@ def error_in_units(h: dict[str, np.ndarray], bound: dict[str, np.ndarray], pair:
     raise InputError(f"normalisation {norm!r}: expected none, row-std or cosine")
 
 
-def _bounds(solve: HatSolve, lam: float, pairs, normalize, floor: bool = True) -> float:
-    """The largest error bound of the pairs at λ over the asked normalisations (``floor``: with the
-    products' round-off floor, else the Krylov part alone, which the space can shrink)."""
+def _bounds(solve: HatSolve, lam: float, pairs, normalize, parts=("krylov", "floor")) -> float:
+    """The largest error bound of the pairs at λ over the asked normalisations, of the bound's ``parts``
+    (HatSolve.bound: the Krylov part, which the space shrinks, and the products' round-off floor, which it
+    cannot)."""
     need = sorted({*pairs, *(o * 2 for p in pairs for o in p)}) if "cosine" in normalize else list(pairs)
     h = solve.at(lam, need)
-    b = {p: solve.bound(lam, p, floor) for p in need}
+    b = {p: solve.bound(lam, p, parts) for p in need}
     return max(error_in_units(h, b, p, n) for p in pairs for n in normalize)
 
 
@@ -266,12 +270,13 @@ def _lanczos(jac, res, observables, pairs, damping, solver, lambdas, normalize, 
 
     def converged(quad: Quadrature) -> bool:
         solve = HatSolve("lanczos", "output", None, damping, quad, columns, probes)
-        worst = {lam: _bounds(solve, lam, pairs, normalize, floor=False) for lam in every}
+        worst = {lam: _bounds(solve, lam, pairs, normalize, ("krylov",)) for lam in every}
         checks.append({"products": quad.products, "dimension": int(quad.theta.numel()),
                        "bound": worst[damping], "worst_bound": max(worst.values())})
         if bar is not None:
             bar.set_postfix(dimension=quad.theta.numel(), bound=f"{worst[damping]:.1e}")
-        return max(worst.values()) <= solver.htol
+        # the floor grows with the largest Ritz value, so once above htol no larger space brings it down
+        return max(worst.values()) <= solver.htol or _bounds(solve, damping, pairs, normalize, ("floor",)) > solver.htol
 
     bar = progress(None, "exact: block Lanczos", "product") if progress else None
     quad = block_lanczos(apply, start, converged, max_dim, apply_dtype=kv_dtype, progress=bar)
@@ -284,9 +289,11 @@ def _lanczos(jac, res, observables, pairs, damping, solver, lambdas, normalize, 
     info.bound, info.sweep = sweep[damping], {lam: {"bound": b, "converged": b <= solver.htol}
                                               for lam, b in sweep.items()}
     if not info.converged:
-        krylov = _bounds(solve, damping, pairs, normalize, floor=False)
-        why = (f"the round-off floor of {kv_dtype} products, about u‖K‖/λ, is above it; use float64 products "
-               "(compute_dtype), a larger λ or a larger htol" if krylov <= solver.htol else
+        krylov = _bounds(solve, damping, pairs, normalize, ("krylov",))
+        floor = _bounds(solve, damping, pairs, normalize, ("floor",))
+        why = (f"the round-off floor of {kv_dtype} products, about u‖K‖/λ, is above it (found after {quad.products} "
+               "products); use float64 products (compute_dtype), a larger λ or a larger htol"
+               if krylov <= solver.htol or floor > solver.htol else
                f"after {quad.products} products, Krylov dimension {quad.theta.numel()} of {n}; raise krylov_gb "
                "(the basis' memory) or max_iter, or λ")
         raise GradlakeError(f"exact: block Lanczos did not bound H within htol={solver.htol:g} at λ = {damping:g} "
