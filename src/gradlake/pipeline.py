@@ -203,11 +203,11 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
         return {"lds": summary["lds"], "subsets": summary["subsets"], "alpha": summary["alpha"]}
 
     def report():
-        from gradlake.report import build_report
+        from gradlake.stages import report as stage
 
-        index = build_report(job.store_url, job.report_dir, reduce_name=job.reduce.name,
-                             train_dir=job.train_dir, storage_options=so,
-                             lds_dir=job.lds_dir if job.eval.lds.enabled else None)
+        index = run_stage(stage, stage.ReportSpec(job.store_url, job.report_dir, job.reduce.name, job.train_dir, so,
+                                                  lds_dir=job.lds_dir if job.eval.lds.enabled else None),
+                          "report: figures", "figure")
         return {"index": index}
 
     data_h = settings_hash(_settings(job.data), job.data_url)
