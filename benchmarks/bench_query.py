@@ -204,7 +204,7 @@ def main() -> None:
                         assert got >= payload, (got, payload)
                     else:
                         q = int(case.split()[0][2:])
-                        ray_args = ({"mapper": ray_mapper(url, options[backend]), "parts": parts}
+                        ray_args = ({"mapper": ray_mapper(), "parts": parts}
                                     if case.endswith("ray") else {})
                         table = topk(store, f"row < {q}", "", k=10, metric=metric, damping=1.0, **ray_args)
                         assert table.num_rows == 2 * 10 * q

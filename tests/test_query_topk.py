@@ -92,8 +92,8 @@ def test_parts_in_threads_equal_one_at_a_time_and_restore_the_thread_pools(store
     try:
         before = [pool["num_threads"] for pool in threadpool_info()]
         args = dict(query_where="t == 2", train_where="split == 'train'", k=4, damping=LAM, block_rows=5, parts=5)
-        threaded = topk(store, **args, mapper=in_process(store, workers=4))
-        assert threaded.equals(topk(store, **args, mapper=in_process(store, workers=1)))
+        threaded = topk(store, **args, mapper=in_process(workers=4))
+        assert threaded.equals(topk(store, **args, mapper=in_process(workers=1)))
         assert torch.get_num_threads() == 2 and [pool["num_threads"] for pool in threadpool_info()] == before
     finally:
         torch.set_num_threads(threads)

@@ -29,10 +29,11 @@ import pyarrow.compute as pc
 from gradlake import __version__, fsio
 from gradlake.errors import InputError
 from gradlake.progress import progress
-from gradlake.query import (LABELS, SAMPLE_COLUMNS, block_rows_for, check_metric, describe, in_process, metric_of,
-                            open_store, with_description)
+from gradlake.query import (SAMPLE_COLUMNS, block_rows_for, check_metric, describe, in_process, metric_of, open_store,
+                            with_description)
 from gradlake.reduce.metric import Metric
 from gradlake.reduce.pairwise import TopK, whiten
+from gradlake.stages.query import LABELS
 from gradlake.topk_table import topk_table
 
 INDEX_DIR = "index"
@@ -84,7 +85,7 @@ def build_index(url: str, name: str = "default", where: str = "split == 'train'"
     except RuntimeError as err:
         raise InputError(f"--factory {factory!r}: faiss cannot build it for k = {store.k} "
                          f"({str(err).strip().rsplit(': ', 1)[-1]})") from None
-    eta = metric_of(store, where, metric, ckpt, mapper=in_process(store, desc=f"index {name}: metric")).eta
+    eta = metric_of(store, where, metric, ckpt, mapper=in_process(desc=f"index {name}: metric")).eta
     whitener = Metric(eta).whitener(damping)
     sample = np.sort(np.random.default_rng(seed).choice(rows, min(train_rows, len(rows)), replace=False))
     with progress(1, f"index {name}: train {factory} on {len(sample)} rows", "step") as bar:

@@ -1,5 +1,5 @@
-"""The linear datamodeling score (LDS): the numerics (pure numpy; orchestration in
-gradlake.distributed.lds_tasks).
+"""The linear datamodeling score (LDS): the numerics (pure numpy; the stage in
+gradlake.stages.lds_plan, lds_unit, lds_finish).
 
 Definition (TRAK: Park, Georgiev, Ilyas, Leclerc, Madry, "TRAK: Attributing Model Behavior at
 Scale", ICML 2023, Sec. 2.2, Def. 2.3): draw M random subsets S_1..S_M of the training set,

@@ -8,7 +8,6 @@ so a record only saves time, never decides correctness.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -167,28 +166,21 @@ def _settings(section: Any, added: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, Any]]]]:
-    """Each stage: (hash of everything its output depends on, the call that runs it)."""
+    """Each stage: (hash of everything its output depends on, the call that runs it: the
+    Ray-free stages in this process, gradlake.distributed.executor.run_stage)."""
+    from gradlake.distributed.executor import run_stage
+
     so = job.store.storage_options or None
 
     def data():
-        from gradlake.data import generate
+        from gradlake.stages import data as stage
 
-        if job.data.source == "url":
-            from gradlake.data import Dataset
-
-            ds = Dataset.open(job.data_url, storage_options=so)
-        else:
-            ds = generate(job.data, job.data_url, storage_options=so)
-        return {"url": ds.url, "trajectories": ds.n_trajectories, "fingerprint": ds.fingerprint}
+        return run_stage(stage, stage.DataSpec(job.data, job.data_url, so))
 
     def train():
-        from gradlake.train import train as run_train
+        from gradlake.stages import train as stage
 
-        paths = []
-        for seed, run_dir in job.training_runs():
-            settings = dataclasses.replace(job.train, seed=seed)
-            paths += run_train(job.data_url, job.model, settings, run_dir, storage_options=so, task=job.task)
-        return {"checkpoints": paths}
+        return run_stage(stage, stage.TrainSpec.of(job))
 
     def grads():
         from gradlake.distributed.grads_stage import run_grads
@@ -211,11 +203,11 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
         return {"lds": summary["lds"], "subsets": summary["subsets"], "alpha": summary["alpha"]}
 
     def report():
-        from gradlake.report import build_report
+        from gradlake.stages import report as stage
 
-        index = build_report(job.store_url, job.report_dir, reduce_name=job.reduce.name,
-                             train_dir=job.train_dir, storage_options=so,
-                             lds_dir=job.lds_dir if job.eval.lds.enabled else None)
+        index = run_stage(stage, stage.ReportSpec(job.store_url, job.report_dir, job.reduce.name, job.train_dir, so,
+                                                  lds_dir=job.lds_dir if job.eval.lds.enabled else None),
+                          "report: figures", "figure")
         return {"index": index}
 
     data_h = settings_hash(_settings(job.data), job.data_url)

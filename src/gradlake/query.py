@@ -6,10 +6,10 @@ Top-k scores any number of queries in one pass: their preconditioned rows
 a = φ_A (η̃ + λI)⁻¹ [Q, k] stay in memory and each block of candidate rows costs one GEMM
 a φ_Bᵀ and a :class:`TopK` merge. The candidates are cut into parts of whole shards; each
 part selects its own candidates (the filter runs in its Parquet scan), so no process ever
-holds every candidate row. A *mapper* runs a function over the parts on the executor
-(gradlake.distributed.executor): in this process by default, as Ray tasks with
-:func:`gradlake.distributed.query_tasks.ray_mapper`. Parts are merged in part order, so the
-answer does not depend on who ran them.
+holds every candidate row. The passes (the metric's, the top-k's) have the stages' shape
+(gradlake.stages.query: a frozen spec, the parts as units, a part's work, the merge in part
+order); a *mapper* runs a pass's parts on the executor (gradlake.distributed.executor): in
+this process by default, as Ray tasks with :func:`gradlake.distributed.query_tasks.ray_mapper`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import posixpath
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +32,16 @@ from gradlake.errors import InputError
 from gradlake.progress import progress
 from gradlake.reduce.layers import Layers, pair_shares
 from gradlake.provenance import METADATA_KEY, description_of, with_description  # noqa: F401 (public here too)
-from gradlake.reduce.metric import Metric, Moments
-from gradlake.reduce.pairwise import TopK, precondition, tile
-from gradlake.streaming import OrderedSum, prefetched, row_blocks
+from gradlake.reduce.metric import Metric
+from gradlake.reduce.pairwise import precondition
+from gradlake.stages.query import (MomentsPass, TopKPass, merge_topk, part_moments, part_topk, shard_parts,
+                                   sum_moments)
+from gradlake.stages.reduce_source import StoreRef
 from gradlake.store import GradientStore
 from gradlake.topk_table import topk_table
 
 SAMPLE_COLUMNS = ["row", "trajectory", "t", "class", "split"]
 BLOCK_BYTES = 16 * 2**20  # φ of one block of a pass, as float32
-READ_AHEAD = 1  # blocks read ahead of the one being scored (more in flight scatter a disk's reads)
-PART_ROWS = 2**18  # rows of one part of a pass by default (its candidates' labels stay in memory)
 
 
 def block_rows_for(store: GradientStore, observable: str) -> int:
@@ -149,17 +148,12 @@ def write_table(table: pa.Table, out: str, storage_options: dict[str, Any] | Non
 
 
 # --------------------------------------------------------------------------- parts of a pass
-Mapper = Callable[[Callable[..., Any], list[tuple]], list]
-"""``mapper(fn, args)`` returns ``[fn(store, *a) for a in args]`` in order, run anywhere."""
+Mapper = Callable[[Callable[[Any, Any], Any], Any, list], list]
+"""``mapper(fn, spec, units)`` returns ``[fn(spec, u) for u in units]`` in order, run anywhere
+(``fn``: a pass's unit of work, gradlake.stages.query)."""
 
 
-def _part(store: GradientStore, call: tuple) -> Any:
-    """One part of a pass: ``fn(store, *args)``."""
-    fn, args = call
-    return fn(store, *args)
-
-
-def in_process(store: GradientStore, workers: int | None = None, desc: str | None = None) -> Mapper:
+def in_process(workers: int | None = None, desc: str | None = None) -> Mapper:
     """The mapper that runs the parts here, ``workers`` at a time (default: one per core) in
     threads of the executor (gradlake.distributed.executor). Reads, casts and GEMMs release the
     GIL, so parts overlap on the cores. With ``desc``, a progress bar counts the parts done."""
@@ -167,9 +161,9 @@ def in_process(store: GradientStore, workers: int | None = None, desc: str | Non
 
     executor = Executor(InProcess(threads=workers or os.cpu_count() or 1), retries=0)
 
-    def run(fn, args):
+    def run(fn, spec, units):
         with one_thread_per_call():
-            return executor.map(_part, store, [(fn, a) for a in args], desc or "", "parts")
+            return executor.map(fn, spec, units, desc or "", "parts")
 
     return run
 
@@ -190,25 +184,6 @@ def one_thread_per_call():
         torch.set_num_threads(before)
 
 
-def shard_parts(store: GradientStore, parts: int | None = None) -> list[tuple[int, int]]:
-    """[first, stop) shard ranges cutting the store into at most ``parts`` contiguous parts
-    (None: parts of about PART_ROWS rows, so memory does not grow with the store, and at
-    least one per core)."""
-    parts = parts or max(-(-store.n_rows // PART_ROWS), os.cpu_count() or 1)
-    bounds = np.linspace(0, store.spec.n_shards, max(1, min(parts, store.spec.n_shards)) + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
-def part_moments(store: GradientStore, checkpoint: str, observable: str, where: str,
-                 shards: tuple[int, int], block_rows: int) -> Moments:
-    """Moments of the ``observable`` φ's of the rows of ``where`` in ``shards``."""
-    moments = Moments(store.k)
-    rows = store.rows(checkpoint, where.strip() or None, shards=shards)
-    for _, phi in store.iter_blocks(checkpoint, observable, rows, block_rows):
-        moments.add(phi)
-    return moments
-
-
 def check_metric(store: GradientStore, observable: str) -> None:
     """InputError saying how to choose the metric when the store lacks its observable's φ's."""
     if observable not in store.spec.observables:
@@ -222,63 +197,16 @@ def metric_of(store: GradientStore, where: str, observable: str = "V", checkpoin
               source: str = "the reference selection") -> Metric:
     """η̃ from the ``observable`` φ's of the samples selected by ``where`` (streamed, by
     parts); InputError naming ``source`` when it selects no sample with finite φ."""
-    name = store.checkpoint(checkpoint)
-    results = (mapper or in_process(store))(
-        part_moments, [(name, observable, where, p, block_rows or block_rows_for(store, observable))
-                       for p in shard_parts(store, parts)])
-    total = OrderedSum()
-    for moments in results:
-        total.push(moments)
-    moments = total.result()
+    spec = MomentsPass(StoreRef.of(store, store.checkpoint(checkpoint)), observable, where,
+                       block_rows or block_rows_for(store, observable))
+    moments = sum_moments((mapper or in_process())(part_moments, spec, shard_parts(store, parts)))
     if moments.count == 0:
         raise InputError(f"{source} {where!r} selects no sample with finite φ to build the metric from")
     return Metric.from_moments(moments, source=f"metric from {observable}")
 
 
-@dataclass(frozen=True)
-class TopKPlan:
-    """What a part of a top-k pass needs: the preconditioned queries and the candidates' filter."""
-
-    checkpoint: str
-    candidates: str  # filter of the candidate samples
-    observable: str  # perturbation observable B
-    queries: np.ndarray  # φ_A (η̃ + λI)⁻¹ of the queries (samples or groups), float32 [Q, k]
-    members: np.ndarray  # sorted rows never listed for ...
-    member_of: np.ndarray  # ... the query at this index (the query itself, a group's members)
-    k: int
-    block_rows: int
-
-
-LABELS = ["row", "trajectory", "t", "class"]
 GROUP_BY = ("trajectory", "class", "t")
 AGGREGATES = ("mean", "sum")
-
-
-def part_topk(store: GradientStore, plan: TopKPlan, shards: tuple[int, int]) -> tuple[dict[str, np.ndarray], pa.Table, int]:
-    """Top-k lists of every query over the candidates in ``shards``, the labels (row,
-    trajectory, t, class) of the candidates in them, and how many candidates there were.
-
-    Reads up to READ_AHEAD blocks of candidate rows in threads while one is scored."""
-    best = TopK(np.arange(len(plan.queries)), plan.k, exclude_self=False)
-    candidates = store.samples(plan.checkpoint, plan.candidates.strip() or None, shards=shards, columns=LABELS)
-    rows = candidates.column("row").to_numpy().astype(np.int64)
-    store.load_indices(plan.checkpoint, plan.observable, rows)
-    blocks = row_blocks(rows, plan.block_rows)
-    read = lambda block: store.read(plan.checkpoint, plan.observable, block, dtype=store.spec.dtype)  # noqa: E731
-    for block, phi in zip(blocks, prefetched(read, blocks, READ_AHEAD)):
-        best.update(_without_members(tile(plan.queries, phi), block, plan), block)
-    result = best.result()
-    listed = np.unique(np.concatenate([result["top_ids"].ravel(), result["bottom_ids"].ravel()]))
-    return result, candidates.take(pa.array(np.searchsorted(rows, listed[listed >= 0]))), len(rows)
-
-
-def _without_members(h: np.ndarray, rows: np.ndarray, plan: TopKPlan) -> np.ndarray:
-    """``h`` (a fresh tile) with NaN where candidate ``rows[j]`` is a member of query i."""
-    if len(plan.members):
-        at = np.clip(np.searchsorted(plan.members, rows), 0, len(plan.members) - 1)
-        hit = np.flatnonzero(plan.members[at] == rows)
-        h[plan.member_of[at[hit]], hit] = np.nan
-    return h
 
 
 def query_groups(queries: pa.Table, phi: np.ndarray, group_by: str | None,
@@ -352,7 +280,7 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     queries = store.samples(name, query_where, columns=SAMPLE_COLUMNS)
     if queries.num_rows == 0:
         raise InputError(f"--query-where {query_where!r} selects no sample; {known_values(store, checkpoint)}")
-    mapper = mapper or in_process(store)
+    mapper = mapper or in_process()
     metric_name = metric if isinstance(metric, str) else "given"
     if isinstance(metric, str):
         metric = metric_of(store, train_where, metric, name, block_rows, mapper, parts, "--train-where")
@@ -366,18 +294,15 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
         member_of = np.arange(len(query_rows))
     order = np.argsort(query_rows, kind="stable") if exclude_self else np.zeros(0, np.int64)
     inverse = metric.inverse(damping)
-    plan = TopKPlan(name, train_where, perturbation, precondition(phi_a, inverse), query_rows[order],
-                    member_of[order], k, block_rows or block_rows_for(store, perturbation))
-    results = mapper(part_topk, [(plan, p) for p in shard_parts(store, parts)])
+    spec = TopKPass(StoreRef.of(store, name), train_where, perturbation, precondition(phi_a, inverse),
+                    query_rows[order], member_of[order], k, block_rows or block_rows_for(store, perturbation))
+    results = mapper(part_topk, spec, shard_parts(store, parts))
     if sum(n for _, _, n in results) == 0:
         raise InputError(f"--train-where {train_where!r} selects no sample; {known_values(store, checkpoint)}")
-    best = TopK(np.arange(len(plan.queries)), k, exclude_self=False)
-    for result, _, _ in results:
-        best.merge(result)
-    result, extra, about = best.result(), None, {}
+    (result, labels), extra, about = merge_topk(spec, results), None, {}
     if grouped:
         about["groups"] = {"by": group_by or "all", "aggregate": aggregate, "of": f"phi_{response} of the members",
-                           "groups": len(plan.queries)}
+                           "groups": len(spec.queries)}
     if layers is not None:
         listed = np.unique(np.concatenate([result["top_ids"].ravel(), result["bottom_ids"].ravel()]))
         listed = listed[listed >= 0]
@@ -387,5 +312,5 @@ def topk(store: GradientStore, query_where: str, train_where: str = "split == 't
     description = describe(store, name, kind="topk", pair=pair, response=response, perturbation=perturbation,
                            normalization="none", metric=metric_name, damping=damping, query_where=query_where,
                            train_where=train_where, k=k, **about)
-    table = topk_table(pair, result, queries, pa.concat_tables([t for _, t, _ in results]).sort_by("row"), extra)
+    table = topk_table(pair, result, queries, labels, extra)
     return with_description(table, description)

@@ -13,7 +13,7 @@ import torch
 from gradlake import fsio, lds, physics
 from gradlake.config import parse_job
 from gradlake.data import Dataset
-from gradlake.distributed.lds_tasks import record_settings
+from gradlake.stages.lds_plan import record_settings
 from gradlake.models.checkpoint import load_checkpoint
 from gradlake.pipeline import run_job
 from gradlake.query import metric_of

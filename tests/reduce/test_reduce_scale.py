@@ -72,7 +72,7 @@ def test_one_reduce_per_name_at_a_time_and_results_alike_however_planned(tmp_pat
     import xarray as xr
     import zarr
 
-    import gradlake.query
+    import gradlake.stages.query
     from gradlake.config import RayConfig, ReduceConfig
     from gradlake.distributed import reduce_tasks
     from gradlake.distributed.reduce_tasks import run_reduce
@@ -109,7 +109,7 @@ def test_one_reduce_per_name_at_a_time_and_results_alike_however_planned(tmp_pat
         assert code == 2 and out == ""
         assert len(err.strip().splitlines()) == 1 and "being written by" in err and "reduce 'one'" in err
         assert sorted(p.name for p in (tmp_path / "store/reduce/one").iterdir()) == ["lease.json"]
-        monkeypatch.setattr(gradlake.query, "PART_ROWS", 5)  # many parts, cut inside trajectories
+        monkeypatch.setattr(gradlake.stages.query, "PART_ROWS", 5)  # many parts, cut inside trajectories
         run_reduce(store.url, ReduceConfig(name="two", **settings), RayConfig())
     finally:
         release.set()
@@ -136,7 +136,7 @@ def test_one_reduce_per_name_at_a_time_and_results_alike_however_planned(tmp_pat
     ({"perturbation": "class == 'zz'"}, "reduce.perturbation: "), ({"reference_split": "val"}, "no sample of split 'val'"),
 ])
 def test_bad_selections_are_refused_before_anything_is_written(tmp_path, monkeypatch, setting, message):
-    import gradlake.query
+    import gradlake.stages.query
     from gradlake.config import RayConfig, ReduceConfig
     from gradlake.stages.reduce_plan import check_settings
     from gradlake.errors import InputError
@@ -144,7 +144,7 @@ def test_bad_selections_are_refused_before_anything_is_written(tmp_path, monkeyp
 
     ds = make_dataset(str(tmp_path / "data"), per_class=2, n_times=4)
     store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",), k=4, shard_rows=8)
-    monkeypatch.setattr(gradlake.query, "PART_ROWS", 5)  # checked beyond the first part too
+    monkeypatch.setattr(gradlake.stages.query, "PART_ROWS", 5)  # checked beyond the first part too
     with pytest.raises(InputError, match=message):
         run_reduce(store.url, ReduceConfig(**setting), RayConfig())
     assert not (tmp_path / "store/reduce").exists()

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradlake import lds
-from gradlake.distributed.lds_tasks import CITATION, METHODS, _table
+from gradlake.stages.lds_finish import CITATION, change_table
+from gradlake.stages.lds_plan import METHODS
 from gradlake.report.plan import Plan
 from gradlake.report.lds import add_section
 
@@ -24,7 +25,7 @@ def test_lds_section_table_matches_the_scores_and_draws(tmp_path):
     predicted = {a: {m: actual[a] + rng.normal(scale=s, size=(5, 4)) for m, s in zip(METHODS, (0.5, 3.0))}
                  for a in actual}
     buffer = io.BytesIO()
-    pq.write_table(_table(test, masks, actual, predicted), buffer)
+    pq.write_table(change_table(test, masks, actual, predicted), buffer)
     (tmp_path / "lds.parquet").write_bytes(buffer.getvalue())
     (tmp_path / "lds.json").write_text(json.dumps({
         "subsets": 5, "alpha": 0.5, "subset_size": 3, "training_trajectories": 6, "subset_seed": 0, "train_seed": 0,

@@ -288,6 +288,13 @@ class Executor:
         return total.result()
 
 
+def run_stage(stage, spec: Any, desc: str = "", unit: str = "units") -> Any:
+    """A stage module (gradlake.stages: ``plan(spec) -> units``, ``run_unit(spec, unit) -> record``,
+    ``finish(spec, units, records)``) run here: its units one at a time in unit order, no retry."""
+    units = stage.plan(spec)
+    return stage.finish(spec, units, Executor(InProcess(), retries=0).map(stage.run_unit, spec, units, desc, unit))
+
+
 class Run:
     """One pass of an executor over units: iterate for (index, record); afterwards
     :attr:`failures` (with ``keep_going``), :attr:`retries` and :attr:`workers` say how it went.

@@ -1,7 +1,8 @@
-"""Queries on Ray: the parts of a top-k or metric pass (gradlake.query) as Ray tasks.
+"""Queries on Ray: the parts of a top-k or metric pass (gradlake.stages.query) as Ray tasks.
 
-Each task opens the store by URL and streams its part of the candidates; only the parts'
-small results (top-k lists, moments) come back, merged in part order by gradlake.query.
+Each task opens the store by URL (the pass's StoreRef) and streams its part of the candidates;
+only the parts' small results (top-k lists, moments) come back, merged in part order by
+gradlake.query.
 """
 
 from __future__ import annotations
@@ -14,37 +15,17 @@ import ray
 from gradlake import query
 from gradlake.distributed.cluster import ensure_ray
 from gradlake.distributed.executor import Executor, RayTasks
+from gradlake.stages.query import shard_parts
 
 
-def _run_part(source: tuple, call: tuple):
-    """One part on a Ray worker: open the store, resolve the shared plans, run ``fn(store, *args)``."""
-    from gradlake.store import GradientStore
-
-    url, storage_options, allow_partial = source
-    fn, args = call
-    args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
-    return fn(GradientStore.open(url, storage_options or None, allow_partial), *args)
-
-
-def ray_mapper(url: str, storage_options: dict[str, Any] | None = None, desc: str = "query",
-               allow_partial: bool = False) -> query.Mapper:
+def ray_mapper(desc: str = "query") -> query.Mapper:
     """A :data:`gradlake.query.Mapper` running each part as a Ray task of the executor
-    (gradlake.distributed.executor) on the store at ``url`` (opened with ``allow_partial``)."""
-    source = (url, dict(storage_options or {}), allow_partial)
+    (gradlake.distributed.executor); the pass's spec, with its query matrix, goes to the
+    object store once."""
     executor = Executor(RayTasks())
 
-    def run(fn, args: list[tuple]) -> list:
-        shared: dict[int, Any] = {}
-
-        def put_once(value):  # a plan (with its query matrix) goes to the object store once
-            if not isinstance(value, query.TopKPlan):
-                return value
-            if id(value) not in shared:
-                shared[id(value)] = ray.put(value)
-            return shared[id(value)]
-
-        calls = [(fn, tuple(map(put_once, part))) for part in args]
-        return executor.map(_run_part, source, calls, f"{desc}: {getattr(fn, '__name__', 'part')}", "parts")
+    def run(fn, spec, units: list) -> list:
+        return executor.map(fn, spec, units, f"{desc}: {getattr(fn, '__name__', 'part')}", "parts")
 
     return run
 
@@ -59,6 +40,6 @@ def topk(url: str, query_where: str, train_where: str = "split == 'train'", k: i
     ``options``: its group_by, aggregate, by_layer."""
     ensure_ray(address, num_cpus)
     store = query.open_store(url, storage_options, allow_partial)
-    parts = parts or max(2 * int(ray.cluster_resources().get("CPU", 1)), len(query.shard_parts(store)))
+    parts = parts or max(2 * int(ray.cluster_resources().get("CPU", 1)), len(shard_parts(store)))
     return query.topk(store, query_where, train_where, k, pair, checkpoint, metric, damping, block_rows,
-                      mapper=ray_mapper(url, storage_options, "topk", allow_partial), parts=parts, **options)
+                      mapper=ray_mapper("topk"), parts=parts, **options)

@@ -31,7 +31,7 @@ from gradlake.config import RayConfig, ReduceConfig
 from gradlake.distributed.cluster import ensure_ray
 from gradlake.distributed.executor import Executor, RayTasks
 from gradlake.errors import GradlakeError, InputError
-from gradlake.query import shard_parts
+from gradlake.stages.query import shard_parts
 from gradlake.stages import reduce_aggregates as aggregates
 from gradlake.stages import reduce_pairwise as pairwise
 from gradlake.stages import reduce_plan as stage

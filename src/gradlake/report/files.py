@@ -20,23 +20,15 @@ def _ours(rel: str) -> bool:
 
 
 class ReportFiles(fsio.Folder):
-    """The report's folder (any fsspec URL); remembers what it wrote in report.json."""
+    """The report's folder (any fsspec URL); report.json lists what the report wrote."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        super().__init__(url, storage_options)
-        self.written: list[str] = []
-
-    def write(self, rel: str, data: bytes) -> None:
-        self.write_bytes(rel, data)
-        self.written.append(rel)
-
-    def finish(self, numbers: dict[str, Any]) -> None:
-        """Remove files an earlier report wrote and this one did not, then write report.json
-        (with the report's headline ``numbers``)."""
+    def finish(self, written: list[str], numbers: dict[str, Any]) -> None:
+        """Remove files an earlier report wrote and this one did not (``written``), then write
+        report.json (with the report's headline ``numbers``)."""
         previous = self.read_json(MANIFEST).get("files", []) if self.exists(MANIFEST) else []
-        for rel in sorted(set(previous) - set(self.written)):
+        for rel in sorted(set(previous) - set(written)):
             if _ours(rel):  # never follow a manifest outside the report's own files
                 self.remove(rel)
         self.write_json(MANIFEST, {"format": "gradlake-report", "gradlake_version": __version__,
-                                   "files": sorted(self.written), **numbers})
+                                   "files": sorted(written), **numbers})
 

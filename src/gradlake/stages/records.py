@@ -4,7 +4,8 @@ A unit writes its record last, after its outputs (so nothing half-written is tak
 as one JSON file ``<directory>/<prefix><name>.json`` of the stage's output folder. A record
 carries the hash of its run's settings (``"settings"``): a rerun keeps the units done with the
 same settings (resume) and finds those done with others (replace, or refuse without
-``--overwrite``). Used by the reduce (a record per checkpoint) and the exact mode (per minibatch).
+``--overwrite``). Used by the reduce (a record per checkpoint), the exact mode (per minibatch)
+and the LDS (per subset, in its own folder: ``started`` first, ``record`` last).
 """
 
 from __future__ import annotations

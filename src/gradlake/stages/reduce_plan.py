@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from gradlake import __version__, fsio
 from gradlake.config import ReduceConfig, recorded, settings_hash
 from gradlake.errors import InputError
-from gradlake.query import shard_parts
+from gradlake.stages.query import shard_parts
 from gradlake.reduce.layers import Layers
 from gradlake.reduce.output import SUMMARY, ReduceOutput
 from gradlake.stages.records import Records, other_settings

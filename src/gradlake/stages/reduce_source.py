@@ -1,5 +1,6 @@
-"""Where the reduce's units read: a reference to one checkpoint of the gradient store (opened
-in each task), the filter language on its sample rows, the reference rows, the store's check.
+"""Where the reduce's units (and the query's parts, gradlake.stages.query) read: a reference
+to one checkpoint of the gradient store (opened in each task), the filter language on its
+sample rows, the reference rows, the store's check.
 
 The units themselves: gradlake.stages.reduce_blocks (the plan's scans),
 gradlake.stages.reduce_aggregates (the metric and aggregate passes) and
@@ -19,13 +20,19 @@ from gradlake.errors import GradlakeError
 
 @dataclass
 class StoreRef:
-    """Where a task reads from: store URL, options, checkpoint. The store is opened on
-    first use in each task (never shared across tasks, so never stale)."""
+    """Where a task reads from: store URL, options, checkpoint (``allow_partial``: of committed
+    shards only). The store is opened on first use in each task (never shared across tasks, so
+    never stale); :meth:`of` a store open here shares it with the units run in this process."""
 
     url: str
     storage_options: dict[str, Any]
     checkpoint: str
+    allow_partial: bool = False
     _store: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, store, checkpoint: str) -> StoreRef:
+        return cls(store.url, store.storage_options, checkpoint, store.allow_partial, store)
 
     def __getstate__(self):
         return {**self.__dict__, "_store": None}
@@ -35,7 +42,7 @@ class StoreRef:
         if self._store is None:
             from gradlake.store import GradientStore
 
-            self._store = GradientStore.open(self.url, self.storage_options or None)
+            self._store = GradientStore.open(self.url, self.storage_options or None, self.allow_partial)
         return self._store
 
     def read(self, observable: str, rows: np.ndarray) -> np.ndarray:

@@ -70,6 +70,11 @@ class GradientStore:
         return self._files.url
 
     @property
+    def storage_options(self) -> dict[str, Any]:
+        """The fsspec options it was opened with (to open it again elsewhere)."""
+        return self._files.storage_options
+
+    @property
     def provenance(self) -> dict[str, Any]:
         return copy.deepcopy(self._meta)
 
