@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from grads_helpers import IDENTITY, ConvNet1d, ConvNet2d, TokenBlock, fixed_cotangents, loop_grads, rel_err
@@ -131,6 +134,24 @@ def test_parameters_are_frozen_during_capture_and_restored():
     assert all(p.requires_grad for n, p in model.named_parameters() if n != "head.weight")
     assert not model.head.weight.requires_grad
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls,shape", CASES, ids=[c.__name__ for c, _ in CASES])
+def test_a_capture_keeps_nothing_of_its_batch_alive(cls, shape):
+    """The batch's graph (held inputs, outputs and their hooks) goes with the capture, without
+    waiting for (or escaping) Python's cycle collector."""
+    model, x = _model(cls, shape)
+    projector = Projector(k_in=2, k_out=2)
+    projected_grads(model, x, fixed_cotangents(probes=1), projector)  # (+ the dry run, once)
+    outputs = []
+    for module in model.modules():
+        module.register_forward_hook(lambda m, a, o: outputs.append(weakref.ref(o)))
+    gc.disable()
+    try:
+        projected_grads(model, x, fixed_cotangents(probes=1), projector)
+        assert outputs and not any(ref() is not None for ref in outputs)
+    finally:
+        gc.enable()
 
 
 def test_structures_hooks_cannot_capture_are_refused():

@@ -70,10 +70,11 @@ class BatchHooks:
         self._recording: spectral.Recording | None = None
         self.copies: list[tuple[RuledModule, str, torch.Tensor]] = []  # per-sample parameter copies [B, ...]
         self._forwarded: torch.Tensor | None = None  # the output of the last per-sample forward
+        self._handles: list = []  # of the module hooks and the tensor hooks, removed when the capture ends
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[None]:
-        handles = []
+        handles = self._handles
         with contextlib.ExitStack() as stack:
             for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
@@ -86,8 +87,18 @@ class BatchHooks:
                         n for n, _ in entry.module.named_parameters()}:
                     stack.enter_context(_forward_replaced(entry.module, partial(
                         self._per_sample_forward, entry, entry.module.forward)))
-            stack.callback(lambda: [handle.remove() for handle in handles])
+            stack.callback(self._remove_handles)
             yield
+
+    def _remove_handles(self) -> None:
+        """Removes the module hooks and the hooks on the batch's tensors: a tensor hook holds what
+        its backward needs, often that tensor itself (a cycle through the tensor's hooks that
+        Python's collector does not see, keeping the batch's whole graph alive)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _on_grad(self, tensor: torch.Tensor, hook: Callable) -> None:
+        self._handles.append(tensor.register_hook(hook))
 
     def _factor(self, name: str, shape, role: str, dim: int, rows: int | None = None) -> torch.Tensor | None:
         key = (name, role, dim, rows)  # (a layer's shape is fixed within a capture)
@@ -125,7 +136,7 @@ class BatchHooks:
             held = {"input": a, "version": a._version}
         else:
             held = {"projected": self._project_input(layer, a.to(self.dtype))}
-        out.register_hook(partial(self._layer_backward, layer, held))
+        self._on_grad(out, partial(self._layer_backward, layer, held))
         return out
 
     def _project_input(self, layer: Layer, a: torch.Tensor) -> torch.Tensor:
@@ -206,10 +217,10 @@ class BatchHooks:
             for call in record.calls:
                 if call.out.grad_fn is None:
                     self.roots.append(call.out)  # (an input that does not require grad)
-                call.out.register_hook(partial(self._spectral_backward, entry, record, call))
+                self._on_grad(call.out, partial(self._spectral_backward, entry, record, call))
         for i in followed:
             outputs[i] = self._track(entry.name, outputs[i])
-            outputs[i].register_hook(partial(self._ruled_backward, entry, held, None if single else i))
+            self._on_grad(outputs[i], partial(self._ruled_backward, entry, held, None if single else i))
         if single:
             return outputs[0]
         return type(output)(*outputs) if hasattr(output, "_fields") else type(output)(outputs)
