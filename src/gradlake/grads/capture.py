@@ -77,7 +77,7 @@ def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
         if not pred.requires_grad:
             raise GradlakeError("the model output does not depend on any of its parameters")
         slots = slots_of(cotangents(pred.detach()), pred)
-        capture.phi = torch.zeros(len(slots), inputs.shape[0], capture.k, device=inputs.device)
+        capture.phi = torch.empty(len(slots), inputs.shape[0], capture.k, device=inputs.device)
         capture.slots = len(slots)
         for i, (_, _, cot) in enumerate(slots):
             capture.slot = i
@@ -91,6 +91,7 @@ def _capture(model, model_plan, covered, inputs, cotangents, projector, dtype):
             for (entry, local, _), g in zip(capture.copies, grads[len(copies):]):
                 if g is not None:
                     capture.add_per_sample(entry, {local: g})
+            capture.flush()
     return gather(capture.phi, slots), pred.detach()
 
 

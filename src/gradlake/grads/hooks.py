@@ -45,8 +45,8 @@ from gradlake.grads.tensors import flat
 
 
 class BatchHooks:
-    """Hooks for one batch: projected inputs in forward, per-example blocks in backward, added into
-    ``phi`` [slots, B, k] at the backward pass ``slot``."""
+    """Hooks for one batch: projected inputs in forward, per-example blocks in backward, written into
+    ``phi`` [slots, B, k] at the backward pass ``slot`` by :meth:`flush`."""
 
     def __init__(self, model_plan: Plan, ruled: tuple[RuledModule, ...], reached: frozenset[str],
                  projector: Projector, batch: int, device: torch.device, dtype: torch.dtype):
@@ -55,6 +55,7 @@ class BatchHooks:
         self.ruled = ruled
         self.layer_of = {n: layer for layer in model_plan.layers for n in (layer.weight, layer.bias) if n}
         layout = model_plan.layout(projector)
+        self.layout = layout.blocks
         self.blocks = {block.name: block for block in layout.blocks}
         self.offsets = layout.offsets()
         factors = {block.name: block.factors for block in layout.blocks}
@@ -63,6 +64,7 @@ class BatchHooks:
         self.k = sum(k for _, k in self.offsets.values())
         self.roots: list[torch.Tensor] = []
         self.phi: torch.Tensor | None = None
+        self.parts: dict[str, torch.Tensor] = {}  # the blocks of the backward pass under way
         self.slot = 0
         self.active = True
         self._identity: dict[int, torch.Tensor] = {}
@@ -165,8 +167,16 @@ class BatchHooks:
             self._add(layer.bias, bias)
 
     def _add(self, name: str, block: torch.Tensor) -> None:
-        offset, k = self.offsets[name]
-        self.phi[self.slot, :, offset:offset + k] += block.reshape(self.batch, k)
+        """A parameter's block of this backward pass (more than one: their sum), into φ at :meth:`flush`."""
+        block = block.reshape(self.batch, self.offsets[name][1]).float()
+        self.parts[name] = self.parts[name] + block if name in self.parts else block
+
+    def flush(self) -> None:
+        """φ[slot] from the blocks of this backward pass, one copy in the layout's order (zeros where none came)."""
+        found = [self.parts.pop(block.name, None) for block in self.layout]
+        zeros = self.phi.new_zeros(self.batch, max((b.k for b, f in zip(self.layout, found) if f is None), default=0))
+        torch.cat([zeros[:, :b.k] if f is None else f for b, f in zip(self.layout, found)], dim=1,
+                  out=self.phi[self.slot])
 
     # Every other module with parameters ---------------------------------------------------
     def _spectral_forward(self, entry: RuledModule, module: nn.Module, args) -> None:
