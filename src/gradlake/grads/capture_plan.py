@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -139,9 +139,18 @@ class Plan:
     layers: tuple[Layer, ...]
     ruled: tuple[RuledModule, ...]
     spectral: tuple[tuple[str, int, int], ...] = ()  # (ruled parameter, d_out, d_in) projected as a matrix
+    _layouts: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, compare=False,
+                                                repr=False)  # per projector (its settings never change)
 
     def layout(self, projector: Projector | None) -> Layout:
         """Blocks of φ for ``projector`` (None: identity everywhere, the full gradient)."""
+        if projector is None:
+            return self._layout(None)
+        if projector not in self._layouts:
+            self._layouts[projector] = self._layout(projector)
+        return self._layouts[projector]
+
+    def _layout(self, projector: Projector | None) -> Layout:
         owner: dict[str, tuple[str, str, dict[str, Any]]] = {}
         for layer in self.layers:
             k_out = projector.rows("out", layer.d_out, layer.name) if projector else layer.d_out

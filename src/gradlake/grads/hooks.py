@@ -28,6 +28,7 @@ the model input is ever computed. The batch's forward and backward passes:
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -131,10 +132,11 @@ class BatchHooks:
         self._check_batch(layer.name, a, grouped=not layer.conv_dims)  # Linear rows: reshaped per sample
         out = self._track(layer.name, output)
         rows = self.rows_in[layer.name]
-        positions = output[0, 0].numel() if layer.conv_dims else a[0].numel() // layer.d_in
+        sample = math.prod(a.shape[1:])
+        positions = math.prod(output.shape[2:]) if layer.conv_dims else sample // layer.d_in
         # Keep whichever is smaller until backward: the input (projected there, as on thin
         # convs where k_in > C_in) or its projection. Autograd keeps neither (frozen weights).
-        if a[0].numel() <= rows * positions:
+        if sample <= rows * positions:
             held = {"input": a, "version": a._version}
         else:
             held = {"projected": self._project_input(layer, a.to(self.dtype))}
