@@ -170,7 +170,7 @@ class BatchHooks:
 
     def _add(self, name: str, block: torch.Tensor) -> None:
         """A parameter's block of this backward pass (more than one: their sum), into φ at :meth:`flush`."""
-        block = block.reshape(self.batch, self.offsets[name][1]).float()
+        block = block.reshape(self.batch, self.offsets[name][1]).to(self.phi.dtype)
         self.parts[name] = self.parts[name] + block if name in self.parts else block
 
     def flush(self) -> None:
