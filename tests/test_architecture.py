@@ -1,15 +1,17 @@
 """The package's floor plan, read statically from its imports (ast; nothing is imported).
 
-Four rules (issue 18):
+Five rules (issue 18):
 
 - no module over MAX_LINES lines (one idea each: a longer one is split along its seams);
 - no import cycle between gradlake modules;
 - Ray is imported only in ``gradlake.distributed`` and ``gradlake.cli`` (the CLI's
   ``--address`` handling);
 - ``gradlake.reduce`` and ``gradlake.grads`` hold algebra only: no dataset, checkpoint,
-  store, config, training or Ray import.
+  store, config, training or Ray import;
+- ``gradlake.stages`` (Ray-free stage modules) never import what runs them
+  (``gradlake.distributed``, ``gradlake.pipeline``, ``gradlake.cli``).
 
-Every import counts, at module level or inside a function, for the three import rules. A
+Every import counts, at module level or inside a function, for the four import rules. A
 function-level import still couples the two modules (and still runs, later), so deferring an
 import is no way out of a cycle: the cycle check counts them too. Two exceptions:
 ``TYPE_CHECKING`` blocks never run, so they are skipped; and the root package's functions
@@ -39,6 +41,8 @@ RAY_HOMES = ("gradlake.distributed", "gradlake.cli")
 ALGEBRA = ("gradlake.reduce", "gradlake.grads")
 NOT_IN_ALGEBRA = ("ray", "gradlake.data", "gradlake.models.checkpoint", "gradlake.store",
                   "gradlake.config", "gradlake.train", "gradlake.distributed", "gradlake.pipeline")
+STAGES = ("gradlake.stages",)
+RUNNERS = ("gradlake.distributed", "gradlake.pipeline", "gradlake.cli")
 
 
 def _module_name(path: Path) -> str:
@@ -164,7 +168,9 @@ def _broken(graph) -> list[str]:
             + [f"{m} imports {i}" for m, names in graph.items() if not _within(m, RAY_HOMES)
                for i in names if _within(i, ("ray",))]
             + [f"{m} imports {i}" for m, names in graph.items() if _within(m, ALGEBRA)
-               for i in names if _within(i, NOT_IN_ALGEBRA)])
+               for i in names if _within(i, NOT_IN_ALGEBRA)]
+            + [f"{m} imports {i}" for m, names in graph.items() if _within(m, STAGES)
+               for i in names if _within(i, RUNNERS)])
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +198,11 @@ def test_ray_only_in_distributed_and_cli(graph):
 def test_reduce_and_grads_hold_algebra_only(graph):
     bad = _edges(graph, lambda m: _within(m, ALGEBRA), lambda i: _within(i, NOT_IN_ALGEBRA))
     assert not bad, "reduce/ and grads/ import I/O, settings or Ray:\n" + "\n".join(bad)
+
+
+def test_stages_never_import_what_runs_them(graph):
+    bad = _edges(graph, lambda m: _within(m, STAGES), lambda i: _within(i, RUNNERS))
+    assert not bad, "gradlake.stages imports its runners (an upward arrow):\n" + "\n".join(bad)
 
 
 def test_allowlist_is_still_needed(graph):

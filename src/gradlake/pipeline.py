@@ -165,6 +165,20 @@ def _settings(section: Any, added: tuple[str, ...] = ()) -> dict[str, Any]:
     return values
 
 
+def build_report(store_url: str, out_dir: str, reduce_name: str = "default", train_dir: str | None = None,
+                 storage_options: dict[str, Any] | None = None, normalizations=None,
+                 lds_dir: str | None = None) -> str:
+    """Write the report of a gradient store (and its reduce ``reduce_name``) to ``out_dir``
+    (gradlake.stages.report, run here one figure at a time); returns the path of index.html.
+    Deterministic; rerunning overwrites the report's own files."""
+    from gradlake.distributed.executor import run_stage
+    from gradlake.stages import report as stage
+
+    spec = stage.ReportSpec(store_url, out_dir, reduce_name, train_dir, storage_options,
+                            tuple(normalizations) if normalizations else None, lds_dir)
+    return run_stage(stage, spec, "report: figures", "figure")
+
+
 def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, Any]]]]:
     """Each stage: (hash of everything its output depends on, the call that runs it: the
     Ray-free stages in this process, gradlake.distributed.executor.run_stage)."""
@@ -203,12 +217,8 @@ def _stage_plan(job: JobConfig) -> dict[str, tuple[str, Callable[[], dict[str, A
         return {"lds": summary["lds"], "subsets": summary["subsets"], "alpha": summary["alpha"]}
 
     def report():
-        from gradlake.stages import report as stage
-
-        index = run_stage(stage, stage.ReportSpec(job.store_url, job.report_dir, job.reduce.name, job.train_dir, so,
-                                                  lds_dir=job.lds_dir if job.eval.lds.enabled else None),
-                          "report: figures", "figure")
-        return {"index": index}
+        return {"index": build_report(job.store_url, job.report_dir, job.reduce.name, job.train_dir, so,
+                                      lds_dir=job.lds_dir if job.eval.lds.enabled else None)}
 
     data_h = settings_hash(_settings(job.data), job.data_url)
     train_h = settings_hash(data_h, _settings(job.model, ("path", "kwargs", "checkpoint")), job.train,

@@ -17,7 +17,7 @@ import zarr
 from gradlake.config import ExactConfig, ModelConfig, RayConfig, ReduceConfig, TrainConfig
 from gradlake.errors import InputError
 from gradlake.reduce.output import coordinates
-from gradlake.stages.report import build_report
+from gradlake.pipeline import build_report
 
 pytestmark = pytest.mark.slow  # one module fixture: train, store, reduce on Ray, exact mode (~10 s)
 

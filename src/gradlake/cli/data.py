@@ -45,7 +45,9 @@ def _summary(ds, verb: str, seconds: float) -> str:
 def _generate(family: str, classes: str, trajectories: int, steps: int, resolution: int, seed: int,
               out: str, output_dt: float, cfl: float, batch: int, device: str, splits: str,
               options: dict[str, str], viscosity: float | None = None) -> None:
-    from gradlake.data import generate
+    from gradlake.data import Dataset
+    from gradlake.distributed.executor import run_stage
+    from gradlake.stages import data as stage
 
     values = {"family": family, "classes": [c.strip() for c in classes.split(",") if c.strip()],
               "trajectories": trajectories, "steps": steps, "resolution": resolution, "seed": seed,
@@ -56,7 +58,8 @@ def _generate(family: str, classes: str, trajectories: int, steps: int, resoluti
     config = _build(DataConfig, values, "")
     fsio.check_output(out, options or None)
     start = time.monotonic()
-    ds = generate(config, out, options or None)
+    record = run_stage(stage, stage.DataSpec(config, out, options or None))
+    ds = Dataset.open(record["url"], storage_options=options or None)
     typer.echo(_summary(ds, "generated", time.monotonic() - start))
 
 

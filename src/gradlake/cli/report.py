@@ -26,7 +26,7 @@ def report(
     """Draw the report of a store's reduce (heatmaps, lags, transfer, spectrum...); print index.html's path."""
     from gradlake import fsio
     from gradlake.errors import InputError
-    from gradlake.stages.report import build_report
+    from gradlake.pipeline import build_report
 
     options = storage_options(endpoint_url, profile)
     if train:

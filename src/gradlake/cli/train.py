@@ -75,8 +75,9 @@ def train(
 ):
     """One-step teacher-forced training on the train split (AdamW, scaled MSE)."""
     from gradlake.models.checkpoint import read_meta
+    from gradlake.distributed.executor import run_stage
+    from gradlake.stages import train as stage
     from gradlake.train import describe
-    from gradlake.train import train as run_train
 
     model_settings = _build(ModelConfig, {"name": model, "preset": preset, "overrides": _overrides(set_)}, "model")
     settings = _build(TrainConfig, {"epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -85,8 +86,8 @@ def train(
                                     "deterministic": deterministic}, "train")
     options = storage_options(endpoint_url, profile) or None
     fsio.check_output(out, options)
-    paths = run_train(data, model_settings, settings, out, storage_options=options)
-    for path in paths:
+    runs = run_stage(stage, stage.TrainSpec(data, model_settings, settings, ((settings.seed, out),), options))
+    for path in runs["checkpoints"]:
         typer.echo(f"{path}: {describe(read_meta(path, options)['metrics'])}")
 
 

@@ -11,7 +11,6 @@ Deterministic; no completion records: a rerun redraws every figure (cheap beside
 from __future__ import annotations
 
 import io
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,16 +122,3 @@ def finish(spec: ReportSpec, page: Page, records: list[str]) -> str:
     files.finish([*records, INDEX], {"exact": {key: exact.get(key) for key in (
         "checkpoint", "minibatches", "batch_size", "damping", "headline", "paper", "solver")}} if exact else {})
     return fsio.join(spec.out_dir, INDEX)
-
-
-def build_report(store_url: str, out_dir: str, reduce_name: str = "default", train_dir: str | None = None,
-                 storage_options: dict[str, Any] | None = None, normalizations=None,
-                 lds_dir: str | None = None) -> str:
-    """Write the report of a gradient store (and its reduce ``reduce_name``) to ``out_dir``
-    (:class:`ReportSpec`); returns the path of index.html. The stage run here, one figure at a
-    time; deterministic; rerunning overwrites the report's own files."""
-    from gradlake.distributed.executor import run_stage
-
-    spec = ReportSpec(store_url, out_dir, reduce_name, train_dir, storage_options,
-                      tuple(normalizations) if normalizations else None, lds_dir)
-    return run_stage(sys.modules[__name__], spec, "report: figures", "figure")
