@@ -361,3 +361,36 @@ def test_modules_on_rows_of_several_per_sample(sample_major, paths):
     projector = Projector(seed=4, k_in=2, k_out=3, k_dense=3)
     phi, _ = projected_grads(model, x, cotangents, projector)
     _assert_blocks_close(model, projector, phi["C"], projector.apply(model, ref))
+
+
+class _Squash(nn.Module):
+    """A parameter inside a nonlinearity: the vmap rule, run in the batch's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 1))
+
+    def forward(self, x):
+        return torch.tanh(x * self.w)
+
+
+class _ReturnsItsChild(nn.Module):
+    """A module whose own parameter goes in before a child and whose output is the child's output
+    (ReFNO's pos_embedding before its decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(3, 6))
+        self.inner = _Squash()
+
+    def forward(self, x):
+        return self.inner(torch.sin(x + self.pos))
+
+
+def test_a_module_returning_a_per_sample_forward_child_output_keeps_its_own_gradient():
+    model, x = _model(_ReturnsItsChild, (4, 3, 6))
+    assert {e["module"]: e["path"] for e in describe(model, x)} == {"": "vmap", "inner": "vmap"}
+    identity = Projector(seed=0, k_in=10**6, k_out=10**6, k_dense=10**9)
+    cotangents = fixed_cotangents(probes=1)
+    phi, _ = projected_grads(model, x, cotangents, identity)
+    _assert_blocks_close(model, identity, phi["C"], loop_grads(model, x, cotangents(model(x).detach())["C"]))

@@ -72,7 +72,9 @@ class BatchHooks:
         self._factors: dict[tuple, torch.Tensor | None] = {}
         self._recording: spectral.Recording | None = None
         self.copies: list[tuple[RuledModule, str, torch.Tensor]] = []  # per-sample parameter copies [B, ...]
-        self._forwarded: torch.Tensor | None = None  # the output of the last per-sample forward
+        # the module of the last per-sample forward and its output (a parent returning that output as
+        # its own is still hooked)
+        self._forwarded: tuple[RuledModule, torch.Tensor] | None = None
         self._handles: list = []  # of the module hooks and the tensor hooks, removed when the capture ends
 
     @contextlib.contextmanager
@@ -200,12 +202,14 @@ class BatchHooks:
             self.active = True
         if found is None:
             return forward(*args, **kwargs)
-        self._forwarded, copies = found
+        output, copies = found
+        self._forwarded = (entry, output)
         self.copies.extend((entry, local, copy) for local, copy in copies.items())
-        return self._forwarded
+        return output
 
     def _ruled_forward(self, entry: RuledModule, module: nn.Module, args, kwargs, output):
-        if not self.active or output is self._forwarded:
+        if not self.active or (self._forwarded is not None and self._forwarded[0] is entry
+                                and output is self._forwarded[1]):
             return None
         record, self._recording = self._recording, None
         if record is not None:
