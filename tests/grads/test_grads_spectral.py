@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from grads_helpers import rel_err
+from grads_helpers import module_loop, rel_err
 from thirdparty_models import TltorchFNO
 
 from gradlake.grads import Projector
@@ -14,7 +14,6 @@ from gradlake.grads.capture import projected_grads
 from gradlake.grads.capture_plan import plan
 from gradlake.grads.full import full_grads
 from gradlake.grads.module_rules import ModuleGrads
-from gradlake.grads.tensors import flat, parameter
 
 
 def _neuralop(factorization=None, dims=2):
@@ -37,17 +36,6 @@ CONVS = {
 }
 
 
-def _loop(module, names, x, kwargs, delta):
-    """[B, numel] per parameter: plain autograd, one sample at a time."""
-    rows = {n: [] for n in names}
-    for b in range(x.shape[0]):
-        grads = torch.autograd.grad((module(x[b:b + 1], **kwargs) * delta[b:b + 1]).sum(),
-                                    [parameter(module, n) for n in names], allow_unused=True)
-        for n, g in zip(names, grads):
-            rows[n].append(torch.zeros_like(parameter(module, n)) if g is None else g)
-    return {n: flat(torch.stack(r), x.shape[0]) for n, r in rows.items()}
-
-
 @pytest.mark.parametrize("name", list(CONVS))
 def test_spectral_rule_equals_the_per_sample_loop(name):
     factory, shape, kwargs = CONVS[name]
@@ -60,7 +48,7 @@ def test_spectral_rule_equals_the_per_sample_loop(name):
     grads = ModuleGrads(module, names, name)
     got = grads((x,), kwargs, delta)
     assert grads.path() == "spectral"
-    want = _loop(module, names, x, kwargs, delta)
+    want = module_loop(module, names, x, kwargs, delta)
     for n in names:  # (a layer's weights the index does not pick: zero for both)
         assert float((got[n] - want[n]).norm()) <= 1e-5 * float(want[n].norm()) + 1e-12, n
     assert sum(float(want[n].norm()) for n in names if "bias" not in n) > 0  # the weights' grads, not only the bias's
@@ -115,6 +103,6 @@ def test_spectral_blocks_projected_in_the_capture_equal_the_projected_autograd_l
     phi, _ = projected_grads(module, x, lambda pred: {"C": cot}, projector)  # prepares: the rule chosen
     phi, _ = projected_grads(module, x, lambda pred: {"C": cot}, projector)  # the recorded forward
     names = [n for n, _ in module.named_parameters()]
-    loop = _loop(module, names, x, {}, cot)
+    loop = module_loop(module, names, x, {}, cot)
     want = projector.apply(module, torch.cat([loop[n] for n in names], dim=1))
     assert rel_err(phi["C"], want) <= 1e-5
