@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from grads_helpers import loop_grads, module_loop, rel_err
+from grads_helpers import loop_grads, module_loop, rel_err, rule_against_loop
 from torch import nn
 
-from gradlake.grads import Projector
+from gradlake.grads import Projector, transposed
 from gradlake.grads.capture import projected_grads
 from gradlake.grads.module_rules import ModuleGrads
-from gradlake.grads import transposed
 
 CONVS = {  # (module, input shape [B, C_in, ...], forward kwargs)
     "1d-stride-padding-output-padding": (lambda: nn.ConvTranspose1d(3, 5, 3, stride=2, padding=1, output_padding=1),
@@ -29,20 +28,13 @@ CONVS = {  # (module, input shape [B, C_in, ...], forward kwargs)
 def test_transposed_rule_equals_the_per_sample_loop(name):
     factory, shape, kwargs = CONVS[name]
     torch.manual_seed(0)
-    module = factory()
-    x = torch.randn(shape)
-    with torch.no_grad():
-        delta = torch.randn(module(x, **kwargs).shape)
-    names = tuple(n for n, _ in module.named_parameters())
-    want = module_loop(module, names, x, kwargs, delta)
+    module, x = factory(), torch.randn(shape)
+    want = rule_against_loop(module, x, kwargs, "transposed")
+    delta = torch.randn(module(x, **kwargs).shape)
     got = transposed.per_sample_grads(module, dict(module.named_parameters()), (x,), kwargs, delta)
-    for n in names:
-        assert float((got[n] - want[n]).norm()) <= 1e-5 * float(want[n].norm()), n
-    grads = ModuleGrads(module, names, name)
-    got = grads((x,), kwargs, delta)
-    assert grads.path() == "transposed"
-    for n in names:
-        assert float((got[n] - want[n]).norm()) <= 1e-5 * float(want[n].norm()), n
+    want = module_loop(module, tuple(want), x, kwargs, delta)
+    for n, w in want.items():
+        assert float((got[n] - w).norm()) <= 1e-5 * float(w.norm()), n
 
 
 def test_grouped_transposed_convs_keep_the_general_rules():

@@ -17,8 +17,8 @@ Used for every parameter outside Linear/Conv layers. Seven rules, the first that
   input and output swapped (:mod:`gradlake.grads.transposed`), used where it matches the loop
   on two samples;
 - *spectral* (a module contracting Fourier modes through its own ``_contract``, as
-  neuraloperator's SpectralConv): outer products per mode (:mod:`gradlake.grads.spectral`),
-  used where they match the loop on two samples;
+  neuraloperator's SpectralConv, or running einsums of its input and a parameter): outer
+  products per mode (:mod:`gradlake.grads.spectral`), used where they match the loop on two samples;
 - *vmap*: ``torch.func`` vmap over samples of grad of ⟨module(x_b), δ_b⟩ (any module that
   vmap can run; a module that writes per-sample values in place into tensors it makes, as
   AFNO's spectrum, runs with those tensors made per sample, where that equals the loop on
@@ -120,7 +120,8 @@ class ModuleGrads:
         if index is None and transposed.supported(self.module, args, kwargs) \
                 and self._agrees(self._transposed, params, args, kwargs, output):
             return self._transposed
-        if spectral.supported(self.module):
+        if self._records(params, one, one_kwargs):
+            direct = None
             try:  # the bias: by the additive rule where it holds (its gradients then cost a sum)
                 direct = spectral.direct_names(self.module, params, one, one_kwargs, lambda y: pick(y, index))
                 additive = simple_rule(self._run, {n: params[n] for n in direct}, one, one_kwargs, out) \
@@ -128,9 +129,12 @@ class ModuleGrads:
                     and not params[direct[0]].is_complex() else None
             except Exception:  # noqa: BLE001 - not the structure the rule expects (checked below)
                 additive = None
-            self.direct = None if isinstance(additive, Affine) else additive
-            if self._agrees(self._spectral, params, args, kwargs, output, index):
+            self.direct = _none if direct == [] else None if isinstance(additive, Affine) else additive
+            # (einsums alone: only where no parameter needs the batched backward of direct_grads)
+            if (spectral.supported(self.module) or self.direct is not None) \
+                    and self._agrees(self._spectral, params, args, kwargs, output, index):
                 return self._spectral
+            self.direct = None
         try:
             self._vmap(params, one, one_kwargs, probe, index)
             return self._vmap
@@ -156,6 +160,12 @@ class ModuleGrads:
                              f"failed under vmap ({self.fallback}) and in a per-sample loop "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
         return self._loop
+
+    def _records(self, params, args, kwargs) -> bool:
+        try:
+            return spectral.records(self.module, params, args, kwargs)
+        except Exception:  # noqa: BLE001 - a forward the recording cannot run: the other rules
+            return False
 
     def _agrees(self, rule: Grads, params, args, kwargs, output: torch.Tensor, index: int | None = None) -> bool:
         """Whether ``rule`` gives the per-sample loop's gradients on the batch's first two samples."""
@@ -254,6 +264,11 @@ class ModuleGrads:
                 for (n, p), g in zip(leaves.items(), grads):
                     rows[n].append(torch.zeros_like(p) if g is None else g)
         return {n: flat(torch.stack(r), batch) for n, r in rows.items()}
+
+
+def _none(params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
+    """The spectral rule's direct part where no parameter has one."""
+    return {}
 
 
 class _PerSampleFresh(TorchFunctionMode):
