@@ -131,7 +131,7 @@ class Recording:
         factors conjugated, all one einsum over the batch."""
         grads, projected, memo = {}, {}, {}
         ingredients = [(call.x.conj().resolve_conj(), call.x_sub), (d.to(call.x.dtype), call.out_sub)]
-        conjugates = [(o.detach().conj().resolve_conj(), s) for o, s in call.operands]
+        conjugates = [(o.detach().conj().resolve_conj(), s) for o, s in call.operands] if len(call.operands) > 1 else []
         for i, (op, sub) in enumerate(call.operands):
             if not op.requires_grad:
                 continue
@@ -227,7 +227,7 @@ def _greedy(subs: list[str], sizes: dict[str, int], out: str) -> list[tuple[tupl
         *_, i, j, result = min(candidates)
         order.append(((i, j), f"{subs[i]},{subs[j]}->{result}"))
         subs = [s for k, s in enumerate(subs) if k not in (i, j)] + [result]
-    return order + [((0,), f"{subs[0]}->{out}")]
+    return order + ([((0,), f"{subs[0]}->{out}")] if subs[0] != out else [])  # (no identity einsum)
 
 
 def _recorded(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict,
