@@ -25,7 +25,8 @@ def loop_grads(model: nn.Module, inputs: torch.Tensor, cotangent: torch.Tensor) 
     return torch.stack(rows)
 
 
-def module_loop(module: nn.Module, names, x: torch.Tensor, kwargs: dict, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+def module_loop(module: nn.Module, names, x: torch.Tensor, kwargs: dict, delta: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
     """{name: [B, numel]}: autograd of <module(x_b), δ_b> w.r.t. the named parameters, one sample at a time."""
     rows = {n: [] for n in names}
     for b in range(x.shape[0]):

@@ -7,10 +7,10 @@ sample b's ⟨y, δ⟩ w.r.t. the weight used is, per mode, the outer product co
 of the input's and the contraction-output gradient's Fourier coefficients (separable:
 conj(x_{b,i,m}) d_{b,i,m}). A module without ``_contract`` whose forward runs an einsum of an
 input and one of its parameters (AFNO's block-diagonal complex MLP) is recorded the same way, its
-einsums as its contractions (:mod:`gradlake.grads.einsums`). Where the weight is a parameter (or a complex view or all-covering
-slice of one) or a Tucker tensor of parameters (W = core ×_k U_k, as tltorch's), each
-parameter's per-sample gradient is one einsum over the batch of x, d and the other factors
-(conjugated), contracted pairwise; a spectral block's projection P_out G P_inᵀ is taken inside
+einsums as its contractions (:mod:`gradlake.grads.einsums`). Where the weight is a parameter (or a
+complex view or all-covering slice of one) or a Tucker tensor of parameters (W = core ×_k U_k, as
+tltorch's), each parameter's per-sample gradient is one einsum over the batch of x, d and the other
+factors (conjugated), contracted pairwise; a spectral block's projection P_out G P_inᵀ is taken inside
 that einsum, so its per-sample gradient is never formed. Other factorisations get theirs through
 the (linear) backward of the weight's reconstruction, batched over samples. Parameters the
 output reaches other than through the contraction (the bias) get theirs by one backward batched
