@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from gradlake.grads import Projector
+from gradlake.grads.module_rules import ModuleGrads
+from gradlake.grads.tensors import flat, parameter
 
 IDENTITY = Projector(seed=0, k_in=10**6, k_out=10**6, k_dense=10**9)
 
@@ -21,6 +23,33 @@ def loop_grads(model: nn.Module, inputs: torch.Tensor, cotangent: torch.Tensor) 
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         rows.append(torch.cat([(torch.view_as_real(g) if g.is_complex() else g).reshape(-1) for g in grads]))
     return torch.stack(rows)
+
+
+def module_loop(module: nn.Module, names, x: torch.Tensor, kwargs: dict, delta: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """{name: [B, numel]}: autograd of <module(x_b), δ_b> w.r.t. the named parameters, one sample at a time."""
+    rows = {n: [] for n in names}
+    for b in range(x.shape[0]):
+        grads = torch.autograd.grad((module(x[b:b + 1], **kwargs) * delta[b:b + 1]).sum(),
+                                    [parameter(module, n) for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            rows[n].append(torch.zeros_like(parameter(module, n)) if g is None else g)
+    return {n: flat(torch.stack(r), x.shape[0]) for n, r in rows.items()}
+
+
+def rule_against_loop(module: nn.Module, x: torch.Tensor, kwargs: dict, path: str) -> dict[str, torch.Tensor]:
+    """Asserts that ModuleGrads takes the rule ``path`` for ``module`` on ``x`` and gives the per-sample
+    loop's gradients (within 1e-5 relative, per parameter); returns the loop's."""
+    with torch.no_grad():
+        delta = torch.randn(module(x, **kwargs).shape)
+    names = tuple(n for n, _ in module.named_parameters())
+    grads = ModuleGrads(module, names, path)
+    got = grads((x,), kwargs, delta)
+    assert grads.path() == path
+    want = module_loop(module, names, x, kwargs, delta)
+    for n in names:  # (a layer's weights the index does not pick: zero for both)
+        assert float((got[n] - want[n]).norm()) <= 1e-5 * float(want[n].norm()) + 1e-12, n
+    return want
 
 
 def fixed_cotangents(seed: int = 1, probes: int = 0):

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from grads_helpers import rel_err
+from grads_helpers import module_loop, rel_err, rule_against_loop
 from thirdparty_models import TltorchFNO
+from torch import nn
 
 from gradlake.grads import Projector
 from gradlake.grads.allocation import allocate, block_statistics
 from gradlake.grads.capture import projected_grads
 from gradlake.grads.capture_plan import plan
 from gradlake.grads.full import full_grads
-from gradlake.grads.module_rules import ModuleGrads
-from gradlake.grads.tensors import flat, parameter
 
 
 def _neuralop(factorization=None, dims=2):
@@ -37,33 +36,13 @@ CONVS = {
 }
 
 
-def _loop(module, names, x, kwargs, delta):
-    """[B, numel] per parameter: plain autograd, one sample at a time."""
-    rows = {n: [] for n in names}
-    for b in range(x.shape[0]):
-        grads = torch.autograd.grad((module(x[b:b + 1], **kwargs) * delta[b:b + 1]).sum(),
-                                    [parameter(module, n) for n in names], allow_unused=True)
-        for n, g in zip(names, grads):
-            rows[n].append(torch.zeros_like(parameter(module, n)) if g is None else g)
-    return {n: flat(torch.stack(r), x.shape[0]) for n, r in rows.items()}
-
-
 @pytest.mark.parametrize("name", list(CONVS))
 def test_spectral_rule_equals_the_per_sample_loop(name):
     factory, shape, kwargs = CONVS[name]
     torch.manual_seed(0)
     module = factory()
-    x = torch.randn(shape)
-    with torch.no_grad():
-        delta = torch.randn(module(x, **kwargs).shape)
-    names = tuple(n for n, _ in module.named_parameters())
-    grads = ModuleGrads(module, names, name)
-    got = grads((x,), kwargs, delta)
-    assert grads.path() == "spectral"
-    want = _loop(module, names, x, kwargs, delta)
-    for n in names:  # (a layer's weights the index does not pick: zero for both)
-        assert float((got[n] - want[n]).norm()) <= 1e-5 * float(want[n].norm()) + 1e-12, n
-    assert sum(float(want[n].norm()) for n in names if "bias" not in n) > 0  # the weights' grads, not only the bias's
+    want = rule_against_loop(module, torch.randn(shape), kwargs, "spectral")
+    assert sum(float(w.norm()) for n, w in want.items() if "bias" not in n) > 0  # the weights' grads, not only the bias's
 
 
 def test_spectral_weights_are_projected_as_matrices_and_allocated_as_layers():
@@ -115,6 +94,40 @@ def test_spectral_blocks_projected_in_the_capture_equal_the_projected_autograd_l
     phi, _ = projected_grads(module, x, lambda pred: {"C": cot}, projector)  # prepares: the rule chosen
     phi, _ = projected_grads(module, x, lambda pred: {"C": cot}, projector)  # the recorded forward
     names = [n for n, _ in module.named_parameters()]
-    loop = _loop(module, names, x, {}, cot)
+    loop = module_loop(module, names, x, {}, cot)
     want = projector.apply(module, torch.cat([loop[n] for n in names], dim=1))
     assert rel_err(phi["C"], want) <= 1e-5
+
+
+class _BlockEinsum(nn.Module):
+    """AFNO's block-diagonal complex MLP: a real [blocks, size, size, 2] parameter used as a complex
+    einsum operand on the last dim of a complex input (returned as (real, imaginary) pairs)."""
+
+    def __init__(self, blocks=2, size=3):
+        super().__init__()
+        self.blocks, self.size = blocks, size
+        self.weight = nn.Parameter(torch.randn(blocks, size, size, 2))
+
+    def forward(self, x):
+        x = x.reshape(*x.shape[:-1], self.blocks, self.size)
+        y = torch.einsum("...bi,bio->...bo", x, torch.view_as_complex(self.weight))
+        return torch.view_as_real(y.reshape(*y.shape[:-2], -1))
+
+
+class _WeightFirstEinsum(nn.Module):
+    """A real einsum with the weight first and a list of operands, and a bias added."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3))
+        self.bias = nn.Parameter(torch.randn(4, 1))
+
+    def forward(self, x):
+        return torch.einsum("oi,zij->zoj", [self.weight, x]) + self.bias
+
+
+@pytest.mark.parametrize("factory, x", [(_BlockEinsum, torch.randn(3, 5, 6, dtype=torch.cfloat)),
+                                        (_WeightFirstEinsum, torch.randn(3, 3, 7))])
+def test_einsums_with_a_parameter_take_the_spectral_rule(factory, x):
+    torch.manual_seed(0)
+    rule_against_loop(factory(), x, {}, "spectral")

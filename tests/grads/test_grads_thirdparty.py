@@ -82,8 +82,8 @@ CASES = {
     "afno-channels-last": (afno, (BATCH, 4, 8, 8), {"kron", "affine", "vmap"}),
     "data-dependent-branch": (DataDependent, (BATCH, 6, 3), {"kron", "loop"}),
     "convnext-style": (ConvNeXtNet, (BATCH, 4, 12, 12), {"kron", "expand", "affine", "vmap"}),
-    "conv-1d": (Conv1dNet, (BATCH, 3, 16), {"kron", "vmap"}),
-    "conv-3d": (Conv3dNet, (BATCH, 2, 4, 4, 4), {"kron", "affine", "vmap"}),
+    "conv-1d": (Conv1dNet, (BATCH, 3, 16), {"kron", "transposed", "vmap"}),
+    "conv-3d": (Conv3dNet, (BATCH, 2, 4, 4, 4), {"kron", "affine", "transposed", "vmap"}),
 }
 
 
@@ -134,7 +134,7 @@ def test_every_parameter_is_covered_by_the_expected_paths(name):
     assert sorted(covered) == sorted(n for n, _ in model.named_parameters())
     paths = {part for row in rows for part in row["path"].split("+")}
     assert paths == (CASES[name][2] or paths), rows
-    assert paths <= {"kron", "expand", "affine", "additive", "attention", "spectral", "vmap", "loop"}
+    assert paths <= {"kron", "expand", "affine", "additive", "attention", "transposed", "spectral", "vmap", "loop"}
     for row in rows:
         assert ("reason" in row) == ("loop" in row["path"]), row
 

@@ -62,8 +62,10 @@ class Affine:
     def invertible(self, params: dict[str, torch.Tensor]) -> bool:
         """Whether :meth:`from_output` is within float rounding of :meth:`from_base` for ``params``."""
         weight = params[self.weight].abs()
-        bias = params[self.bias].abs() if self.bias else torch.zeros_like(weight)
-        return bool((bias <= MAX_BIAS_RATIO * weight).all() and (weight > 0).all())
+        ok = weight > 0
+        if self.bias:
+            ok &= params[self.bias].abs() <= MAX_BIAS_RATIO * weight
+        return bool(ok.all())
 
     def from_output(self, output: torch.Tensor, delta: torch.Tensor,
                     params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -107,7 +107,7 @@ def describe(model: nn.Module, inputs: torch.Tensor, projector: Projector | None
 
     One row per module that captures parameters: {"module", "type", "path", "parameters"},
     path "kron" (factorised Linear/Conv), "expand" (per-sample copies of a container's
-    [1, ...] parameters), "affine", "additive", "attention", "vmap" (exact per-sample rules of
+    [1, ...] parameters), "affine", "additive", "attention", "transposed", "spectral", "vmap" (exact per-sample rules of
     :mod:`gradlake.grads.module_rules`) or "loop" (the per-sample autograd fallback, with
     "reason"). A module that covers parameters of submodules it does not call lists them
     all. Unsupported structures raise :class:`gradlake.errors.InputError` naming the module.

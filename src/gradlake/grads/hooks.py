@@ -84,7 +84,7 @@ class BatchHooks:
             for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(partial(self._layer_forward, layer)))
             for entry in self.ruled:
-                if spectral.supported(entry.module):
+                if spectral.supported(entry.module) or "spectral" in module_grads(entry).path().split("+"):
                     handles.append(entry.module.register_forward_pre_hook(partial(self._spectral_forward, entry)))
                 handles.append(entry.module.register_forward_hook(partial(self._ruled_forward, entry),
                                                                   with_kwargs=True))

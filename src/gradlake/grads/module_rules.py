@@ -1,6 +1,6 @@
 """Full per-example gradients of one module's own parameters, from its input and output gradient.
 
-Used for every parameter outside Linear/Conv layers. Six rules, the first that holds:
+Used for every parameter outside Linear/Conv layers. Seven rules, the first that holds:
 
 - *affine* (norms, layer scales): output = base(x) ⊙ weight + bias, with weight and bias
   of one shape S broadcast along some output axes (bias optional; any parameter names);
@@ -13,9 +13,12 @@ Used for every parameter outside Linear/Conv layers. Six rules, the first that h
   grad Σ δ over the axes p is broadcast along (no extra forward);
 - *attention* (``nn.MultiheadAttention``, batch first, no masks): the module recomputed once
   for the batch with per-sample copies of its weights (batched matmuls, fused attention);
+- *transposed* (``nn.ConvTranspose1d/2d/3d``, groups=1): the conv-style weight gradient with
+  input and output swapped (:mod:`gradlake.grads.transposed`), used where it matches the loop
+  on two samples;
 - *spectral* (a module contracting Fourier modes through its own ``_contract``, as
-  neuraloperator's SpectralConv): outer products per mode (:mod:`gradlake.grads.spectral`),
-  used where they match the loop on two samples;
+  neuraloperator's SpectralConv, or running einsums of its input and a parameter): outer
+  products per mode (:mod:`gradlake.grads.spectral`), used where they match the loop on two samples;
 - *vmap*: ``torch.func`` vmap over samples of grad of ⟨module(x_b), δ_b⟩ (any module that
   vmap can run; a module that writes per-sample values in place into tensors it makes, as
   AFNO's spectrum, runs with those tensors made per sample, where that equals the loop on
@@ -32,7 +35,8 @@ and a complex parameter's gradient is returned as (real, imaginary) pairs.
 
 Here: :class:`ModuleGrads`, which chooses a module's rule and runs the vmap and loop rules; the
 affine and additive rules are in :mod:`gradlake.grads.affine`, the attention rule in
-:mod:`gradlake.grads.attention`, the spectral one in :mod:`gradlake.grads.spectral`.
+:mod:`gradlake.grads.attention`, the transposed-conv one in :mod:`gradlake.grads.transposed`, the
+spectral one in :mod:`gradlake.grads.spectral`.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
 from gradlake.errors import InputError
-from gradlake.grads import attention, spectral
+from gradlake.grads import attention, spectral, transposed
 from gradlake.grads.affine import Affine, simple_rule
 from gradlake.grads.tensors import Grads, close, flat, inner, parameter, pick
 
@@ -85,9 +89,9 @@ class ModuleGrads:
         return self._rules[key]
 
     def path(self) -> str:
-        """The rules in use: "affine", "additive", "attention", "vmap" and/or "loop"."""
+        """The rules in use: "affine", "additive", "attention", "transposed", "spectral", "vmap" and/or "loop"."""
         names = {"_vmap": "vmap", "_loop": "loop", "_add": "additive", "_attention": "attention",
-                 "_spectral": "spectral"}
+                 "_spectral": "spectral", "_transposed": "transposed"}
         found = {"affine" if isinstance(r, Affine) else names.get(getattr(r, "__name__", ""), "additive")
                  for r in self._rules.values()}
         return "+".join(sorted(found))
@@ -113,9 +117,11 @@ class ModuleGrads:
             got = self._attention(params, one, one_kwargs, delta, index)
             if all(close(got[n], want[n]) for n in want):
                 return self._attention
-        if spectral.supported(self.module):
-            two = tuple(a[:2] if _batched(a, batch) else a for a in args)
-            two_kwargs = {k: v[:2] if _batched(v, batch) else v for k, v in kwargs.items()}
+        if index is None and transposed.supported(self.module, args, kwargs) \
+                and self._agrees(self._transposed, params, args, kwargs, output):
+            return self._transposed
+        if self._records(params, one, one_kwargs):
+            direct = None
             try:  # the bias: by the additive rule where it holds (its gradients then cost a sum)
                 direct = spectral.direct_names(self.module, params, one, one_kwargs, lambda y: pick(y, index))
                 additive = simple_rule(self._run, {n: params[n] for n in direct}, one, one_kwargs, out) \
@@ -123,16 +129,12 @@ class ModuleGrads:
                     and not params[direct[0]].is_complex() else None
             except Exception:  # noqa: BLE001 - not the structure the rule expects (checked below)
                 additive = None
-            self.direct = None if isinstance(additive, Affine) else additive
-            gen = torch.Generator(device="cpu").manual_seed(1)
-            delta = torch.randn((min(batch, 2), *out[1:]), generator=gen).to(probe)
-            want = self._loop(params, two, two_kwargs, delta, index)
-            try:
-                got = self._spectral(params, two, two_kwargs, delta, index)
-            except Exception:  # noqa: BLE001 - not the structure the rule expects: the other rules
-                got = None
-            if got is not None and all(close(got[n], want[n]) for n in want):
+            self.direct = _none if direct == [] else None if isinstance(additive, Affine) else additive
+            # (einsums alone: only where no parameter needs the batched backward of direct_grads)
+            if (spectral.supported(self.module) or self.direct is not None) \
+                    and self._agrees(self._spectral, params, args, kwargs, output, index):
                 return self._spectral
+            self.direct = None
         try:
             self._vmap(params, one, one_kwargs, probe, index)
             return self._vmap
@@ -158,6 +160,26 @@ class ModuleGrads:
                              f"failed under vmap ({self.fallback}) and in a per-sample loop "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
         return self._loop
+
+    def _records(self, params, args, kwargs) -> bool:
+        try:
+            return spectral.records(self.module, params, args, kwargs)
+        except Exception:  # noqa: BLE001 - a forward the recording cannot run: the other rules
+            return False
+
+    def _agrees(self, rule: Grads, params, args, kwargs, output: torch.Tensor, index: int | None = None) -> bool:
+        """Whether ``rule`` gives the per-sample loop's gradients on the batch's first two samples."""
+        batch = output.shape[0]
+        two = tuple(a[:2] if _batched(a, batch) else a for a in args)
+        two_kwargs = {k: v[:2] if _batched(v, batch) else v for k, v in kwargs.items()}
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        delta = torch.randn((min(batch, 2), *output.shape[1:]), generator=gen).to(output)
+        want = self._loop(params, two, two_kwargs, delta, index)
+        try:
+            got = rule(params, two, two_kwargs, delta, index)
+        except Exception:  # noqa: BLE001 - not the structure the rule expects: the other rules
+            return False
+        return all(close(got[n], want[n]) for n in want)
 
     def _vmap(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         batch = delta.shape[0]
@@ -214,6 +236,10 @@ class ModuleGrads:
         """The attention rule (:mod:`gradlake.grads.attention`)."""
         return attention.per_sample_grads(self.module, params, args, kwargs, delta)
 
+    def _transposed(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
+        """The transposed-conv rule (:mod:`gradlake.grads.transposed`)."""
+        return transposed.per_sample_grads(self.module, params, args, kwargs, delta)
+
     def _spectral(self, params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
         grads = spectral.spectral_grads(self.module, params, args, kwargs, delta, lambda out: pick(out, index), inner,
                                         direct=self.direct is None)
@@ -240,6 +266,11 @@ class ModuleGrads:
         return {n: flat(torch.stack(r), batch) for n, r in rows.items()}
 
 
+def _none(params, args, kwargs, delta, index) -> dict[str, torch.Tensor]:
+    """The spectral rule's direct part where no parameter has one."""
+    return {}
+
+
 class _PerSampleFresh(TorchFunctionMode):
     """Inside vmap: tensors made by factory functions (torch.zeros, ...) carry the samples' batch
     (a per-sample zero added), so per-sample values can be written into them in place."""
@@ -249,7 +280,7 @@ class _PerSampleFresh(TorchFunctionMode):
 
     def __init__(self, like: torch.Tensor):
         super().__init__()
-        self.zero = torch.zeros_like(like).sum()  # batched under vmap: one zero per sample
+        self.zero = torch.zeros_like(like.reshape(-1)[:1]).sum()  # batched under vmap: one zero per sample
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

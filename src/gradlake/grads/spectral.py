@@ -5,10 +5,12 @@ A spectral convolution (neuraloperator's ``SpectralConv``, 0.3 and 2.x: the modu
 computes, per retained mode m, y_{o,m} = Σ_i x_{i,m} W_{i,o,m} (complex). The gradient of
 sample b's ⟨y, δ⟩ w.r.t. the weight used is, per mode, the outer product conj(x_{b,i,m}) d_{b,o,m}
 of the input's and the contraction-output gradient's Fourier coefficients (separable:
-conj(x_{b,i,m}) d_{b,i,m}). Where the weight is a parameter (or a complex view or all-covering
-slice of one) or a Tucker tensor of parameters (W = core ×_k U_k, as tltorch's), each
-parameter's per-sample gradient is one einsum over the batch of x, d and the other factors
-(conjugated), contracted pairwise; a spectral block's projection P_out G P_inᵀ is taken inside
+conj(x_{b,i,m}) d_{b,i,m}). A module without ``_contract`` whose forward runs an einsum of an
+input and one of its parameters (AFNO's block-diagonal complex MLP) is recorded the same way, its
+einsums as its contractions (:mod:`gradlake.grads.einsums`). Where the weight is a parameter (or a
+complex view or all-covering slice of one) or a Tucker tensor of parameters (W = core ×_k U_k, as
+tltorch's), each parameter's per-sample gradient is one einsum over the batch of x, d and the other
+factors (conjugated), contracted pairwise; a spectral block's projection P_out G P_inᵀ is taken inside
 that einsum, so its per-sample gradient is never formed. Other factorisations get theirs through
 the (linear) backward of the weight's reconstruction, batched over samples. Parameters the
 output reaches other than through the contraction (the bias) get theirs by one backward batched
@@ -29,6 +31,8 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
+
+from gradlake.grads.einsums import Einsums, subscripts
 
 MASKED_ELEMENTS = 1 << 24  # per chunk of per-sample cotangents [chunk, B, ...] for the direct parameters
 
@@ -92,10 +96,26 @@ class Recording:
 
     def open(self) -> None:
         self._stack.enter_context(_reparametrize_module(self.module, self.leaves))
-        original = self.module._contract
-        self.module._contract = partial(_contract, self.calls)
-        self._stack.callback(setattr, self.module, "_contract", original)
+        if supported(self.module):
+            original = self.module._contract
+            self.module._contract = partial(_contract, self.calls)
+            self._stack.callback(setattr, self.module, "_contract", original)
+        else:
+            self._stack.enter_context(Einsums(self._leaf_of, self._einsum))
         self._stack.enter_context(torch.enable_grad())
+
+    def _einsum(self, equation: str, operands: list, index: int) -> torch.Tensor:
+        """An einsum of an input and a weight (:mod:`gradlake.grads.einsums`), recorded where it is a
+        contraction the rule covers (else run as it is: its weight's gradient then comes as a direct one)."""
+        weight, x = operands[index], operands[1 - index]
+        subs = subscripts(equation, x, weight, index == 0)
+        if subs is None:
+            return torch.einsum(equation, *operands)
+        out = torch.einsum(equation, *[o.detach() if i == index else o for i, o in enumerate(operands)])
+        if not out.requires_grad:
+            out.requires_grad_()
+        self.calls.append(Call(x.detach(), out, [(weight, subs[1])], subs[0], subs[2]))
+        return out
 
     def close(self) -> None:
         self._stack.close()
@@ -111,7 +131,7 @@ class Recording:
         factors conjugated, all one einsum over the batch."""
         grads, projected, memo = {}, {}, {}
         ingredients = [(call.x.conj().resolve_conj(), call.x_sub), (d.to(call.x.dtype), call.out_sub)]
-        conjugates = [(o.detach().conj().resolve_conj(), s) for o, s in call.operands]
+        conjugates = [(o.detach().conj().resolve_conj(), s) for o, s in call.operands] if len(call.operands) > 1 else []
         for i, (op, sub) in enumerate(call.operands):
             if not op.requires_grad:
                 continue
@@ -207,7 +227,7 @@ def _greedy(subs: list[str], sizes: dict[str, int], out: str) -> list[tuple[tupl
         *_, i, j, result = min(candidates)
         order.append(((i, j), f"{subs[i]},{subs[j]}->{result}"))
         subs = [s for k, s in enumerate(subs) if k not in (i, j)] + [result]
-    return order + [((0,), f"{subs[0]}->{out}")]
+    return order + ([((0,), f"{subs[0]}->{out}")] if subs[0] != out else [])  # (no identity einsum)
 
 
 def _recorded(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict,
@@ -218,6 +238,12 @@ def _recorded(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, k
         return record, pick(module(*args, **kwargs))
     finally:
         record.close()
+
+
+def records(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> bool:
+    """Whether a recorded forward of ``module`` holds a contraction (a ``_contract``, or an einsum of an
+    input and a parameter)."""
+    return supported(module) or bool(_recorded(module, params, args, kwargs, lambda y: y)[0].calls)
 
 
 def direct_names(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict,
