@@ -30,7 +30,7 @@ coordinates (ρ_j = −(next block)ᵀ R e_j):
 ‖ρ‖ alone overstates the error by orders of magnitude. Round-off in the
 products (unit u) adds a floor of about u‖A‖/λ ‖s_i‖‖s_j‖ that no space removes
 (:meth:`Quadrature.floor`): float32 products cannot resolve λ ≪ 1e-7‖A‖. The basis is kept
-orthogonal by the recurrence's projection on the last two blocks, then classical Gram–Schmidt
+orthogonal by the recurrence's projection on the last two blocks, then Gram–Schmidt (by blocks of rows)
 against every earlier vector, repeated where a pass removes much (full reorthogonalisation:
 without it Ritz values repeat and the quadrature is wrong), and a block loses the directions
 the space already holds (deflation by SVD). The stop is screened after every block without an
@@ -205,15 +205,15 @@ def block_lanczos(apply: Apply, start: torch.Tensor, converged: Callable, max_di
         if progress is not None:
             progress.update(r)
         a_norm = max(a_norm, float(torch.linalg.matrix_norm(image, 2)))
-        q = basis[:dim]
         column = torch.zeros((dim, r), dtype=dtype, device=start.device)  # T's new columns
         column[lo:] = basis[lo:dim] @ image.T  # the three-term recurrence: the last two blocks
         rest = image - column[lo:].T @ basis[lo:dim]
         for _ in range(2):  # then against every vector, twice where a pass removes much (Daniel et al. 1976)
             before = torch.linalg.vector_norm(rest, dim=1)
-            again = q @ rest.T
-            rest -= again.T @ q
-            column += again
+            for i in range(0, dim, 32):  # by blocks of rows that stay in cache for both products
+                again = basis[i:min(i + 32, dim)] @ rest.T
+                rest -= again.T @ basis[i:min(i + 32, dim)]
+                column[i:i + 32] += again
             if (torch.linalg.vector_norm(rest, dim=1) > 0.7 * before).all():
                 break
         proj[:dim, dim - r:dim] = column
