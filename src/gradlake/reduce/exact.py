@@ -15,7 +15,8 @@ equals g_{A,i}ᵀ (η_B + λI)⁻¹ g_{B,j} with g = Jᵀr. Methods (:class:`Sol
   proven bound |Ĥ(i, j) − H(i, j)| ≤ e_i e_j ≤ ‖ρ_i‖‖ρ_j‖ (block Gauss–Radau on the Galerkin
   residuals ρ), in the units of each
   asked normalisation, is ≤ ``htol`` at every λ — a bound on H itself, never H's change
-  between iterations (which stalls where convergence does). Random ±1 probes in the same
+  between iterations (which stalls where convergence does). The bound is screened after
+  every block and proven (T's eigendecomposition) only where the screen passes. Random ±1 probes in the same
   block estimate d_eff(λ) (stochastic Lanczos quadrature).
 - ``pcg``: Nyström-preconditioned CG per right-hand side to ``rtol`` (one λ).
 - ``paper``: the PDEHats solve (MINRES on K + λI, i.e. CRAIG-MR; float32; the batch's
