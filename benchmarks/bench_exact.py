@@ -11,6 +11,9 @@
    λ; Lanczos and dense: one for all), each with its products K·v and its row-std error against
    the dense H (relative Frobenius of the row-std H). Ratios PCG ÷ Lanczos are measured in this run.
    The paper's own solve (float32, stacked, restarted MINRES to 1.5e-2) is reported beside them.
+   ``--block-pcg RANK``: a trial of block PCG in output space (one Nyström sketch of rank RANK,
+   one block for the batch's right-hand sides) at the run's λ, stopped by the proven
+   |ΔH_ij| ≤ ‖r_i‖‖r_j‖ in row-std units (it measured slower than block Lanczos: not in src/).
 3. ``--big-per-class 16``: the paper's batch shape (48 samples) with block Lanczos alone (the dense
    path does not fit) within ``--big-products`` K·v: which λ of 1e-3 … 10 it bounds to htol, with
    d_eff(λ), products and time (``--checkpoint`` of a p > N·d model, e.g. the tiny UNet at width 8).
@@ -37,8 +40,10 @@ from gradlake.errors import GradlakeError  # noqa: E402
 from gradlake.config import DataConfig  # noqa: E402
 from gradlake.data import generate  # noqa: E402
 from gradlake.reduce import minibatch  # noqa: E402
-from gradlake.reduce.exact import (BatchJacobian, SolverSettings, exact_influence, normalize_matrix,  # noqa: E402
-                                   relative_frobenius, solve_hat)
+from gradlake.reduce.exact import (BatchJacobian, SolverSettings, error_in_units, exact_influence,  # noqa: E402
+                                   normalize_matrix, relative_frobenius, solve_hat)
+from gradlake.reduce.jacobian import blocked  # noqa: E402
+from gradlake.reduce.krylov import NystromPreconditioner, nystrom  # noqa: E402
 
 
 def batch(data_url: str, per_class: int):
@@ -145,6 +150,35 @@ def dense_reference(args, jac, res, lam, sweep) -> tuple[dict[float, np.ndarray]
     return want, seconds, d_eff, top
 
 
+def block_pcg(apply, b: torch.Tensor, lam: float, precondition, htol: float, max_iter: int):
+    """(H [s, s], products, iterations): block PCG on (K + λI) X = B (rows), search blocks kept
+    orthonormal (breakdown-free); H = BᵀB − λ(XᵀB + BᵀX − Xᵀ(B − R)), whose error λ r_iᵀ(K + λI)⁻¹ r_j
+    is at most ‖r_i‖‖r_j‖, until that bound is ≤ htol in row-std units."""
+    def hat(x, r):
+        h = b @ b.T - lam * (x @ b.T + b @ x.T - x @ (b - r).T)
+        return (0.5 * (h + h.T)).numpy()
+
+    def basis(z):
+        u, sv, _ = torch.linalg.svd(z.T, full_matrices=False)
+        return u[:, sv > 1e-12 * sv[0]].T.contiguous()
+
+    x, r, products = torch.zeros_like(b), b.clone(), 0
+    p = basis(precondition(r))
+    for it in range(1, max_iter + 1):
+        q = apply(p) + lam * p
+        products += p.shape[0]
+        pq = 0.5 * (p @ q.T + q @ p.T)
+        alpha = torch.linalg.solve(pq, p @ r.T)
+        x, r = x + alpha.T @ p, r - alpha.T @ q
+        e = torch.linalg.vector_norm(r, dim=1).numpy()
+        if error_in_units({"CC": hat(x, r)}, {"CC": np.outer(e, e)}, "CC", "row-std") <= htol:
+            break
+        z = precondition(r)
+        p = basis(z - torch.linalg.solve(pq, q @ z.T).T @ p)
+    r = b - apply(x) - lam * x  # the true residual (the recurrence drifts)
+    return hat(x, r), products + b.shape[0], it
+
+
 def speed(args, root: str) -> None:
     """Dense reference, block Lanczos and Nyström-PCG at one λ and over an 8-λ sweep, on one minibatch."""
     clock = CLOCK[args.clock]
@@ -177,6 +211,15 @@ def speed(args, root: str) -> None:
             print(f"  {name:16s} {label:6s}: {seconds:7.1f} s, products {solve.info.products:6d}, "
                   f"row-std error {worst:.1e} (bound {max(v['bound'] for v in solve.info.sweep.values()):.1e}), "
                   f"d_eff(λ) ≈ {solve.d_eff(lam):,.0f}")
+    if args.block_pcg:
+        t = clock()
+        apply = blocked(lambda u: jac.gram(u.reshape(-1, *jac.output.shape)).reshape(u.shape[0], -1), args.block)
+        sketch = nystrom(apply, jac.output.numel(), lam, args.block_pcg, args.block_pcg, seed=0)
+        h, products, it = block_pcg(apply, jac.placed(res["C"]).double(), lam, NystromPreconditioner(sketch, lam),
+                                    args.htol, args.max_iter)
+        print(f"  block pcg rank {args.block_pcg:<5d} one λ : {clock() - t:7.1f} s, products "
+              f"{products + sketch.products:6d} ({sketch.products} in the sketch, {it} iterations), "
+              f"row-std error {row_std_error(h, want[lam]):.1e}")
     pcg_s = pcg_products = 0
     for v in (lam, *sweep):
         t = clock()
@@ -253,6 +296,7 @@ def main() -> None:
     parser.add_argument("--max-iter", type=int, default=3000)
     parser.add_argument("--paper-iter", type=int, default=300, help="the paper's solve: iterations at most")
     parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--block-pcg", type=int, default=0, help="also block PCG with a Nyström sketch of this rank")
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--width", type=int, default=0, help="without --checkpoint: the fresh tiny UNet's width "
                                                                  "(8: p = 81.6k > N·d = 49,152 for 48 samples at 16²)")

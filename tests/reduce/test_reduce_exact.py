@@ -11,6 +11,7 @@ from gradlake import physics
 from gradlake.errors import GradlakeError
 from gradlake.reduce.exact import (BatchJacobian, SolverSettings, error_in_units, exact_influence,
                                    normalize_matrix, relative_frobenius, solve_hat, spearman)
+from gradlake.reduce.lanczos import Screen, block_lanczos
 
 CHANNELS = physics.EULER_CHANNELS
 LAM = 1e-4
@@ -162,8 +163,6 @@ def test_lanczos_bound_holds_and_a_stall_is_not_convergence():
     mu = torch.logspace(6, -8, n, dtype=torch.float64)
     a = (q * mu) @ q.T
     start = torch.randn(s, n, dtype=torch.float64)
-    from gradlake.reduce.lanczos import block_lanczos
-
     lam = 1e-6
     coords = start @ q  # the reference from the known spectrum (a solve would lose ~κε = 1e-4)
     want = ((coords * (mu / (mu + lam))) @ coords.T).numpy()
@@ -186,6 +185,63 @@ def test_lanczos_bound_holds_and_a_stall_is_not_convergence():
             assert bound.max() <= 3 * err.max() and residual_bound.max() >= 20 * err.max()
     assert seen[len(seen) // 2][0].max() > 1e-3 * np.abs(want).max()  # the middle of the run is far from converged
     assert seen[-1][0].max() <= floor.max()
+
+
+class ExplicitGram:
+    """BatchJacobian's part that block Lanczos uses, for an explicit K [n, n] over ``batch`` samples."""
+
+    placed = BatchJacobian.placed
+    n_params = 10**9
+
+    def __init__(self, k: torch.Tensor, batch: int):
+        self.k, self.output = k, torch.zeros(batch, k.shape[0] // batch, dtype=torch.float64)
+
+    def gram(self, u):
+        return (u.reshape(u.shape[0], -1) @ self.k).reshape(u.shape)
+
+
+def test_lanczos_screen_is_the_quadrature():
+    """The screen after every block (block Cholesky of T + λI grown with T) gives the eigendecomposition's
+    H and Gauss–Radau factors at every block and shift (a wrong shift or a dropped block fails)."""
+    torch.manual_seed(0)
+    n, lams, seen = 300, (1e-4, 1e-2, 1.0), {}
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    a = (q * torch.logspace(4, -6, n, dtype=torch.float64)) @ q.T
+
+    def check(quad):
+        if isinstance(quad, Screen):
+            seen[quad.dimension] = {lam: (quad.hat(lam), quad.error_factors(lam)) for lam in lams}
+            return True
+        screened = seen.pop(quad.dimension)
+        for lam in lams:
+            h, e = screened[lam]
+            assert torch.allclose(h, quad.hat(lam), rtol=0, atol=1e-10 * float(quad.hat(lam).abs().max()))
+            assert torch.allclose(e, quad.error_factors(lam), rtol=1e-4)
+        return quad.dimension >= 150
+
+    block_lanczos(lambda v: v @ a, torch.randn(3, n, dtype=torch.float64), check, n, lams, growth=1.0)
+    assert not seen
+
+
+@pytest.mark.parametrize("screen", ["real", "always passes"])
+def test_lanczos_stops_only_where_every_lambda_is_proven(monkeypatch, screen):
+    """The screen only says when to prove: at the stop the eigendecomposition bounds H within htol at every
+    λ of the sweep, below the run's λ too, even when the screen passes at once (it cannot stop a run early)."""
+    torch.manual_seed(1)
+    n, batch = 240, 4
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    mu = torch.logspace(3, -5, n, dtype=torch.float64)
+    jac, r = ExplicitGram((q * mu) @ q.T, batch), torch.randn(batch, n // batch, dtype=torch.float64)
+    if screen != "real":
+        monkeypatch.setattr(Screen, "error_factors", lambda self, lam: torch.zeros_like(self.norms))
+    solve = solve_hat(jac, {"C": r}, ("CC",), 1e-1, SolverSettings(method="lanczos", htol=1e-6, probes=0),
+                      lambdas=(1e-4, 1e-3))
+    assert solve.info.rank < n and all(v["converged"] for v in solve.info.sweep.values())
+    b = jac.placed(r)
+    for lam in (1e-4, 1e-3, 1e-1):
+        want = (b @ q * (mu / (mu + lam))) @ (b @ q).T
+        assert relative_frobenius(normalize_matrix(solve.at(lam, ("CC",))["CC"], "row-std"),
+                                  normalize_matrix(want.numpy(), "row-std")) <= 1e-6
 
 
 def test_lanczos_budget_exhausted_is_an_error(setup):

@@ -15,7 +15,8 @@ equals g_{A,i}ᵀ (η_B + λI)⁻¹ g_{B,j} with g = Jᵀr. Methods (:class:`Sol
   proven bound |Ĥ(i, j) − H(i, j)| ≤ e_i e_j ≤ ‖ρ_i‖‖ρ_j‖ (block Gauss–Radau on the Galerkin
   residuals ρ), in the units of each
   asked normalisation, is ≤ ``htol`` at every λ — a bound on H itself, never H's change
-  between iterations (which stalls where convergence does). Random ±1 probes in the same
+  between iterations (which stalls where convergence does). The bound is screened after
+  every block and proven (T's eigendecomposition) only where the screen passes. Random ±1 probes in the same
   block estimate d_eff(λ) (stochastic Lanczos quadrature).
 - ``pcg``: Nyström-preconditioned CG per right-hand side to ``rtol`` (one λ).
 - ``paper``: the PDEHats solve (MINRES on K + λI, i.e. CRAIG-MR; float32; the batch's
@@ -122,9 +123,10 @@ class HatSolve:
     fixed: dict[str, np.ndarray] | None = None
     n_outputs: int = 0
 
-    def _weights(self, lam: float) -> torch.Tensor:
-        theta = self.quad.theta
-        return theta / (theta + lam) if self.space == "output" else 1.0 / (theta + lam)
+    def _matrix(self, lam: float, left, right) -> torch.Tensor:
+        if self.space == "output":
+            return self.quad.hat(lam, left, right)
+        return self.quad.form(1.0 / (self.quad.theta + lam), left, right)
 
     def at(self, lam: float, pairs) -> dict[str, np.ndarray]:
         """{pair: H_AB [B, B]} at λ (float64)."""
@@ -133,8 +135,7 @@ class HatSolve:
                 raise InputError(f"exact method {self.method!r} solves one λ ({self.damping:g}); use "
                                  f"method = \"dense\" or \"lanczos\" for λ = {lam:g}")
             return {p: self.fixed[p] for p in pairs}
-        w = self._weights(lam)
-        return {p: self.quad.form(w, self.columns[p[0]], self.columns[p[1]]).cpu().numpy() for p in pairs}
+        return {p: self._matrix(lam, self.columns[p[0]], self.columns[p[1]]).cpu().numpy() for p in pairs}
 
     def bound(self, lam: float, pair: str, parts: tuple[str, ...] = ("krylov", "floor")) -> np.ndarray:
         """Entrywise bound on |Ĥ_AB − H_AB| at λ, the sum of its ``parts``: "krylov", e_i e_j (Gauss–Radau,
@@ -156,7 +157,7 @@ class HatSolve:
             return float((theta / (theta + lam)).sum())
         if self.probes is None:
             return None
-        return float(torch.diagonal(self.quad.form(theta / (theta + lam), self.probes, self.probes)).mean())
+        return float(torch.diagonal(self.quad.hat(lam, self.probes, self.probes)).mean())
 
     @property
     def eigenvalues(self) -> np.ndarray:
@@ -268,18 +269,18 @@ def _lanczos(jac, res, observables, pairs, damping, solver, lambdas, normalize, 
     every = sorted({damping, *lambdas})
     checks = []
 
-    def converged(quad: Quadrature) -> bool:
+    def converged(quad) -> bool:  # a Screen after every block, the Quadrature where it passes
         solve = HatSolve("lanczos", "output", None, damping, quad, columns, probes)
         worst = {lam: _bounds(solve, lam, pairs, normalize, ("krylov",)) for lam in every}
-        checks.append({"products": quad.products, "dimension": int(quad.theta.numel()),
+        checks.append({"products": quad.products, "dimension": quad.dimension,
                        "bound": worst[damping], "worst_bound": max(worst.values())})
         if bar is not None:
-            bar.set_postfix(dimension=quad.theta.numel(), bound=f"{worst[damping]:.1e}")
+            bar.set_postfix(dimension=quad.dimension, bound=f"{worst[damping]:.1e}")
         # the floor grows with the largest Ritz value, so once above htol no larger space brings it down
         return max(worst.values()) <= solver.htol or _bounds(solve, damping, pairs, normalize, ("floor",)) > solver.htol
 
     bar = progress(None, "exact: block Lanczos", "product") if progress else None
-    quad = block_lanczos(apply, start, converged, max_dim, apply_dtype=kv_dtype, progress=bar)
+    quad = block_lanczos(apply, start, converged, max_dim, every, apply_dtype=kv_dtype, progress=bar)
     if bar is not None:
         bar.close()
     solve = HatSolve("lanczos", "output", None, damping, quad, columns, probes)

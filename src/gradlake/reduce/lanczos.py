@@ -30,9 +30,11 @@ coordinates (ρ_j = −(next block)ᵀ R e_j):
 ‖ρ‖ alone overstates the error by orders of magnitude. Round-off in the
 products (unit u) adds a floor of about u‖A‖/λ ‖s_i‖‖s_j‖ that no space removes
 (:meth:`Quadrature.floor`): float32 products cannot resolve λ ≪ 1e-7‖A‖. The basis is kept
-orthogonal by two passes of classical Gram–Schmidt against every earlier vector (full
-reorthogonalisation: without it Ritz values repeat and the quadrature is wrong), and a block
-loses the directions the space already holds (deflation by SVD).
+orthogonal by the recurrence's projection on the last two blocks, then Gram–Schmidt (by blocks of rows)
+against every earlier vector, repeated where a pass removes much (full reorthogonalisation:
+without it Ritz values repeat and the quadrature is wrong), and a block loses the directions
+the space already holds (deflation by SVD). The stop is screened after every block without an
+eigendecomposition (:class:`Screen`); T's eigendecomposition proves it.
 """
 
 from __future__ import annotations
@@ -88,17 +90,81 @@ class Quadrature:
         if not delta < 0.5 * damping:
             return res
         r = g @ (self.coords / (theta + damping)[:, None])
-        s = (g * (1.0 / (theta + delta) - 1.0 / (theta + damping))) @ g.T
-        s.diagonal().add_(damping - delta)
-        chol = torch.linalg.cholesky(0.5 * (s + s.T))
-        form = (torch.cholesky_solve(r, chol) * r).sum(0).clamp_min(0.0)
-        return torch.minimum(torch.sqrt(damping * form), res)
+        return _radau(r, (g * (1.0 / (theta + delta) - 1.0 / (theta + damping))) @ g.T, res, damping, delta)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.theta.numel())
 
     def residuals(self, damping: float) -> torch.Tensor:
         """‖ρ_j‖ [s]: residual norms of the Galerkin solutions of (A + λI) x = s_j."""
         if self.coupling.numel() == 0:
             return torch.zeros(self.coords.shape[1], dtype=self.coords.dtype, device=self.coords.device)
         return torch.linalg.vector_norm(self.coupling @ (self.coords / (self.theta + damping)[:, None]), dim=0)
+
+
+def _radau(r: torch.Tensor, inner: torch.Tensor, res: torch.Tensor, damping: float, delta: float) -> torch.Tensor:
+    """min(√(λ diag(Rᵀ S⁻¹ R)), ‖ρ_j‖) with S = (λ − δ)I + ``inner``, inner = W((T + δ)⁻¹ − (T + λ)⁻¹)Wᵀ."""
+    inner = 0.5 * (inner + inner.T)
+    inner.diagonal().add_(damping - delta)
+    chol = torch.linalg.cholesky(inner)
+    form = (torch.cholesky_solve(r, chol) * r).sum(0).clamp_min(0.0)
+    return torch.minimum(torch.sqrt(damping * form), res)
+
+
+class Screen:
+    """The quadrature at fixed shifts without an eigendecomposition: a block Cholesky of T + λI that
+    grows with T by one block (O(r³) per block and shift), T taken block tridiagonal as it is in
+    exact arithmetic. With y = L⁻¹E₁C (forward substitution), Sᵀ A (A + λI)⁻¹ S ≈ CᵀC − λ yᵀy,
+    the residual coordinates R = W L_mm⁻ᵀ y_m and W(T + λ)⁻¹Wᵀ = (L_mm⁻¹Wᵀ)ᵀ(L_mm⁻¹Wᵀ) need only the
+    last block, so :func:`block_lanczos` evaluates it after every block. A cheap estimate of
+    :class:`Quadrature`'s answers (δ and ‖A‖ from below), never a proof: a shift whose factor fails
+    reads as converged, to be judged by the eigendecomposition."""
+
+    def __init__(self, coeff: torch.Tensor, shifts, n: int, roundoff: float):
+        self.gram, self.norms = coeff.T @ coeff, torch.linalg.vector_norm(coeff, dim=0)
+        self.coeff, self.n, self.roundoff = coeff, n, roundoff
+        self.shifts, self.top, self.delta, self.dimension, self.products = tuple(shifts), 0.0, None, 0, 0
+        self.state: dict = {}  # λ, or "node" for T + δI: (L_mm, y_m, yᵀy), None once its factor failed
+
+    def extend(self, diag: torch.Tensor, sub: torch.Tensor | None, couple: torch.Tensor, products: int) -> None:
+        """Append T's next diagonal block and the block left of it (None for the first), and W's ``couple``."""
+        diag = 0.5 * (diag + diag.T)
+        self.top = max(self.top, float(torch.linalg.eigvalsh(diag)[-1]))
+        if self.delta is None:
+            self.delta = np.sqrt(self.n) * self.roundoff * self.top
+        for key, shift in (*((s, s) for s in self.shifts), ("node", self.delta)):
+            old = self.state.get(key, ())
+            if old is None:
+                continue
+            m = diag + shift * torch.eye(diag.shape[0], dtype=diag.dtype, device=diag.device)
+            if old:
+                left = torch.linalg.solve_triangular(old[0], sub.T, upper=False).T  # E L_prev⁻ᵀ
+                m, rhs, acc = m - left @ left.T, -left @ old[1], old[2]
+            else:
+                rhs, acc = self.coeff, 0.0
+            chol, info = torch.linalg.cholesky_ex(m)
+            y = torch.linalg.solve_triangular(chol, rhs, upper=False)
+            self.state[key] = None if int(info) else (chol, y, acc + y.T @ y)
+        self.couple, self.dimension, self.products = couple, self.dimension + diag.shape[0], products
+
+    def hat(self, damping: float, left=slice(None), right=slice(None)) -> torch.Tensor:
+        state = self.state[damping]
+        return (self.gram if state is None else self.gram - damping * state[2])[left][:, right]
+
+    def floor(self, damping: float) -> torch.Tensor:
+        return np.sqrt(self.roundoff * self.top / damping) * self.norms
+
+    def error_factors(self, damping: float) -> torch.Tensor:
+        state, node = self.state[damping], self.state["node"]
+        if state is None:
+            return torch.zeros_like(self.norms)
+        r = self.couple @ torch.linalg.solve_triangular(state[0].T, state[1], upper=True)
+        res = torch.linalg.vector_norm(r, dim=0)
+        if node is None or not self.delta < 0.5 * damping:
+            return res
+        p, q = (torch.linalg.solve_triangular(c[0], self.couple.T, upper=False) for c in (node, state))
+        return _radau(r, p.T @ p - q.T @ q, res, damping, self.delta)
 
 
 def _orthonormal_rows(block: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,23 +174,27 @@ def _orthonormal_rows(block: torch.Tensor, floor: float) -> tuple[torch.Tensor, 
     return u[:, keep].T.contiguous(), s[keep, None] * vh[keep]
 
 
-def block_lanczos(apply: Apply, start: torch.Tensor, converged: Callable[[Quadrature], bool], max_dim: int,
+def block_lanczos(apply: Apply, start: torch.Tensor, converged: Callable, max_dim: int, shifts=None,
                   growth: float = 1.1, apply_dtype: torch.dtype | None = None, progress=None) -> Quadrature:
     """Grow K_m(A, start) until ``converged(quadrature)`` or the basis reaches ``max_dim`` rows.
 
     ``start`` [s, n] float64; the basis, T and the quadrature stay in its dtype, while
     ``apply`` may run in ``apply_dtype`` (e.g. float32 products; the error that adds is the
     caller's to measure). Convergence is checked (one eigendecomposition of T) whenever the
-    space has grown by ``growth`` since the last check, and at the end. ``progress``
-    (tqdm-like) counts products. Returns the last quadrature; its ``history`` lists the checks.
+    space has grown by ``growth`` since the last check, and at the end; given ``shifts`` (the λ
+    ``converged`` asks about), ``converged(screen)`` (:class:`Screen`) runs after every block
+    instead and the check follows only where it passes. ``progress`` (tqdm-like) counts
+    products. Returns the last quadrature; its ``history`` lists the checks.
     """
     n, dtype = start.shape[1], start.dtype
     scale = float(torch.linalg.matrix_norm(start, 2))
     eps = float(torch.finfo(dtype).eps)
+    roundoff = float(torch.finfo(apply_dtype or dtype).eps)
     block, coeff = _orthonormal_rows(start, eps * n * scale)
     basis = torch.empty((max(min(max_dim, n), block.shape[0]), n), dtype=dtype, device=start.device)
-    proj = torch.zeros((basis.shape[0], basis.shape[0]), dtype=dtype, device=start.device)
-    dim, products, checked, history = 0, 0, 0, []
+    proj = torch.empty((basis.shape[0], basis.shape[0]), dtype=dtype, device=start.device)  # written as it grows
+    screen = None if shifts is None else Screen(coeff, shifts, n, roundoff)
+    dim, lo, products, checked, history = 0, 0, 0, 0, []
     a_norm = 0.0
     while True:
         r = block.shape[0]
@@ -135,26 +205,34 @@ def block_lanczos(apply: Apply, start: torch.Tensor, converged: Callable[[Quadra
         if progress is not None:
             progress.update(r)
         a_norm = max(a_norm, float(torch.linalg.matrix_norm(image, 2)))
-        q = basis[:dim]
-        column = q @ image.T  # [dim, r]: T's new columns
-        rest = image - column.T @ q
-        second = q @ rest.T  # the second Gram–Schmidt pass
-        rest -= second.T @ q
-        column += second
+        column = torch.zeros((dim, r), dtype=dtype, device=start.device)  # T's new columns
+        column[lo:] = basis[lo:dim] @ image.T  # the three-term recurrence: the last two blocks
+        rest = image - column[lo:].T @ basis[lo:dim]
+        for _ in range(2):  # then against every vector, twice where a pass removes much (Daniel et al. 1976)
+            before = torch.linalg.vector_norm(rest, dim=1)
+            for i in range(0, dim, 32):  # by blocks of rows that stay in cache for both products
+                again = basis[i:min(i + 32, dim)] @ rest.T
+                rest -= again.T @ basis[i:min(i + 32, dim)]
+                column[i:i + 32] += again
+            if (torch.linalg.vector_norm(rest, dim=1) > 0.7 * before).all():
+                break
         proj[:dim, dim - r:dim] = column
         proj[dim - r:dim, :dim] = column.T
         nxt, couple = _orthonormal_rows(rest, eps * n * a_norm)
         full = dim + nxt.shape[0] > basis.shape[0] or nxt.shape[0] == 0
-        if full or dim >= growth * checked:
+        if screen is not None and not full:
+            screen.extend(column[dim - r:], column[lo:dim - r].T if dim > r else None, couple, products)
+        if full or (converged(screen) and dim >= growth * checked if screen else dim >= growth * checked):
             checked = dim
             t = 0.5 * (proj[:dim, :dim] + proj[:dim, :dim].T)
             theta, y = torch.linalg.eigh(t)
             weight = torch.zeros((couple.shape[0], dim), dtype=dtype, device=start.device)
             weight[:, dim - r:] = couple  # W = B E_mᵀ: only the last block couples outwards
             quad = Quadrature(theta.clamp_min(0.0), y[:coeff.shape[0]].T @ coeff, weight @ y, products,
-                              roundoff=float(torch.finfo(apply_dtype or dtype).eps), n=n)
+                              roundoff=roundoff, n=n)
             history.append({"dimension": dim, "products": products})
             quad.history = history
             if full or converged(quad):
                 return quad
+        lo = dim - r
         block = nxt
