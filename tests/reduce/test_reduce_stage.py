@@ -257,7 +257,7 @@ def test_reduce_runs_the_exact_mode_on_the_recorded_checkpoint(tmp_path, ray_ses
 
 def test_an_undersampled_metric_warns_in_the_summary_and_the_report(tmp_path, ray_session):
     from gradlake.distributed.reduce_tasks import run_reduce
-    from gradlake.stages.report import build_report
+    from gradlake.pipeline import build_report
 
     ds = make_dataset(str(tmp_path / "data"))
     store = make_store(str(tmp_path / "store"), ds, checkpoints=("epoch-0001",), k=40, probes=1)
