@@ -271,9 +271,12 @@ def _lanczos(jac, res, observables, pairs, damping, solver, lambdas, normalize, 
 
     def converged(quad) -> bool:  # a Screen after every block, the Quadrature where it passes
         solve = HatSolve("lanczos", "output", None, damping, quad, columns, probes)
-        # the whole bound (Krylov part + floor) is what the result is held to, so the stop waits for it;
-        # the floor grows with the largest Ritz value, so a λ whose floor is above htol is given up
+        # the whole bound (Krylov part + floor) is what the result is held to, so the stop waits for it; a λ
+        # whose floor is above htol once the Krylov part is below the floor is given up (in absolute units the
+        # floor only grows with the Ritz values; in row-std units it is settled only once H is resolved)
+        krylov = {lam: _bounds(solve, lam, pairs, normalize, ("krylov",)) for lam in every}
         floor = {lam: _bounds(solve, lam, pairs, normalize, ("floor",)) for lam in every}
+        floor = {lam: f if krylov[lam] <= f else 0.0 for lam, f in floor.items()}
         worst = {lam: _bounds(solve, lam, pairs, normalize) for lam in every}
         checks.append({"products": quad.products, "dimension": quad.dimension,
                        "bound": worst[damping], "worst_bound": max(worst.values())})
